@@ -1,0 +1,1 @@
+"""One module per merging method; each is a pure function of a stack of task vectors."""

@@ -1,0 +1,184 @@
+"""Layer maths of the spectral merge: interference operator C, right-hand side D, anchor θ0,
+one symmetric eigendecomposition and the filtered estimator θ_h.
+
+Everything here is a pure function of a stack of task vectors ``tau`` of shape (N, m, n) in
+maths layout (m outputs, n inputs, y = W x), is jit- and vmap-able, and runs its matmuls at
+``precision=HIGHEST`` (GPUs would otherwise use TF32, and small eigenvalues decide the filter).
+
+    wi  = 1 / max(‖τi‖²_F, 1e-12)
+    C   = Σi wi τiᵀ τi              (n×n, symmetric PSD, tr C = N)
+    D   = Σi wi τi τiᵀ τi           (m×n)
+    θ_h = θ0 + (D C⁺ − θ0) V diag(h) Vᵀ
+        = θ0 − θ0 V diag(h) Vᵀ + D V diag(h/λs) Vᵀ,   λs = max(λ, 1e-8)
+
+No N-fold stack of n×n matrices is materialised: C is one (n, N·m) × (N·m, n) product and
+D is accumulated task by task.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax.numpy as jnp
+from jax import lax
+
+from swudi_jax.filters import EIG_FLOOR
+
+HIGHEST = lax.Precision.HIGHEST
+NORM_FLOOR = 1e-12
+"""‖τi‖² below this counts as a zero task vector (weights and the mean fallback)."""
+
+INIT_MODES = ("sum", "mean", "zero")
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """The dtype the pipeline runs in: float64 stays float64, everything else float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def squared_norms(tau: jnp.ndarray) -> jnp.ndarray:
+    """‖τi‖²_F for each task: shape (N,)."""
+    return jnp.sum(tau * tau, axis=tuple(range(1, tau.ndim)))
+
+
+def task_weights(tau: jnp.ndarray) -> jnp.ndarray:
+    """wi = 1 / max(‖τi‖²_F, 1e-12): shape (N,)."""
+    return 1.0 / jnp.maximum(squared_norms(tau), NORM_FLOOR)
+
+
+def interference_operator(tau: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
+    """C = Σi wi τiᵀ τi = MᵀM with M the row stack of √wi τi: shape (n, n)."""
+    n_tasks, m, n = tau.shape
+    stacked = (tau * jnp.sqrt(weights)[:, None, None]).reshape(n_tasks * m, n)
+    return jnp.matmul(stacked.T, stacked, precision=HIGHEST)
+
+
+def right_hand_side(tau: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
+    """D = Σi wi τi τiᵀ τi: shape (m, n), accumulated one task at a time.
+
+    The cheaper association is picked by shape: (τi τiᵀ) τi when m ≤ n, τi (τiᵀ τi) otherwise,
+    so the largest temporary is min(m, n)² per task.
+    """
+    _, m, n = tau.shape
+
+    def one_task(acc, task):
+        t, w = task
+        if m <= n:
+            gram = jnp.matmul(t, t.T, precision=HIGHEST)
+            term = jnp.matmul(gram, t, precision=HIGHEST)
+        else:
+            gram = jnp.matmul(t.T, t, precision=HIGHEST)
+            term = jnp.matmul(t, gram, precision=HIGHEST)
+        return acc + w * term, None
+
+    d, _ = lax.scan(one_task, jnp.zeros((m, n), tau.dtype), (tau, weights))
+    return d
+
+
+def anchor(tau: jnp.ndarray, init: str) -> jnp.ndarray:
+    """θ0: "sum" Σi τi (task arithmetic with coefficient 1), "mean" Σi τi / N, "zero" 0."""
+    if init == "sum":
+        return jnp.sum(tau, axis=0)
+    if init == "mean":
+        return jnp.mean(tau, axis=0)
+    if init == "zero":
+        return jnp.zeros(tau.shape[1:], tau.dtype)
+    raise ValueError(f"unknown init {init!r}; choose one of {INIT_MODES}")
+
+
+class Spectrum(NamedTuple):
+    """Eigenpairs of C: ``eigenvalues`` ascending and clamped at 1e-8, ``eigenvectors`` as columns."""
+
+    eigenvalues: jnp.ndarray
+    eigenvectors: jnp.ndarray
+
+
+def spectrum(c: jnp.ndarray) -> Spectrum:
+    """One symmetric eigendecomposition C = V diag(λ) Vᵀ, λ ascending, clamped at 1e-8."""
+    lam, v = jnp.linalg.eigh(c)
+    return Spectrum(jnp.maximum(lam, EIG_FLOOR), v)
+
+
+class NormalEquation(NamedTuple):
+    """The per-layer quantities every spectral estimator starts from."""
+
+    c: jnp.ndarray
+    d: jnp.ndarray
+    theta0: jnp.ndarray
+
+
+def normal_equation(tau: jnp.ndarray, init: str = "sum") -> NormalEquation:
+    """C, D and the anchor θ0 for a stack of task vectors in the compute dtype."""
+    tau = tau.astype(compute_dtype(tau.dtype))
+    w = task_weights(tau)
+    return NormalEquation(interference_operator(tau, w), right_hand_side(tau, w), anchor(tau, init))
+
+
+def filtered_solution(
+    theta0: jnp.ndarray, d: jnp.ndarray, spec: Spectrum, h: jnp.ndarray
+) -> jnp.ndarray:
+    """θ_h = θ0 + (D V diag(h/λs) − θ0 V diag(h)) Vᵀ, with one stacked product [D; θ0] V."""
+    m = d.shape[0]
+    lam, v = spec
+    projected = jnp.matmul(jnp.concatenate([d, theta0], axis=0), v, precision=HIGHEST)
+    coeffs = projected[:m] * (h / lam) - projected[m:] * h
+    return theta0 + jnp.matmul(coeffs, v.T, precision=HIGHEST)
+
+
+def with_mean_fallback(tau: jnp.ndarray, theta: jnp.ndarray) -> jnp.ndarray:
+    """The mean task vector where every ‖τi‖² < 1e-12 (nothing to merge), else θ."""
+    degenerate = jnp.max(squared_norms(tau)) < NORM_FLOOR
+    return jnp.where(degenerate, jnp.mean(tau, axis=0), theta)
+
+
+FilterFactory = Callable[[jnp.ndarray, tuple[int, int]], jnp.ndarray]
+"""``(eigenvalues, (m, n)) -> h``: builds the filter of one layer from its spectrum."""
+
+
+def filtered_merge(tau: jnp.ndarray, make_h: FilterFactory, init: str = "sum") -> jnp.ndarray:
+    """The general filtered estimator for one layer, in the input dtype.
+
+    Stacks τ in the compute dtype, forms C, D, θ0, takes one ``eigh``, evaluates the filter
+    on the clamped spectrum, forms θ_h and falls back to the mean for an all-zero stack.
+    """
+    work = tau.astype(compute_dtype(tau.dtype))
+    eq = normal_equation(work, init)
+    spec = spectrum(eq.c)
+    h = make_h(spec.eigenvalues, work.shape[1:]).astype(work.dtype)
+    theta = filtered_solution(eq.theta0, eq.d, spec, h)
+    return with_mean_fallback(work, theta).astype(tau.dtype)
+
+
+def wudi_loss(theta: jnp.ndarray, tau: jnp.ndarray) -> jnp.ndarray:
+    """WUDI's interference loss L(θ) = Σi wi ‖(θ − τi) τiᵀ‖²_F (Cheng et al., ICML 2025)."""
+    w = lax.stop_gradient(task_weights(tau))
+    residual = jnp.einsum("mn,kpn->kmp", theta, tau, precision=HIGHEST) - jnp.einsum(
+        "kmn,kpn->kmp", tau, tau, precision=HIGHEST
+    )
+    return jnp.sum(w * jnp.sum(residual * residual, axis=(1, 2)))
+
+
+def gram_gradient(theta: jnp.ndarray, c: jnp.ndarray, d: jnp.ndarray) -> jnp.ndarray:
+    """∇L(θ) = 2(θC − D), the gradient of :func:`wudi_loss` through the normal equation."""
+    return 2.0 * (jnp.matmul(theta, c, precision=HIGHEST) - d)
+
+
+__all__ = [
+    "HIGHEST",
+    "INIT_MODES",
+    "NormalEquation",
+    "Spectrum",
+    "anchor",
+    "compute_dtype",
+    "filtered_merge",
+    "filtered_solution",
+    "gram_gradient",
+    "interference_operator",
+    "normal_equation",
+    "right_hand_side",
+    "spectrum",
+    "squared_norms",
+    "task_weights",
+    "with_mean_fallback",
+    "wudi_loss",
+]

@@ -1,0 +1,28 @@
+"""Shared fixtures: the SWUDI authors' golden outputs and random task-vector stacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden.npz"
+"""Inputs and outputs of the SWUDI authors' PyTorch code (see data/GOLDEN_README.md)."""
+
+
+@pytest.fixture(scope="session")
+def golden():
+    return dict(np.load(GOLDEN))
+
+
+def random_task_vectors(seed: int, n_tasks: int, m: int, n: int, rank: int | None = None,
+                        noise: float = 0.05, dtype=np.float32) -> np.ndarray:
+    """Low-rank-plus-noise task vectors (N, m, n), like fine-tuning deltas."""
+    rng = np.random.default_rng(seed)
+    rank = rank or max(1, min(m, n) // 4)
+    out = []
+    for _ in range(n_tasks):
+        low = rng.normal(size=(m, rank)) @ rng.normal(size=(rank, n)) / np.sqrt(rank * n)
+        out.append(low + noise * rng.normal(size=(m, n)) / np.sqrt(n))
+    return np.stack(out).astype(dtype)
