@@ -1,0 +1,65 @@
+"""Flax msgpack checkpoints (``flax.serialization.msgpack_serialize``), viewed flat with "/" paths.
+
+msgpack cannot be read piecewise: the reader loads the whole file once on open, so merging
+msgpack inputs holds every model in memory (use safetensors, npz or orbax to stream).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+from flax import serialization
+
+from swudi_jax.io.reader import BaseReader, CheckpointError, flatten_tree, unflatten_tree
+
+SEP = "/"
+
+
+def is_msgpack(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".msgpack"
+
+
+class MsgpackReader(BaseReader):
+    """Reader over a flax msgpack file (loaded eagerly, see the module note)."""
+
+    format = "msgpack"
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        try:
+            tree = serialization.msgpack_restore(self.path.read_bytes())
+        except Exception as exc:  # noqa: BLE001 - msgpack raises many types; re-raised with the file
+            raise CheckpointError(f"{self.path}: unreadable or truncated msgpack file ({type(exc).__name__}: {exc})") from None
+        self._arrays = {}
+        for key, leaf in flatten_tree(tree, SEP).items():
+            if not isinstance(leaf, (np.ndarray, np.generic)):
+                raise CheckpointError(f"{self.path}: leaf {key!r} is a {type(leaf).__name__}, not an array")
+            self._arrays[key] = np.asarray(leaf)
+            self._entries[key] = (tuple(self._arrays[key].shape), self._arrays[key].dtype)
+
+    def read_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for key in keys:
+            self._check_key(key)
+            out[key] = self._arrays[key]
+        return out
+
+    def close(self) -> None:
+        self._arrays = {}
+
+
+def read(path: str | os.PathLike) -> MsgpackReader:
+    """Open a flax msgpack file."""
+    return MsgpackReader(path)
+
+
+def write(path: str | os.PathLike, flat: Mapping[str, np.ndarray]) -> Path:
+    """Write a flat ``{path: array}`` map as a nested flax msgpack file (in place; see ``io.save``)."""
+    tree = unflatten_tree({key: np.asarray(value) for key, value in flat.items()}, SEP)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(serialization.msgpack_serialize(tree))
+    return path

@@ -1,0 +1,130 @@
+"""Orbax checkpoints, viewed flat with "/" paths, restored lazily group by group.
+
+Shapes and dtypes come from the checkpoint's metadata alone. ``read_many`` restores only the
+requested leaves, by handing orbax an abstract target that holds just those paths
+(``partial_restore``) with ``restore_type=np.ndarray``, so nothing is placed on a device.
+Writing uses ``orbax.checkpoint.StandardCheckpointer`` on the nested dict.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from swudi_jax.io.reader import BaseReader, CheckpointError, flatten_tree, unflatten_tree
+
+SEP = "/"
+MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
+
+
+def checkpoint_dir(path: Path) -> Path | None:
+    """The orbax item directory at ``path`` (or its ``default`` item), None if there is none."""
+    for candidate in (path, path / "default"):
+        if candidate.is_dir() and any((candidate / m).exists() for m in MARKERS):
+            return candidate
+    return None
+
+
+def is_orbax(path: Path) -> bool:
+    return checkpoint_dir(path) is not None
+
+
+def _tree_metadata(path: Path):
+    metadata = ocp.PyTreeCheckpointer().metadata(path)
+    metadata = getattr(metadata, "item_metadata", metadata)
+    return getattr(metadata, "tree", metadata)
+
+
+def _has_sequence(tree) -> bool:
+    if isinstance(tree, (list, tuple)):
+        return True
+    return isinstance(tree, Mapping) and any(_has_sequence(v) for v in tree.values())
+
+
+class OrbaxReader(BaseReader):
+    """Lazy reader over an orbax PyTree checkpoint of nested dicts."""
+
+    format = "orbax"
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self._dir = checkpoint_dir(self.path)
+        if self._dir is None:
+            raise CheckpointError(f"{self.path}: not an orbax checkpoint directory (none of {MARKERS} found)")
+        try:
+            tree = _tree_metadata(self._dir.absolute())
+        except Exception as exc:  # noqa: BLE001 - orbax/tensorstore raise many types
+            raise CheckpointError(f"{self.path}: unreadable or truncated orbax checkpoint ({type(exc).__name__}: {exc})") from None
+        if not isinstance(tree, Mapping) or not tree:
+            raise CheckpointError(f"{self.path}: unreadable or truncated orbax checkpoint (no readable tree metadata)")
+        if _has_sequence(tree):
+            raise CheckpointError(f"{self.path}: only orbax checkpoints of nested dicts are supported (found a list)")
+        flat = flatten_tree(tree, SEP)
+        for key, leaf in flat.items():
+            shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+            if shape is None or dtype is None:
+                raise CheckpointError(f"{self.path}: leaf {key!r} has no array metadata ({type(leaf).__name__})")
+            self._entries[key] = (tuple(int(s) for s in shape), np.dtype(dtype))
+
+    def read_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        keys = list(keys)
+        for key in keys:
+            self._check_key(key)
+        if not keys:
+            return {}
+        target = unflatten_tree({k: jax.ShapeDtypeStruct(*self._entries[k]) for k in keys}, SEP)
+        restore_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), target)
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                self._dir.absolute(),
+                args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+            )
+        except Exception as exc:  # noqa: BLE001 - orbax/tensorstore raise many types
+            raise CheckpointError(
+                f"{self.path}: cannot restore {keys[:3]}... (unreadable or truncated orbax checkpoint: {type(exc).__name__}: {exc})"
+            ) from None
+        flat = flatten_tree(restored, SEP)
+        return {key: self._checked(key, np.asarray(flat[key])) for key in keys}
+
+
+class OrbaxWriter:
+    """Collects arrays, then saves them as one orbax checkpoint on ``close()`` (orbax saves whole trees)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._flat: dict[str, np.ndarray] = {}
+
+    def write(self, key: str, array: np.ndarray) -> None:
+        self._flat[key] = np.asarray(array)
+
+    def close(self) -> None:
+        if self.path.exists():
+            raise CheckpointError(f"{self.path}: orbax output must not exist yet")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        logging.getLogger("absl").setLevel(logging.WARNING)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(self.path.absolute(), unflatten_tree(self._flat, SEP))
+        self._flat = {}
+
+    def abort(self) -> None:
+        self._flat = {}
+
+
+def read(path: str | os.PathLike) -> OrbaxReader:
+    """Open an orbax checkpoint directory for lazy reading."""
+    return OrbaxReader(path)
+
+
+def write(path: str | os.PathLike, flat: Mapping[str, np.ndarray]) -> Path:
+    """Write a flat ``{path: array}`` map as an orbax checkpoint at ``path`` (which must not exist)."""
+    writer = OrbaxWriter(path)
+    for key, array in flat.items():
+        writer.write(key, array)
+    writer.close()
+    return Path(path)
