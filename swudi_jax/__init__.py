@@ -4,7 +4,7 @@ The one door to the library: layer-level estimators for numerical work, the filt
 rank rules they are built from, and the whole-model entry points.
 """
 
-from swudi_jax import filters
+from swudi_jax import filters, layout, registry
 from swudi_jax.methods.swudi import (
     LLM_PRESET,
     VISION_PRESET,
@@ -14,7 +14,9 @@ from swudi_jax.methods.swudi import (
     swudi_a,
     swudi_a_rank,
 )
+from swudi_jax.methods.ties import ties_model_thresholds
 from swudi_jax.methods.wudi import wudi_gd
+from swudi_jax.registry import MergeMethod, available_methods, get_method, register
 from swudi_jax.spectral import (
     filtered_solution,
     interference_operator,
@@ -24,24 +26,36 @@ from swudi_jax.spectral import (
     task_weights,
     wudi_loss,
 )
+from swudi_jax.tree import merge, merge_group, plan_tree, task_vectors
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LLM_PRESET",
+    "MergeMethod",
     "VISION_PRESET",
+    "available_methods",
     "filtered_solution",
     "filters",
+    "get_method",
     "interference_operator",
+    "layout",
+    "merge",
+    "merge_group",
     "normal_equation",
     "pinv_merge",
+    "plan_tree",
+    "register",
+    "registry",
     "right_hand_side",
     "spectral_merge",
     "spectrum",
     "swudi",
     "swudi_a",
     "swudi_a_rank",
+    "task_vectors",
     "task_weights",
+    "ties_model_thresholds",
     "wudi_gd",
     "wudi_loss",
 ]

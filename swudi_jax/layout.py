@@ -1,0 +1,274 @@
+"""Which leaves are merged how, and where their input axis is.
+
+Every decision is made on flat parameter paths (``flax.traverse_util`` style), never in the
+maths. A leaf gets one of four kinds:
+
+- ``"spectral"``: a linear weight; the layer method runs on it in maths layout (m outputs,
+  n inputs). Every 2-D floating leaf is one (the embedding too, as the SWUDI reference
+  does), except the output head (``head_patterns``) and leaves outside ``include``.
+  ``layout="flax"``: a ``kernel`` is (in, out) and is transposed; a ``DenseGeneral`` kernel
+  (ndim > 2) is reshaped to (in, out) by its number of leading input axes, given by
+  ``input_axes`` (defaults: attention ``query``/``key``/``value`` kernels (in, heads, dim)
+  have 1, ``out``/``o_proj`` kernels (heads, dim, out) have 2); any other 2-D leaf (an
+  ``Embed`` table (vocab, features)) is taken as is. ``layout="torch"`` (HF/PyTorch): a
+  2-D leaf is (out, in), already maths layout. A leaf matching ``scan_patterns`` has an
+  extra layer axis (``scan_axis``, 0 under ``nn.scan``) and is a stack of layers.
+- ``"mean"``: every other floating leaf (biases, norms, conv kernels, the head): it gets
+  the mean task vector (elementwise methods such as TIES apply themselves here too).
+  ``others="keep"`` makes these keep the base value instead.
+- ``"keep"``: leaves matching ``exclude`` keep the base value.
+- ``"passthrough"``: integer and boolean leaves are copied from the base unchanged.
+
+Patterns: a string is an ``fnmatch`` glob (``*`` also crosses separators) that must match
+the whole path or a tail of it starting after a "/" or "." separator — so ``lm_head*``
+matches ``model.lm_head.weight`` and ``out/kernel`` matches ``enc/attn/out/kernel``; a
+string starting with ``re:`` is a regular expression searched anywhere in the path.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+LAYOUTS = ("flax", "torch")
+LEAF_KINDS = ("spectral", "mean", "keep", "passthrough")
+OTHERS = ("mean", "keep")
+
+DEFAULT_HEAD_PATTERNS: tuple[str, ...] = ("lm_head*",)
+"""The output head is not merged spectrally (it gets the mean task vector)."""
+
+DEFAULT_INPUT_AXES: dict[str, int] = {
+    "query/kernel": 1,
+    "key/kernel": 1,
+    "value/kernel": 1,
+    "q_proj/kernel": 1,
+    "k_proj/kernel": 1,
+    "v_proj/kernel": 1,
+    "out/kernel": 2,
+    "o_proj/kernel": 2,
+}
+"""Leading input axes of Flax ``DenseGeneral`` kernels (ndim > 2) by path pattern."""
+
+WUDI_VIT_SCOPE: dict[str, Any] = {
+    "include": (
+        "attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight",
+        "self_attn.[qkv]_proj.weight", "self_attn.out_proj.weight", "mlp.fc[12].weight",
+        "query/kernel", "key/kernel", "value/kernel", "out/kernel", "MlpBlock*/Dense_*/kernel",
+    ),
+    "others": "keep",
+}
+"""The original WUDI ViT choice: merge only attention in/out and MLP matrices (open_clip,
+HF CLIP and Flax ViT names) and keep everything else pretrained: ``merge(..., **WUDI_VIT_SCOPE)``."""
+
+
+def _as_patterns(patterns: str | Iterable[str] | None, name: str) -> tuple[str, ...]:
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    patterns = tuple(patterns)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ValueError(f"{name} must be a pattern string or a list of them, got {p!r}")
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as exc:
+                raise ValueError(f"{name}: invalid regular expression {p!r}: {exc}") from exc
+    return patterns
+
+
+def _tails(path: str) -> list[str]:
+    return [path] + [path[i + 1:] for i, ch in enumerate(path) if ch in "/."]
+
+
+def path_matches(path: str, patterns: str | Iterable[str] | None) -> bool:
+    """True if any pattern matches ``path`` (globs on the path or a separator-led tail; ``re:`` regexes)."""
+    for p in _as_patterns(patterns, "patterns"):
+        if p.startswith("re:"):
+            if re.search(p[3:], path):
+                return True
+        elif any(fnmatch.fnmatchcase(tail, p) for tail in _tails(path)):
+            return True
+    return False
+
+
+def _lookup_input_axes(path: str, input_axes: Mapping[str, int]) -> int | None:
+    for pattern, axes in input_axes.items():
+        if path_matches(path, pattern):
+            return axes
+    return None
+
+
+@dataclass(frozen=True)
+class LeafPlan:
+    """What happens to one leaf, and how its stacked values go to maths layout and back.
+
+    Attributes:
+      path: the flat path as given ("/" or "." separators).
+      shape, dtype: the leaf's shape and dtype.
+      kind: "spectral", "mean", "keep" or "passthrough".
+      maths_shape: (m, n) for spectral leaves, the leaf shape otherwise.
+      layers: how many maths matrices the leaf holds (> 1 for a scanned stack).
+      scan_axis: the layer axis of a scanned leaf, else None.
+      input_axes: leading input axes folded into n (Flax kernels), 0 if taken as is.
+      transpose: True when the leaf is (in, out) and must be transposed to (out, in).
+      group: leaves with one group key are stacked and merged in one compiled call.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    kind: str
+    maths_shape: tuple[int, ...]
+    layers: int = 1
+    scan_axis: int | None = None
+    input_axes: int = 0
+    transpose: bool = False
+
+    @property
+    def group(self) -> tuple:
+        return (self.kind, self.maths_shape, np.dtype(self.dtype).name)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+def plan_leaf(
+    path: str,
+    shape: Sequence[int],
+    dtype: Any,
+    *,
+    layout: str = "flax",
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    head_patterns: str | Iterable[str] | None = DEFAULT_HEAD_PATTERNS,
+    input_axes: Mapping[str, int] | None = None,
+    scan_patterns: str | Iterable[str] | None = None,
+    scan_axis: int = 0,
+    others: str = "mean",
+) -> LeafPlan:
+    """Classify one leaf (see the module docstring for the rules and the pattern syntax).
+
+    Args:
+      path: the flat path; shape, dtype: the leaf's.
+      layout: "flax" (kernels (in, out)) or "torch" (weights (out, in)).
+      include: if given, only linear weights matching it are spectral.
+      exclude: leaves matching it keep the base value.
+      head_patterns: output heads, never spectral (default ``lm_head*``).
+      input_axes: {pattern: number of leading input axes} for Flax DenseGeneral kernels,
+        consulted before :data:`DEFAULT_INPUT_AXES`.
+      scan_patterns: leaves with a layer axis ``scan_axis`` (``nn.scan`` stacks).
+      others: what non-spectral floating leaves get: "mean" task vector or "keep".
+    Returns:
+      The leaf's :class:`LeafPlan`.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if others not in OTHERS:
+        raise ValueError(f"others must be one of {OTHERS}, got {others!r}")
+    shape = tuple(int(s) for s in shape)
+    dtype = np.dtype(dtype)
+    plain = dict(path=path, shape=shape, dtype=dtype, maths_shape=shape)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return LeafPlan(kind="passthrough", **plain)
+    if path_matches(path, _as_patterns(exclude, "exclude")):
+        return LeafPlan(kind="keep", **plain)
+    other = LeafPlan(kind=others, **plain)
+
+    scanned = path_matches(path, _as_patterns(scan_patterns, "scan_patterns"))
+    inner = shape
+    if scanned:
+        if not -len(shape) <= scan_axis < len(shape) or len(shape) < 2:
+            raise ValueError(f"{path}: scan_axis {scan_axis} is not an axis of shape {shape}")
+        scan_axis = scan_axis % len(shape)
+        inner = shape[:scan_axis] + shape[scan_axis + 1:]
+    is_kernel = layout == "flax" and re.split(r"[/.]", path)[-1] == "kernel"
+    if len(inner) == 2:
+        n_in = 1 if is_kernel else 0
+    elif len(inner) > 2 and is_kernel:
+        n_in = _lookup_input_axes(path, input_axes or {})
+        n_in = _lookup_input_axes(path, DEFAULT_INPUT_AXES) if n_in is None else n_in
+        if n_in is None or not 0 < n_in < len(inner):
+            return other  # a conv kernel or an unknown DenseGeneral: not a linear map we know
+    else:
+        return other
+    if path_matches(path, _as_patterns(head_patterns, "head_patterns")):
+        return other
+    if include is not None and not path_matches(path, _as_patterns(include, "include")):
+        return other
+    if n_in:
+        n, m = math.prod(inner[:n_in]), math.prod(inner[n_in:])
+    else:
+        m, n = inner
+    return LeafPlan(
+        path=path, shape=shape, dtype=dtype, kind="spectral", maths_shape=(m, n),
+        layers=shape[scan_axis] if scanned else 1, scan_axis=scan_axis if scanned else None,
+        input_axes=n_in, transpose=bool(n_in),
+    )
+
+
+def to_maths(plan: LeafPlan, stacked: jnp.ndarray) -> jnp.ndarray:
+    """Stacked leaves (N, *shape) → (layers, N, m, n) maths layout (spectral leaves only)."""
+    x = jnp.asarray(stacked)
+    x = jnp.moveaxis(x, plan.scan_axis + 1, 1) if plan.scan_axis is not None else x[:, None]
+    lead = x.shape[:2]
+    if plan.transpose:
+        n_in = math.prod(x.shape[2:2 + plan.input_axes])
+        x = jnp.swapaxes(x.reshape(*lead, n_in, -1), -1, -2)
+    return jnp.swapaxes(x.reshape(*lead, *plan.maths_shape), 0, 1)
+
+
+def from_maths(plan: LeafPlan, merged: jnp.ndarray) -> jnp.ndarray:
+    """Merged maths matrices (layers, m, n) → the leaf's shape (inverse of :func:`to_maths`)."""
+    x = jnp.asarray(merged)
+    inner = plan.shape if plan.scan_axis is None else (
+        plan.shape[:plan.scan_axis] + plan.shape[plan.scan_axis + 1:])
+    if plan.transpose:
+        x = jnp.swapaxes(x, -1, -2)
+    x = x.reshape(plan.layers, *inner)
+    return x[0] if plan.scan_axis is None else jnp.moveaxis(x, 0, plan.scan_axis)
+
+
+def group_plans(
+    plans: Iterable[LeafPlan], max_group_bytes: int | None = None, *, copies: int = 1
+) -> list[list[LeafPlan]]:
+    """Leaves of one group key (kind, maths shape, dtype), in first-seen order, chunked.
+
+    Every plan lands in exactly one group. A group is cut into chunks whose
+    ``copies × Σ leaf bytes`` stays ≤ ``max_group_bytes`` (a leaf larger than that is a
+    chunk of its own); pass ``copies = N + 1`` to count the base and N experts.
+    """
+    by_key: dict[tuple, list[list[LeafPlan]]] = {}
+    sizes: dict[tuple, int] = {}
+    for plan in plans:
+        chunks = by_key.setdefault(plan.group, [[]])
+        cost = copies * plan.nbytes
+        if max_group_bytes is not None and chunks[-1] and sizes[plan.group] + cost > max_group_bytes:
+            chunks.append([])
+            sizes[plan.group] = 0
+        chunks[-1].append(plan)
+        sizes[plan.group] = sizes.get(plan.group, 0) + cost
+    return [chunk for chunks in by_key.values() for chunk in chunks]
+
+
+__all__ = [
+    "DEFAULT_HEAD_PATTERNS",
+    "DEFAULT_INPUT_AXES",
+    "LAYOUTS",
+    "LEAF_KINDS",
+    "LeafPlan",
+    "WUDI_VIT_SCOPE",
+    "from_maths",
+    "group_plans",
+    "path_matches",
+    "plan_leaf",
+    "to_maths",
+]

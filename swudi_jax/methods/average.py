@@ -1,0 +1,35 @@
+"""Weight averaging: θ = θ0 + (1/N) Σi τi = (1/N) Σi θi.
+
+Source: Wortsman et al., "Model soups" (ICML 2022); task arithmetic with λ = 1/N
+(Ilharco et al., ICLR 2023).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from swudi_jax.registry import MergeMethod, register
+
+
+def average(tau: jax.Array) -> jax.Array:
+    """The mean task vector (1/N) Σi τi over axis 0.
+
+    Args:
+      tau: task vectors (N, ...) of any shape.
+    Returns:
+      The mean, shape (...), in ``tau``'s dtype.
+    """
+    return jnp.mean(tau, axis=0)
+
+
+register(
+    MergeMethod(
+        name="average",
+        fn=average,
+        kind="elementwise",
+        defaults={},
+        default_scale=1.0,
+        source="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
+    )
+)
