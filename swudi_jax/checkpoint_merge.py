@@ -1,0 +1,309 @@
+"""Merge checkpoints on disk, streamed: one group of tensors from all models in memory at a time.
+
+The steps, each finished before the next begins:
+
+1. the config is validated (:mod:`swudi_jax.config`) and every checkpoint is opened (headers
+   and metadata only); key sets, shapes and dtypes are compared across base and experts;
+2. every tensor is classified and grouped (:func:`swudi_jax.tree.plan_tree`,
+   :func:`swudi_jax.layout.group_plans`; a group's stacked bytes stay under
+   ``max_group_size``);
+3. in a temporary directory next to OUT, group by group: the group's tensors are read from
+   the base and every expert, checked for NaN/Inf, merged in one compiled call
+   (:func:`swudi_jax.tree.merge_group`) and streamed into the output checkpoint;
+4. base's non-weight files (config.json, tokenizer files, ...), the resolved config and a
+   model card are added, and the directory is renamed to OUT.
+
+Any failure or interrupt before the rename removes the temporary directory: OUT is either
+absent (or, with ``force``, its previous content) or complete. Inputs are only read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from swudi_jax import io as ckio
+from swudi_jax import registry
+from swudi_jax.config import MergeConfig, load_config, numpy_dtype
+from swudi_jax.io.atomic import atomic_directory, check_output_free
+from swudi_jax.layout import LeafPlan, group_plans
+from swudi_jax.tree import DEFAULT_MAX_GROUP_BYTES, merge_group, needs_model_thresholds, plan_tree
+
+PAPER = "https://arxiv.org/abs/2606.07289"
+CONFIG_NAME = "merge_config.yaml"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".npz", ".gguf")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "flax_model.msgpack.index.json")
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything decided before compute: the config, each tensor's plan and the groups."""
+
+    config: MergeConfig
+    layout: str
+    in_format: str
+    out_format: str
+    plans: tuple[LeafPlan, ...]
+    groups: tuple[tuple[LeafPlan, ...], ...]
+    out_dtypes: Mapping[str, np.dtype]
+
+    def describe(self) -> str:
+        """A table: each tensor, its shape and dtype, its kind, what merges it, and its group."""
+        method = self.config.merge_method
+        is_elementwise = registry.get_method(method).kind == "elementwise"
+        rows = [("tensor", "shape", "dtype", "kind", "method", "group")]
+        for g, group in enumerate(self.groups):
+            for p in group:
+                how = {"spectral": method, "mean": method if is_elementwise else "mean",
+                       "keep": "base", "passthrough": "copy"}[p.kind]
+                rows.append((p.path, "x".join(map(str, p.shape)) or "scalar", str(np.dtype(p.dtype)), p.kind, how, str(g)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        counts = {k: sum(p.kind == k for p in self.plans) for k in ("spectral", "mean", "keep", "passthrough")}
+        summary = (f"{len(self.plans)} tensors in {len(self.groups)} groups "
+                   f"({', '.join(f'{v} {k}' for k, v in counts.items())}); method {method}, layout {self.layout}, "
+                   f"{self.in_format} -> {self.out_format}, largest group {self.largest_group_bytes():,} bytes "
+                   f"x {len(self.config.models) + 1} models")
+        return "\n".join(lines + ["", summary])
+
+    def largest_group_bytes(self) -> int:
+        return max((sum(p.nbytes for p in g) for g in self.groups), default=0)
+
+
+def _open(path: Path, fmt: str, who: str) -> ckio.CheckpointReader:
+    try:
+        return ckio.open_checkpoint(path, fmt)
+    except ckio.CheckpointError as exc:
+        raise ckio.CheckpointError(f"{who}: {exc}") from None
+
+
+def _check_same_tensors(base: ckio.CheckpointReader, experts: Sequence[ckio.CheckpointReader]) -> None:
+    keys = set(base.keys())
+    for expert in experts:
+        other = set(expert.keys())
+        if other != keys:
+            missing, extra = sorted(keys - other), sorted(other - keys)
+            parts = [f"missing {missing[:5]}" if missing else "", f"extra {extra[:5]}" if extra else ""]
+            raise ValueError(f"{expert.path}: tensor names differ from the base {base.path}: "
+                             + "; ".join(p for p in parts if p))
+        for key in base.keys():
+            want, got = base.shape_dtype(key), expert.shape_dtype(key)
+            if want[0] != got[0]:
+                raise ValueError(f"{expert.path}: tensor {key!r} has shape {list(got[0])}, the base has {list(want[0])}")
+            if want[1] != got[1]:
+                raise ValueError(f"{expert.path}: tensor {key!r} has dtype {got[1]}, the base has {want[1]}")
+
+
+def _check_grams(config: MergeConfig, plans: Sequence[LeafPlan], grams: ckio.CheckpointReader | None) -> None:
+    if registry.get_method(config.merge_method).kind != "data":
+        return
+    n = len(config.models)
+    for p in plans:
+        if p.kind != "spectral":
+            continue
+        want = (n, p.maths_shape[1], p.maths_shape[1]) if p.layers == 1 else (p.layers, n, p.maths_shape[1], p.maths_shape[1])
+        if p.path not in grams.keys():
+            raise ValueError(f"{grams.path}: no input Grams for linear weight {p.path!r} (expected shape {list(want)})")
+        if grams.shape_dtype(p.path)[0] != want:
+            raise ValueError(f"{grams.path}: Grams of {p.path!r} have shape {list(grams.shape_dtype(p.path)[0])}, "
+                             f"expected {list(want)}")
+
+
+def _finite(array: np.ndarray, who: Path, key: str) -> np.ndarray:
+    if np.issubdtype(array.dtype, np.floating) or array.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        bad = ~np.isfinite(array.astype(np.float32, copy=False))
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{who}: tensor {key!r} contains {int(bad.sum())} NaN/Inf value(s); first at index {first}")
+    return array
+
+
+def _read_group(reader: ckio.CheckpointReader, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    return {key: _finite(array, reader.path, key) for key, array in reader.read_many(keys).items()}
+
+
+@contextlib.contextmanager
+def _opened(config: MergeConfig) -> Iterator[tuple[ckio.CheckpointReader, list[ckio.CheckpointReader], Any]]:
+    readers: list[ckio.CheckpointReader] = []
+    try:
+        readers.append(_open(config.base_model, config.format, "base_model"))
+        for i, path in enumerate(config.models):
+            readers.append(_open(path, config.format, f"models[{i}]"))
+        grams = None
+        if config.grams is not None:
+            grams = _open(config.grams, "auto", "grams")
+            readers.append(grams)
+        yield readers[0], readers[1:1 + len(config.models)], grams
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequence[ckio.CheckpointReader],
+               grams: ckio.CheckpointReader | None = None, *, max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES) -> MergePlan:
+    """Check the checkpoints against each other and decide every tensor's fate (no tensor data is read)."""
+    _check_same_tensors(base, experts)
+    layout = config.layout if config.layout != "auto" else ("torch" if base.format == "safetensors" else "flax")
+    out_format = base.format if config.out_format == "auto" else config.out_format
+    shapes = {key: base.shape_dtype(key) for key in base.keys()}
+    plans = plan_tree(shapes, layout=layout, include=config.include, exclude=config.exclude,
+                      method=config.merge_method)
+    _check_grams(config, plans, grams)
+    groups = group_plans(plans, max_group_bytes, copies=len(experts) + 2)
+    out_dtypes = {}
+    for p in plans:
+        floating = p.kind != "passthrough"
+        out_dtypes[p.path] = numpy_dtype(config.out_dtype) if (config.out_dtype and floating) else np.dtype(p.dtype)
+    return MergePlan(config, layout, base.format, out_format, tuple(plans), tuple(tuple(g) for g in groups), out_dtypes)
+
+
+def _compute(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    if dtype != "float64":
+        return arrays
+    return {k: a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16" else a
+            for k, a in arrays.items()}
+
+
+def _model_thresholds(plan: MergePlan, base, experts, progress: bool) -> np.ndarray:
+    from swudi_jax.methods.ties import ties_model_thresholds  # the TIES whole-model trim, two streamed passes
+
+    merged = [[p for p in g if p.kind in ("spectral", "mean")] for g in plan.groups]
+
+    def chunks():
+        for group in _progress([g for g in merged if g], progress, "TIES trim"):
+            keys = [p.path for p in group]
+            base_arrays = _read_group(base, keys)
+            expert_arrays = [_read_group(e, keys) for e in experts]
+            for key in keys:
+                b = base_arrays[key].astype(np.float32)
+                yield np.stack([e[key].astype(np.float32) - b for e in expert_arrays])
+
+    return ties_model_thresholds(chunks, plan.config.parameters["density"])
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="group", file=sys.stderr, leave=False)
+
+
+def _copy_side_files(base_path: Path, out: Path) -> list[str]:
+    """Copy the base directory's non-weight files (config.json, tokenizer files, ...) to ``out``."""
+    if not base_path.is_dir() or ckio.detect_format(base_path) != "safetensors":
+        return []
+    copied = []
+    for item in sorted(base_path.iterdir()):
+        if item.is_file() and item.suffix not in WEIGHT_SUFFIXES and item.name not in WEIGHT_INDEXES \
+                and item.name not in ("README.md", CONFIG_NAME) and not item.name.startswith("."):
+            shutil.copy2(item, out / item.name)
+            copied.append(item.name)
+    return copied
+
+
+def model_card(plan: MergePlan, scale: float) -> str:
+    """README.md for the merged checkpoint: what was merged, how, and where the method comes from."""
+    c = plan.config
+    method = registry.get_method(c.merge_method)
+    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in c.to_dict()["parameters"].items()) or "| (none) | |"
+    experts = "\n".join(f"  - `{p}`" for p in c.models)
+    counts = {k: sum(p.kind == k for p in plan.plans) for k in ("spectral", "mean", "keep", "passthrough")}
+    return f"""---
+tags: [merge, swudi_jax, {c.merge_method}]
+---
+# Merged model ({c.merge_method})
+
+Made with swudi_jax `swudi-merge`: θ = θ0 + s · merge(τ1, …, τN),
+τi = θi − θ0, with s = {scale:g}.
+
+- **Base model:** `{c.base_model}`
+- **Experts ({len(c.models)}):**
+{experts}
+- **Method:** `{c.merge_method}` ({method.kind}); source: {method.source}
+- **Layout:** {plan.layout}; **tensors:** {counts['spectral']} merged by the method as linear maps, {counts['mean']} by the
+  {'method' if method.kind == 'elementwise' else 'mean task vector'}, {counts['keep']} kept from the base, {counts['passthrough']} non-float copied.
+- **Format:** {plan.out_format}; **out dtype:** {c.out_dtype or 'as the base'}; **compute dtype:** {c.dtype}
+
+| parameter | value |
+|---|---|
+{params}
+
+The full resolved config is in `{CONFIG_NAME}` (re-run with `swudi-merge {CONFIG_NAME} OUT`).
+
+SWUDI paper: arXiv 2606.07289, {PAPER}.
+"""
+
+
+def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+                      dry_run: bool = False, progress: bool = True,
+                      max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES) -> Path:
+    """Merge the checkpoints a config names into ``out``, streaming one tensor group at a time.
+
+    Args:
+      config: a :class:`MergeConfig` or the path of a YAML config.
+      out: the output directory (absent or empty, unless ``force``).
+      force: replace an existing ``out`` (only once the new one is complete).
+      dry_run: validate everything and print the plan; nothing is read beyond headers, nothing written.
+      progress: show a progress bar over tensor groups (stderr).
+      max_group_bytes: cap on (N + 2) × a group's tensor bytes held at once.
+    Returns:
+      ``out`` as a Path.
+    Raises:
+      ValueError (``ConfigError``, ``CheckpointError``) naming the file and tensor, before
+      any output is in place.
+    """
+    config = config if isinstance(config, MergeConfig) else load_config(config)
+    out = check_output_free(out, force=force)
+    for source in (config.base_model, *config.models):
+        if out.resolve() == source or source in out.resolve().parents or out.resolve() in source.parents:
+            raise ValueError(f"output {out} overlaps the input checkpoint {source}")
+    x64 = config.dtype == "float64"
+    if x64:
+        jax.config.update("jax_enable_x64", True)
+    with _opened(config) as (base, experts, grams):
+        plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
+        if dry_run:
+            print(plan.describe())
+            return out
+        options = dict(config.parameters)
+        scale = config.scale if config.scale is not None else registry.default_scale(config.merge_method, options)
+        if needs_model_thresholds(config.merge_method, options):
+            options["thresholds"] = _model_thresholds(plan, base, experts, progress)
+        metadata = getattr(base, "metadata", None) or None
+        entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
+        with atomic_directory(out, force=force) as tmp:
+            target = ckio.weights_path(tmp, plan.out_format)
+            writer = ckio.open_writer(target, plan.out_format, entries, shard_size=config.out_shard_size,
+                                      metadata=metadata)
+            try:
+                for group in _progress(plan.groups, progress, "merging"):
+                    keys = [p.path for p in group]
+                    base_arrays = _compute(_read_group(base, keys), config.dtype)
+                    expert_arrays = [_compute(_read_group(e, keys), config.dtype) for e in experts]
+                    group_grams = None
+                    if grams is not None and group[0].kind == "spectral":
+                        group_grams = grams.read_many(keys)
+                    merged = merge_group(list(group), base_arrays, expert_arrays, config.merge_method, scale,
+                                         options, group_grams)
+                    del base_arrays, expert_arrays
+                    for key in keys:
+                        writer.write(key, np.asarray(merged[key]).astype(plan.out_dtypes[key], copy=False))
+                    del merged
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+            _copy_side_files(config.base_model, tmp)
+            (tmp / CONFIG_NAME).write_text(config.to_yaml())
+            (tmp / "README.md").write_text(model_card(plan, scale))
+    return out

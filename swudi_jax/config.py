@@ -1,0 +1,237 @@
+"""The merge config file (YAML, close to mergekit's), validated before any compute.
+
+Example::
+
+    base_model: ./base                 # a checkpoint: safetensors file/dir, orbax dir, .msgpack, .npz
+    models:                            # at least two experts fine-tuned from the base
+      - ./expert_math
+      - model: ./expert_code           # mergekit's mapping form is accepted too
+    merge_method: swudi                # any name in swudi_jax.registry.available_methods()
+    parameters: {time: 10.0}           # the method's options (unknown names are refused)
+    scale: null                        # base + scale · merged task vector (null: method default)
+    include: null                      # patterns restricting the spectrally merged weights
+    exclude: ["*embed_tokens*"]        # patterns of tensors that keep the base value
+    layout: auto                       # torch (HF, weight is (out, in)), flax (kernel is (in, out)), auto
+    dtype: float32                     # compute dtype (float64 turns on jax_enable_x64)
+    out_dtype: null                    # null keeps each tensor's base dtype
+    format: auto                       # input format; out_format defaults to it
+    out_format: auto
+    out_shard_size: 5GB                # bytes per safetensors shard (int or "500MB", "2GiB")
+
+Relative paths are resolved against the config file's directory. Patterns follow
+:mod:`swudi_jax.layout`: a glob matching the path or a tail of it after a "/" or "."
+separator (``lm_head*``), or ``re:<regex>`` searched anywhere in the path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import yaml
+
+from swudi_jax import registry
+from swudi_jax.io import FORMATS
+
+LAYOUTS = ("auto", "torch", "flax")
+COMPUTE_DTYPES = ("float32", "float64")
+OUT_DTYPES = ("float32", "float64", "float16", "bfloat16")
+DEFAULT_SHARD_SIZE = 5 * 1024**3
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the offending key."""
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A validated merge config; paths are absolute, options are the method's resolved ones."""
+
+    base_model: Path
+    models: tuple[Path, ...]
+    merge_method: str
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    scale: float | None = None
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    layout: str = "auto"
+    dtype: str = "float32"
+    out_dtype: str | None = None
+    format: str = "auto"
+    out_format: str = "auto"
+    out_shard_size: int = DEFAULT_SHARD_SIZE
+    grams: Path | None = None
+    source: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-able content (the resolved config written next to the merged model)."""
+        out = asdict(self)
+        out.pop("source")
+        for key, value in out.items():
+            if isinstance(value, Path):
+                out[key] = str(value)
+            elif isinstance(value, tuple):
+                out[key] = [str(v) for v in value]
+        out["parameters"] = {k: _plain(v) for k, v in self.parameters.items()}
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def parse_size(value: Any, where: str) -> int:
+    """Bytes from an int or a string such as ``"500MB"`` or ``"2GiB"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be a positive size in bytes, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        size = int(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if not match or match.group(2).upper() not in _UNITS:
+            raise ConfigError(f"{where} must be bytes or a size like '500MB' or '2GiB', got {value!r}")
+        size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    else:
+        raise ConfigError(f"{where} must be a positive size in bytes, got {value!r}")
+    if size <= 0:
+        raise ConfigError(f"{where} must be positive, got {value!r}")
+    return size
+
+
+def _patterns(value: Any, where: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a pattern or a list of patterns, got {value!r}")
+    for pattern in value:
+        try:
+            re.compile(pattern[3:]) if pattern.startswith("re:") else None
+        except re.error as exc:
+            raise ConfigError(f"{where}: invalid regular expression {pattern!r} ({exc})") from None
+    return tuple(value)
+
+
+def _choice(value: Any, choices, where: str) -> Any:
+    if value not in choices:
+        raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _path(value: Any, base_dir: Path, where: str) -> Path:
+    if isinstance(value, Mapping):
+        extra = sorted(set(value) - {"model"})
+        if "model" not in value or extra:
+            raise ConfigError(f"{where} must be a path or a mapping with only a `model` key, got {dict(value)!r}")
+        value = value["model"]
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ConfigError(f"{where} must be a path, got {value!r}")
+    path = Path(os.path.expanduser(str(value)))
+    path = path if path.is_absolute() else (base_dir / path)
+    if not path.exists():
+        raise ConfigError(f"{where}: {path} does not exist")
+    return path.resolve()
+
+
+_KEYS = ("base_model", "models", "merge_method", "parameters", "scale", "include", "exclude", "layout",
+         "dtype", "out_dtype", "format", "out_format", "out_shard_size", "grams")
+
+
+def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | os.PathLike | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> MergeConfig:
+    """Validate a config mapping (every check that needs no tensor data) into a MergeConfig.
+
+    Args:
+      raw: the parsed YAML mapping.
+      base_dir: directory relative paths are resolved against.
+      source: the config file, named in error messages.
+      overrides: values that replace the file's (e.g. ``out_shard_size`` from the command line).
+    """
+    name = f"config {source}" if source else "config"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{name}: expected a mapping of settings, got {type(raw).__name__}")
+    raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    unknown = sorted(set(raw) - set(_KEYS))
+    if unknown:
+        raise ConfigError(f"{name}: unknown key(s) {unknown}; known keys: {list(_KEYS)}")
+    for key in ("base_model", "models", "merge_method"):
+        if raw.get(key) is None:
+            raise ConfigError(f"{name}: `{key}` is required")
+    base_dir = Path(base_dir)
+    base = _path(raw["base_model"], base_dir, f"{name}: `base_model`")
+    models = raw["models"]
+    if not isinstance(models, (list, tuple)):
+        raise ConfigError(f"{name}: `models` must be a list of checkpoint paths, got {models!r}")
+    if len(models) < 2:
+        raise ConfigError(f"{name}: `models` needs at least two experts to merge, got {len(models)}")
+    experts = tuple(_path(m, base_dir, f"{name}: `models[{i}]`") for i, m in enumerate(models))
+    method = raw["merge_method"]
+    parameters = raw.get("parameters") or {}
+    if not isinstance(parameters, Mapping):
+        raise ConfigError(f"{name}: `parameters` must be a mapping of option: value, got {parameters!r}")
+    try:
+        resolved = registry.resolve_options(method, parameters)
+        kind = registry.get_method(method).kind
+    except ValueError as exc:
+        raise ConfigError(f"{name}: `merge_method`/`parameters`: {exc}") from None
+    scale = raw.get("scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale)):
+        raise ConfigError(f"{name}: `scale` must be a finite number or null, got {scale!r}")
+    grams = raw.get("grams")
+    grams = None if grams is None else _path(grams, base_dir, f"{name}: `grams`")
+    if kind == "data" and grams is None:
+        raise ConfigError(f"{name}: merge method {method!r} needs per-layer input Grams: set `grams` to a checkpoint "
+                          "holding, for each linear weight path, an (N, n, n) array of the experts' input Grams")
+    out_dtype = raw.get("out_dtype")
+    return MergeConfig(
+        base_model=base,
+        models=experts,
+        merge_method=method,
+        parameters=resolved,
+        scale=None if scale is None else float(scale),
+        include=_patterns(raw.get("include"), f"{name}: `include`"),
+        exclude=_patterns(raw.get("exclude"), f"{name}: `exclude`"),
+        layout=_choice(raw.get("layout", "auto"), LAYOUTS, f"{name}: `layout`"),
+        dtype=_choice(raw.get("dtype", "float32"), COMPUTE_DTYPES, f"{name}: `dtype`"),
+        out_dtype=None if out_dtype is None else _choice(out_dtype, OUT_DTYPES, f"{name}: `out_dtype`"),
+        format=_choice(raw.get("format", "auto"), ("auto", *FORMATS), f"{name}: `format`"),
+        out_format=_choice(raw.get("out_format", "auto"), ("auto", *FORMATS), f"{name}: `out_format`"),
+        out_shard_size=parse_size(raw.get("out_shard_size", DEFAULT_SHARD_SIZE), f"{name}: `out_shard_size`"),
+        grams=grams,
+        source=None if source is None else Path(source),
+    )
+
+
+def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> MergeConfig:
+    """Read and validate a YAML merge config; relative paths are taken from its directory."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path}: invalid YAML ({exc})".replace("\n", " ")) from None
+    return parse_config(raw, base_dir=path.parent, source=path, overrides=overrides)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype for a config dtype name (bfloat16 via ml_dtypes)."""
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)

@@ -1,0 +1,106 @@
+"""The YAML merge config: defaults, resolution of paths and options, and every refusal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from swudi_jax import io as ckio
+from swudi_jax.config import ConfigError, load_config, parse_config, parse_size
+
+
+@pytest.fixture
+def models(tmp_path):
+    for name in ("base", "e1", "e2"):
+        ckio.save(tmp_path / f"{name}.safetensors", {"w": np.ones((2, 2), np.float32)})
+    return tmp_path
+
+
+def write_config(directory, **content):
+    path = directory / "merge.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def minimal(**extra):
+    return {"base_model": "base.safetensors", "models": ["e1.safetensors", {"model": "e2.safetensors"}],
+            "merge_method": "swudi", **extra}
+
+
+def test_minimal_config_gets_resolved_paths_and_method_defaults(models):
+    config = load_config(write_config(models, **minimal()))
+    assert config.base_model == (models / "base.safetensors").resolve()
+    assert config.models == ((models / "e1.safetensors").resolve(), (models / "e2.safetensors").resolve())
+    from swudi_jax import registry
+    assert dict(config.parameters) == registry.resolve_options("swudi", {})
+    assert (config.layout, config.dtype, config.out_dtype, config.format) == ("auto", "float32", None, "auto")
+
+
+def test_resolved_config_round_trips_through_yaml(models):
+    config = load_config(write_config(models, **minimal(parameters={"time": 3.0}, exclude="*embed*",
+                                                        out_shard_size="2MiB", out_dtype="bfloat16")))
+    again = parse_config(yaml.safe_load(config.to_yaml()))
+    assert again.to_dict() == config.to_dict()
+    assert again.parameters["time"] == 3.0 and again.out_shard_size == 2 * 2**20 and again.exclude == ("*embed*",)
+
+
+def test_command_line_overrides_replace_file_values(models):
+    config = load_config(write_config(models, **minimal(out_shard_size=100)), overrides={"out_shard_size": 7})
+    assert config.out_shard_size == 7
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"models": ["e1.safetensors"]}, r"`models` needs at least two experts"),
+    ({"models": ["e1.safetensors", "missing.safetensors"]}, r"`models\[1\]`: .*missing.safetensors does not exist"),
+    ({"base_model": None}, r"`base_model` is required"),
+    ({"merge_method": "swudy"}, r"unknown merge method 'swudy'.*did you mean 'swudi'"),
+    ({"parameters": {"temperature": 1}}, r"unknown option.*temperature.*swudi"),
+    ({"layout": "jax"}, r"`layout` must be one of"),
+    ({"dtype": "float16"}, r"`dtype` must be one of"),
+    ({"out_dtype": "int8"}, r"`out_dtype` must be one of"),
+    ({"format": "pickle"}, r"`format` must be one of"),
+    ({"out_shard_size": "lots"}, r"`out_shard_size` must be bytes"),
+    ({"out_shard_size": 0}, r"`out_shard_size` must be positive"),
+    ({"scale": "big"}, r"`scale` must be a finite number"),
+    ({"exclude": ["re:("]}, r"`exclude`: invalid regular expression"),
+    ({"merge_methd": "ties"}, r"unknown key\(s\) \['merge_methd'\]"),
+    ({"models": [{"model": "e1.safetensors", "weight": 2}, "e2.safetensors"]}, r"only a `model` key"),
+])
+def test_bad_configs_are_refused_with_the_file_and_key_named(models, change, message):
+    path = write_config(models, **{**minimal(), **change})
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_unreadable_or_invalid_yaml_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [a, b\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    bad.write_text("- just a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(bad)
+
+
+def test_sizes_accept_bytes_and_units():
+    assert parse_size(1234, "s") == 1234
+    assert parse_size("5GB", "s") == 5 * 10**9
+    assert parse_size("1.5 KiB", "s") == 1536
+    with pytest.raises(ConfigError):
+        parse_size(True, "s")
+
+
+def test_data_methods_need_a_grams_file(models, monkeypatch):
+    from swudi_jax import registry
+
+    probe = registry.MergeMethod(name="gram_probe", fn=lambda tau, grams: tau[0], kind="data", defaults={},
+                                 default_scale=1.0, source="test")
+    monkeypatch.setitem(registry._METHODS, "gram_probe", probe)
+    with pytest.raises(ConfigError, match="needs per-layer input Grams"):
+        load_config(write_config(models, **minimal(merge_method="gram_probe")))
+    ckio.save(models / "grams.npz", {"w": np.ones((2, 2, 2), np.float32)})
+    assert load_config(write_config(models, **minimal(merge_method="gram_probe", grams="grams.npz"))).grams.name == "grams.npz"
