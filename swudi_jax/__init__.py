@@ -5,6 +5,8 @@ rank rules they are built from, and the whole-model entry points.
 """
 
 from swudi_jax import filters, layout, registry
+from swudi_jax.checkpoint_merge import merge_checkpoints
+from swudi_jax.config import MergeConfig, load_config
 from swudi_jax.methods.swudi import (
     LLM_PRESET,
     VISION_PRESET,
@@ -32,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM_PRESET",
+    "MergeConfig",
     "MergeMethod",
     "VISION_PRESET",
     "available_methods",
@@ -40,7 +43,9 @@ __all__ = [
     "get_method",
     "interference_operator",
     "layout",
+    "load_config",
     "merge",
+    "merge_checkpoints",
     "merge_group",
     "normal_equation",
     "pinv_merge",

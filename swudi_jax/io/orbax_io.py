@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from swudi_jax.io.reader import BaseReader, CheckpointError, flatten_tree, unflatten_tree
 
@@ -35,8 +34,15 @@ def is_orbax(path: Path) -> bool:
     return checkpoint_dir(path) is not None
 
 
+def _ocp():
+    """orbax.checkpoint, imported on first use (it is slow to import and only this format needs it)."""
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
 def _tree_metadata(path: Path):
-    metadata = ocp.PyTreeCheckpointer().metadata(path)
+    metadata = _ocp().PyTreeCheckpointer().metadata(path)
     metadata = getattr(metadata, "item_metadata", metadata)
     return getattr(metadata, "tree", metadata)
 
@@ -79,6 +85,7 @@ class OrbaxReader(BaseReader):
         if not keys:
             return {}
         target = unflatten_tree({k: jax.ShapeDtypeStruct(*self._entries[k]) for k in keys}, SEP)
+        ocp = _ocp()
         restore_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), target)
         try:
             restored = ocp.PyTreeCheckpointer().restore(
@@ -108,7 +115,7 @@ class OrbaxWriter:
             raise CheckpointError(f"{self.path}: orbax output must not exist yet")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         logging.getLogger("absl").setLevel(logging.WARNING)
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _ocp().StandardCheckpointer() as checkpointer:
             checkpointer.save(self.path.absolute(), unflatten_tree(self._flat, SEP))
         self._flat = {}
 
