@@ -4,3 +4,4 @@ Importing this package registers every built-in method in :mod:`swudi_jax.regist
 """
 
 from swudi_jax.methods import average, dare, engine, task_arithmetic, ties  # noqa: F401
+from swudi_jax.methods import output_space, regmean  # noqa: F401
