@@ -68,3 +68,47 @@ def test_jax_minilm_reproduces_the_sentence_transformers_similarities():
     emb = np.asarray(bert.sentence_embedding(params, ids, mask, config, normalize=True))
     sims = emb @ emb.T
     np.testing.assert_allclose([sims[0, 1], sims[0, 2], sims[1, 2]], [0.6660, 0.1046, 0.1411], atol=6e-4)
+
+
+@needs_packages
+def test_finetune_merge_and_score_two_tasks_end_to_end(tmp_path):
+    """Two tiny experts through fine-tuning, the cache, swudi-merge and the report."""
+    from benchmarks.minilm import bert, run
+    from benchmarks.minilm.data import TaskSpec
+    from benchmarks.minilm.finetune import CacheMismatchError, FinetuneConfig, prepare_cache
+
+    cache, tasks = tmp_path / "cache", ["bbc", "tweets"]
+    specs = {"bbc": TaskSpec(test=6, val=4, train=12), "tweets": TaskSpec(test=6, val=4, train=12)}
+    config = FinetuneConfig(max_len=16, batch=8, steps=2, probe_steps=5, probe_examples=32)
+    experts = prepare_cache(cache, tasks, config, specs, log=lambda s: None)
+
+    base = bert.load_tensors(bert.model_dir() / "model.safetensors", floats_only=False)
+    deltas = []
+    for name in tasks:
+        tensors = bert.load_tensors(experts[name] / "model.safetensors", floats_only=False)
+        assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for k, v in base.items()}
+        deltas.append({k: tensors[k] - base[k] for k in base if np.issubdtype(base[k].dtype, np.floating)})
+        assert max(float(np.abs(d).max()) for d in deltas[-1].values()) > 0
+        head = bert.load_tensors(experts[name] / "head.safetensors")
+        assert head["classifier.weight"].shape == ({"bbc": 5, "tweets": 3}[name], 384)
+
+    report = run.benchmark(cache, tmp_path / "out", ["task_arithmetic", "swudi"], log=lambda s: None)
+    for name in ("task_arithmetic", "swudi"):
+        row = report["rows"][name]
+        assert set(row["acc"]) == set(tasks) and all(0.0 <= a <= 1.0 for a in row["acc"].values())
+        expert = report["rows"]["expert (each on its own task)"]["acc"]
+        assert np.isclose(row["mean_normalised_acc"], np.mean([row["acc"][t] / expert[t] for t in tasks]))
+        assert row["merge_wall_s"] > 0 and row["merge_peak_rss_mib"] > 0
+    assert (tmp_path / "out" / "minilm.json").is_file() and (tmp_path / "out" / "minilm.png").is_file()
+
+    # The user path itself: swudi-merge's task arithmetic at scale 1 is base + Σ task vectors.
+    merge_cfg = {"base_model": str(bert.model_dir() / "model.safetensors"), "layout": "torch",
+                 "models": [str(experts[t] / "model.safetensors") for t in tasks],
+                 "merge_method": "task_arithmetic", "parameters": {}, "scale": 1.0}
+    merged_dir, _, _ = run.run_merge(merge_cfg, tmp_path, "ta1")
+    merged = bert.load_tensors(merged_dir)
+    for key in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.5.output.dense.bias"):
+        np.testing.assert_allclose(merged[key], base[key] + deltas[0][key] + deltas[1][key], atol=1e-6)
+
+    with pytest.raises(CacheMismatchError, match="refusing"):
+        prepare_cache(cache, ["bbc"], config, {"bbc": specs["bbc"]}, log=lambda s: None)

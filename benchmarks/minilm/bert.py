@@ -107,18 +107,24 @@ def _layer_norm(x, params, prefix, eps):
     return (x - mean) * jax.lax.rsqrt(var + eps) * params[f"{prefix}.weight"] + params[f"{prefix}.bias"]
 
 
-def _linear(x, params, prefix):
-    """HF Linear: weight (out, in)."""
+def _linear(x, params, prefix, taps=None, mask=None):
+    """HF Linear: weight (out, in). With ``taps``, record the input Gram Σ x xᵀ over real tokens."""
+    if taps is not None:
+        xm = x * mask[..., None].astype(x.dtype)
+        taps[f"{prefix}.weight"] = jnp.einsum("...i,...j->ij", xm, xm, precision=HIGHEST)
     return jnp.einsum("...i,oi->...o", x, params[f"{prefix}.weight"], precision=HIGHEST) + params[f"{prefix}.bias"]
 
 
-def encode(params: dict, ids: jnp.ndarray, mask: jnp.ndarray, config: BertConfig) -> jnp.ndarray:
+def encode(params: dict, ids: jnp.ndarray, mask: jnp.ndarray, config: BertConfig,
+           taps: dict | None = None) -> jnp.ndarray:
     """Last hidden states (B, L, hidden) of the BERT encoder (no dropout: deterministic).
 
     Args:
       params: flat HF-named tensors of ``BertModel`` (``embeddings.*``, ``encoder.layer.{i}.*``).
       ids, mask: (B, L) token ids and attention mask (1 = real token).
       config: layer count, heads, width, LayerNorm epsilon.
+      taps: if a dict, filled with ``{linear weight name: input Gram (n, n)}`` over real tokens
+        (what RegMean and the output-space projection need).
     """
     b, length = ids.shape
     x = (params["embeddings.word_embeddings.weight"][ids]
@@ -129,15 +135,15 @@ def encode(params: dict, ids: jnp.ndarray, mask: jnp.ndarray, config: BertConfig
     bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(x.dtype).min)
     for i in range(config.num_layers):
         p = f"encoder.layer.{i}"
-        q, k, v = (_linear(x, params, f"{p}.attention.self.{n}").reshape(b, length, heads, width)
+        q, k, v = (_linear(x, params, f"{p}.attention.self.{n}", taps, mask).reshape(b, length, heads, width)
                    for n in ("query", "key", "value"))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=HIGHEST) / np.sqrt(width) + bias
         ctx = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v, precision=HIGHEST)
-        attn = _linear(ctx.reshape(b, length, config.hidden), params, f"{p}.attention.output.dense")
+        attn = _linear(ctx.reshape(b, length, config.hidden), params, f"{p}.attention.output.dense", taps, mask)
         x = _layer_norm(x + attn, params, f"{p}.attention.output.LayerNorm", config.layer_norm_eps)
-        inner = jax.nn.gelu(_linear(x, params, f"{p}.intermediate.dense"), approximate=False)
-        x = _layer_norm(x + _linear(inner, params, f"{p}.output.dense"), params, f"{p}.output.LayerNorm",
-                        config.layer_norm_eps)
+        inner = jax.nn.gelu(_linear(x, params, f"{p}.intermediate.dense", taps, mask), approximate=False)
+        x = _layer_norm(x + _linear(inner, params, f"{p}.output.dense", taps, mask), params,
+                        f"{p}.output.LayerNorm", config.layer_norm_eps)
     return x
 
 
@@ -189,6 +195,32 @@ def embed(params: dict, ids: np.ndarray, mask: np.ndarray, config: BertConfig, b
             chunk_mask = np.concatenate([chunk_mask, np.ones((short, ids.shape[1]), mask.dtype)])
         out.append(np.asarray(fn(params, chunk_ids, chunk_mask))[:batch - short])
     return np.concatenate(out)
+
+
+def input_grams(params: dict, ids: np.ndarray, mask: np.ndarray, config: BertConfig,
+                batch: int = 64) -> dict[str, np.ndarray]:
+    """``{linear weight name: Σ x xᵀ}`` over every real token of ``ids`` (float64 accumulation).
+
+    The per-layer input Grams G = X Xᵀ of RegMean (Jin et al., ICLR 2023), in maths layout
+    (n × n, n the Linear's input width), computed with ``params``' own activations.
+    """
+    key = ("grams", config)
+    if key not in _JIT_CACHE:
+        def grams_fn(p, i, m):
+            taps: dict = {}
+            encode(p, i, m, config, taps)
+            return taps
+        _JIT_CACHE[key] = jax.jit(grams_fn)
+    total: dict[str, np.ndarray] = {}
+    for start in range(0, len(ids), batch):
+        chunk_ids, chunk_mask = ids[start:start + batch], mask[start:start + batch]
+        short = batch - len(chunk_ids)
+        if short:  # padded rows have mask 0, so they add nothing
+            chunk_ids = np.concatenate([chunk_ids, np.zeros((short, ids.shape[1]), ids.dtype)])
+            chunk_mask = np.concatenate([chunk_mask, np.zeros((short, ids.shape[1]), mask.dtype)])
+        for name, gram in _JIT_CACHE[key](params, chunk_ids, chunk_mask).items():
+            total[name] = total.get(name, 0.0) + np.asarray(gram, np.float64)
+    return total
 
 
 _JIT_CACHE: dict = {}

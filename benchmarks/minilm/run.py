@@ -1,0 +1,220 @@
+"""Merge the cached MiniLM experts with every registry method through ``swudi-merge`` and score them.
+
+    python -m benchmarks.minilm.finetune            # once: fine-tune and cache the experts
+    python -m benchmarks.minilm.run [--methods ...] # merge, evaluate, write JSON + PNG + table
+
+For each method the experts' ``model.safetensors`` files go through the real user path: a
+YAML config and the ``swudi-merge CONFIG OUT`` command in a child process (its wall time and
+peak resident memory are measured with ``os.wait4``). The merged encoder is then read back
+and each task is scored on its test split with that task's own expert head (heads are
+task-specific and never merged). Every method runs with its registry defaults; nothing is
+tuned on a test split. Data methods (RegMean, output-space) get per-layer input Grams of each
+expert on ``--calib`` examples of its own training split.
+
+The report: per-task accuracy, mean accuracy, mean normalised accuracy (merged / expert)
+for every method, next to the experts, the pretrained encoder with each expert's head, and
+task arithmetic at scale 1 (``task_arithmetic@1``, the interference check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from benchmarks.minilm import bert
+from benchmarks.minilm.data import TaskSpec, load_task
+from benchmarks.minilm.finetune import DEFAULT_CACHE, FinetuneConfig, prepare_cache, save_safetensors
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "minilm"
+EXTRA_RUNS = {"task_arithmetic@1": ("task_arithmetic", 1.0)}
+"""Extra rows beyond the registry defaults: name -> (method, scale)."""
+
+
+def read_manifest(cache: Path) -> dict:
+    manifest = cache / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found: fine-tune the experts first with "
+                                f"`python -m benchmarks.minilm.finetune --cache {cache}`")
+    return json.loads(manifest.read_text())
+
+
+def swudi_merge_command() -> list[str]:
+    """The installed ``swudi-merge`` console script (next to this interpreter, else on PATH)."""
+    beside = Path(sys.executable).with_name("swudi-merge")
+    found = str(beside) if beside.is_file() else shutil.which("swudi-merge")
+    if not found:
+        raise FileNotFoundError("the `swudi-merge` command is not installed: pip install -e .")
+    return [found]
+
+
+def run_merge(config: dict, workdir: Path, name: str) -> tuple[Path, float, float]:
+    """Write ``config`` as YAML, run ``swudi-merge`` on it; (output dir, wall s, peak RSS MiB)."""
+    cfg_path = workdir / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    out = workdir / f"merged_{name}"
+    if out.exists():
+        shutil.rmtree(out)
+    log = workdir / f"{name}.log"
+    start = time.perf_counter()
+    with log.open("wb") as handle:
+        proc = subprocess.Popen([*swudi_merge_command(), str(cfg_path), str(out), "--no-progress"],
+                                stdout=handle, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"swudi-merge failed for {name} (exit {proc.returncode}); log {log}:\n"
+                           + log.read_text()[-3000:])
+    return out, wall, usage.ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def write_grams(experts: dict[str, Path], tasks: dict, tokenizer, cfg: bert.BertConfig,
+                calib: int, path: Path) -> Path:
+    """``{linear weight: (N, n, n)}`` input Grams, expert i on ``calib`` of task i's training texts."""
+    if path.is_file():
+        return path
+    per_task = []
+    for name, folder in experts.items():
+        params = bert.load_tensors(folder / "model.safetensors")
+        ids, mask = bert.tokenize(tokenizer, tasks[name].train.texts[:calib])
+        per_task.append(bert.input_grams(params, ids, mask, cfg))
+    stacked = {k: np.stack([g[k] for g in per_task]).astype(np.float32) for k in per_task[0]}
+    save_safetensors(path, stacked)
+    return path
+
+
+def evaluate(params: dict, heads: dict, test: dict, cfg: bert.BertConfig) -> dict[str, float]:
+    """Test accuracy of ``params`` on every task with that task's head."""
+    return {name: float((bert.predict(params, heads[name], ids, mask, cfg) == labels).mean())
+            for name, (ids, mask, labels) in test.items()}
+
+
+def summarise(accs: dict[str, float], expert: dict[str, float]) -> dict[str, float]:
+    return {"mean_acc": float(np.mean(list(accs.values()))),
+            "mean_normalised_acc": float(np.mean([accs[t] / expert[t] for t in accs]))}
+
+
+def benchmark(cache: Path, out_dir: Path, methods: list[str], calib: int = 256,
+              specs: dict[str, TaskSpec | None] | None = None, log=print) -> dict:
+    """Merge with each of ``methods`` (registry names or ``EXTRA_RUNS`` keys), evaluate, report."""
+    from swudi_jax import registry
+
+    manifest = read_manifest(cache)
+    tasks_order = list(manifest["tasks"])
+    config = FinetuneConfig(**manifest.get("config", {}))
+    specs = specs or {t: (TaskSpec(**s) if s else None) for t, s in manifest.get("specs", {}).items()} or None
+    experts = prepare_cache(cache, tasks_order, config, specs, log=log)  # refuses a mismatched cache
+    folder = bert.model_dir()
+    cfg = bert.BertConfig.from_json(folder / "config.json")
+    tokenizer = bert.load_tokenizer(folder, config.max_len)
+    tasks = {t: load_task(t, config.split_seed, (specs or {}).get(t)) for t in tasks_order}
+    test = {t: (*bert.tokenize(tokenizer, tasks[t].test.texts), tasks[t].test.labels) for t in tasks_order}
+    heads = {t: bert.load_tensors(experts[t] / "head.safetensors") for t in tasks_order}
+    metrics = {t: json.loads((experts[t] / "metrics.json").read_text()) for t in tasks_order}
+    expert_acc = {t: metrics[t]["expert_test_acc"] for t in tasks_order}
+    pretrained_acc = {t: metrics[t]["pretrained_with_expert_head_test_acc"] for t in tasks_order}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workdir = out_dir / "work"
+    workdir.mkdir(exist_ok=True)
+    rows = {"expert (each on its own task)": {"acc": expert_acc, **summarise(expert_acc, expert_acc)},
+            "pretrained + expert head": {"acc": pretrained_acc, **summarise(pretrained_acc, expert_acc)}}
+    base_file = folder / "model.safetensors"
+    for name in methods:
+        method, scale = EXTRA_RUNS.get(name, (name, None))
+        entry = registry.get_method(method)
+        merge_cfg = {"base_model": str(base_file), "models": [str(experts[t] / "model.safetensors") for t in tasks_order],
+                     "merge_method": method, "parameters": {}, "layout": "torch"}
+        if scale is not None:
+            merge_cfg["scale"] = scale
+        if entry.kind == "data":
+            merge_cfg["grams"] = str(write_grams(experts, tasks, tokenizer, cfg, calib,
+                                                 cache / f"grams_{calib}.safetensors"))
+        log(f"[{name}] merging with swudi-merge ...")
+        merged_dir, wall, peak = run_merge(merge_cfg, workdir, name.replace("@", "_at_"))
+        params = bert.load_tensors(merged_dir)
+        accs = evaluate(params, heads, test, cfg)
+        shutil.rmtree(merged_dir)
+        rows[name] = {"acc": accs, **summarise(accs, expert_acc), "merge_wall_s": wall, "merge_peak_rss_mib": peak,
+                      "scale": entry.default_scale if scale is None else scale,
+                      "options": dict(registry.resolve_options(method, {}))}
+        log(f"[{name}] mean acc {rows[name]['mean_acc']:.4f}  normalised {rows[name]['mean_normalised_acc']:.4f}  "
+            f"merge {wall:.1f}s {peak:.0f} MiB")
+    report = {"tasks": tasks_order, "finetune": dataclasses.asdict(config), "calib_examples": calib,
+              "test_sizes": {t: int(len(test[t][2])) for t in tasks_order}, "expert_metrics": metrics, "rows": rows}
+    (out_dir / "minilm.json").write_text(json.dumps(report, indent=2))
+    print(markdown_table(report))
+    plot(report, out_dir / "minilm.png")
+    return report
+
+
+def markdown_table(report: dict) -> str:
+    tasks = report["tasks"]
+    head = "| model | " + " | ".join(tasks) + " | mean acc | mean norm. acc | merge time (s) | peak RSS (MiB) |"
+    lines = [head, "|" + "---|" * (len(tasks) + 5)]
+    for name, row in report["rows"].items():
+        wall = f"{row['merge_wall_s']:.1f}" if "merge_wall_s" in row else ""
+        peak = f"{row['merge_peak_rss_mib']:.0f}" if "merge_peak_rss_mib" in row else ""
+        cells = " | ".join(f"{100 * row['acc'][t]:.1f}" for t in tasks)
+        lines.append(f"| {name} | {cells} | {100 * row['mean_acc']:.1f} | {100 * row['mean_normalised_acc']:.1f} | "
+                     f"{wall} | {peak} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Grouped bars: per-task accuracy of every row, plus the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["rows"])
+    groups = report["tasks"] + ["mean"]
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups) + 0.3 * len(names)), 4.5))
+    for i, name in enumerate(names):
+        row = report["rows"][name]
+        vals = [row["acc"][t] for t in report["tasks"]] + [row["mean_acc"]]
+        ax.bar(np.arange(len(groups)) + (i - len(names) / 2 + 0.5) * width, vals, width, label=name)
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("all-MiniLM-L6-v2 experts merged with swudi-merge")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from swudi_jax import registry
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report folder ({DEFAULT_OUT})")
+    known = registry.available_methods() + list(EXTRA_RUNS)
+    parser.add_argument("--methods", nargs="+", default=known, choices=known)
+    parser.add_argument("--calib", type=int, default=256, help="examples per task for the data methods' Grams")
+    args = parser.parse_args(argv)
+    try:
+        benchmark(args.cache, args.out, args.methods, args.calib, log=lambda s: print(s, flush=True))
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
