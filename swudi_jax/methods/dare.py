@@ -12,7 +12,8 @@ value: E[τ̃i] = τi. Then
 p = 0.9 is the drop rate the paper uses for its main merges of fine-tuned LLMs. The masks
 are a deterministic function of the PRNG key: ``merge`` derives one key per leaf by
 folding a stable hash (CRC-32) of the parameter path, and the layer index of a scanned
-stack, into ``jax.random.PRNGKey(seed)``.
+stack, into ``jax.random.PRNGKey(seed)``; a linear weight's mask is drawn in maths layout
+(outputs, inputs).
 """
 
 from __future__ import annotations

@@ -1,0 +1,82 @@
+"""The method registry: names, options, defaults, and user-registered methods."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import swudi_jax as sj
+from swudi_jax import registry
+
+BUILTIN = ["average", "dare", "pinv", "swudi", "swudi_a", "task_arithmetic", "ties", "wudi"]
+
+
+def test_every_builtin_method_is_registered_with_its_source():
+    names = registry.available_methods()
+    assert set(BUILTIN) <= set(names)
+    for name in BUILTIN:
+        method = registry.get_method(name)
+        assert method.name == name and method.kind in registry.KINDS and "arXiv" in method.source
+
+
+def test_unknown_method_error_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown merge method 'swudy'.*did you mean 'swudi'.*task_arithmetic"):
+        registry.get_method("swudy")
+
+
+def test_unknown_option_error_names_it_and_the_known_options():
+    with pytest.raises(ValueError, match=r"\['dens'\].*'ties'.*density.*trim"):
+        registry.resolve_options("ties", {"dens": 0.3})
+
+
+def test_resolved_options_are_defaults_overridden_by_the_user():
+    assert registry.resolve_options("swudi", {"time": 300.0}) == {"time": 300.0, "rank_ratio": 0.65, "init": "sum"}
+    assert registry.resolve_options("wudi")["learning_rate"] == 1e-5
+    assert registry.resolve_options("dare") == {"drop": 0.9, "rescale": True, "seed": 0, "then": "task_arithmetic"}
+    assert registry.resolve_options("ties")["density"] == 0.2 and registry.resolve_options("ties")["trim"] == "model"
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("ties", {"density": 1.5}, "density"),
+    ("ties", {"trim": "layer"}, "trim"),
+    ("dare", {"drop": 1.0}, "drop"),
+    ("dare", {"then": "average"}, "then"),
+    ("dare", {"seed": 1.5}, "seed"),
+    ("swudi", {"time": -1.0}, "time"),
+    ("swudi", {"rank_ratio": 0.0}, "rank_ratio"),
+    ("swudi_a", {"rank_rule": "nope"}, "rank_rule"),
+    ("wudi", {"learning_rate": 0.0}, "learning_rate"),
+    ("wudi", {"gradient": "exact"}, "gradient"),
+])
+def test_bad_option_values_are_refused_before_compute(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        registry.resolve_options(name, options)
+
+
+def test_default_scale_is_point_three_for_task_arithmetic_and_one_otherwise():
+    assert registry.default_scale("task_arithmetic") == 0.3
+    assert registry.default_scale("dare") == 0.3
+    assert registry.default_scale("dare", {"then": "ties"}) == 1.0
+    for name in ["average", "ties", "swudi", "swudi_a", "pinv", "wudi"]:
+        assert registry.default_scale(name) == 1.0
+
+
+def test_a_registered_method_merges_through_the_same_call(monkeypatch):
+    registry.available_methods()
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # undone after the test
+    method = sj.register(sj.MergeMethod(
+        name="test_max_abs", fn=lambda tau, *, sign=1.0: sign * jnp.max(jnp.abs(tau), axis=0),
+        kind="elementwise", defaults={"sign": 1.0}, default_scale=1.0, source="a test"))
+    base = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    experts = [{"w": np.full((2, 3), v, np.float32), "b": np.full(3, -v, np.float32)} for v in (1.0, -4.0)]
+    merged = sj.merge(base, experts, method="test_max_abs", sign=-1.0)
+    np.testing.assert_allclose(merged["w"], -4.0)
+    np.testing.assert_allclose(merged["b"], -4.0)
+    assert method.name in registry.available_methods()
+
+
+def test_register_refuses_an_unknown_kind(monkeypatch):
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    with pytest.raises(ValueError, match="kind"):
+        registry.register(registry.MergeMethod("x", lambda t: t, "magic", {}, 1.0, "nowhere"))
