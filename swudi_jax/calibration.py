@@ -117,8 +117,14 @@ def batch_grams(apply_fn: ApplyFn, variables, batch, *, prefix: str = "params",
 
 def layer_order(apply_fn: ApplyFn, variables, batch, *, prefix: str = "params") -> list[str]:
     """The kernel paths of the Dense layers in the order a forward pass calls them."""
-    io = jax.eval_shape(lambda v, b: dense_io(apply_fn, v, b, prefix=prefix), variables, batch)
-    return list(io)
+    order: list[str] = []
+
+    def probe(v, b):
+        order.extend(dense_io(apply_fn, v, b, prefix=prefix))  # a dict output would come back key-sorted
+        return 0
+
+    jax.eval_shape(probe, variables, batch)
+    return order
 
 
 class Calibration(NamedTuple):
