@@ -244,3 +244,19 @@ def test_console_script_runs_in_a_subprocess(on_disk):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0, done.stderr
     assert "merged checkpoint written to" in done.stdout and (root / "out" / "README.md").is_file()
+
+
+def test_damaged_orbax_expert_is_reported_before_any_output(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    base = {"params/Dense_0/kernel": rng.normal(size=(4, 4)).astype(np.float32)}
+    for name, model in [("base", base), *((f"e{i}", e) for i, e in enumerate(experts_of(base, rng, 2)))]:
+        ckio.save(tmp_path / name, model, "orbax")
+    for item in (tmp_path / "e1").rglob("*"):
+        if item.is_file() and item.name != "_CHECKPOINT_METADATA":
+            item.write_bytes(item.read_bytes()[:5])
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"base_model": "base", "models": ["e0", "e1"],
+                                                     "merge_method": "swudi"}))
+    assert main([str(tmp_path / "m.yaml"), str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"models\[1\]: .*e1: unreadable or truncated orbax checkpoint", err), err
+    assert not (tmp_path / "out").exists()

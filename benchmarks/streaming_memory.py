@@ -1,0 +1,198 @@
+"""Peak memory of `swudi-merge` on a multi-file checkpoint: bounded by the tensor group, not by N × the model.
+
+Writes a synthetic HF-layout model (torch (out, in) weights, bf16 or fp32) as a sharded
+safetensors directory, plus N experts, then measures peak resident memory (``ru_maxrss`` of
+each child process, from ``os.wait4``) of:
+
+- ``runtime``: a process that only imports swudi_jax and runs one tiny merge (the JAX runtime floor);
+- ``stream/<G>``: ``swudi-merge`` with ``--max-group-size G`` (one group of tensors from all
+  N + 2 models in memory at a time), for a few values of G;
+- ``in-memory``: loading every checkpoint whole and calling ``swudi_jax.merge`` (what a
+  non-streaming merger holds: N + 1 models and the result).
+
+All runs use the same data and method, side by side in one invocation. Prints a table and
+writes JSON (default ``benchmarks/results/streaming_memory.json``).
+
+    python benchmarks/streaming_memory.py                # 4 experts x ~200 MB, swudi
+    python benchmarks/streaming_memory.py --smoke        # tiny, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MB = 1 << 20
+
+
+def model_shapes(hidden: int, layers: int) -> dict[str, tuple[int, ...]]:
+    """A Llama-like decoder: attention q/k/v/o (h×h), MLP up/gate (2h×h) and down (h×2h), norms, head."""
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (4 * hidden, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{p}.self_attn.{name}.weight"] = (hidden, hidden)
+        shapes[f"{p}.mlp.gate_proj.weight"] = (2 * hidden, hidden)
+        shapes[f"{p}.mlp.up_proj.weight"] = (2 * hidden, hidden)
+        shapes[f"{p}.mlp.down_proj.weight"] = (hidden, 2 * hidden)
+        shapes[f"{p}.input_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (4 * hidden, hidden)
+    return shapes
+
+
+def layers_for(target_mb: float, hidden: int, itemsize: int) -> int:
+    per_layer = (4 + 6) * hidden * hidden * itemsize
+    fixed = 8 * hidden * hidden * itemsize
+    return max(1, int(round((target_mb * MB - fixed) / per_layer)))
+
+
+def write_models(root: Path, shapes: dict, n_experts: int, dtype, shard_bytes: int, seed: int = 0) -> list[Path]:
+    """Base + experts as sharded safetensors directories, written tensor by tensor (bounded memory)."""
+    from swudi_jax.io.safetensors_io import SafetensorsWriter
+
+    entries = {k: (s, np.dtype(dtype)) for k, s in shapes.items()}
+    paths = [root / "base"] + [root / f"expert{i}" for i in range(n_experts)]
+    writers = [SafetensorsWriter(p, entries, shard_size=shard_bytes) for p in paths]
+    rng = np.random.default_rng(seed)
+    for key, shape in shapes.items():
+        base = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])
+        writers[0].write(key, base.astype(dtype))
+        for w in writers[1:]:
+            delta = rng.standard_normal(shape, dtype=np.float32) * (0.01 / np.sqrt(shape[-1]))
+            w.write(key, (base + delta).astype(dtype))
+    for w in writers:
+        w.close()
+    (paths[0] / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": shapes["model.norm.weight"][0]}))
+    return paths
+
+
+WRAPPER = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "code = os.waitstatus_to_exitcode(status)\n"
+    "sys.exit(code) if code else print(usage.ru_maxrss)\n"
+)
+
+IN_MEMORY = (
+    "import sys, numpy as np, swudi_jax\n"
+    "from swudi_jax import io\n"
+    "base, *experts = [io.load(p) for p in sys.argv[3:]]\n"
+    "merged = swudi_jax.merge(base, experts, sys.argv[1], layout='torch', max_group_bytes=int(sys.argv[2]))\n"
+    "io.save(sys.argv[3] + '_merged_in_memory', {k: np.asarray(v) for k, v in merged.items()}, force=True)\n"
+)
+
+RUNTIME = (
+    "import numpy as np, swudi_jax, sys\n"
+    "b = {'w': np.ones((8, 8), np.float32)}\n"
+    "swudi_jax.merge(b, [{'w': b['w'] + 1}, {'w': b['w'] * 2}], sys.argv[1], layout='torch')\n"
+)
+
+
+def measure(command: list[str], env: dict) -> tuple[int, float]:
+    """Run ``command`` under WRAPPER; its peak RSS in bytes (``ru_maxrss`` from wait4) and wall seconds."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", WRAPPER, *command], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return int(done.stdout.strip().splitlines()[-1]) * 1024, wall
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--model-mb", type=float, default=200.0, help="approximate size of one model")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--shard-mb", type=float, default=50.0, help="input and output shard size")
+    parser.add_argument("--group-mb", type=float, nargs="+", default=[48.0, 192.0],
+                        help="--max-group-size values for the streamed runs (bytes over all N + 2 models)")
+    parser.add_argument("--method", default="swudi")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to write the checkpoints (default: a temp dir)")
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "streaming_memory.json")
+    parser.add_argument("--no-in-memory", action="store_true", help="skip the in-memory comparison run")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.experts, args.model_mb, args.hidden, args.shard_mb, args.group_mb = 2, 0.05, 32, 0.02, [0.02]
+
+    import ml_dtypes
+
+    dtype = np.dtype(ml_dtypes.bfloat16) if args.dtype == "bfloat16" else np.dtype(args.dtype)
+    layers = layers_for(args.model_mb, args.hidden, dtype.itemsize)
+    shapes = model_shapes(args.hidden, layers)
+    model_bytes = sum(int(np.prod(s)) for s in shapes.values()) * dtype.itemsize
+    work = Path(tempfile.mkdtemp(prefix="swudi_stream_")) if args.workdir is None else args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    try:
+        paths = write_models(work, shapes, args.experts, dtype, int(args.shard_mb * MB))
+        config = work / "merge.yaml"
+        config.write_text(
+            f"base_model: {paths[0]}\nmodels: [{', '.join(str(p) for p in paths[1:])}]\n"
+            f"merge_method: {args.method}\nout_shard_size: {int(args.shard_mb * MB)}\n"
+        )
+        rows = []
+        rss, wall = measure([sys.executable, "-c", RUNTIME, args.method], env)
+        rows.append({"run": "runtime", "group_bytes": 0, "peak_rss_bytes": rss, "wall_s": wall})
+        from swudi_jax.checkpoint_merge import _opened, plan_merge
+        from swudi_jax.config import load_config
+
+        for group_mb in args.group_mb:
+            cap = int(group_mb * MB)
+            with _opened(load_config(config)) as (base, experts, grams):
+                plan = plan_merge(load_config(config), base, experts, grams, max_group_bytes=cap)
+            out = work / f"out_{group_mb:g}"
+            command = [sys.executable, "-m", "swudi_jax.cli", str(config), str(out), "--no-progress",
+                       "--max-group-size", str(cap)]
+            rss, wall = measure(command, env)
+            held = plan.largest_group_bytes() * (args.experts + 2)
+            rows.append({"run": f"stream/{group_mb:g}MB", "group_bytes": held, "peak_rss_bytes": rss, "wall_s": wall,
+                         "groups": len(plan.groups)})
+            shutil.rmtree(out, ignore_errors=True)
+        if not args.no_in_memory:
+            cap = int(args.group_mb[-1] * MB)
+            rss, wall = measure([sys.executable, "-c", IN_MEMORY, args.method, str(cap), *map(str, paths)], env)
+            rows.append({"run": "in-memory", "group_bytes": (args.experts + 2) * model_bytes, "peak_rss_bytes": rss,
+                         "wall_s": wall})
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    runtime = rows[0]["peak_rss_bytes"]
+    for row in rows:
+        row["above_runtime_bytes"] = row["peak_rss_bytes"] - runtime
+    result = {
+        "method": args.method, "experts": args.experts, "dtype": args.dtype, "hidden": args.hidden, "layers": layers,
+        "tensors": len(shapes), "model_bytes": model_bytes, "n_times_model_bytes": args.experts * model_bytes,
+        "all_models_bytes": (args.experts + 1) * model_bytes, "smoke": args.smoke, "rows": rows,
+    }
+    print(f"\nstreaming memory: {args.method}, {args.experts} experts x {model_bytes / MB:.1f} MB "
+          f"({len(shapes)} tensors, {args.dtype}); N x model = {args.experts * model_bytes / MB:.1f} MB, "
+          f"base + N experts = {(args.experts + 1) * model_bytes / MB:.1f} MB\n")
+    header = f"| {'run':<16} | {'held at once (MB)':>17} | {'peak RSS (MB)':>13} | {'above runtime (MB)':>18} | {'wall (s)':>8} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for row in rows:
+        print(f"| {row['run']:<16} | {row['group_bytes'] / MB:>17.1f} | {row['peak_rss_bytes'] / MB:>13.1f} | "
+              f"{row['above_runtime_bytes'] / MB:>18.1f} | {row['wall_s']:>8.1f} |")
+    print("\nheld at once: (N + 2) x the largest group's tensor bytes (streamed), or (N + 2) x the model (in memory)")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
