@@ -46,8 +46,18 @@ def task_weights(tau: jnp.ndarray) -> jnp.ndarray:
     return 1.0 / jnp.maximum(squared_norms(tau), NORM_FLOOR)
 
 
+def _check_weights(tau: jnp.ndarray, weights: jnp.ndarray) -> None:
+    """Static shape check (free under jit): one weight per task vector."""
+    if tau.ndim != 3 or weights.shape != tau.shape[:1]:
+        raise ValueError(
+            f"weights must have shape (N,) = {tuple(tau.shape[:1])} for tau of shape {tuple(tau.shape)}, "
+            f"got {tuple(weights.shape)}"
+        )
+
+
 def interference_operator(tau: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
     """C = Σi wi τiᵀ τi = MᵀM with M the row stack of √wi τi: shape (n, n)."""
+    _check_weights(tau, weights)
     n_tasks, m, n = tau.shape
     stacked = (tau * jnp.sqrt(weights)[:, None, None]).reshape(n_tasks * m, n)
     return jnp.matmul(stacked.T, stacked, precision=HIGHEST)
@@ -59,6 +69,7 @@ def right_hand_side(tau: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
     The cheaper association is picked by shape: (τi τiᵀ) τi when m ≤ n, τi (τiᵀ τi) otherwise,
     so the largest temporary is min(m, n)² per task.
     """
+    _check_weights(tau, weights)
     _, m, n = tau.shape
 
     def one_task(acc, task):
@@ -120,6 +131,13 @@ def filtered_solution(
     """θ_h = θ0 + (D V diag(h/λs) − θ0 V diag(h)) Vᵀ, with one stacked product [D; θ0] V."""
     m = d.shape[0]
     lam, v = spec
+    if theta0.shape != d.shape or d.ndim != 2:
+        raise ValueError(f"theta0 {tuple(theta0.shape)} and d {tuple(d.shape)} must have one shape (m, n)")
+    if v.ndim != 2 or v.shape[0] != d.shape[1] or lam.shape != v.shape[1:] or h.shape not in ((), lam.shape):
+        raise ValueError(
+            f"need eigenvectors (n, k) with n = {d.shape[1]}, eigenvalues and h of shape (k,); got eigenvectors "
+            f"{tuple(v.shape)}, eigenvalues {tuple(lam.shape)}, h {tuple(h.shape)}"
+        )
     projected = jnp.matmul(jnp.concatenate([d, theta0], axis=0), v, precision=HIGHEST)
     coeffs = projected[:m] * (h / lam) - projected[m:] * h
     return theta0 + jnp.matmul(coeffs, v.T, precision=HIGHEST)
@@ -151,6 +169,11 @@ def filtered_merge(tau: jnp.ndarray, make_h: FilterFactory, init: str = "sum") -
 
 def wudi_loss(theta: jnp.ndarray, tau: jnp.ndarray) -> jnp.ndarray:
     """WUDI's interference loss L(θ) = Σi wi ‖(θ − τi) τiᵀ‖²_F (Cheng et al., ICML 2025)."""
+    if tau.ndim != 3 or theta.shape != tau.shape[1:]:
+        raise ValueError(
+            f"theta must have the shape (m, n) = {tuple(tau.shape[1:])} of one task vector in tau "
+            f"{tuple(tau.shape)}, got {tuple(theta.shape)}"
+        )
     w = lax.stop_gradient(task_weights(tau))
     residual = jnp.einsum("mn,kpn->kmp", theta, tau, precision=HIGHEST) - jnp.einsum(
         "kmn,kpn->kmp", tau, tau, precision=HIGHEST
