@@ -140,6 +140,14 @@ class LeafPlan:
     def nbytes(self) -> int:
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
+    def to_maths(self, stacked: jnp.ndarray) -> jnp.ndarray:
+        """Stacked leaves (N, *shape) → (layers, N, m, n); see :func:`to_maths`."""
+        return to_maths(self, stacked)
+
+    def from_maths(self, merged: jnp.ndarray) -> jnp.ndarray:
+        """Merged (layers, m, n) → the leaf's shape; see :func:`from_maths`."""
+        return from_maths(self, merged)
+
 
 def plan_leaf(
     path: str,
