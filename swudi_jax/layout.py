@@ -67,6 +67,17 @@ WUDI_VIT_SCOPE: dict[str, Any] = {
 HF CLIP and Flax ViT names) and keep everything else pretrained: ``merge(..., **WUDI_VIT_SCOPE)``."""
 
 
+def infer_layout(paths: Iterable[str]) -> str:
+    """"flax" if any leaf is named ``kernel``, else "torch" if any is named ``weight``."""
+    names = {re.split(r"[/.]", p)[-1] for p in paths}
+    if "kernel" in names:
+        return "flax"
+    if "weight" in names:
+        return "torch"
+    raise ValueError("cannot infer the layout: no leaf is named 'kernel' (Flax) or 'weight' (PyTorch/HF); "
+                     "pass layout='flax' or layout='torch'")
+
+
 def _as_patterns(patterns: str | Iterable[str] | None, name: str) -> tuple[str, ...]:
     if patterns is None:
         return ()
@@ -276,6 +287,7 @@ __all__ = [
     "WUDI_VIT_SCOPE",
     "from_maths",
     "group_plans",
+    "infer_layout",
     "path_matches",
     "plan_leaf",
     "to_maths",

@@ -23,6 +23,7 @@ from swudi_jax.layout import (
     LeafPlan,
     from_maths,
     group_plans,
+    infer_layout,
     plan_leaf,
     to_maths,
 )
@@ -135,11 +136,14 @@ def plan_tree(
 
     Args:
       flat_shapes_dtypes: {path: (shape, dtype)}.
-      layout, include, exclude, head_patterns, input_axes, scan_patterns, scan_axis,
+      layout: "flax", "torch" or "auto" (:func:`swudi_jax.layout.infer_layout` on the paths).
+      include, exclude, head_patterns, input_axes, scan_patterns, scan_axis,
       others: see :func:`swudi_jax.layout.plan_leaf`.
     """
     if method is not None:
         get_method(method)
+    if layout == "auto":
+        layout = infer_layout(flat_shapes_dtypes)
     return [
         plan_leaf(
             path, shape, dtype, layout=layout, include=include, exclude=exclude,
@@ -339,7 +343,8 @@ def merge(
         as a pure dict, a flat dict of dotted names).
       experts: a list of ≥ 2 pytrees with the same paths, shapes and dtypes.
       method: a registered method name (:func:`swudi_jax.registry.available_methods`).
-      layout: "flax" (kernels (in, out)) or "torch" (HF weights (out, in)).
+      layout: "flax" (kernels (in, out)), "torch" (HF weights (out, in)) or "auto"
+        ("flax" if a leaf is named ``kernel``, else "torch" if one is named ``weight``).
       scale: s; None means the method's default (0.3 task arithmetic, 1 the others).
       include, exclude, head_patterns, input_axes, scan_patterns, scan_axis, others: the
         leaf rules of :func:`swudi_jax.layout.plan_leaf`.

@@ -137,3 +137,15 @@ def test_groups_hold_one_shape_each_and_chunk_by_bytes():
 def test_unknown_layout_is_refused():
     with pytest.raises(ValueError, match="layout"):
         plan_leaf("a/kernel", (2, 2), F32, layout="jax")
+
+
+def test_layout_is_inferred_from_leaf_names():
+    from swudi_jax.layout import infer_layout
+    from swudi_jax.tree import plan_tree
+
+    assert infer_layout(["Dense_0/kernel", "Dense_0/bias"]) == "flax"
+    assert infer_layout(["model.layers.0.mlp.up_proj.weight"]) == "torch"
+    with pytest.raises(ValueError, match="cannot infer the layout"):
+        infer_layout(["a/b"])
+    plans = plan_tree({"Dense_0/kernel": ((3, 5), F32), "x.weight": ((4, 2), F32)}, layout="auto")
+    assert [p.maths_shape for p in plans] == [(5, 3), (4, 2)]
