@@ -264,3 +264,34 @@ def test_inputs_are_not_modified():
     np.testing.assert_array_equal(tau_np, keep)
     assert not tau_jax.is_deleted()
     np.testing.assert_array_equal(np.asarray(tau_jax), keep)
+
+
+# ------------------------------------------------------------------ the gradient-flow study
+
+
+def test_gradient_flow_study_finds_sgd_on_the_landweber_filter_and_adam_off_it(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "gradient_flow_study.py"
+    spec = importlib.util.spec_from_file_location("gradient_flow_study", script)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    try:
+        import matplotlib  # noqa: F401
+        plot = []
+    except ImportError:
+        plot = ["--no-plot"]
+    rows = study.main(["--out", str(tmp_path), "--steps", "8", "--eta", "0.1", "--shapes", "3x2x8", *plot])
+    (row,) = rows
+    assert (row["N"], row["m"], row["n"], row["rank_C"]) == (3, 2, 8, 6)
+    assert row["sgd_vs_landweber_rel_err"] < 1e-10
+    assert row["sgd_filter_vs_landweber_max_abs"] < 1e-10
+    assert row["sgd_non_filter_fraction"] < 1e-20   # SGD's iterates are filtered estimators
+    assert row["adam_non_filter_fraction"] > 1e-4   # Adam's are not
+    assert 0 < row["sgd_vs_exponential_rel_err"] < 0.1
+    assert row["t=2*eta*k"] == pytest.approx(1.6)
+    import json
+    assert json.loads((tmp_path / "gradient_flow_study.json").read_text()) == rows
+    assert (tmp_path / "gradient_flow_study.csv").read_text().splitlines()[0].startswith("layer,N,m,n,rank_C")
+    assert (tmp_path / "gradient_flow_study.png").exists() == (not plot)
