@@ -34,14 +34,15 @@ from flax import traverse_util
 
 from swudi_jax.calibration import ApplyFn, dense_io, gram, layer_order
 from swudi_jax.methods.output_space import (
-    BASES,
-    DEFAULT_FALLBACK_WEIGHT,
+    check_row_systems_regular,
     check_weights,
     qp_merge,
     residual_energy_score,
     residual_loss,
+    rotated_systems,
 )
-from swudi_jax.methods.regmean import DEFAULT_ALPHA, regmean_merge
+from swudi_jax.methods.regmean import regmean_merge
+from swudi_jax.registry import resolve_options
 from swudi_jax.spectral import HIGHEST, compute_dtype
 from swudi_jax.validation import check_choice, check_number
 
@@ -117,25 +118,9 @@ def merge_layer(tau, stats: LayerStats, weights, *, method: str, options: dict):
     return merged, jnp.where(energy > 0, 1.0 - loss / jnp.where(energy > 0, energy, 1.0), jnp.nan)
 
 
-_DEFAULTS = {
-    "output_space": {"basis": None, "ridge": 1e-6, "fallback_weight": DEFAULT_FALLBACK_WEIGHT},
-    "regmean": {"alpha": DEFAULT_ALPHA, "ridge": 0.0},
-}
-
-
 def _resolve(method: str, options: dict) -> dict:
     check_choice(method, "method", METHODS)
-    unknown = sorted(set(options) - set(_DEFAULTS[method]))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {method!r}; its options are {sorted(_DEFAULTS[method])}")
-    resolved = {**_DEFAULTS[method], **options}
-    check_number(resolved["ridge"], "ridge", low=0.0)
-    if method == "output_space":
-        check_choice(resolved["basis"], "basis", BASES)
-        check_number(resolved["fallback_weight"], "fallback_weight")
-    else:
-        check_number(resolved["alpha"], "alpha", low=0.0, high=1.0)
-    return resolved
+    return resolve_options(method, options)
 
 
 def _flatten(tree) -> dict[str, Any]:
@@ -225,6 +210,10 @@ def layerwise_merge(apply_fn: ApplyFn, base, experts: Sequence, batches_per_task
                              prefix=prefix, path=path, targets=targets)
         tau = jnp.stack([jnp.asarray(f[path], dtype) - kernel0.astype(dtype) for f in expert_flats]).swapaxes(1, 2)
         w = jnp.ones(len(expert_flats), dtype) if weights is None else jnp.asarray(weights, dtype)
+        if method == "output_space" and resolved["ridge"] == 0:
+            systems = rotated_systems(tau, stats.grams, w, basis=resolved["basis"], cross=stats.cross,
+                                      target_energy=stats.energy, target_gram=stats.target_gram)[2]
+            check_row_systems_regular(systems, path)
         delta, layer_rho = _merge_layer_jit(tau, stats, w, method, tuple(sorted(resolved.items())))
         merged_flat[path] = (kernel0.astype(dtype) + scale * delta.T).astype(kernel0.dtype)
         rho[path] = float(layer_rho)

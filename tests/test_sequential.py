@@ -115,3 +115,6 @@ def test_bad_input_is_a_value_error(setup):
     wrong = [b[:, :5] for b in batches[1]]
     with pytest.raises(ValueError, match=r"task 1, batch 0: layer 'params/dense_0/kernel'.*feature size 5"):
         layerwise_merge(apply_mlp, base, experts, [batches[0], wrong, batches[2]])
+    twins = [experts[0], experts[1], experts[1]]
+    with pytest.raises(ValueError, match=r"params/dense_0/kernel: output row \d+ .*tasks \[1, 2\]"):
+        layerwise_merge(apply_mlp, base, twins, batches, ridge=0.0)

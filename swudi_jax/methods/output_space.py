@@ -144,12 +144,11 @@ def energy_basis(tau, grams, weights, target_gram=None) -> jnp.ndarray:
     return vectors
 
 
-def qp_merge(tau, grams, weights, *, basis=None, ridge=1e-6, fallback_weight=DEFAULT_FALLBACK_WEIGHT,
-             cross=None, target_energy=None, target_gram=None):
-    """The (rotated) diagonal QP on already-validated compute-dtype arrays: (Δ, ρ, a).
+def rotated_systems(tau, grams, weights, *, basis=None, cross=None, target_energy=None, target_gram=None):
+    """``(Q or None, QᵀΔj, RowSystems)``: the row systems in the output basis ``basis``.
 
-    ``basis`` is None, "energy" or an (m, m) orthonormal array. Pure and jit/vmap-able
-    (``basis`` as a string is static).
+    ``basis`` is None (identity), "energy" (:func:`energy_basis`) or an (m, m) orthonormal
+    array; the cross moments rotate with the targets (Ck → Ck Q).
     """
     rotation = None
     if isinstance(basis, str):
@@ -158,7 +157,17 @@ def qp_merge(tau, grams, weights, *, basis=None, ridge=1e-6, fallback_weight=DEF
         rotation = basis
     work = tau if rotation is None else rotate_outputs(tau, rotation)
     work_cross = cross if (cross is None or rotation is None) else jnp.matmul(cross, rotation, precision=HIGHEST)
-    systems = row_systems(work, grams, weights, work_cross, target_energy)
+    return rotation, work, row_systems(work, grams, weights, work_cross, target_energy)
+
+
+def qp_merge(tau, grams, weights, *, basis=None, ridge=1e-6, fallback_weight=DEFAULT_FALLBACK_WEIGHT,
+             cross=None, target_energy=None, target_gram=None):
+    """The (rotated) diagonal QP on already-validated compute-dtype arrays: (Δ, ρ, a).
+
+    Pure and jit/vmap-able (``basis`` as a string is static). See :func:`rotated_systems`.
+    """
+    rotation, work, systems = rotated_systems(tau, grams, weights, basis=basis, cross=cross,
+                                              target_energy=target_energy, target_gram=target_gram)
     coeffs = solve_rows(systems, ridge, fallback_weight)
     merged = jnp.einsum("ij,jin->in", coeffs, work, precision=HIGHEST)
     if rotation is not None:
@@ -267,9 +276,8 @@ def output_space_qp(tau, grams, *, weights=None, basis=None, ridge: float = 1e-6
     work, g = jnp.asarray(tau, dtype), jnp.asarray(grams, dtype)
     w = weights_or_ones(weights, tau.shape[0], dtype)
     if ridge == 0 and not isinstance(work, jax.core.Tracer):
-        q = energy_basis(work, g, w) if isinstance(basis, str) else rotation
-        frame = work if q is None else rotate_outputs(work, q)
-        check_row_systems_regular(row_systems(frame, g, w), layer)
+        _, _, systems = rotated_systems(work, g, w, basis=basis if rotation is None else rotation)
+        check_row_systems_regular(systems, layer)
     merged, rho = _output_space_qp(work, g, w, rotation, None if rotation is not None else basis,
                                    float(ridge), float(fallback_weight))
     return merged.astype(tau.dtype), rho
