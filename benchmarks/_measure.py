@@ -1,0 +1,139 @@
+"""Timing and peak-memory helpers shared by the benchmarks.
+
+- :func:`compile_timed` compiles a ``jax.jit`` function ahead of time and says how long that took,
+  so compilation never leaks into a run time.
+- :func:`time_calls` runs a function ``warmup`` times untimed, then ``repeats`` times, each
+  ending in ``jax.block_until_ready``, and keeps every time (the median is what tables show).
+- :func:`run_worker` runs one measurement in its own Python subprocess and reads the child's
+  peak resident set size from ``os.wait4`` (the kernel's ``ru_maxrss`` of that child alone),
+  so each method's peak memory is its own, untouched by what ran before it.
+- :func:`machine_info` records what the numbers were measured on: cores, load, BLAS
+  (through threadpoolctl when installed), library versions, ``OPENBLAS_*``/``XLA_FLAGS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+RESULT_MARKER = "@@RESULT@@"
+"""A worker prints one line starting with this marker followed by its JSON result."""
+
+
+class Timing(NamedTuple):
+    """Wall times of repeated calls in seconds; ``median`` is the figure to report."""
+
+    times: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def _block(x: Any) -> Any:
+    import jax
+
+    return jax.block_until_ready(x)
+
+
+def compile_timed(jitted: Any, *args: Any) -> tuple[Callable[..., Any], float]:
+    """Lower and compile a ``jax.jit``-wrapped function for ``args``; returns (compiled, seconds)."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def time_calls(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1) -> Timing:
+    """Call ``fn()`` ``warmup`` times untimed, then ``repeats`` timed times (results blocked on)."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    for _ in range(warmup):
+        _block(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _block(fn())
+        times.append(time.perf_counter() - start)
+    return Timing(times)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB)."""
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def emit_result(result: dict) -> None:
+    """Print a worker's result where :func:`run_worker` will find it (the last marked line)."""
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+def run_worker(argv: Sequence[str], *, cwd: str | None = None, env: dict | None = None) -> dict:
+    """Run ``argv`` (a Python worker) in its own process; return its result plus its peak RSS.
+
+    The child must print its result with :func:`emit_result`. Its peak resident set size
+    comes from ``os.wait4`` on that one child (``peak_rss_bytes`` key), the wall time of
+    the whole child (imports included) under ``process_s``. stderr passes through; a failing
+    child raises ``RuntimeError`` with the tail of its output.
+    """
+    start = time.perf_counter()
+    with tempfile.TemporaryFile(mode="w+") as out:
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(argv)} exited with {proc.returncode}:\n{text[-4000:]}")
+    lines = [line for line in text.splitlines() if line.startswith(RESULT_MARKER)]
+    if not lines:
+        raise RuntimeError(f"worker {' '.join(argv)} printed no result:\n{text[-4000:]}")
+    result = json.loads(lines[-1][len(RESULT_MARKER):])
+    scale = 1 if sys.platform == "darwin" else 1024
+    result["peak_rss_bytes"] = usage.ru_maxrss * scale
+    result["process_s"] = time.perf_counter() - start
+    return result
+
+
+def blas_info() -> list[dict]:
+    """The BLAS/OpenMP libraries loaded in this process (threadpoolctl), or [] without it."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    keys = ("user_api", "internal_api", "version", "num_threads", "architecture", "filepath")
+    return [{k: info.get(k) for k in keys} for info in threadpool_info()]
+
+
+def machine_info() -> dict:
+    """Cores, load average, library versions and the BLAS/XLA settings of this run."""
+    import jax
+    import numpy as np
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "numpy": np.__version__,
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS", "OMP_", "MKL_", "XLA_FLAGS"))},
+    }
+    try:
+        import scipy
+
+        info["scipy"] = scipy.__version__
+        import scipy.linalg  # noqa: F401 - loads scipy's BLAS so threadpoolctl sees it
+    except ImportError:
+        info["scipy"] = None
+    info["blas"] = blas_info()
+    return info

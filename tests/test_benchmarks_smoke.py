@@ -1,0 +1,62 @@
+"""Smoke runs of the benchmarks on tiny shapes: they run end to end and report every method.
+
+No timing is asserted (times depend on the machine); only that each figure exists and is positive.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def layer_speed(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import layer_speed
+
+    return layer_speed
+
+
+def test_layer_speed_smoke(layer_speed, tmp_path):
+    out = tmp_path / "layer_speed.json"
+    payload = layer_speed.main(["--tiny", "--repeats", "1", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["ratios"] == json.loads(json.dumps(payload["ratios"]))
+    runs = written["runs"]["methods"]
+    assert set(runs) == set(layer_speed.METHODS)
+    for name, run in runs.items():
+        assert run["time_s"] > 0, name
+        assert all(t > 0 for g in run["groups"] for t in g["times_s"]), name
+        assert len(run["groups"]) == len(layer_speed.TINY), name
+        assert run["peak_rss_bytes"] >= run["baseline_rss_bytes"] > 0, name
+        assert run["compile_s"] >= 0, name
+    reference = runs["wudi_reference"]["extrapolated"]
+    assert reference["measured_steps"] == [2, 4] and reference["per_step_s"] > 0
+    assert set(written["ratios"]) >= {"speedup_vs_wudi_reference", "speedup_vs_wudi_gram",
+                                      "swudi_over_eigh_floor", "peak_rss_swudi_over_wudi_reference"}
+    assert all(r["value"] > 0 for r in written["ratios"].values())
+
+
+def test_synthetic_blocks_do_not_depend_on_how_many_are_asked_for(layer_speed):
+    group = layer_speed.TINY[1]
+    one = layer_speed.synthetic_group(1, group, 1, n_experts=3, seed=7)
+    three = layer_speed.synthetic_group(1, group, 3, n_experts=3, seed=7)
+    assert one.shape == (1, 3, group.m, group.n) and three.dtype == np.float32
+    np.testing.assert_array_equal(three[:1], one)
+    assert not np.allclose(three[1], three[0])
+
+
+def test_time_calls_keeps_every_repeat_and_rejects_zero_repeats(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import _measure
+
+    calls = []
+    timing = _measure.time_calls(lambda: calls.append(1) or np.zeros(1), repeats=3, warmup=2)
+    assert len(calls) == 5 and len(timing.times) == 3 and timing.median >= 0
+    with pytest.raises(ValueError, match="repeats"):
+        _measure.time_calls(lambda: None, repeats=0)
