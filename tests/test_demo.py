@@ -11,6 +11,7 @@ pytest.importorskip("sklearn")
 
 from swudi_jax.demo import (  # noqa: E402  (after the optional-dependency skip)
     QUICK,
+    DemoConfig,
     QUICK_METHODS,
     TASK_NAMES,
     format_table,
@@ -107,6 +108,13 @@ def test_indistinct_experts_names_the_task_whose_expert_does_not_lead():
     problems = indistinct_experts(pretrained, experts, ["a", "b"], 0.05)
     assert len(problems) == 1 and problems[0].startswith("b:")
     assert indistinct_experts(pretrained, experts, ["a", "b"], 0.0) == []
+
+
+def test_run_demo_warns_when_fine_tuning_leaves_the_experts_alike():
+    barely_trained = DemoConfig(features=(8,), n_tasks=2, pretrain_steps=5, finetune_steps=1)
+    with pytest.warns(RuntimeWarning, match="not clearly best on their own tasks"):
+        results = run_demo(barely_trained, ["average"])
+    assert not results["experts_distinct"] and results["problems"]
 
 
 def test_main_prints_the_table_and_writes_json(tmp_path, capsys, monkeypatch, quick_results):

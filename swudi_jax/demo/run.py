@@ -52,8 +52,8 @@ class DemoConfig:
     pretrain_steps: int = 1500
     pretrain_learning_rate: float = 1e-3
     finetune_steps: int = 400
-    learning_rate: float = 3e-4
-    head_learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
+    head_learning_rate: float = 1e-3
     batch_size: int = 128
     seed: int = 0
     margin: float = 0.05
@@ -236,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and training")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     config = dataclasses.replace(QUICK if args.quick else FULL, seed=args.seed)
     methods = args.methods or (list(QUICK_METHODS) if args.quick else None)
     if methods is not None:

@@ -1,4 +1,4 @@
-"""Pre-training, head fitting, fine-tuning and evaluation for the demo, with optax.
+"""Pre-training, fine-tuning and evaluation for the demo, with optax.
 
 Every training run is one jit-compiled ``lax.scan`` over Adam steps on random minibatches
 (sampled with replacement from a fixed PRNG key), so it is deterministic given its seed and
