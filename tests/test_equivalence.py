@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 import numpy_reference as ref
 import swudi_jax as sj
 from swudi_jax import filters
+from swudi_jax.spectral import gram_gradient
 
 RULES = sorted(ref.RANK_RULES)
 SHAPE_LIST = [(4, 6, 10), (3, 2, 9), (5, 9, 3), (2, 1, 7)]
 """(N, m, n): C full rank, C rank-deficient (N·m < n), a tall layer, a single output row.
 A few fixed shapes let the compiled functions be reused across examples and tests."""
-SHAPES = st.sampled_from(SHAPE_LIST)
 
 
 def rel_err(got, want) -> float:
@@ -44,8 +44,9 @@ def stable_step(tau: np.ndarray, fraction: float) -> float:
 # -------------------------------------------------- gradient descent is the Landweber filter
 
 
-@settings(max_examples=4, deadline=None)
-@given(shape=SHAPES, seed=st.integers(0, 1000), fraction=st.floats(0.05, 0.9), steps=st.integers(1, 60))
+@pytest.mark.parametrize("shape", SHAPE_LIST)
+@settings(max_examples=2, deadline=None)
+@given(seed=st.integers(0, 1000), fraction=st.floats(0.05, 0.9), steps=st.integers(1, 60))
 def test_sgd_steps_equal_the_landweber_filter(shape, seed, fraction, steps):
     with jax.enable_x64(True):
         tau = tau64(seed, shape)
@@ -116,8 +117,7 @@ def test_gram_gradient_is_the_autodiff_gradient_of_the_wudi_loss():
         tau = jnp.asarray(tau64(7, (4, 6, 10)))
         theta = jnp.asarray(np.random.default_rng(0).normal(size=(6, 10)))
         eq = sj.normal_equation(tau)
-        autodiff = jax.grad(sj.wudi_loss)(theta, tau)
-        from swudi_jax.spectral import gram_gradient
+        autodiff = jax.jit(jax.grad(sj.wudi_loss))(theta, tau)
         assert rel_err(gram_gradient(theta, eq.c, eq.d), autodiff) <= 1e-12
         assert abs(float(sj.wudi_loss(theta, tau)) - ref.wudi_loss(np.asarray(theta), np.asarray(tau))) \
             <= 1e-12 * ref.wudi_loss(np.asarray(theta), np.asarray(tau))

@@ -76,7 +76,7 @@ def test_top_k_keeps_exactly_the_k_largest_eigenvalues(k):
     h = np.asarray(filters.top_k(k)(LAM))
     assert set(np.unique(h)) <= {0.0, 1.0}
     assert h.sum() == min(k, LAM.size)
-    if 0 < k:
+    if k > 0:
         assert LAM[h == 1].min() >= LAM[h == 0].max(initial=0.0)
     np.testing.assert_array_equal(h, ref.top_k(LAM, k))
 
