@@ -41,7 +41,7 @@ def _flat_shapes(variables) -> dict[str, tuple[int, ...]]:
 
 
 def dense_io(apply_fn: ApplyFn, variables, batch, *, prefix: str = "params",
-             layers: Sequence[str] | None = None, task: int | None = None) -> dict[str, tuple]:
+             layers: Sequence[str] | None = None) -> dict[str, tuple]:
     """Each Dense layer's inputs and outputs on ``batch``, in forward (call) order.
 
     Runs ``apply_fn(variables, batch)`` under ``nn.intercept_methods``; traceable (use it
@@ -55,7 +55,6 @@ def dense_io(apply_fn: ApplyFn, variables, batch, *, prefix: str = "params",
       prefix: the collection the kernels live under in ``variables`` ("params"; "" when
         ``variables`` is the bare params dict).
       layers: kernel paths to record (default: every Dense layer).
-      task: index used in error messages.
     Returns:
       ``{kernel path: (x (T, n), y (T, m))}`` in the order the layers were called.
     Raises:
@@ -64,7 +63,6 @@ def dense_io(apply_fn: ApplyFn, variables, batch, *, prefix: str = "params",
     shapes = _flat_shapes(variables)
     wanted = None if layers is None else set(layers)
     record: dict[str, list] = {}
-    where = "" if task is None else f"task {task}: "
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -77,12 +75,12 @@ def dense_io(apply_fn: ApplyFn, variables, batch, *, prefix: str = "params",
         kernel = shapes.get(path)
         if kernel is None:
             raise ValueError(
-                f"{where}Dense layer {path!r} has no kernel at that path in the variables "
+                f"Dense layer {path!r} has no kernel at that path in the variables "
                 f"(check prefix={prefix!r}); known kernels: {sorted(p for p in shapes if p.endswith('kernel'))}"
             )
         if x.shape[-1] != kernel[0]:
             raise ValueError(
-                f"{where}layer {path!r}: calibration input has feature size {x.shape[-1]} "
+                f"layer {path!r}: calibration input has feature size {x.shape[-1]} "
                 f"(input shape {tuple(x.shape)}) but the kernel {kernel} expects {kernel[0]}"
             )
         y = next_fun(*args, **kwargs)
