@@ -35,7 +35,7 @@ from swudi_jax import io as ckio
 from swudi_jax import registry
 from swudi_jax.config import MergeConfig, load_config, numpy_dtype
 from swudi_jax.io.atomic import atomic_directory, check_output_free
-from swudi_jax.layout import LeafPlan, group_plans
+from swudi_jax.layout import LeafPlan, group_plans, infer_layout
 from swudi_jax.tree import DEFAULT_MAX_GROUP_BYTES, merge_group, needs_model_thresholds, plan_tree
 
 PAPER = "https://arxiv.org/abs/2606.07289"
@@ -152,7 +152,12 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
                grams: ckio.CheckpointReader | None = None, *, max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES) -> MergePlan:
     """Check the checkpoints against each other and decide every tensor's fate (no tensor data is read)."""
     _check_same_tensors(base, experts)
-    layout = config.layout if config.layout != "auto" else ("torch" if base.format == "safetensors" else "flax")
+    layout = config.layout
+    if layout == "auto":  # from the leaf names (kernel: Flax, weight: torch), else from the format
+        try:
+            layout = infer_layout(base.keys())
+        except ValueError:
+            layout = "torch" if base.format == "safetensors" else "flax"
     out_format = base.format if config.out_format == "auto" else config.out_format
     shapes = {key: base.shape_dtype(key) for key in base.keys()}
     plans = plan_tree(shapes, layout=layout, include=config.include, exclude=config.exclude,

@@ -11,7 +11,8 @@ Example::
     scale: null                        # base + scale · merged task vector (null: method default)
     include: null                      # patterns restricting the spectrally merged weights
     exclude: ["*embed_tokens*"]        # patterns of tensors that keep the base value
-    layout: auto                       # torch (HF, weight is (out, in)), flax (kernel is (in, out)), auto
+    layout: auto                       # torch (HF, weight is (out, in)), flax (kernel is (in, out)), or auto:
+                                       # from the names (kernel: flax, weight: torch), else safetensors: torch
     dtype: float32                     # compute dtype (float64 turns on jax_enable_x64)
     out_dtype: null                    # null keeps each tensor's base dtype
     format: auto                       # input format; out_format defaults to it
