@@ -290,6 +290,7 @@ def test_gradient_flow_study_finds_sgd_on_the_landweber_filter_and_adam_off_it(t
     assert row["sgd_non_filter_fraction"] < 1e-20   # SGD's iterates are filtered estimators
     assert row["adam_non_filter_fraction"] > 1e-4   # Adam's are not
     assert 0 < row["sgd_vs_exponential_rel_err"] < 0.1
+    assert 1.8 < row["sgd_vs_exponential_rel_err"] / row["sgd_half_eta_vs_exponential_rel_err"] < 2.2
     assert row["t=2*eta*k"] == pytest.approx(1.6)
     import json
     assert json.loads((tmp_path / "gradient_flow_study.json").read_text()) == rows
