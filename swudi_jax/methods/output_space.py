@@ -29,7 +29,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from swudi_jax.registry import MergeMethod, register
 from swudi_jax.spectral import HIGHEST, compute_dtype
@@ -60,7 +59,14 @@ def weights_or_ones(weights, n_tasks: int, dtype) -> jnp.ndarray:
 
 
 def row_systems(tau, grams, weights, cross=None, target_energy=None) -> RowSystems:
-    """H (m, K, K), b (m, K) and E, accumulated task by task (no K² stack of m×n products).
+    """H (m, K, K), b (m, K) and E of the diagonal QP.
+
+    (derived) H depends on the tasks' data only through Ḡ = Σk ωk Gk, and b only through
+    P = Σk ωk Δk Gk (local targets) or C̄ = Σk ωk Ck (general targets):
+
+        H_i[j, l] = Δj[i,:] Ḡ Δl[i,:]ᵀ,   b_i[j] = Δj[i,:] P[i,:]ᵀ  (or Δj[i,:] C̄[:, i])
+
+    so the cost is two K·m·n² products, not K².
 
     Args:
       tau: (K, m, n) task vectors, maths layout.
@@ -70,27 +76,16 @@ def row_systems(tau, grams, weights, cross=None, target_energy=None) -> RowSyste
         local targets (Ck = Gk Δkᵀ).
       target_energy: (K,) ‖Tk‖²_F, required with ``cross``.
     """
-    n_tasks, m, _ = tau.shape
-    dtype = tau.dtype
-
-    def one_task(carry, inputs):
-        h, b, e = carry
-        k, g, w = inputs
-        projected = jnp.matmul(tau, g, precision=HIGHEST)  # Δj Gk, (K, m, n)
-        h = h + w * jnp.einsum("jin,lin->ijl", projected, tau, precision=HIGHEST)
-        if cross is None:
-            own = tau[k]
-            b = b + w * jnp.einsum("jin,in->ij", projected, own, precision=HIGHEST)
-            e = e + w * jnp.sum(projected[k] * own)
-        else:
-            b = b + w * jnp.einsum("jin,ni->ij", tau, cross[k], precision=HIGHEST)
-        return (h, b, e), None
-
-    init = (jnp.zeros((m, n_tasks, n_tasks), dtype), jnp.zeros((m, n_tasks), dtype), jnp.zeros((), dtype))
-    (h, b, e), _ = lax.scan(one_task, init, (jnp.arange(n_tasks), grams, weights))
-    if cross is not None:
-        e = jnp.sum(weights * target_energy)
-    return RowSystems(h, b, e)
+    mean_gram = jnp.einsum("k,kpq->pq", weights, grams, precision=HIGHEST)
+    h = jnp.einsum("jip,pq,liq->ijl", tau, mean_gram, tau, precision=HIGHEST)
+    if cross is None:
+        own = jnp.einsum("kip,kpq->kiq", tau, grams, precision=HIGHEST)  # Δk Gk
+        b = jnp.einsum("jiq,k,kiq->ij", tau, weights, own, precision=HIGHEST)
+        energy = jnp.einsum("k,kiq,kiq->", weights, own, tau, precision=HIGHEST)
+    else:
+        b = jnp.einsum("jiq,k,kqi->ij", tau, weights, cross, precision=HIGHEST)
+        energy = jnp.sum(weights * target_energy)
+    return RowSystems(h, b, energy)
 
 
 def _fallback_rows(h: jnp.ndarray) -> jnp.ndarray:
