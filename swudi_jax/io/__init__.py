@@ -10,7 +10,6 @@ whole-checkpoint conveniences; ``save`` is atomic. This package knows nothing of
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -110,15 +109,8 @@ def save(path: str | os.PathLike, flat: Mapping[str, np.ndarray], format: str = 
     if path.suffix in _FILE_SUFFIXES:
         if path.exists() and not force:
             raise ValueError(f"output {path} exists; pass force=True to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-        os.close(fd)
-        try:
-            _write_all(Path(tmp), fmt, arrays, shard_size)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as tmp:
+            _write_all(tmp, fmt, arrays, shard_size)
         return path
     with atomic_directory(path, force=force) as tmp:
         if fmt == "orbax":
