@@ -204,6 +204,27 @@ def test_inputs_are_never_modified():
         np.testing.assert_array_equal(a, b)
 
 
+def test_nnx_state_merges_as_a_pure_dict_and_loads_back():
+    from flax import nnx
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.l2 = nnx.Linear(4, 6, rngs=rngs), nnx.Linear(6, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(self.l1(x))
+
+    model = Model(nnx.Rngs(0))
+    base = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    experts = experts_of(jax.tree_util.tree_map(np.asarray, base), 2)
+    merged = sj.merge(base, experts, method="average")
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, merged)
+    nnx.update(model, state)
+    want = (experts[0]["l1"]["kernel"] + experts[1]["l1"]["kernel"]) / 2
+    np.testing.assert_allclose(model.l1.kernel[...], want, rtol=1e-6)
+
+
 def test_task_vectors_are_experts_minus_base():
     base = flax_model(7)
     experts = experts_of(base, 2)
