@@ -87,8 +87,15 @@ def check_models(base_flat: Mapping[str, Any], expert_flats: Sequence[Mapping[st
                 raise ValueError(f"expert {i}: {path!r} has dtype {leaf.dtype}, the base has {ref.dtype}")
     for who, flat in [("base", base_flat)] + [(f"expert {i}", f) for i, f in enumerate(expert_flats)]:
         for path, leaf in flat.items():
-            if jnp.issubdtype(leaf.dtype, jnp.floating):
+            if jnp.issubdtype(leaf.dtype, jnp.floating) and not _all_finite(leaf):
                 check_finite(leaf, f"{who}: parameter {path!r}")
+
+
+def _all_finite(leaf: Any) -> bool:
+    """One boolean per leaf; device arrays are reduced where they live (no full copy to host)."""
+    if isinstance(leaf, np.ndarray):
+        return bool(np.isfinite(leaf).all())
+    return bool(jnp.all(jnp.isfinite(leaf)))
 
 
 def task_vectors(base: Any, experts: Sequence[Any]) -> list[Any]:

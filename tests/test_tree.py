@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import swudi_jax as sj
-from swudi_jax.tree import merge_group, plan_tree
 from swudi_jax.layout import group_plans
+from swudi_jax.tree import merge_group, plan_tree
 
 NAMES = ["embed.weight", "blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.0.mlp.weight",
          "blocks.0.norm.weight", "lm_head.weight"]
@@ -290,3 +292,28 @@ def test_unknown_method_option_or_scale_is_refused_before_compute(small):
     with pytest.raises(ValueError, match="trim='model' needs"):
         plans = plan_tree({"k": ((2, 2), np.float32)}, layout="torch")
         merge_group(plans, {"k": np.zeros((2, 2), np.float32)}, [{"k": np.ones((2, 2), np.float32)}] * 2, "ties")
+
+
+def test_float64_models_merge_in_float64_when_x64_is_enabled(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import numpy as np
+        import swudi_jax as sj
+        g = np.load(%r)
+        names = [k.split("/", 2)[2] for k in g.files if k.startswith("model/base/")]
+        base = {n: g["model/base/" + n].astype(np.float64) for n in names}
+        experts = [{n: g[f"model/expert{i}/" + n].astype(np.float64) for n in names} for i in range(4)]
+        merged = sj.merge(base, experts, layout="torch")
+        for n in names:
+            want = g["model/swudi_t1300_r0.65/" + n]
+            assert merged[n].dtype == np.float64, merged[n].dtype
+            assert np.linalg.norm(merged[n] - want) / np.linalg.norm(want) <= 5e-5, n
+        print("ok")
+    """) % str(Path(__file__).parent / "data" / "golden.npz")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
