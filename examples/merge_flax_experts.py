@@ -5,7 +5,7 @@ space. A small Flax Linen MLP is pre-trained briefly on a little of each, then f
 once per task (the experts); the experts are merged back into one model
 with ``swudi_jax.merge`` and every merged model is scored on every task.
 
-    python examples/merge_flax_experts.py            # about a minute on 2 CPU cores
+    python examples/merge_flax_experts.py            # 1-2 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
