@@ -41,7 +41,7 @@ from swudi_jax.methods.output_space import (
     residual_loss,
     rotated_systems,
 )
-from swudi_jax.methods.regmean import regmean_merge
+from swudi_jax.methods.regmean import check_denominator_regular, regmean_merge
 from swudi_jax.registry import resolve_options
 from swudi_jax.spectral import HIGHEST, compute_dtype
 from swudi_jax.validation import check_choice, check_number
@@ -214,6 +214,8 @@ def layerwise_merge(apply_fn: ApplyFn, base, experts: Sequence, batches_per_task
             systems = rotated_systems(tau, stats.grams, w, basis=resolved["basis"], cross=stats.cross,
                                       target_energy=stats.energy, target_gram=stats.target_gram)[2]
             check_row_systems_regular(systems, path)
+        if method == "regmean" and resolved["alpha"] == 1 and resolved["ridge"] == 0:
+            check_denominator_regular(stats.grams, w, 1.0, path)
         delta, layer_rho = _merge_layer_jit(tau, stats, w, method, tuple(sorted(resolved.items())))
         merged_flat[path] = (kernel0.astype(dtype) + scale * delta.T).astype(kernel0.dtype)
         rho[path] = float(layer_rho)

@@ -96,3 +96,14 @@ def test_grams_of_the_wrong_input_size_are_a_value_error():
     base, experts, _, grams = problem(6)
     with pytest.raises(ValueError, match=r"grams must have shape \(K, n, n\) = \(3, 6, 6\)"):
         regmean(experts - base, grams[:, :5, :5])
+
+
+def test_alpha_one_without_ridge_on_too_few_tokens_names_the_layer():
+    rng = np.random.default_rng(7)
+    tau = rng.normal(size=(2, 3, 8))
+    xs = [rng.normal(size=(8, 3)) for _ in range(2)]  # 6 tokens for 8 input features
+    grams = np.stack([x @ x.T for x in xs])
+    with pytest.raises(ValueError, match="encoder/fc1: the sum of the input Grams is singular.*ridge > 0"):
+        regmean(tau, grams, alpha=1.0, layer="encoder/fc1")
+    for options in ({"alpha": 0.95}, {"alpha": 1.0, "ridge": 1e-6}):
+        assert np.all(np.isfinite(np.asarray(regmean(tau, grams, **options))))

@@ -275,7 +275,7 @@ def output_space_qp(tau, grams, *, weights=None, basis=None, ridge: float = 1e-6
         check_row_systems_regular(systems, layer)
     merged, rho = _output_space_qp(work, g, w, rotation, None if rotation is not None else basis,
                                    float(ridge), float(fallback_weight))
-    return merged.astype(tau.dtype), rho
+    return merged.astype(jax.dtypes.canonicalize_dtype(tau.dtype)), rho
 
 
 def output_space(tau, grams, *, weights=None, basis=None, ridge: float = 1e-6,

@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from swudi_jax.methods.output_space import check_grams, check_weights, weights_or_ones, work_dtype
 from swudi_jax.registry import MergeMethod, register
@@ -55,6 +56,19 @@ def regmean_solve(numerator: jnp.ndarray, denominator: jnp.ndarray, fallback: jn
     return jnp.linalg.solve(a, rhs.T).T
 
 
+def check_denominator_regular(grams, weights, alpha: float, layer: str) -> None:
+    """With α = 1 and no ridge, a singular Σk ωk Gk (on the features any task sees) is an error."""
+    denominator = np.einsum("k,kpq->pq", np.asarray(weights, np.float64), np.asarray(grams, np.float64))
+    live = np.diag(denominator) > np.finfo(np.float32).eps ** 2 * np.max(np.diag(denominator))
+    lam = np.linalg.eigvalsh(denominator[np.ix_(live, live)]) if live.any() else np.ones(1)
+    if lam[0] <= live.sum() * np.finfo(np.asarray(grams).dtype).eps * lam[-1]:
+        raise ValueError(
+            f"{layer}: the sum of the input Grams is singular (condition {lam[-1] / max(lam[0], 1e-300):.3g}) "
+            f"with alpha = {alpha} and ridge = 0: fewer independent calibration tokens than input "
+            f"features; pass alpha < 1 or ridge > 0"
+        )
+
+
 def regmean_merge(tau, grams, weights, alpha, ridge=0.0, cross=None) -> jnp.ndarray:
     """The RegMean closed form on validated compute-dtype arrays (jit/vmap-able).
 
@@ -76,7 +90,8 @@ def _regmean(tau, grams, weights, alpha, ridge):
     return regmean_merge(tau, grams, weights, alpha, ridge)
 
 
-def regmean(tau, grams, *, alpha: float = DEFAULT_ALPHA, weights=None, ridge: float = 0.0) -> jax.Array:
+def regmean(tau, grams, *, alpha: float = DEFAULT_ALPHA, weights=None, ridge: float = 0.0,
+            layer: str = "layer") -> jax.Array:
     """RegMean merged task vector Δ = (Σk ωk Δk G̃k)(Σk ωk G̃k)⁻¹ of one linear layer.
 
     G̃k = α Gk + (1 − α) diag(Gk). Jin et al., ICLR 2023. With α < 1 the denominator is
@@ -89,7 +104,8 @@ def regmean(tau, grams, *, alpha: float = DEFAULT_ALPHA, weights=None, ridge: fl
       alpha: off-diagonal scaling α ∈ [0, 1] (0.95, the reference default).
       weights: optional (K,) task weights ωk (default 1, as in the paper).
       ridge: relative ridge ≥ 0 on the denominator (needed for α = 1 with rank-deficient
-        Grams).
+        Grams: with α = 1 and ridge = 0 a singular denominator raises, when concrete).
+      layer: name used in error messages.
     Returns:
       The merged task vector (m, n) in ``tau``'s dtype.
     """
@@ -100,8 +116,10 @@ def regmean(tau, grams, *, alpha: float = DEFAULT_ALPHA, weights=None, ridge: fl
     check_number(ridge, "ridge", low=0.0)
     dtype = work_dtype(tau.dtype, grams.dtype)
     w = weights_or_ones(weights, tau.shape[0], dtype)
+    if alpha == 1 and ridge == 0 and not isinstance(grams, jax.core.Tracer):
+        check_denominator_regular(grams, w, alpha, layer)
     merged = _regmean(jnp.asarray(tau, dtype), jnp.asarray(grams, dtype), w, float(alpha), float(ridge))
-    return merged.astype(tau.dtype)
+    return merged.astype(jax.dtypes.canonicalize_dtype(tau.dtype))
 
 
 def _validate_options(options) -> None:
