@@ -8,6 +8,7 @@ from swudi_jax import calibration, filters, layout, registry, sequential
 from swudi_jax.calibration import Calibration, task_grams
 from swudi_jax.checkpoint_merge import merge_checkpoints
 from swudi_jax.config import MergeConfig, load_config
+from swudi_jax.lora import merge_lora
 from swudi_jax.methods.swudi import (
     LLM_PRESET,
     VISION_PRESET,
@@ -32,6 +33,7 @@ from swudi_jax.spectral import (
     wudi_loss,
 )
 from swudi_jax.sequential import layer_scores, layerwise_merge
+from swudi_jax.sharding import make_row_mesh, merge_sharded
 from swudi_jax.tree import merge, merge_group, plan_tree, task_vectors
 
 __version__ = "0.1.0"
@@ -50,11 +52,14 @@ __all__ = [
     "interference_operator",
     "layout",
     "load_config",
+    "make_row_mesh",
     "layer_scores",
     "layerwise_merge",
     "merge",
     "merge_checkpoints",
     "merge_group",
+    "merge_lora",
+    "merge_sharded",
     "normal_equation",
     "output_space_qp",
     "pinv_merge",

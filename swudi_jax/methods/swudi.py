@@ -12,6 +12,12 @@ Source: Wei et al., "Closed-Form Spectral Regularization for Multi-Task Model Me
 Each function takes ``tau`` (N, m, n) in maths layout (m outputs, n inputs), float32 or
 float64, returns the merged task vector (m, n) in ``tau``'s dtype, is jit-compiled and works
 under ``jax.vmap`` over a leading layer axis.
+
+``solver`` picks how C's eigenpairs are found (:mod:`swudi_jax.solvers`); every choice gives
+the same θ to float rounding: "full" one ``eigh`` of C; "lowrank" the R×R problem of C's
+non-zero eigenpairs when R = N·m ≤ n; "topk" the K largest by subspace iteration (SWUDI, and
+SWUDI-A with the trace rules participation / stable_rank); "auto" picks "lowrank" when
+N·m < n, else "topk" when n ≥ 1024 and K ≤ n/10, else "full".
 """
 
 from __future__ import annotations
@@ -19,9 +25,23 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
-from swudi_jax import filters
-from swudi_jax.spectral import INIT_MODES, filtered_merge, normal_equation, spectrum
+from swudi_jax import filters, solvers
+from swudi_jax.spectral import (
+    INIT_MODES,
+    Spectrum,
+    anchor,
+    compute_dtype,
+    filtered_merge,
+    filtered_solution,
+    interference_operator,
+    normal_equation,
+    right_hand_side,
+    spectrum,
+    task_weights,
+    with_mean_fallback,
+)
 from swudi_jax.validation import check_choice, check_number, check_task_vectors
 
 VISION_PRESET = {"time": 1300.0, "rank_ratio": 0.65}
@@ -34,12 +54,35 @@ def _check_init(init: str) -> None:
     check_choice(init, "init", INIT_MODES)
 
 
-@functools.partial(jax.jit, static_argnames=("filter_fn", "init"))
-def _spectral_merge(tau, filter_fn, init):
-    return filtered_merge(tau, lambda lam, shape: filter_fn(lam), init)
+def resolve_solver(solver: str, shape: tuple[int, int, int], top: int | None) -> str:
+    """Validate ``solver`` for a stack of ``shape`` and turn "auto" into a concrete choice.
+
+    ``top`` is the number of leading eigenpairs the estimator needs (None: all of them, so
+    "topk" is not available).
+    """
+    check_choice(solver, "solver", solvers.SOLVERS)
+    if solver == "auto":
+        return solvers.choose_solver(shape, top)
+    n_tasks, m, n = shape
+    if solver == "lowrank" and n_tasks * m > n:
+        raise ValueError(
+            f"solver='lowrank' needs N·m <= n (C of rank below n), got N·m = {n_tasks}·{m} > n = {n}"
+        )
+    if solver == "topk" and top is None:
+        raise ValueError(
+            "solver='topk' needs an estimator that is zero outside the top-K eigenpairs "
+            "(SWUDI, or SWUDI-A with rank_rule in "
+            f"{solvers.TRACE_RANK_RULES}); use 'full', 'lowrank' or 'auto'"
+        )
+    return solver
 
 
-def spectral_merge(tau, filter_fn: filters.Filter, *, init: str = "sum") -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("filter_fn", "init", "solver"))
+def _spectral_merge(tau, filter_fn, init, solver):
+    return filtered_merge(tau, lambda lam, shape: filter_fn(lam), init, solver)
+
+
+def spectral_merge(tau, filter_fn: filters.Filter, *, init: str = "sum", solver: str = "auto") -> jax.Array:
     """The filtered estimator θ_h for any filter ``h = filter_fn(λ)`` (λ ascending, clamped).
 
     Args:
@@ -47,6 +90,8 @@ def spectral_merge(tau, filter_fn: filters.Filter, *, init: str = "sum") -> jax.
       filter_fn: a function of the eigenvalues returning h ∈ [0, 1] per direction, e.g.
         ``filters.product(filters.exponential(1300.), filters.top_ratio(.65))``.
       init: anchor θ0: "sum" (Σ τi), "mean" (Σ τi / N) or "zero".
+      solver: "auto", "full" or "lowrank" (an arbitrary filter may be non-zero anywhere,
+        so "topk" is not offered).
     Returns:
       The merged task vector (m, n).
     """
@@ -54,16 +99,23 @@ def spectral_merge(tau, filter_fn: filters.Filter, *, init: str = "sum") -> jax.
     if not callable(filter_fn):
         raise ValueError(f"filter_fn must be a callable h(eigenvalues), got {filter_fn!r}")
     _check_init(init)
-    return _spectral_merge(tau, filter_fn, init)
+    return _spectral_merge(tau, filter_fn, init, resolve_solver(solver, tau.shape, None))
 
 
-@functools.partial(jax.jit, static_argnames=("time", "rank_ratio", "init"))
-def _swudi(tau, time, rank_ratio, init):
-    h = filters.product(filters.exponential(time), filters.top_ratio(rank_ratio))
-    return filtered_merge(tau, lambda lam, shape: h(lam), init)
+def swudi_filter(time: float, rank_ratio: float) -> filters.Filter:
+    """SWUDI's filter h = (1 − e^{−λt}) · 1[top ⌈r·n⌉]."""
+    return filters.product(filters.exponential(time), filters.top_ratio(rank_ratio))
 
 
-def swudi(tau, *, time: float = 1300.0, rank_ratio: float = 0.65, init: str = "sum") -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("time", "rank_ratio", "init", "solver"))
+def _swudi(tau, time, rank_ratio, init, solver):
+    h = swudi_filter(time, rank_ratio)
+    n_top = filters.rank_from_ratio(rank_ratio, tau.shape[-1])
+    return filtered_merge(tau, lambda lam, shape: h(lam), init, solver, n_top)
+
+
+def swudi(tau, *, time: float = 1300.0, rank_ratio: float = 0.65, init: str = "sum",
+          solver: str = "auto") -> jax.Array:
     """SWUDI: h(λ) = (1 − exp(−λ t)) on the K = ⌈r·n⌉ largest eigenvalues, 0 elsewhere.
 
     Defaults are the paper's vision preset (t = 1300, r = 0.65); for LLM full-parameter
@@ -74,6 +126,7 @@ def swudi(tau, *, time: float = 1300.0, rank_ratio: float = 0.65, init: str = "s
       time: gradient-flow time t ≥ 0 (t = 0 returns the anchor).
       rank_ratio: r ∈ (0, 1], the kept fraction of directions.
       init: anchor θ0: "sum", "mean" or "zero".
+      solver: "auto", "full", "lowrank" or "topk" (see the module docstring).
     Returns:
       The merged task vector (m, n).
     """
@@ -81,7 +134,8 @@ def swudi(tau, *, time: float = 1300.0, rank_ratio: float = 0.65, init: str = "s
     check_number(time, "time", low=0.0)
     check_number(rank_ratio, "rank_ratio", low=0.0, high=1.0, low_open=True)
     _check_init(init)
-    return _swudi(tau, float(time), float(rank_ratio), init)
+    top = filters.rank_from_ratio(float(rank_ratio), tau.shape[-1])
+    return _swudi(tau, float(time), float(rank_ratio), init, resolve_solver(solver, tau.shape, top))
 
 
 def _check_rank_options(rank_rule: str, min_rank: int, max_rank_ratio: float) -> None:
@@ -90,7 +144,8 @@ def _check_rank_options(rank_rule: str, min_rank: int, max_rank_ratio: float) ->
     check_number(max_rank_ratio, "max_rank_ratio", low=0.0, high=1.0, low_open=True)
 
 
-def _rank_filter(rank_rule, min_rank, max_rank_ratio):
+def rank_filter(rank_rule: str, min_rank: int, max_rank_ratio: float):
+    """SWUDI-A's filter factory ``make_h(λ, (m, n))``: 1 on the top K_ℓ, K_ℓ by the rule."""
     rule = filters.get_rank_rule(rank_rule)
 
     def make_h(lam, shape):
@@ -100,9 +155,37 @@ def _rank_filter(rank_rule, min_rank, max_rank_ratio):
     return make_h
 
 
-@functools.partial(jax.jit, static_argnames=("rank_rule", "min_rank", "max_rank_ratio", "init"))
-def _swudi_a(tau, rank_rule, min_rank, max_rank_ratio, init):
-    return filtered_merge(tau, _rank_filter(rank_rule, min_rank, max_rank_ratio), init)
+def _rank_cap(min_rank: int, max_rank_ratio: float, n: int) -> int:
+    """The largest K SWUDI-A can keep: min(n, max(min_rank, round(max_rank_ratio·n)))."""
+    return min(n, max(min_rank, round(max_rank_ratio * n)))
+
+
+def swudi_a_top_count(rank_rule: str, min_rank: int, max_rank_ratio: float, n: int) -> int | None:
+    """How many leading eigenpairs SWUDI-A needs: K_max for the trace rules (participation,
+    stable_rank), None (all of them) for rules that read the whole spectrum."""
+    if rank_rule not in solvers.TRACE_RANK_RULES:
+        return None
+    return _rank_cap(min_rank, max_rank_ratio, n)
+
+
+def _swudi_a_top(tau, rank_rule, min_rank, max_rank_ratio, init):
+    """SWUDI-A on the top K_max eigenpairs only, K from the traces of C (trace rules)."""
+    work = tau.astype(compute_dtype(tau.dtype))
+    w = task_weights(work)
+    c = interference_operator(work, w)
+    k_max = _rank_cap(min_rank, max_rank_ratio, work.shape[-1])
+    lam, v = solvers.top_eigh(c, k_max)
+    k = jnp.clip(solvers.trace_rank(rank_rule, c, lam[-1]), min_rank, k_max)
+    h = (jnp.arange(k_max) >= k_max - k).astype(work.dtype)
+    theta = filtered_solution(anchor(work, init), right_hand_side(work, w), Spectrum(lam, v), h)
+    return with_mean_fallback(work, theta).astype(tau.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("rank_rule", "min_rank", "max_rank_ratio", "init", "solver"))
+def _swudi_a(tau, rank_rule, min_rank, max_rank_ratio, init, solver):
+    if solver == "topk":
+        return _swudi_a_top(tau, rank_rule, min_rank, max_rank_ratio, init)
+    return filtered_merge(tau, rank_filter(rank_rule, min_rank, max_rank_ratio), init, solver)
 
 
 def swudi_a(
@@ -112,6 +195,7 @@ def swudi_a(
     min_rank: int = 1,
     max_rank_ratio: float = 1.0,
     init: str = "sum",
+    solver: str = "auto",
 ) -> jax.Array:
     """SWUDI-A: the hard filter h = 1[top K_ℓ] with K_ℓ picked per layer by a rank rule.
 
@@ -124,13 +208,18 @@ def swudi_a(
       rank_rule: name of the rank rule.
       min_rank, max_rank_ratio: clamps on K.
       init: anchor θ0: "sum", "mean" or "zero".
+      solver: "auto", "full", "lowrank" or "topk"; "topk" only with the rank rules
+        computable from traces (participation, stable_rank), on K_max = round(max_rank_ratio·n)
+        eigenpairs, so it pays off only for a small ``max_rank_ratio``.
     Returns:
       The merged task vector (m, n).
     """
     tau = check_task_vectors(tau)
     _check_rank_options(rank_rule, min_rank, max_rank_ratio)
     _check_init(init)
-    return _swudi_a(tau, rank_rule, int(min_rank), float(max_rank_ratio), init)
+    top = swudi_a_top_count(rank_rule, int(min_rank), float(max_rank_ratio), tau.shape[-1])
+    solver = resolve_solver(solver, tau.shape, top)
+    return _swudi_a(tau, rank_rule, int(min_rank), float(max_rank_ratio), init, solver)
 
 
 @functools.partial(jax.jit, static_argnames=("rank_rule", "min_rank", "max_rank_ratio"))
@@ -151,15 +240,56 @@ def swudi_a_rank(
     return _adaptive_rank(tau, rank_rule, int(min_rank), float(max_rank_ratio))
 
 
-@jax.jit
-def _pinv(tau):
-    return filtered_merge(tau, lambda lam, shape: filters.identity()(lam), "sum")
+@functools.partial(jax.jit, static_argnames=("solver",))
+def _pinv(tau, solver):
+    return filtered_merge(tau, lambda lam, shape: filters.identity()(lam), "sum", solver)
 
 
-def pinv_merge(tau) -> jax.Array:
+def pinv_merge(tau, *, solver: str = "auto") -> jax.Array:
     """The pseudo-inverse closed form θ* = D C⁺ (h ≡ 1) on eigenvalues clamped at 1e-8.
 
     Directions with tiny λ amplify rounding (the paper reports θ* below WUDI for this
-    reason); it is the t → ∞, r = 1 limit of SWUDI.
+    reason); it is the t → ∞, r = 1 limit of SWUDI. ``solver``: "auto", "full" or
+    "lowrank" (h ≡ 1 needs every direction, so "topk" is refused); "lowrank" treats C's
+    null directions exactly, where the full path divides rounding noise by 1e-8.
     """
-    return _pinv(check_task_vectors(tau))
+    tau = check_task_vectors(tau)
+    return _pinv(tau, resolve_solver(solver, tau.shape, None))
+
+
+SPECTRAL_METHODS = ("swudi", "swudi_a", "pinv")
+"""Layer methods that other execution paths (sharded, LoRA factors) can run by filter."""
+
+
+def method_filter(method: str, **options):
+    """The filter factory ``make_h(λ, (m, n))`` and anchor mode of a spectral method, with
+    its options validated as the method itself does (for paths that run the estimator by
+    other means: :mod:`swudi_jax.sharding`, :mod:`swudi_jax.lora`).
+
+    Args:
+      method: "swudi", "swudi_a" or "pinv".
+      **options: that method's keyword options (not ``solver``).
+    Returns:
+      ``(make_h, init)``.
+    """
+    check_choice(method, "method", SPECTRAL_METHODS)
+    allowed = {
+        "swudi": {"time": 1300.0, "rank_ratio": 0.65, "init": "sum"},
+        "swudi_a": {"rank_rule": "participation_sqrt", "min_rank": 1, "max_rank_ratio": 1.0, "init": "sum"},
+        "pinv": {},
+    }[method]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"method {method!r} has no option(s) {unknown}; it takes {sorted(allowed)}")
+    opts = {**allowed, **options}
+    if method == "pinv":
+        return (lambda lam, shape: filters.identity()(lam)), "sum"
+    _check_init(opts["init"])
+    if method == "swudi":
+        check_number(opts["time"], "time", low=0.0)
+        check_number(opts["rank_ratio"], "rank_ratio", low=0.0, high=1.0, low_open=True)
+        h = swudi_filter(float(opts["time"]), float(opts["rank_ratio"]))
+        return (lambda lam, shape: h(lam)), opts["init"]
+    _check_rank_options(opts["rank_rule"], opts["min_rank"], opts["max_rank_ratio"])
+    make_h = rank_filter(opts["rank_rule"], int(opts["min_rank"]), float(opts["max_rank_ratio"]))
+    return make_h, opts["init"]

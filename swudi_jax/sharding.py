@@ -1,0 +1,195 @@
+"""The multi-device path for big layers: a layer's output rows split across devices.
+
+A stack of task vectors τ (N, m, n) is sharded along m (the output rows) over a 1-D
+:class:`jax.sharding.Mesh`. Each device holds τ[:, rows, :] and computes, with the same
+pure functions as the single-device path (:mod:`swudi_jax.spectral`):
+
+- ‖τi‖² = Σ_devices ‖τi[rows]‖²                      (one psum of N numbers) → wi
+- C = Σ_devices Σi wi τi[rows]ᵀ τi[rows]             (one psum of an n×n matrix)
+- D[rows] = Σi wi τi[rows] (τiᵀ τi)                   (the row-local association; the per-task
+                                                     Gram τiᵀτi is one psum of n×n per task)
+- θ0[rows] = Σi τi[rows]
+- one eigendecomposition of C (replicated: every device solves the same n×n problem)
+- θ[rows] = θ0[rows] + (D[rows] V diag(h/λs) − θ0[rows] V diag(h)) Vᵀ
+
+so θ comes back row-sharded and no device ever holds another device's rows of τ, D or θ.
+Zero rows change none of ‖τi‖², C, D or θ0, so a row count that does not divide over the
+devices is padded with zero rows and the padding stripped from the result (which is then
+returned replicated, with a warning: JAX arrays cannot be sharded unevenly).
+
+Many hosts
+----------
+The same code runs on a multi-process JAX runtime. On every host, before anything else::
+
+    jax.distributed.initialize()      # coordinator address, process count and id from
+                                      # the cluster environment (SLURM, TPU pods) or args
+    mesh = make_row_mesh()            # jax.devices() now lists every host's devices
+    tau = jax.make_array_from_callback(shape, row_sharding(mesh), load_rows)
+    theta = merge_sharded(tau, mesh, method="swudi")
+
+where ``load_rows(index)`` reads only the rows ``index`` of the (N, m, n) stack that this
+host's devices own (e.g. from a safetensors file). The psums above become cross-host
+collectives; ``theta.addressable_shards`` holds this host's rows, to be written by each
+host for its rows. Inputs that are not fully addressable skip the host-side NaN check.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from swudi_jax import filters, solvers
+from swudi_jax.methods.swudi import SPECTRAL_METHODS, method_filter
+from swudi_jax.spectral import (
+    HIGHEST,
+    NORM_FLOOR,
+    Spectrum,
+    anchor,
+    compute_dtype,
+    filter_on_spectrum,
+    filtered_solution,
+    interference_operator,
+    spectrum,
+    squared_norms,
+)
+from swudi_jax.validation import as_float_array, check_choice, check_finite
+
+ROW_AXIS = "rows"
+"""Name of the mesh axis the output rows are split over."""
+DEFAULT_SHARD_BYTES = 256 * 2**20
+"""Stacks of at least this many bytes are worth splitting across devices."""
+SHARDED_SOLVERS = ("auto", "full", "topk")
+
+
+def make_row_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis ``"rows"`` over ``devices`` (default: all of ``jax.devices()``)."""
+    devices = jax.devices() if devices is None else list(devices)
+    if not devices:
+        raise ValueError("make_row_mesh needs at least one device")
+    return Mesh(np.array(devices), (ROW_AXIS,))
+
+
+def row_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
+    """Split the output-row axis over the mesh: axis 1 of a (N, m, n) stack, axis 0 of (m, n)."""
+    spec = PartitionSpec(None, ROW_AXIS, None) if ndim == 3 else PartitionSpec(ROW_AXIS, None)
+    return NamedSharding(mesh, spec)
+
+
+def should_shard(shape: Sequence[int], n_devices: int, threshold_bytes: int = DEFAULT_SHARD_BYTES,
+                 itemsize: int = 4) -> bool:
+    """Whether a stack of ``shape`` (N, m, n) should take the sharded path: more than one
+    device and at least ``threshold_bytes`` of task vectors (float32 by default)."""
+    return n_devices > 1 and math.prod(shape) * itemsize >= threshold_bytes
+
+
+def _local_merge(tau_rows, make_h, init, shape, solver, n_top):
+    """The estimator on one device's rows; the collectives are the psums over ``rows``."""
+    work = tau_rows.astype(compute_dtype(tau_rows.dtype))
+    sq = lax.psum(squared_norms(work), ROW_AXIS)
+    w = 1.0 / jnp.maximum(sq, NORM_FLOOR)
+    c = lax.psum(interference_operator(work, w), ROW_AXIS)
+
+    def one_task(acc, task):
+        t, wi = task
+        gram = lax.psum(jnp.matmul(t.T, t, precision=HIGHEST), ROW_AXIS)
+        return acc + wi * jnp.matmul(t, gram, precision=HIGHEST), None
+
+    zero_rows = lax.pcast(jnp.zeros(work.shape[1:], work.dtype), (ROW_AXIS,), to="varying")
+    d_rows, _ = lax.scan(one_task, zero_rows, (work, w))
+    theta0 = anchor(work, init)
+    spec = Spectrum(*solvers.top_eigh(c, n_top)) if solver == "topk" else spectrum(c)
+    h = filter_on_spectrum(make_h, spec, shape)
+    theta = filtered_solution(theta0, d_rows, spec, h)
+    theta = jnp.where(jnp.max(sq) < NORM_FLOOR, jnp.mean(work, axis=0), theta)
+    return theta.astype(tau_rows.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_fn(mesh, method, options, shape, padded_rows, solver, n_top):
+    make_h, init = method_filter(method, **dict(options))
+    local = functools.partial(_local_merge, make_h=make_h, init=init, shape=shape[1:],
+                              solver=solver, n_top=n_top)
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=PartitionSpec(None, ROW_AXIS, None),
+                           out_specs=PartitionSpec(ROW_AXIS, None))
+    m = shape[1]
+    if padded_rows == m:
+        return jax.jit(mapped, in_shardings=row_sharding(mesh), out_shardings=row_sharding(mesh, 2))
+
+    def padded(tau):
+        tau = jnp.pad(tau, ((0, 0), (0, padded_rows - m), (0, 0)))
+        tau = lax.with_sharding_constraint(tau, row_sharding(mesh))
+        return mapped(tau)[:m]
+
+    return jax.jit(padded, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def _sharded_solver(solver: str, method: str, options: dict, n: int) -> tuple[str, int | None]:
+    check_choice(solver, "solver", SHARDED_SOLVERS)
+    top = None
+    if method == "swudi":
+        top = filters.rank_from_ratio(float(options.get("rank_ratio", 0.65)), n)
+    if solver == "topk" and top is None:
+        raise ValueError(f"solver='topk' on the sharded path is available for method 'swudi' only, got {method!r}")
+    if solver == "auto":
+        solver = "topk" if top is not None and n >= solvers.TOPK_MIN_DIM and top <= n / 10 else "full"
+    return solver, (top if solver == "topk" else None)
+
+
+def merge_sharded(tau: Any, mesh: Mesh, method: str = "swudi", *, solver: str = "auto", **options) -> jax.Array:
+    """Run a spectral layer method with ``tau``'s output rows split over ``mesh``.
+
+    Same result as the single-device method to float rounding (the sums over rows are
+    re-associated across devices). Collectives: one psum for the norms, one for C, one per
+    task for its n×n Gram; the eigendecomposition is replicated.
+
+    Args:
+      tau: task vectors (N, m, n), maths layout; a NumPy array, a single-device array or an
+        already row-sharded global ``jax.Array`` (multi-host: see the module docstring).
+      mesh: a 1-D mesh with axis ``"rows"`` (:func:`make_row_mesh`).
+      method: "swudi", "swudi_a" or "pinv".
+      solver: "auto", "full" or "topk" (top-K subspace iteration on the replicated C, for
+        SWUDI; "auto" picks it when n ≥ 1024 and K ≤ n/10).
+      **options: the method's options (as :func:`swudi_jax.swudi` etc., without ``solver``).
+    Returns:
+      The merged task vector (m, n), sharded by rows over ``mesh`` when the mesh size divides
+      m; otherwise computed on zero-padded rows and returned replicated, with a warning.
+    """
+    if not isinstance(mesh, Mesh) or ROW_AXIS not in mesh.axis_names or len(mesh.axis_names) != 1:
+        raise ValueError(f"mesh must be a 1-D jax.sharding.Mesh with axis {ROW_AXIS!r} (make_row_mesh()), got {mesh!r}")
+    check_choice(method, "method", SPECTRAL_METHODS)
+    method_filter(method, **options)
+    tau = as_float_array(tau, "tau")
+    if tau.ndim != 3 or tau.shape[0] < 2 or 0 in tau.shape:
+        raise ValueError(f"tau must have shape (N >= 2, m, n) in maths layout, got shape {tuple(tau.shape)}")
+    if getattr(tau, "is_fully_addressable", True):
+        check_finite(tau, "tau")
+    solver, n_top = _sharded_solver(solver, method, options, tau.shape[2])
+    n_dev = mesh.shape[ROW_AXIS]
+    m = tau.shape[1]
+    padded_rows = -(-m // n_dev) * n_dev
+    if padded_rows != m:
+        warnings.warn(
+            f"merge_sharded: m = {m} rows do not divide over {n_dev} devices; computed with "
+            f"{padded_rows - m} zero rows of padding (exact) and returned replicated",
+            stacklevel=2,
+        )
+    fn = _sharded_fn(mesh, method, tuple(sorted(options.items())), tuple(tau.shape), padded_rows, solver, n_top)
+    return fn(tau)
+
+
+__all__ = [
+    "DEFAULT_SHARD_BYTES",
+    "ROW_AXIS",
+    "make_row_mesh",
+    "merge_sharded",
+    "row_sharding",
+    "should_shard",
+]

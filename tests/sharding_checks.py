@@ -1,0 +1,85 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 host devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=8): compares the row-sharded path with
+the single-device one and records where each device's rows live. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import random_task_vectors  # noqa: E402
+
+import swudi_jax as sj  # noqa: E402
+from swudi_jax.sharding import make_row_mesh, merge_sharded, row_sharding  # noqa: E402
+
+SINGLE = {
+    "swudi": lambda t, **o: sj.swudi(t, solver="full", **o),
+    "swudi_a": lambda t, **o: sj.swudi_a(t, solver="full", **o),
+    "pinv": lambda t, **o: sj.pinv_merge(t, solver="full"),
+}
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def layout(result, single):
+    """Each addressable shard: its device, row range, shape, and whether it equals those rows."""
+    shards = []
+    for shard in result.addressable_shards:
+        rows = shard.index[0]
+        shards.append({
+            "device": shard.device.id,
+            "rows": [rows.start or 0, rows.stop if rows.stop is not None else result.shape[0]],
+            "shape": list(shard.data.shape),
+            "max_abs_diff": float(np.max(np.abs(np.asarray(shard.data, np.float64)
+                                                - np.asarray(single, np.float64)[rows]))),
+        })
+    return {"spec": str(result.sharding.spec), "shape": list(result.shape), "shards": shards}
+
+
+def compare(name, tau, mesh, method, **options):
+    solver = options.pop("solver", "full")
+    single = SINGLE[method](tau, **options)
+    result = merge_sharded(tau, mesh, method, solver=solver, **options)
+    return name, {"rel_err": rel_err(result, single), "dtype": str(result.dtype), **layout(result, single)}
+
+
+def main():
+    report = {"n_devices": jax.device_count()}
+    mesh = make_row_mesh()
+    tau32 = random_task_vectors(0, 4, 64, 48)
+    cases = [
+        compare("swudi_f32", tau32, mesh, "swudi"),
+        compare("swudi_a_entropy_f32", tau32, mesh, "swudi_a", rank_rule="entropy"),
+        compare("swudi_a_gavish_donoho_f32", tau32, mesh, "swudi_a", rank_rule="gavish_donoho"),
+        compare("swudi_presharded_f32", jax.device_put(tau32, row_sharding(mesh)), mesh, "swudi", time=300.0),
+        compare("swudi_4_devices_f32", tau32, make_row_mesh(jax.devices()[:4]), "swudi"),
+    ]
+    with jax.enable_x64(True):
+        tau64 = random_task_vectors(1, 3, 32, 40, dtype=np.float64)
+        cases += [
+            compare("pinv_f64", tau64, mesh, "pinv"),
+            compare("swudi_a_participation_sqrt_f64", tau64, mesh, "swudi_a"),
+            compare("swudi_init_zero_f64", tau64, mesh, "swudi", init="zero", rank_ratio=0.3),
+            compare("swudi_topk_f64", random_task_vectors(2, 4, 64, 160, rank=2, noise=0.02, dtype=np.float64),
+                    mesh, "swudi", rank_ratio=0.05, solver="topk"),
+        ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cases.append(compare("swudi_uneven_rows_f32", random_task_vectors(3, 4, 60, 48), mesh, "swudi"))
+    report["uneven_warnings"] = [str(w.message) for w in caught]
+    report["cases"] = dict(cases)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

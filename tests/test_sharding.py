@@ -1,0 +1,104 @@
+"""The row-sharded path equals the single-device path, and each device holds only its rows.
+
+The multi-device checks run in a subprocess with 8 host CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``, which must be set before JAX
+starts); ``tests/sharding_checks.py`` prints what it measured as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import random_task_vectors
+
+import swudi_jax as sj
+from swudi_jax.sharding import DEFAULT_SHARD_BYTES, make_row_mesh, merge_sharded, should_shard
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def eight_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, str(HERE / "sharding_checks.py")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_subprocess_sees_eight_devices(eight_devices):
+    assert eight_devices["n_devices"] == 8
+
+
+@pytest.mark.parametrize("case, tol", [
+    ("swudi_f32", 1e-5), ("swudi_a_entropy_f32", 1e-5), ("swudi_a_gavish_donoho_f32", 1e-5),
+    ("swudi_presharded_f32", 1e-5), ("swudi_4_devices_f32", 1e-5), ("swudi_uneven_rows_f32", 1e-5),
+    ("pinv_f64", 1e-10), ("swudi_a_participation_sqrt_f64", 1e-12), ("swudi_init_zero_f64", 1e-12),
+    ("swudi_topk_f64", 1e-12),
+])
+def test_sharded_merge_equals_single_device_merge(eight_devices, case, tol):
+    result = eight_devices["cases"][case]
+    assert result["rel_err"] <= tol
+    assert result["dtype"] == ("float64" if case.endswith("f64") else "float32")
+    assert all(shard["max_abs_diff"] <= 10 * tol for shard in result["shards"])
+
+
+@pytest.mark.parametrize("case, n_devices", [("swudi_f32", 8), ("pinv_f64", 8), ("swudi_4_devices_f32", 4)])
+def test_each_device_holds_only_its_own_rows(eight_devices, case, n_devices):
+    result = eight_devices["cases"][case]
+    m, n = result["shape"]
+    assert result["spec"] == "P('rows', None)"
+    shards = sorted(result["shards"], key=lambda s: s["rows"][0])
+    assert len(shards) == n_devices and len({s["device"] for s in shards}) == n_devices
+    assert [s["rows"] for s in shards] == [[i * m // n_devices, (i + 1) * m // n_devices] for i in range(n_devices)]
+    assert all(s["shape"] == [m // n_devices, n] for s in shards)
+
+
+def test_rows_that_do_not_divide_are_padded_exactly_and_returned_replicated_with_a_warning(eight_devices):
+    result = eight_devices["cases"]["swudi_uneven_rows_f32"]
+    assert result["shape"] == [60, 48] and result["spec"] == "P()"
+    assert all(s["shape"] == [60, 48] for s in result["shards"])
+    (message,) = eight_devices["uneven_warnings"]
+    assert "60 rows" in message and "8 devices" in message and "replicated" in message
+
+
+def test_single_device_mesh_gives_the_single_device_result():
+    tau = random_task_vectors(0, 3, 8, 12)
+    merged = merge_sharded(tau, make_row_mesh(), "swudi", rank_ratio=0.5)
+    want = np.asarray(sj.swudi(tau, rank_ratio=0.5))
+    assert np.linalg.norm(np.asarray(merged) - want) <= 1e-5 * np.linalg.norm(want)
+
+
+def test_bad_arguments_are_rejected_before_compute():
+    tau = random_task_vectors(0, 3, 8, 12)
+    mesh = make_row_mesh()
+    with pytest.raises(ValueError, match="mesh"):
+        merge_sharded(tau, "cpu")
+    with pytest.raises(ValueError, match="method"):
+        merge_sharded(tau, mesh, "ties")
+    with pytest.raises(ValueError, match="no option"):
+        merge_sharded(tau, mesh, "swudi", rank_rule="entropy")
+    with pytest.raises(ValueError, match="shape"):
+        merge_sharded(tau[0], mesh)
+    with pytest.raises(ValueError, match="topk"):
+        merge_sharded(tau, mesh, "pinv", solver="topk")
+    bad = tau.copy()
+    bad[1, 2, 3] = np.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        merge_sharded(bad, mesh)
+
+
+def test_should_shard_needs_several_devices_and_a_big_stack():
+    big = (8, 4096, 11008)
+    assert should_shard(big, 8)
+    assert not should_shard(big, 1)
+    assert not should_shard((8, 64, 64), 8)
+    assert should_shard((8, 64, 64), 2, threshold_bytes=8 * 64 * 64 * 4)
+    assert not should_shard((8, 64, 64), 2, threshold_bytes=8 * 64 * 64 * 4 + 1)
+    assert DEFAULT_SHARD_BYTES == 256 * 2**20
