@@ -220,11 +220,11 @@ def filtered_merge(tau: jnp.ndarray, make_h: FilterFactory, init: str = "sum",
     """
     work = tau.astype(compute_dtype(tau.dtype))
     w = task_weights(work)
-    if solver == "full":
-        c, d = interference_and_rhs(work, w)
-        spec = spectrum(c)
-    else:
+    if solver == "lowrank":
         spec, d = solve_spectrum(work, w, solver, n_top), right_hand_side(work, w)
+    else:
+        c, d = interference_and_rhs(work, w)
+        spec = Spectrum(*solvers.top_eigh(c, n_top)) if solver == "topk" else spectrum(c)
     h = filter_on_spectrum(make_h, spec, work.shape[1:])
     theta = filtered_solution(anchor(work, init), d, spec, h)
     return with_mean_fallback(work, theta).astype(tau.dtype)
