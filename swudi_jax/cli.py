@@ -1,12 +1,14 @@
 """``swudi-merge CONFIG OUT``: merge checkpoints on disk from a YAML config.
 
 A thin layer over :func:`swudi_jax.checkpoint_merge.merge_checkpoints`. Errors print one
-line to stderr (no traceback) and exit with status 1 (130 when interrupted).
+line to stderr (no traceback) and exit with status 1 (130 when interrupted by Ctrl-C or
+SIGTERM, after removing the partial output).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -29,8 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a kill cleans up like Ctrl-C
     try:
         from swudi_jax.checkpoint_merge import merge_checkpoints
         from swudi_jax.config import load_config
@@ -49,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ConfigError, OSError) as exc:
         print(f"swudi-merge: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - anything unexpected still gets one line, not a traceback
+        print(f"swudi-merge: error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if not args.dry_run:
         print(f"merged checkpoint written to {out}")
     return 0

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import ml_dtypes
@@ -260,3 +262,24 @@ def test_damaged_orbax_expert_is_reported_before_any_output(tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(r"models\[1\]: .*e1: unreadable or truncated orbax checkpoint", err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_mid_merge_removes_the_partial_output(tmp_path):
+    rng = np.random.default_rng(4)
+    base = {f"model.layers.{i}.mlp.weight": rng.normal(size=(8 + i, 8)).astype(np.float32) for i in range(40)}
+    for name, model in [("base", base), *((f"e{i}", e) for i, e in enumerate(experts_of(base, rng, 2)))]:
+        ckio.save(tmp_path / name, model)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"base_model": "base", "models": ["e0", "e1"],
+                                                     "merge_method": "swudi"}))
+    before = snapshot(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "swudi_jax.cli", str(tmp_path / "m.yaml"), str(tmp_path / "out"),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    while proc.poll() is None and not list(tmp_path.glob(".out.*.tmp/model.safetensors")):
+        time.sleep(0.02)  # wait until the output file is being written (40 groups of distinct shapes to go)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "e0", "e1", "m.yaml"]
+    assert snapshot(tmp_path) == before
