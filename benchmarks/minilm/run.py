@@ -38,6 +38,15 @@ from benchmarks.minilm.finetune import DEFAULT_CACHE, FinetuneConfig, prepare_ca
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "minilm"
 EXTRA_RUNS = {"task_arithmetic@1": ("task_arithmetic", 1.0)}
 """Extra rows beyond the registry defaults: name -> (method, scale)."""
+PREFERRED_ORDER = ("task_arithmetic@1", "task_arithmetic", "ties", "swudi", "swudi_a", "pinv", "wudi")
+"""Default run order: the rows the SWUDI paper compares come first (the JSON is rewritten
+after every method, so an interrupted run keeps them)."""
+RUN_PARAMETERS = {"wudi": {"gradient": "gram"}}
+"""Not hyperparameters: the same WUDI gradient 2(θC − D) in its Gram form. The default
+"reference" form autodiffs Σ wi‖(θ − τi)τiᵀ‖², whose (m × m) intermediate is 30522² floats
+(3.7 GB) per task on the word-embedding table and exhausted this machine's memory."""
+DATA_METHOD_INCLUDE = r"re:^encoder\.layer\.\d+\..*\.weight$"
+"""The Linear weights the data methods merge (they have input Grams); see ``write_grams``."""
 
 
 def read_manifest(cache: Path) -> dict:
@@ -104,58 +113,114 @@ def summarise(accs: dict[str, float], expert: dict[str, float]) -> dict[str, flo
             "mean_normalised_acc": float(np.mean([accs[t] / expert[t] for t in accs]))}
 
 
-def benchmark(cache: Path, out_dir: Path, methods: list[str], calib: int = 256,
-              specs: dict[str, TaskSpec | None] | None = None, log=print) -> dict:
-    """Merge with each of ``methods`` (registry names or ``EXTRA_RUNS`` keys), evaluate, report."""
-    from swudi_jax import registry
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything a merge-and-score run needs, loaded once from a verified expert cache."""
 
+    cache: Path
+    tasks: dict
+    experts: dict[str, Path]
+    heads: dict[str, dict]
+    metrics: dict[str, dict]
+    config: FinetuneConfig
+    cfg: bert.BertConfig
+    tokenizer: object
+
+    def split(self, part: str) -> dict[str, tuple]:
+        """``{task: (ids, mask, labels)}`` of one part ("val" or "test") of every task."""
+        out = {}
+        for name, task in self.tasks.items():
+            texts, labels = getattr(task, part).texts, getattr(task, part).labels
+            out[name] = (*bert.tokenize(self.tokenizer, texts), labels)
+        return out
+
+    def merge_config(self, method: str, scale: float | None = None, parameters: dict | None = None,
+                     calib: int = 256) -> dict:
+        """The ``swudi-merge`` YAML content merging the cached experts with ``method``."""
+        from swudi_jax import registry
+
+        config = {"base_model": str(bert.model_dir() / "model.safetensors"),
+                  "models": [str(self.experts[t] / "model.safetensors") for t in self.tasks],
+                  "merge_method": method, "parameters": dict(parameters or {}), "layout": "torch"}
+        if scale is not None:
+            config["scale"] = scale
+        if registry.get_method(method).kind == "data":
+            # Grams exist for the encoder's Linear layers only; the embedding tables get the
+            # mean task vector (MATH.md section 2: every tensor outside the merged set).
+            config["include"] = [DATA_METHOD_INCLUDE]
+            config["grams"] = str(write_grams(self.experts, self.tasks, self.tokenizer, self.cfg, calib,
+                                              self.cache / f"grams_{calib}.safetensors"))
+        return config
+
+
+def load_setup(cache: Path, specs: dict[str, TaskSpec | None] | None = None, log=print) -> Setup:
+    """Verify the cache against its recorded hash (fine-tuning what is missing) and load it."""
     manifest = read_manifest(cache)
-    tasks_order = list(manifest["tasks"])
+    order = list(manifest["tasks"])
     config = FinetuneConfig(**manifest.get("config", {}))
     specs = specs or {t: (TaskSpec(**s) if s else None) for t, s in manifest.get("specs", {}).items()} or None
-    experts = prepare_cache(cache, tasks_order, config, specs, log=log)  # refuses a mismatched cache
+    experts = prepare_cache(cache, order, config, specs, log=log)  # refuses a mismatched cache
     folder = bert.model_dir()
-    cfg = bert.BertConfig.from_json(folder / "config.json")
-    tokenizer = bert.load_tokenizer(folder, config.max_len)
-    tasks = {t: load_task(t, config.split_seed, (specs or {}).get(t)) for t in tasks_order}
-    test = {t: (*bert.tokenize(tokenizer, tasks[t].test.texts), tasks[t].test.labels) for t in tasks_order}
-    heads = {t: bert.load_tensors(experts[t] / "head.safetensors") for t in tasks_order}
-    metrics = {t: json.loads((experts[t] / "metrics.json").read_text()) for t in tasks_order}
-    expert_acc = {t: metrics[t]["expert_test_acc"] for t in tasks_order}
-    pretrained_acc = {t: metrics[t]["pretrained_with_expert_head_test_acc"] for t in tasks_order}
+    return Setup(
+        cache=cache,
+        tasks={t: load_task(t, config.split_seed, (specs or {}).get(t)) for t in order},
+        experts=experts,
+        heads={t: bert.load_tensors(experts[t] / "head.safetensors") for t in order},
+        metrics={t: json.loads((experts[t] / "metrics.json").read_text()) for t in order},
+        config=config, cfg=bert.BertConfig.from_json(folder / "config.json"),
+        tokenizer=bert.load_tokenizer(folder, config.max_len))
 
+
+def merge_and_score(setup: Setup, merge_cfg: dict, data: dict, workdir: Path, name: str) -> dict:
+    """One swudi-merge run, then accuracy per task; the merged files are removed afterwards."""
+    merged_dir, wall, peak = run_merge(merge_cfg, workdir, name.replace("@", "_at_"))
+    try:
+        accs = evaluate(bert.load_tensors(merged_dir), setup.heads, data, setup.cfg)
+    finally:
+        shutil.rmtree(merged_dir, ignore_errors=True)
+    return {"acc": accs, "merge_wall_s": wall, "merge_peak_rss_mib": peak}
+
+
+def benchmark(cache: Path, out_dir: Path, methods: list[str], calib: int = 256,
+              specs: dict[str, TaskSpec | None] | None = None, log=print) -> dict:
+    """Merge with each of ``methods`` (registry names or ``EXTRA_RUNS`` keys), score on the test
+    splits, and write ``minilm.json`` (after every method), ``minilm.png`` and the table."""
+    from swudi_jax import registry
+
+    setup = load_setup(cache, specs, log)
+    order = list(setup.tasks)
+    test = setup.split("test")
+    expert_acc = {t: setup.metrics[t]["expert_test_acc"] for t in order}
+    pretrained_acc = {t: setup.metrics[t]["pretrained_with_expert_head_test_acc"] for t in order}
     out_dir.mkdir(parents=True, exist_ok=True)
     workdir = out_dir / "work"
     workdir.mkdir(exist_ok=True)
     rows = {"expert (each on its own task)": {"acc": expert_acc, **summarise(expert_acc, expert_acc)},
             "pretrained + expert head": {"acc": pretrained_acc, **summarise(pretrained_acc, expert_acc)}}
-    base_file = folder / "model.safetensors"
+    report = {"tasks": order, "finetune": dataclasses.asdict(setup.config), "calib_examples": calib,
+              "test_sizes": {t: int(len(test[t][2])) for t in order}, "expert_metrics": setup.metrics,
+              "rows": rows}
     for name in methods:
         method, scale = EXTRA_RUNS.get(name, (name, None))
-        entry = registry.get_method(method)
-        merge_cfg = {"base_model": str(base_file), "models": [str(experts[t] / "model.safetensors") for t in tasks_order],
-                     "merge_method": method, "parameters": {}, "layout": "torch"}
-        if scale is not None:
-            merge_cfg["scale"] = scale
-        if entry.kind == "data":
-            merge_cfg["grams"] = str(write_grams(experts, tasks, tokenizer, cfg, calib,
-                                                 cache / f"grams_{calib}.safetensors"))
         log(f"[{name}] merging with swudi-merge ...")
-        merged_dir, wall, peak = run_merge(merge_cfg, workdir, name.replace("@", "_at_"))
-        params = bert.load_tensors(merged_dir)
-        accs = evaluate(params, heads, test, cfg)
-        shutil.rmtree(merged_dir)
-        rows[name] = {"acc": accs, **summarise(accs, expert_acc), "merge_wall_s": wall, "merge_peak_rss_mib": peak,
-                      "scale": entry.default_scale if scale is None else scale,
-                      "options": dict(registry.resolve_options(method, {}))}
-        log(f"[{name}] mean acc {rows[name]['mean_acc']:.4f}  normalised {rows[name]['mean_normalised_acc']:.4f}  "
-            f"merge {wall:.1f}s {peak:.0f} MiB")
-    report = {"tasks": tasks_order, "finetune": dataclasses.asdict(config), "calib_examples": calib,
-              "test_sizes": {t: int(len(test[t][2])) for t in tasks_order}, "expert_metrics": metrics, "rows": rows}
-    (out_dir / "minilm.json").write_text(json.dumps(report, indent=2))
+        parameters = RUN_PARAMETERS.get(method, {})
+        row = merge_and_score(setup, setup.merge_config(method, scale, parameters, calib), test, workdir, name)
+        row.update(summarise(row["acc"], expert_acc),
+                   scale=registry.get_method(method).default_scale if scale is None else scale,
+                   options=dict(registry.resolve_options(method, parameters)))
+        rows[name] = row
+        log(f"[{name}] mean acc {row['mean_acc']:.4f}  normalised {row['mean_normalised_acc']:.4f}  "
+            f"merge {row['merge_wall_s']:.1f}s {row['merge_peak_rss_mib']:.0f} MiB")
+        _write_json(out_dir / "minilm.json", report)
     print(markdown_table(report))
     plot(report, out_dir / "minilm.png")
     return report
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
 
 
 def markdown_table(report: dict) -> str:
@@ -205,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report folder ({DEFAULT_OUT})")
     known = registry.available_methods() + list(EXTRA_RUNS)
-    parser.add_argument("--methods", nargs="+", default=known, choices=known)
+    first = [m for m in PREFERRED_ORDER if m in known]
+    parser.add_argument("--methods", nargs="+", default=first + [m for m in known if m not in first], choices=known)
     parser.add_argument("--calib", type=int, default=256, help="examples per task for the data methods' Grams")
     args = parser.parse_args(argv)
     try:
