@@ -42,7 +42,8 @@ def _ocp():
 
 
 def _tree_metadata(path: Path):
-    metadata = _ocp().PyTreeCheckpointer().metadata(path)
+    with _ocp().PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(path)
     metadata = getattr(metadata, "item_metadata", metadata)
     return getattr(metadata, "tree", metadata)
 
@@ -88,10 +89,11 @@ class OrbaxReader(BaseReader):
         ocp = _ocp()
         restore_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), target)
         try:
-            restored = ocp.PyTreeCheckpointer().restore(
-                self._dir.absolute(),
-                args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
-            )
+            with ocp.PyTreeCheckpointer() as checkpointer:
+                restored = checkpointer.restore(
+                    self._dir.absolute(),
+                    args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+                )
         except Exception as exc:  # noqa: BLE001 - orbax/tensorstore raise many types
             raise CheckpointError(
                 f"{self.path}: cannot restore {keys[:3]}... (unreadable or truncated orbax checkpoint: {type(exc).__name__}: {exc})"
