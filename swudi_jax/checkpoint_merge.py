@@ -35,7 +35,7 @@ from swudi_jax import io as ckio
 from swudi_jax import registry
 from swudi_jax.config import MergeConfig, load_config, numpy_dtype
 from swudi_jax.io.atomic import atomic_directory, check_output_free
-from swudi_jax.layout import LeafPlan, group_plans, infer_layout
+from swudi_jax.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, group_plans, infer_layout
 from swudi_jax.tree import DEFAULT_MAX_GROUP_BYTES, merge_group, needs_model_thresholds, plan_tree
 
 PAPER = "https://arxiv.org/abs/2606.07289"
@@ -160,8 +160,9 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
             layout = "torch" if base.format == "safetensors" else "flax"
     out_format = base.format if config.out_format == "auto" else config.out_format
     shapes = {key: base.shape_dtype(key) for key in base.keys()}
+    heads = DEFAULT_HEAD_PATTERNS if config.head_patterns is None else config.head_patterns
     plans = plan_tree(shapes, layout=layout, include=config.include, exclude=config.exclude,
-                      method=config.merge_method)
+                      method=config.merge_method, head_patterns=heads, others=config.others)
     _check_grams(config, plans, grams)
     groups = group_plans(plans, max_group_bytes, copies=len(experts) + 2)
     out_dtypes = {}

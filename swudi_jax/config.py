@@ -11,6 +11,8 @@ Example::
     scale: null                        # base + scale · merged task vector (null: method default)
     include: null                      # patterns restricting the spectrally merged weights
     exclude: ["*embed_tokens*"]        # patterns of tensors that keep the base value
+    head_patterns: null                # output heads, never merged spectrally (null: ["lm_head*"])
+    others: mean                       # other float tensors: mean task vector, or keep the base
     layout: auto                       # torch (HF, weight is (out, in)), flax (kernel is (in, out)), or auto:
                                        # from the names (kernel: flax, weight: torch), else safetensors: torch
     dtype: float32                     # compute dtype (float64 turns on jax_enable_x64)
@@ -39,6 +41,7 @@ import yaml
 
 from swudi_jax import registry
 from swudi_jax.io import FORMATS
+from swudi_jax.layout import OTHERS
 
 LAYOUTS = ("auto", "torch", "flax")
 COMPUTE_DTYPES = ("float32", "float64")
@@ -63,6 +66,8 @@ class MergeConfig:
     scale: float | None = None
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
+    head_patterns: tuple[str, ...] | None = None
+    others: str = "mean"
     layout: str = "auto"
     dtype: str = "float32"
     out_dtype: str | None = None
@@ -152,7 +157,8 @@ def _path(value: Any, base_dir: Path, where: str) -> Path:
     return path.resolve()
 
 
-_KEYS = ("base_model", "models", "merge_method", "parameters", "scale", "include", "exclude", "layout",
+_KEYS = ("base_model", "models", "merge_method", "parameters", "scale", "include", "exclude",
+         "head_patterns", "others", "layout",
          "dtype", "out_dtype", "format", "out_format", "out_shard_size", "grams")
 
 
@@ -210,6 +216,8 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         scale=None if scale is None else float(scale),
         include=_patterns(raw.get("include"), f"{name}: `include`"),
         exclude=_patterns(raw.get("exclude"), f"{name}: `exclude`"),
+        head_patterns=_patterns(raw.get("head_patterns"), f"{name}: `head_patterns`"),
+        others=_choice(raw.get("others", "mean"), OTHERS, f"{name}: `others`"),
         layout=_choice(raw.get("layout", "auto"), LAYOUTS, f"{name}: `layout`"),
         dtype=_choice(raw.get("dtype", "float32"), COMPUTE_DTYPES, f"{name}: `dtype`"),
         out_dtype=None if out_dtype is None else _choice(out_dtype, OUT_DTYPES, f"{name}: `out_dtype`"),

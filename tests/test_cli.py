@@ -150,6 +150,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(on_disk, capsys):
     assert rows["model.embed_tokens.weight"][3:5] == ["keep", "base"]
     assert rows["model.position_ids"][3:5] == ["passthrough", "copy"]
     assert not (root / "out").exists()
+    assert main([str(config(head_patterns=["*up_proj*"], others="keep")), str(root / "out"), "--dry-run"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("model.", "lm_head"))}
+    assert rows["lm_head.weight"][3:5] == ["spectral", "swudi"]
+    assert rows["model.layers.1.mlp.up_proj.weight"][3:5] == ["keep", "base"]
+    assert rows["model.layers.0.input_layernorm.weight"][3:5] == ["keep", "base"]
 
 
 def test_existing_output_is_refused_unless_forced(on_disk, capsys):
