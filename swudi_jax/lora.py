@@ -1,14 +1,15 @@
 """Spectral merging of LoRA experts from their factors, without forming the dense deltas.
 
-Expert i's task vector is τi = Bi Ai with Bi (m × ri) and Ai (ri × n). With F the row
-stack of the Ai (R × n, R = Σ ri) and S = blockdiag(wi BiᵀBi) (R × R),
+Expert i's task vector is τi = Bi Ai with Bi (m × ri) and Ai (ri × n). With BiᵀBi = RiᵀRi
+(Ri = diag(√μ) Wᵀ from the ri×ri eigendecomposition BiᵀBi = W diag(μ) Wᵀ) and M the row
+stack of √wi Ri Ai (R × n, R = Σ ri),
 
-    C  = Σ wi Aiᵀ (BiᵀBi) Ai = Fᵀ S F               (rank ≤ R)
+    C  = Σ wi Aiᵀ (BiᵀBi) Ai = MᵀM                  (rank ≤ R)
     wi = 1 / max(tr((BiᵀBi)(AiAiᵀ)), 1e-12)          (= 1/‖Bi Ai‖²_F)
     D V  = Σ wi Bi (AiAiᵀ)(BiᵀBi)(Ai V)
     θ0 V = Σ Bi (Ai V)
 
-and C's non-zero eigenpairs come from an R × R problem (:func:`swudi_jax.solvers.range_eigh`;
+and C's non-zero eigenpairs come from the R × R Gram M Mᵀ (:func:`swudi_jax.solvers.range_eigh`;
 the algebra is ours, MATH.md section 8). The only m × n arrays formed are θ0 and the result.
 Null directions of C carry no part of D or θ0, so the result equals the dense method on the
 stack Bi Ai to float rounding. When R > n the factors give no saving and the dense stack is
@@ -25,6 +26,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from swudi_jax import solvers
@@ -76,7 +78,7 @@ def check_lora_factors(factors: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
                 f"expert {i}: delta shape B·A = ({b.shape[0]}, {a.shape[1]}) disagrees with "
                 f"expert 0's ({m}, {n})"
             )
-    dtype = jnp.result_type(*[x.dtype for pair in pairs for x in pair])
+    dtype = jax.dtypes.canonicalize_dtype(np.result_type(*[x.dtype for pair in pairs for x in pair]))
     r_max = max(b.shape[1] for b, _ in pairs)
     b = jnp.stack([jnp.pad(jnp.asarray(b, dtype), ((0, 0), (0, r_max - b.shape[1]))) for b, _ in pairs])
     a = jnp.stack([jnp.pad(jnp.asarray(a, dtype), ((0, r_max - a.shape[0]), (0, 0))) for _, a in pairs])
@@ -103,8 +105,11 @@ def _merge_factors(b, a, method, options):
     aat = jnp.einsum("krn,ksn->krs", a, a, precision=HIGHEST)
     sq_norms = jnp.einsum("krs,krs->k", btb, aat)
     w = 1.0 / jnp.maximum(sq_norms, NORM_FLOOR)
-    inner = jnp.einsum("kl,krs->krls", jnp.eye(n_tasks, dtype=b.dtype), w[:, None, None] * btb)
-    lam, v = solvers.range_eigh(a.reshape(n_tasks * r, n).T, inner.reshape(n_tasks * r, n_tasks * r))
+    # BiᵀBi = Riᵀ Ri with Ri = diag(√μ) Wᵀ from its r×r eigh, so C = MᵀM, M = stack(√wi Ri Ai)
+    mu, wvec = jnp.linalg.eigh(btb)
+    ri = jnp.sqrt(jnp.maximum(mu, 0.0))[:, :, None] * jnp.swapaxes(wvec, 1, 2)
+    rows = jnp.einsum("krs,ksn->krn", ri * jnp.sqrt(w)[:, None, None], a, precision=HIGHEST)
+    lam, v = solvers.range_eigh(rows.reshape(n_tasks * r, n))
     spec = Spectrum(lam, v)
     h = filter_on_spectrum(make_h, spec, (m, n))
 

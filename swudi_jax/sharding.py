@@ -60,7 +60,7 @@ from swudi_jax.spectral import (
     spectrum,
     squared_norms,
 )
-from swudi_jax.validation import as_float_array, check_choice, check_finite
+from swudi_jax.validation import as_float_array, check_choice, check_finite, is_concrete
 
 ROW_AXIS = "rows"
 """Name of the mesh axis the output rows are split over."""
@@ -169,7 +169,7 @@ def merge_sharded(tau: Any, mesh: Mesh, method: str = "swudi", *, solver: str = 
     tau = as_float_array(tau, "tau")
     if tau.ndim != 3 or tau.shape[0] < 2 or 0 in tau.shape:
         raise ValueError(f"tau must have shape (N >= 2, m, n) in maths layout, got shape {tuple(tau.shape)}")
-    if getattr(tau, "is_fully_addressable", True):
+    if is_concrete(tau) and getattr(tau, "is_fully_addressable", True):
         check_finite(tau, "tau")
     solver, n_top = _sharded_solver(solver, method, options, tau.shape[2])
     n_dev = mesh.shape[ROW_AXIS]

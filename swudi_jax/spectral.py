@@ -186,12 +186,12 @@ def solve_spectrum(work: jnp.ndarray, weights: jnp.ndarray, solver: str = "full"
                    n_top: int | None = None) -> Spectrum:
     """The eigenpairs of C the estimator needs, by ``solver`` (see :mod:`swudi_jax.solvers`):
 
-    "full" all n (one ``eigh`` of C); "lowrank" the N·m non-zero ones from a thin QR of Mᵀ
+    "full" all n (one ``eigh`` of C); "lowrank" the N·m non-zero ones from the Gram M Mᵀ
     (needs N·m ≤ n); "topk" the ``n_top`` largest by subspace iteration (filters must be
     zero outside them). Eigenvalues ascending and clamped at 1e-8 in every case.
     """
     if solver == "lowrank":
-        return Spectrum(*solvers.range_eigh(weighted_rows(work, weights).T))
+        return Spectrum(*solvers.range_eigh(weighted_rows(work, weights)))
     c = interference_operator(work, weights)
     if solver == "topk":
         return Spectrum(*solvers.top_eigh(c, n_top))

@@ -67,15 +67,22 @@ def test_lowrank_pinv_is_the_exact_pseudo_inverse_solution():
 
 def test_range_eigh_returns_the_nonzero_eigenpairs_of_c():
     with jax.enable_x64(True):
-        rng = np.random.default_rng(3)
-        f = rng.normal(size=(12, 30))
-        s = rng.normal(size=(12, 12))
-        s = s @ s.T
-        lam, v = solvers.range_eigh(jnp.asarray(f.T), jnp.asarray(s))
-        c = f.T @ s @ f
+        rows = np.random.default_rng(3).normal(size=(12, 30))
+        lam, v = solvers.range_eigh(jnp.asarray(rows))
+        c = rows.T @ rows
         np.testing.assert_allclose(np.asarray(v).T @ np.asarray(v), np.eye(12), atol=1e-12)
         np.testing.assert_allclose(c @ np.asarray(v), np.asarray(v) * np.asarray(lam), atol=1e-9 * lam[-1])
         np.testing.assert_allclose(lam, np.linalg.eigvalsh(c)[-12:], rtol=1e-10)
+
+
+def test_range_eigh_returns_zero_vectors_for_null_directions_of_dependent_rows():
+    with jax.enable_x64(True):
+        rows = np.random.default_rng(4).normal(size=(5, 30))
+        rows = np.concatenate([rows, rows[:2] + rows[2:4], np.zeros((1, 30))])  # rank 5 of 8 rows
+        lam, v = solvers.range_eigh(jnp.asarray(rows))
+        assert np.all(np.asarray(lam[:3]) == 1e-8)
+        assert np.all(np.asarray(v[:, :3]) == 0.0)
+        np.testing.assert_allclose(np.asarray(v[:, 3:]).T @ np.asarray(v[:, 3:]), np.eye(5), atol=1e-12)
 
 
 @settings(max_examples=5, deadline=None)
@@ -177,3 +184,12 @@ def test_unknown_solver_is_rejected_by_name():
     for call in (sj.swudi, sj.swudi_a, sj.pinv_merge):
         with pytest.raises(ValueError, match="solver"):
             call(tau, solver="lanczos")
+
+
+def test_lowrank_in_float32_is_as_close_to_float64_as_the_full_path():
+    tau = random_task_vectors(11, 4, 8, 256, rank=2)
+    with jax.enable_x64(True):
+        exact = sj.swudi(tau.astype(np.float64), solver="lowrank")
+    fast, full = sj.swudi(tau, solver="lowrank"), sj.swudi(tau, solver="full")
+    assert fast.dtype == np.float32
+    assert rel_err(fast, exact) <= max(2.0 * rel_err(full, exact), 1e-5)
