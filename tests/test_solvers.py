@@ -193,3 +193,11 @@ def test_lowrank_in_float32_is_as_close_to_float64_as_the_full_path():
     fast, full = sj.swudi(tau, solver="lowrank"), sj.swudi(tau, solver="full")
     assert fast.dtype == np.float32
     assert rel_err(fast, exact) <= max(2.0 * rel_err(full, exact), 1e-5)
+
+
+def test_lowrank_handles_a_stack_of_lower_rank_than_its_rows():
+    with jax.enable_x64(True):
+        tau = random_task_vectors(12, 4, 8, 64, rank=2, noise=0.0, dtype=np.float64)  # rank 8 of 32 rows
+        fast = sj.swudi(tau, solver="lowrank")
+        assert np.all(np.isfinite(np.asarray(fast)))
+        assert rel_err(fast, sj.swudi(tau, solver="full")) <= 1e-10
