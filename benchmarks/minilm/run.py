@@ -245,17 +245,20 @@ def plot(report: dict, path: Path) -> None:
 
     names = list(report["rows"])
     groups = report["tasks"] + ["mean"]
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups) + 0.3 * len(names)), 4.5))
+    width = 0.85 / len(names)
+    colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))[:len(names)] if len(names) <= 20 else None
+    fig, ax = plt.subplots(figsize=(max(9, 1.8 * len(groups) + 0.3 * len(names)), 4.8))
     for i, name in enumerate(names):
         row = report["rows"][name]
         vals = [row["acc"][t] for t in report["tasks"]] + [row["mean_acc"]]
-        ax.bar(np.arange(len(groups)) + (i - len(names) / 2 + 0.5) * width, vals, width, label=name)
+        ax.bar(np.arange(len(groups)) + (i - len(names) / 2 + 0.5) * width, vals, width, label=name,
+               color=None if colours is None else colours[i])
     ax.set_xticks(np.arange(len(groups)), groups)
     ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0.3, 1)
+    ax.grid(axis="y", alpha=0.3)
     ax.set_title("all-MiniLM-L6-v2 experts merged with swudi-merge")
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)
