@@ -20,6 +20,8 @@ call) and are medians of repeats. ``--blocks`` sets how many blocks the comparis
 (the iterative baselines are slow: 1 block by default) and ratios are per block; the closed
 forms and the floor also run on the whole ``--stack-blocks`` stack. ``--reference-steps K``
 times the reference form at K and 2K steps and extrapolates linearly to ``--wudi-steps``.
+``--blas-threads 1`` pins OpenBLAS (the LAPACK behind both scipy's and jax's eigh) to one
+thread: on an oversubscribed machine its two spinning threads make an eigh 4-6× slower.
 
     python -m benchmarks.layer_speed                       # 1-block comparison + 12-block stack
     python -m benchmarks.layer_speed --tiny                # seconds: tiny shapes, 5 WUDI steps
@@ -33,6 +35,7 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -183,6 +186,7 @@ def worker(spec: dict) -> dict:
     else:
         result = _time_groups(method, spec["steps"] if method in ITERATIVE else 0, inputs, repeats, warmup)
     result["baseline_rss_bytes"] = baseline
+    result["blas"] = _measure.blas_info()
     return result
 
 
@@ -213,12 +217,39 @@ def run_method(method: str, blocks: int, args: argparse.Namespace) -> dict:
             "seed": args.seed, "steps": args.wudi_steps, "reference_steps": args.reference_steps,
             "repeats": args.repeats, "warmup": args.warmup}
     argv = [sys.executable, "-m", "benchmarks.layer_speed", "--worker", json.dumps(spec)]
-    result = _measure.run_worker(argv, cwd=str(ROOT))
+    env = dict(os.environ)
+    if args.blas_threads:
+        env["OPENBLAS_NUM_THREADS"] = str(args.blas_threads)
+    result = _measure.run_worker(argv, cwd=str(ROOT), env=env)
     result.update(method=method, blocks=blocks, per_block_s=result["time_s"] / blocks)
     print(f"  {LABELS[method]:<30} {blocks:>2} block(s): {result['time_s']:9.3f} s"
           f"  (compile {result['compile_s']:.1f} s, peak RSS {result['peak_rss_bytes'] / 2**20:,.0f} MiB)",
           flush=True)
     return result
+
+
+def combine_rounds(results: list[dict]) -> dict:
+    """One method's rounds as one result: median times, the largest peak RSS, every round kept."""
+    peak = max(results, key=lambda r: r["peak_rss_bytes"])
+    out = dict(peak)
+    out["time_s"] = statistics.median(r["time_s"] for r in results)
+    out["per_block_s"] = statistics.median(r["per_block_s"] for r in results)
+    out["compile_s"] = statistics.median(r["compile_s"] for r in results)
+    out["rounds"] = [{k: r[k] for k in ("time_s", "compile_s", "peak_rss_bytes", "baseline_rss_bytes", "groups")}
+                     for r in results]
+    return out
+
+
+def run_rounds(methods: list[str], blocks: int, args: argparse.Namespace) -> dict:
+    """``--rounds`` passes over ``methods``, each method in its own subprocess every time; the
+    order reverses on every other pass so that a drifting machine load is shared out."""
+    results: dict[str, list] = {m: [] for m in methods}
+    for i in range(args.rounds):
+        if args.rounds > 1:
+            print(f" round {i + 1}/{args.rounds}", flush=True)
+        for method in (methods if i % 2 == 0 else methods[::-1]):
+            results[method].append(run_method(method, blocks, args))
+    return {m: combine_rounds(results[m]) for m in methods}
 
 
 def ratios(runs: dict) -> dict:
@@ -293,7 +324,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-steps", type=int, default=None,
                    help="time the reference form at K and 2K steps and extrapolate to --wudi-steps "
                         "(default: run all steps; tiny 2)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--blas-threads", type=int, default=0,
+                   help="OPENBLAS_NUM_THREADS for the workers (scipy's and jax's LAPACK); 0 leaves it as is. "
+                        "On a shared, oversubscribed machine 1 avoids OpenBLAS's spinning threads")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per method and round (after --warmup)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="passes over all methods, order reversed every other pass; medians across passes")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="tiny shapes, 1 block, 5 WUDI steps (a smoke run)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
@@ -310,11 +346,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    for name in ("blocks", "experts", "wudi_steps", "reference_steps", "repeats"):
+    for name in ("blocks", "experts", "wudi_steps", "reference_steps", "repeats", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.stack_blocks < 0 or args.warmup < 0:
-        p.error("--stack-blocks and --warmup must be >= 0")
+    if args.stack_blocks < 0 or args.warmup < 0 or args.blas_threads < 0:
+        p.error("--stack-blocks, --warmup and --blas-threads must be >= 0")
     return args
 
 
@@ -337,11 +373,11 @@ def main(argv=None) -> dict:
     print(f"layer_speed: {args.preset} stack, {args.experts} experts, groups "
           + ", ".join(f"{g.name} {g.per_block}×({g.m}×{g.n})" for g in groups), flush=True)
     print(f"side by side on {args.blocks} block(s):", flush=True)
-    subset = {m: run_method(m, args.blocks, args) for m in args.methods}
+    subset = run_rounds(args.methods, args.blocks, args)
     stack = {}
     if args.stack_blocks and args.stack_blocks != args.blocks:
         print(f"closed forms and floors on the {args.stack_blocks}-block stack:", flush=True)
-        stack = {m: run_method(m, args.stack_blocks, args) for m in args.methods if m not in ITERATIVE}
+        stack = run_rounds([m for m in args.methods if m not in ITERATIVE], args.stack_blocks, args)
     rat = ratios(subset)
     text = [f"\n### {args.blocks} block(s), every method\n", format_table(subset, args.blocks)]
     if stack:
