@@ -20,7 +20,7 @@ def test_scale_benchmark_quick_mode_runs_every_case(monkeypatch, tmp_path):
     scale.main(["--quick", "--repeats", "1", "--out", str(out)])
     written = json.loads(out.read_text())
     rows = {row["case"].split(":")[0]: row for row in written["results"]}
-    assert set(rows) == {"lowrank", "lora", "topk", "sharded"}
+    assert set(rows) == {"lowrank", "lora", "topk", "topk eigensolver only", "sharded"}
     for name, row in rows.items():
         assert row["fast_s"] > 0 and row["full_s"] > 0 and row["speedup"] > 0, name
         assert row["rel_diff"] <= 1e-3, name  # float32; the full path's null-space rounding dominates
