@@ -4,6 +4,8 @@
   so compilation never leaks into a run time.
 - :func:`time_calls` runs a function ``warmup`` times untimed, then ``repeats`` times, each
   ending in ``jax.block_until_ready``, and keeps every time (the median is what tables show).
+- :func:`reset_peak_rss` / :func:`peak_rss_since_reset_bytes` measure the peak of one phase
+  (the timed calls, without the compiler's transient memory) inside a process.
 - :func:`run_worker` runs one measurement in its own Python subprocess and reads the child's
   peak resident set size from ``os.wait4`` (the kernel's ``ru_maxrss`` of that child alone),
   so each method's peak memory is its own, untouched by what ran before it.
@@ -69,6 +71,30 @@ def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB)."""
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def reset_peak_rss() -> bool:
+    """Restart this process's peak-RSS mark (Linux ``/proc/self/clear_refs`` "5"), so that
+    :func:`peak_rss_since_reset_bytes` covers only what runs next (e.g. not compilation).
+    Returns False where the kernel offers no such reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_bytes() -> int | None:
+    """Peak RSS since :func:`reset_peak_rss` (``VmHWM`` of /proc/self/status), None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def emit_result(result: dict) -> None:
