@@ -17,7 +17,7 @@ import numpy as np
 
 from swudi_jax.io import msgpack_io, npz_io, orbax_io, safetensors_io
 from swudi_jax.io.atomic import atomic_directory, atomic_file, check_output_free
-from swudi_jax.io.reader import BaseReader, CheckpointError, CheckpointReader, ShapeDtype, flatten_tree, unflatten_tree
+from swudi_jax.io.reader import BaseReader, CheckpointError, CheckpointReader, ShapeDtype, flatten_tree, unflatten_tree, write_all
 
 FORMATS = ("safetensors", "orbax", "msgpack", "npz")
 _READERS = {
@@ -121,13 +121,7 @@ def save(path: str | os.PathLike, flat: Mapping[str, np.ndarray], format: str = 
 
 def _write_all(target: Path, fmt: str, arrays: Mapping[str, np.ndarray], shard_size: int | None) -> None:
     writer = open_writer(target, fmt, {k: (a.shape, a.dtype) for k, a in arrays.items()}, shard_size=shard_size)
-    try:
-        for key, array in arrays.items():
-            writer.write(key, array)
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
+    write_all(writer, arrays)
 
 
 def load(path: str | os.PathLike, format: str = "auto") -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from swudi_jax.io.reader import BaseReader, CheckpointError
+from swudi_jax.io.reader import BaseReader, CheckpointError, write_all
 
 DTYPES_KEY = "__dtypes__"
 EXTENDED = {np.dtype(t).name: np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)}
@@ -117,11 +117,5 @@ def read(path: str | os.PathLike) -> NpzReader:
 def write(path: str | os.PathLike, flat: Mapping[str, np.ndarray]) -> Path:
     """Write a flat ``{name: array}`` map as an ``.npz`` archive (in place; see ``io.save``)."""
     writer = NpzWriter(path)
-    try:
-        for key, array in flat.items():
-            writer.write(key, array)
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
+    write_all(writer, flat)
     return Path(path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from swudi_jax.io.reader import BaseReader, CheckpointError, flatten_tree, unflatten_tree
+from swudi_jax.io.reader import BaseReader, CheckpointError, flatten_tree, unflatten_tree, write_all
 
 SEP = "/"
 MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
@@ -132,8 +132,5 @@ def read(path: str | os.PathLike) -> OrbaxReader:
 
 def write(path: str | os.PathLike, flat: Mapping[str, np.ndarray]) -> Path:
     """Write a flat ``{path: array}`` map as an orbax checkpoint at ``path`` (which must not exist)."""
-    writer = OrbaxWriter(path)
-    for key, array in flat.items():
-        writer.write(key, array)
-    writer.close()
+    write_all(OrbaxWriter(path), flat)
     return Path(path)

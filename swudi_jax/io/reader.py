@@ -114,3 +114,15 @@ def unflatten_tree(flat: Mapping[str, object], sep: str = "/") -> dict:
                 raise CheckpointError(f"path {path!r} runs through a leaf at {part!r}")
         node[last] = leaf
     return tree
+
+
+def write_all(writer, arrays: Mapping[str, np.ndarray]) -> None:
+    """Feed every array to a streaming writer, then close it; on any failure abort it
+    (its partial output removed) and re-raise."""
+    try:
+        for key, array in arrays.items():
+            writer.write(key, array)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()

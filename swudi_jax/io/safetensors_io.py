@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from swudi_jax.io.reader import BaseReader, CheckpointError, ShapeDtype
+from swudi_jax.io.reader import BaseReader, CheckpointError, ShapeDtype, write_all
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -233,11 +233,5 @@ def write(path: str | os.PathLike, flat: Mapping[str, np.ndarray], *, shard_size
     arrays = {key: np.asarray(value) for key, value in flat.items()}
     writer = SafetensorsWriter(path, {k: (a.shape, a.dtype) for k, a in arrays.items()},
                                shard_size=shard_size, metadata=metadata)
-    try:
-        for key, array in arrays.items():
-            writer.write(key, array)
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
+    write_all(writer, arrays)
     return Path(path)
