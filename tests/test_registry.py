@@ -31,7 +31,7 @@ def test_unknown_option_error_names_it_and_the_known_options():
 
 
 def test_resolved_options_are_defaults_overridden_by_the_user():
-    assert registry.resolve_options("swudi", {"time": 300.0}) == {"time": 300.0, "rank_ratio": 0.65, "init": "sum"}
+    assert registry.resolve_options("swudi", {"time": 300.0}) == {"time": 300.0, "rank_ratio": 0.65, "init": "sum", "solver": "auto"}
     assert registry.resolve_options("wudi")["learning_rate"] == 1e-5
     assert registry.resolve_options("dare") == {"drop": 0.9, "rescale": True, "seed": 0, "then": "task_arithmetic"}
     assert registry.resolve_options("ties")["density"] == 0.2 and registry.resolve_options("ties")["trim"] == "model"
@@ -48,6 +48,9 @@ def test_resolved_options_are_defaults_overridden_by_the_user():
     ("swudi_a", {"rank_rule": "nope"}, "rank_rule"),
     ("wudi", {"learning_rate": 0.0}, "learning_rate"),
     ("wudi", {"gradient": "exact"}, "gradient"),
+    ("swudi", {"solver": "qr"}, "solver"),
+    ("swudi_a", {"solver": "qr"}, "solver"),
+    ("pinv", {"solver": "qr"}, "solver"),
 ])
 def test_bad_option_values_are_refused_before_compute(name, options, message):
     with pytest.raises(ValueError, match=message):
@@ -80,3 +83,16 @@ def test_register_refuses_an_unknown_kind(monkeypatch):
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
     with pytest.raises(ValueError, match="kind"):
         registry.register(registry.MergeMethod("x", lambda t: t, "magic", {}, 1.0, "nowhere"))
+
+
+def test_solver_option_reaches_the_layer_function_through_merge():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = {"w": rng.normal(size=(4, 64)).astype(np.float32)}
+    experts = [{"w": base["w"] + 0.1 * rng.normal(size=(4, 64)).astype(np.float32)} for _ in range(3)]
+    full = sj.merge(base, experts, method="swudi", layout="torch", solver="full")["w"]
+    lowrank = sj.merge(base, experts, method="swudi", layout="torch", solver="lowrank")["w"]
+    np.testing.assert_allclose(np.asarray(lowrank), np.asarray(full), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="solver"):
+        sj.merge(base, experts, method="swudi", layout="torch", solver="qr")
