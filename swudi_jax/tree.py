@@ -219,6 +219,19 @@ def _group_fn(method: MergeMethod, apply_method: bool, static: tuple, array_name
     return _COMPILED[cache_key]
 
 
+def _stack(arrays: Sequence[Any]):
+    """Stack on a new axis 0: on the host when every part is a NumPy array (read from disk),
+    so that one copy goes to the device instead of N + 1; on the device otherwise."""
+    if all(isinstance(a, np.ndarray) for a in arrays):
+        return np.stack(arrays)
+    return jnp.stack([jnp.asarray(a) for a in arrays])
+
+
+def _concat(parts: Sequence[jnp.ndarray]) -> jnp.ndarray:
+    """Concatenate on axis 0 without a copy when there is one part."""
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
 def _stack_grams(plans: Sequence[LeafPlan], grams: Mapping[str, Any] | None, n_experts: int) -> jnp.ndarray:
     stacked = []
     for plan in plans:
@@ -279,12 +292,11 @@ def merge_group(
     apply_method = kind == "spectral" or method.kind == "elementwise"
 
     if kind == "spectral":
-        experts = jnp.concatenate(
-            [to_maths(p, jnp.stack([jnp.asarray(e[p.path]) for e in expert_arrays])) for p in plans])
-        base = jnp.concatenate([to_maths(p, jnp.asarray(base_arrays[p.path])[None])[:, 0] for p in plans])
+        experts = _concat([to_maths(p, _stack([e[p.path] for e in expert_arrays])) for p in plans])
+        base = _concat([to_maths(p, _stack([base_arrays[p.path]]))[:, 0] for p in plans])
     else:
-        experts = jnp.stack([jnp.stack([jnp.asarray(e[p.path]) for e in expert_arrays]) for p in plans])
-        base = jnp.stack([jnp.asarray(base_arrays[p.path]) for p in plans])
+        experts = jnp.asarray(_stack([_stack([e[p.path] for e in expert_arrays]) for p in plans]))
+        base = jnp.asarray(_stack([base_arrays[p.path] for p in plans]))
 
     static = {k: v for k, v in opts.items() if not (k in method.array_options and v is not None)}
     arrays, names, axes = [], [], []
