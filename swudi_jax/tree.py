@@ -30,6 +30,7 @@ from swudi_jax.layout import (
 from swudi_jax.methods.dare import leaf_key
 from swudi_jax.methods.ties import ties_model_thresholds
 from swudi_jax.registry import MergeMethod, default_scale, get_method, resolve_options
+from swudi_jax.sharding import SPECTRAL_METHODS, make_row_mesh, merge_sharded, should_shard
 from swudi_jax.spectral import compute_dtype
 from swudi_jax.validation import check_finite, check_number
 
@@ -219,6 +220,30 @@ def _group_fn(method: MergeMethod, apply_method: bool, static: tuple, array_name
     return _COMPILED[cache_key]
 
 
+def _check_shard(shard: Any) -> None:
+    if shard not in (True, False, "auto") or isinstance(shard, int) and not isinstance(shard, bool):
+        raise ValueError(f"shard must be True, False or 'auto', got {shard!r}")
+
+
+def _use_sharding(shard: bool | str, method: MergeMethod, layer_shape: tuple[int, ...]) -> bool:
+    _check_shard(shard)
+    if method.name not in SPECTRAL_METHODS or shard is False:
+        return False
+    return shard is True or should_shard(layer_shape, jax.device_count())
+
+
+def _merge_layers_sharded(base, experts, name: str, scale: float, opts: Mapping[str, Any]) -> jax.Array:
+    """θ0 + s·merge_sharded(τ) for each layer of a (G, N, m, n) stack, rows over all devices."""
+    mesh = make_row_mesh()
+    work = compute_dtype(base.dtype)
+    layers = []
+    for g in range(experts.shape[0]):
+        base_g = base[g].astype(work)
+        merged = merge_sharded(experts[g].astype(work) - base_g[None], mesh, name, **opts)
+        layers.append((base_g + scale * merged.astype(work)).astype(base.dtype))
+    return jnp.stack(layers)
+
+
 def _stack(arrays: Sequence[Any]):
     """Stack on a new axis 0: on the host when every part is a NumPy array (read from disk),
     so that one copy goes to the device instead of N + 1; on the device otherwise."""
@@ -256,6 +281,7 @@ def merge_group(
     scale: float | None = None,
     options: Mapping[str, Any] | None = None,
     grams: Mapping[str, Any] | None = None,
+    shard: bool | str = "auto",
 ) -> dict[str, jax.Array]:
     """Merge one group of leaves (one group key) in one compiled call.
 
@@ -271,6 +297,10 @@ def merge_group(
       base_arrays: {path: base array}; expert_arrays: one such dict per expert.
       method, scale, options: the merge method, its scale (None: its default) and options.
       grams: {path: (N, n, n)} input Grams, for "data" methods.
+      shard: for swudi, swudi_a and pinv: True merges each layer with its rows split over
+        all devices (:func:`swudi_jax.sharding.merge_sharded`), False never, "auto" when
+        more than one device exists and a layer's task vectors reach
+        ``sharding.DEFAULT_SHARD_BYTES``.
     Returns:
       {path: merged array} with the base's shapes and dtypes.
     """
@@ -315,8 +345,11 @@ def merge_group(
                 arrays.append(jnp.asarray(opts[name]))
                 names.append(name)
                 axes.append(None)
-    fn = _group_fn(method, apply_method, _hashable(static), tuple(names), tuple(axes))
-    merged = fn(base, experts, scale, *arrays)
+    if kind == "spectral" and _use_sharding(shard, method, experts.shape[1:]):
+        merged = _merge_layers_sharded(base, experts, method.name, scale, opts)
+    else:
+        fn = _group_fn(method, apply_method, _hashable(static), tuple(names), tuple(axes))
+        merged = fn(base, experts, scale, *arrays)
 
     out, start = {}, 0
     for p in plans:
@@ -348,6 +381,7 @@ def merge(
     scan_axis: int = 0,
     others: str = "mean",
     max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES,
+    shard: bool | str = "auto",
     **options: Any,
 ) -> Any:
     """Merge fine-tuned experts of one base model: θ = θ0 + s · merge(τ1, …, τN).
@@ -369,6 +403,7 @@ def merge(
         leaf rules of :func:`swudi_jax.layout.plan_leaf`.
       grams: {path: (N, n, n)} per-task input Grams for data methods.
       max_group_bytes: cap on the stacked bytes of one compiled call.
+      shard: split big layers' rows over all devices (see :func:`merge_group`).
       **options: the method's options (e.g. ``time``, ``rank_ratio`` for SWUDI;
         ``density``, ``trim`` for TIES; ``drop``, ``seed`` for DARE).
     Returns:
@@ -381,6 +416,7 @@ def merge(
     opts = resolve_options(method, options)
     if scale is not None:
         check_number(scale, "scale")
+    _check_shard(shard)
     base_flat, treedef = flatten(base, "base")
     expert_flats = _expert_flats(experts)
     check_models(base_flat, expert_flats)
@@ -398,7 +434,7 @@ def merge(
         opts["thresholds"] = ties_model_thresholds(chunks, opts["density"])
     merged: dict[str, Any] = {}
     for group in group_plans(plans, max_group_bytes, copies=len(expert_flats) + 1):
-        merged.update(merge_group(group, base_flat, expert_flats, method, scale, opts, grams))
+        merged.update(merge_group(group, base_flat, expert_flats, method, scale, opts, grams, shard))
     return jax.tree_util.tree_unflatten(treedef, [merged[p] for p in base_flat])
 
 

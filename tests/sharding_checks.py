@@ -77,6 +77,13 @@ def main():
         warnings.simplefilter("always")
         cases.append(compare("swudi_uneven_rows_f32", random_task_vectors(3, 4, 60, 48), mesh, "swudi"))
     report["uneven_warnings"] = [str(w.message) for w in caught]
+    rng = np.random.default_rng(4)
+    base = {"blocks.0.attn.weight": rng.normal(size=(64, 48)).astype(np.float32),
+            "blocks.0.attn.bias": rng.normal(size=(64,)).astype(np.float32)}
+    experts = [{k: v + 0.05 * rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()}
+               for _ in range(4)]
+    whole = {shard: sj.merge(base, experts, "swudi", layout="torch", shard=shard) for shard in (True, False)}
+    report["merge_shard_rel_err"] = max(rel_err(whole[True][k], whole[False][k]) for k in base)
     report["cases"] = dict(cases)
     print(json.dumps(report))
 

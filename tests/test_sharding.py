@@ -68,6 +68,17 @@ def test_rows_that_do_not_divide_are_padded_exactly_and_returned_replicated_with
     assert "60 rows" in message and "8 devices" in message and "replicated" in message
 
 
+def test_whole_model_merge_takes_the_sharded_path_on_request_with_the_same_result(eight_devices):
+    assert eight_devices["merge_shard_rel_err"] <= 1e-5
+
+
+def test_whole_model_merge_refuses_a_bad_shard_option_before_compute():
+    base = {"w": np.ones((4, 6), np.float32)}
+    experts = [{"w": np.full((4, 6), 1.0 + i, np.float32)} for i in range(1, 3)]
+    with pytest.raises(ValueError, match="shard must be True, False or 'auto', got 'yes'"):
+        sj.merge(base, experts, "swudi", layout="torch", shard="yes")
+
+
 def test_single_device_mesh_gives_the_single_device_result():
     tau = random_task_vectors(0, 3, 8, 12)
     merged = merge_sharded(tau, make_row_mesh(), "swudi", rank_ratio=0.5)
