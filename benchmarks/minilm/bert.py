@@ -167,25 +167,9 @@ def classify(params: dict, head: dict, ids, mask, config: BertConfig) -> jnp.nda
     return _linear(sentence_embedding(params, ids, mask, config), head, "classifier")
 
 
-def predict(params: dict, head: dict, ids: np.ndarray, mask: np.ndarray, config: BertConfig,
-            batch: int = 128) -> np.ndarray:
-    """Argmax class of every row, computed in fixed-size jitted batches (the last one padded)."""
-    fn = _jitted_classify(config)
-    out = []
-    for start in range(0, len(ids), batch):
-        chunk_ids, chunk_mask = ids[start:start + batch], mask[start:start + batch]
-        short = batch - len(chunk_ids)
-        if short:
-            chunk_ids = np.concatenate([chunk_ids, np.zeros((short, ids.shape[1]), ids.dtype)])
-            chunk_mask = np.concatenate([chunk_mask, np.zeros((short, ids.shape[1]), mask.dtype)])
-        logits = fn(params, head, chunk_ids, chunk_mask)
-        out.append(np.asarray(jnp.argmax(logits, -1))[:batch - short])
-    return np.concatenate(out)
-
-
-def embed(params: dict, ids: np.ndarray, mask: np.ndarray, config: BertConfig, batch: int = 128) -> np.ndarray:
-    """Mean-pooled embeddings of every row, in fixed-size jitted batches."""
-    fn = _jitted_embed(config)
+def _in_batches(fn, ids: np.ndarray, mask: np.ndarray, batch: int) -> np.ndarray:
+    """``fn(ids, mask)`` over fixed-size batches (one compiled shape); the last batch is padded
+    with token 0 under a mask of ones (no empty rows to pool) and the padding rows dropped."""
     out = []
     for start in range(0, len(ids), batch):
         chunk_ids, chunk_mask = ids[start:start + batch], mask[start:start + batch]
@@ -193,8 +177,21 @@ def embed(params: dict, ids: np.ndarray, mask: np.ndarray, config: BertConfig, b
         if short:
             chunk_ids = np.concatenate([chunk_ids, np.zeros((short, ids.shape[1]), ids.dtype)])
             chunk_mask = np.concatenate([chunk_mask, np.ones((short, ids.shape[1]), mask.dtype)])
-        out.append(np.asarray(fn(params, chunk_ids, chunk_mask))[:batch - short])
+        out.append(np.asarray(fn(chunk_ids, chunk_mask))[:batch - short])
     return np.concatenate(out)
+
+
+def predict(params: dict, head: dict, ids: np.ndarray, mask: np.ndarray, config: BertConfig,
+            batch: int = 128) -> np.ndarray:
+    """Argmax class of every row, computed in fixed-size jitted batches (the last one padded)."""
+    fn = _jitted_classify(config)
+    return _in_batches(lambda i, m: jnp.argmax(fn(params, head, i, m), -1), ids, mask, batch)
+
+
+def embed(params: dict, ids: np.ndarray, mask: np.ndarray, config: BertConfig, batch: int = 128) -> np.ndarray:
+    """Mean-pooled embeddings of every row, in fixed-size jitted batches."""
+    fn = _jitted_embed(config)
+    return _in_batches(lambda i, m: fn(params, i, m), ids, mask, batch)
 
 
 def input_grams(params: dict, ids: np.ndarray, mask: np.ndarray, config: BertConfig,
