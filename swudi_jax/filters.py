@@ -95,12 +95,7 @@ def top_k(k: int) -> Filter:
     """
     if not (isinstance(k, int) and k >= 0):
         raise ValueError(f"k must be an int >= 0, got {k!r}")
-
-    def h(lam):
-        n = lam.shape[-1]
-        return (jnp.arange(n) >= n - k).astype(lam.dtype)
-
-    return h
+    return hard_rank(k)
 
 
 def rank_from_ratio(ratio: float, n: int) -> int:
@@ -119,8 +114,8 @@ def top_ratio(ratio: float) -> Filter:
     return h
 
 
-def hard_rank(rank: jnp.ndarray) -> jnp.ndarray:
-    """A top-K mask for a traced K (SWUDI-A): returns a filter keeping the K largest λ."""
+def hard_rank(rank: int | jnp.ndarray) -> Filter:
+    """The top-K mask h = 1[index ≥ n − K] for a static or traced K (SWUDI-A's K_ℓ)."""
 
     def h(lam):
         n = lam.shape[-1]
