@@ -36,7 +36,7 @@ import numpy as np
 from scipy import stats
 
 import swudi_jax
-from swudi_jax import registry
+from swudi_jax.methods import registry
 from swudi_jax.demo import FULL, QUICK, evaluate, train_experts
 
 DATA_FREE = ("task_arithmetic", "average", "ties", "dare", "wudi", "pinv", "swudi", "swudi_a")

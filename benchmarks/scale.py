@@ -132,7 +132,7 @@ def bench_lora(cfg, repeats, rng) -> dict:
     import jax.numpy as jnp
 
     import swudi_jax as sj
-    from swudi_jax.lora import _merge_factors, check_lora_factors
+    from swudi_jax.scale.lora import _merge_factors, check_lora_factors
 
     factors = lora_factors(rng, cfg["n_experts"], cfg["m"], cfg["n"], cfg["rank"])
     b, a = check_lora_factors(factors)
@@ -149,7 +149,7 @@ def bench_topk(cfg, repeats, rng) -> list[dict]:
     import jax.numpy as jnp
 
     import swudi_jax as sj
-    from swudi_jax import filters, solvers
+    from swudi_jax.maths import filters, solvers
 
     tau = decaying_stack(rng, cfg["n_experts"], cfg["m"], cfg["n"])
     k = filters.rank_from_ratio(cfg["ratio"], cfg["n"])
@@ -174,7 +174,7 @@ def sharded_worker(cfg, repeats) -> dict:
     import jax
 
     import swudi_jax as sj
-    from swudi_jax.sharding import make_row_mesh, merge_sharded
+    from swudi_jax.scale.sharding import make_row_mesh, merge_sharded
 
     tau = wide_stack(np.random.default_rng(1), cfg["n_experts"], cfg["m"], cfg["n"])
     mesh8, mesh1 = make_row_mesh(), make_row_mesh(jax.devices()[:1])

@@ -58,7 +58,7 @@ def layers_for(target_mb: float, hidden: int, itemsize: int) -> int:
 
 def write_models(root: Path, shapes: dict, n_experts: int, dtype, shard_bytes: int, seed: int = 0) -> list[Path]:
     """Base + experts as sharded safetensors directories, written tensor by tensor (bounded memory)."""
-    from swudi_jax.io.safetensors_io import SafetensorsWriter
+    from swudi_jax.checkpoint.io.safetensors_io import SafetensorsWriter
 
     entries = {k: (s, np.dtype(dtype)) for k, s in shapes.items()}
     paths = [root / "base"] + [root / f"expert{i}" for i in range(n_experts)]
@@ -86,7 +86,7 @@ WRAPPER = (
 
 IN_MEMORY = (
     "import sys, numpy as np, swudi_jax\n"
-    "from swudi_jax import io\n"
+    "from swudi_jax.checkpoint import io\n"
     "base, *experts = [io.load(p) for p in sys.argv[3:]]\n"
     "merged = swudi_jax.merge(base, experts, sys.argv[1], layout='torch', max_group_bytes=int(sys.argv[2]))\n"
     "io.save(sys.argv[3] + '_merged_in_memory', {k: np.asarray(v) for k, v in merged.items()}, force=True)\n"
@@ -146,15 +146,15 @@ def main(argv: list[str] | None = None) -> dict:
         rows = []
         rss, wall = measure([sys.executable, "-c", RUNTIME, args.method], env)
         rows.append({"run": "runtime", "group_bytes": 0, "peak_rss_bytes": rss, "wall_s": wall})
-        from swudi_jax.checkpoint_merge import _opened, plan_merge
-        from swudi_jax.config import load_config
+        from swudi_jax.checkpoint.pipeline import _opened, plan_merge
+        from swudi_jax.checkpoint.config import load_config
 
         for group_mb in args.group_mb:
             cap = int(group_mb * MB)
             with _opened(load_config(config)) as (base, experts, grams):
                 plan = plan_merge(load_config(config), base, experts, grams, max_group_bytes=cap)
             out = work / f"out_{group_mb:g}"
-            command = [sys.executable, "-m", "swudi_jax.cli", str(config), str(out), "--no-progress",
+            command = [sys.executable, "-m", "swudi_jax.checkpoint.cli", str(config), str(out), "--no-progress",
                        "--max-group-size", str(cap)]
             rss, wall = measure(command, env)
             held = plan.largest_group_bytes() * (args.experts + 2)

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 import swudi_jax as sj
-from swudi_jax import filters
+from swudi_jax.maths import filters
 
 DEFAULT_SHAPES = "4x32x48,4x48x32,6x8x64"
 """(N, m, n) per layer: wide, tall, and N·m < n (C rank-deficient)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from swudi_jax import io
+from swudi_jax.checkpoint import io
 
 HIDDEN, LAYERS, VOCAB = 64, 2, 128
 EXPERTS = ("expert_math", "expert_code", "expert_chat")
@@ -63,7 +63,7 @@ def main(workdir: Path) -> None:
     config = workdir / "merge.yaml"
     shutil.copy(Path(__file__).with_suffix(".yaml"), config)
 
-    command = [sys.executable, "-m", "swudi_jax.cli"] if shutil.which("swudi-merge") is None else ["swudi-merge"]
+    command = [sys.executable, "-m", "swudi_jax.checkpoint.cli"] if shutil.which("swudi-merge") is None else ["swudi-merge"]
     out = workdir / "merged"
     subprocess.run([*command, str(config), str(out), "--dry-run"], check=True)
     subprocess.run([*command, str(config), str(out), "--force"], check=True)

@@ -4,11 +4,26 @@ The one door to the library: layer-level estimators for numerical work, the filt
 rank rules they are built from, and the whole-model entry points.
 """
 
-from swudi_jax import calibration, filters, layout, registry, sequential
-from swudi_jax.calibration import Calibration, task_grams
-from swudi_jax.checkpoint_merge import merge_checkpoints
-from swudi_jax.config import MergeConfig, load_config
-from swudi_jax.lora import merge_lora
+import sys as _sys
+
+from swudi_jax.checkpoint import io
+from swudi_jax.checkpoint.config import MergeConfig, load_config
+from swudi_jax.checkpoint.pipeline import merge_checkpoints
+from swudi_jax.maths import filters, solvers, spectral
+from swudi_jax.maths.spectral import (
+    filtered_solution,
+    interference_operator,
+    normal_equation,
+    right_hand_side,
+    spectrum,
+    task_weights,
+    wudi_loss,
+)
+from swudi_jax.methods import registry
+from swudi_jax.methods.output_space import output_space_qp, residual_energy_score
+from swudi_jax.methods.registry import MergeMethod, available_methods, get_method, register
+from swudi_jax.methods.spec import MethodSpec
+from swudi_jax.methods.regmean import regmean
 from swudi_jax.methods.swudi import (
     LLM_PRESET,
     VISION_PRESET,
@@ -18,23 +33,24 @@ from swudi_jax.methods.swudi import (
     swudi_a,
     swudi_a_rank,
 )
-from swudi_jax.methods.output_space import output_space_qp, residual_energy_score
-from swudi_jax.methods.regmean import regmean
 from swudi_jax.methods.ties import ties_model_thresholds
 from swudi_jax.methods.wudi import wudi_gd
-from swudi_jax.registry import MergeMethod, available_methods, get_method, register
-from swudi_jax.spectral import (
-    filtered_solution,
-    interference_operator,
-    normal_equation,
-    right_hand_side,
-    spectrum,
-    task_weights,
-    wudi_loss,
-)
-from swudi_jax.sequential import layer_scores, layerwise_merge
-from swudi_jax.sharding import make_row_mesh, merge_sharded
-from swudi_jax.tree import merge, merge_group, plan_tree, task_vectors
+from swudi_jax.model import calibration, layout, sequential
+from swudi_jax.model.calibration import Calibration, task_grams
+from swudi_jax.model.merger import merge, merge_group, plan_tree, task_vectors
+from swudi_jax.model.sequential import layer_scores, layerwise_merge
+from swudi_jax.scale import lora, sharding
+from swudi_jax.scale.lora import merge_lora
+from swudi_jax.scale.sharding import make_row_mesh, merge_sharded
+
+# Aliases for the module paths of releases before the package was laid out by stage:
+# ``import swudi_jax.filters`` (now swudi_jax.maths.filters), swudi_jax.layout,
+# swudi_jax.calibration, swudi_jax.sequential (now under swudi_jax.model), swudi_jax.registry
+# (swudi_jax.methods.registry), swudi_jax.sharding, swudi_jax.lora (swudi_jax.scale) and
+# swudi_jax.io (swudi_jax.checkpoint.io) keep working.
+for _module in (filters, solvers, spectral, layout, calibration, sequential, registry, sharding, lora, io):
+    _sys.modules.setdefault(f"{__name__}.{_module.__name__.rsplit('.', 1)[-1]}", _module)
+del _module
 
 __version__ = "0.1.0"
 
@@ -43,6 +59,7 @@ __all__ = [
     "LLM_PRESET",
     "MergeConfig",
     "MergeMethod",
+    "MethodSpec",
     "VISION_PRESET",
     "available_methods",
     "calibration",
@@ -50,7 +67,9 @@ __all__ = [
     "filters",
     "get_method",
     "interference_operator",
+    "io",
     "layout",
+    "lora",
     "load_config",
     "make_row_mesh",
     "layer_scores",
@@ -70,6 +89,9 @@ __all__ = [
     "residual_energy_score",
     "right_hand_side",
     "sequential",
+    "sharding",
+    "solvers",
+    "spectral",
     "spectral_merge",
     "spectrum",
     "swudi",

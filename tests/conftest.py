@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+"""CI (which sets CI=true) runs every property test on the same examples, so a red run reruns red."""
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden.npz"
 """Inputs and outputs of the SWUDI authors' PyTorch code (see data/GOLDEN_README.md)."""

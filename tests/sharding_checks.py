@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import random_task_vectors  # noqa: E402
 
 import swudi_jax as sj  # noqa: E402
-from swudi_jax.sharding import make_row_mesh, merge_sharded, row_sharding  # noqa: E402
+from swudi_jax.scale.sharding import make_row_mesh, merge_sharded, row_sharding  # noqa: E402
 
 SINGLE = {
     "swudi": lambda t, **o: sj.swudi(t, solver="full", **o),
@@ -82,7 +82,7 @@ def main():
             "blocks.0.attn.bias": rng.normal(size=(64,)).astype(np.float32)}
     experts = [{k: v + 0.05 * rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()}
                for _ in range(4)]
-    whole = {shard: sj.merge(base, experts, "swudi", layout="torch", shard=shard) for shard in (True, False)}
+    whole = {shard: sj.merge(base, experts, "swudi", layout="torch", multi_device=shard) for shard in (True, False)}
     report["merge_shard_rel_err"] = max(rel_err(whole[True][k], whole[False][k]) for k in base)
     report["cases"] = dict(cases)
     print(json.dumps(report))

@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from swudi_jax import task_grams
-from swudi_jax.calibration import dense_io, input_grams, layer_order
+from swudi_jax.model.calibration import dense_io, input_grams, layer_order
 
 
 class Block(nn.Module):

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import yaml
 
-import swudi_jax.checkpoint_merge as checkpoint_merge
-from swudi_jax import io as ckio
-from swudi_jax.checkpoint_merge import CONFIG_NAME, merge_checkpoints
-from swudi_jax.cli import main
-from swudi_jax.tree import merge
+import swudi_jax.checkpoint.pipeline as checkpoint_merge
+from swudi_jax.checkpoint import io as ckio
+from swudi_jax.checkpoint.pipeline import CONFIG_NAME, merge_checkpoints
+from swudi_jax.checkpoint.cli import main
+from swudi_jax.model.merger import merge
 
 
 def hf_model(rng, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -145,14 +145,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(on_disk, capsys):
     assert main([str(config(exclude="*embed_tokens*")), str(root / "out"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in printed.splitlines() if line.startswith(("model.", "lm_head"))}
-    assert rows["model.layers.0.self_attn.q_proj.weight"][3:5] == ["spectral", "swudi"]
+    assert rows["model.layers.0.self_attn.q_proj.weight"][3:5] == ["linear", "swudi"]
     assert rows["lm_head.weight"][3:5] == ["mean", "mean"]
     assert rows["model.embed_tokens.weight"][3:5] == ["keep", "base"]
     assert rows["model.position_ids"][3:5] == ["passthrough", "copy"]
     assert not (root / "out").exists()
     assert main([str(config(head_patterns=["*up_proj*"], others="keep")), str(root / "out"), "--dry-run"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("model.", "lm_head"))}
-    assert rows["lm_head.weight"][3:5] == ["spectral", "swudi"]
+    assert rows["lm_head.weight"][3:5] == ["linear", "swudi"]
     assert rows["model.layers.1.mlp.up_proj.weight"][3:5] == ["keep", "base"]
     assert rows["model.layers.0.input_layernorm.weight"][3:5] == ["keep", "base"]
 
@@ -246,7 +246,7 @@ def test_interrupt_mid_merge_leaves_no_output_and_inputs_untouched(on_disk, monk
 def test_console_script_runs_in_a_subprocess(on_disk):
     root, _, _, config = on_disk
     script = Path(sys.executable).parent / "swudi-merge"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "swudi_jax.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "swudi_jax.checkpoint.cli"]
     done = subprocess.run([*command, str(config(merge_method="average")), str(root / "out"), "--no-progress"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0, done.stderr
@@ -277,7 +277,7 @@ def test_sigterm_mid_merge_removes_the_partial_output(tmp_path):
     (tmp_path / "m.yaml").write_text(yaml.safe_dump({"base_model": "base", "models": ["e0", "e1"],
                                                      "merge_method": "swudi"}))
     before = snapshot(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "swudi_jax.cli", str(tmp_path / "m.yaml"), str(tmp_path / "out"),
+    proc = subprocess.Popen([sys.executable, "-m", "swudi_jax.checkpoint.cli", str(tmp_path / "m.yaml"), str(tmp_path / "out"),
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     while proc.poll() is None and not list(tmp_path.glob(".out.*.tmp/model.safetensors")):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import yaml
 
-from swudi_jax import io as ckio
-from swudi_jax.config import ConfigError, load_config, parse_config, parse_size
+from swudi_jax.checkpoint import io as ckio
+from swudi_jax.checkpoint.config import ConfigError, load_config, parse_config, parse_size
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_minimal_config_gets_resolved_paths_and_method_defaults(models):
     config = load_config(write_config(models, **minimal()))
     assert config.base_model == (models / "base.safetensors").resolve()
     assert config.models == ((models / "e1.safetensors").resolve(), (models / "e2.safetensors").resolve())
-    from swudi_jax import registry
+    from swudi_jax.methods import registry
     assert dict(config.parameters) == registry.resolve_options("swudi", {})
     assert (config.layout, config.dtype, config.out_dtype, config.format) == ("auto", "float32", None, "auto")
 
@@ -97,9 +97,9 @@ def test_sizes_accept_bytes_and_units():
 
 
 def test_data_methods_need_a_grams_file(models, monkeypatch):
-    from swudi_jax import registry
+    from swudi_jax.methods import registry
 
-    probe = registry.MergeMethod(name="gram_probe", fn=lambda tau, grams: tau[0], kind="data", defaults={},
+    probe = registry.MethodSpec(name="gram_probe", fn=lambda tau, grams: tau[0], kind="data", defaults={},
                                  default_scale=1.0, source="test")
     monkeypatch.setitem(registry._METHODS, "gram_probe", probe)
     with pytest.raises(ConfigError, match="needs per-layer input Grams"):

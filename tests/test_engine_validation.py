@@ -13,8 +13,8 @@ import pytest
 from conftest import random_task_vectors
 
 import swudi_jax as sj
-from swudi_jax import filters
-from swudi_jax.spectral import Spectrum
+from swudi_jax.maths import filters
+from swudi_jax.maths.spectral import Spectrum
 
 TAU = random_task_vectors(0, 2, 7, 13)
 """A shape no other test compiles for, so a call that did compute would have to trace."""

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 import numpy_reference as ref
 import swudi_jax as sj
-from swudi_jax import filters
-from swudi_jax.spectral import gram_gradient
+from swudi_jax.maths import filters
+from swudi_jax.maths.spectral import gram_gradient
 
 RULES = sorted(ref.RANK_RULES)
 SHAPE_LIST = [(4, 6, 10), (3, 2, 9), (5, 9, 3), (2, 1, 7)]

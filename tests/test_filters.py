@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import numpy_reference as ref
-from swudi_jax import filters
+from swudi_jax.maths import filters
 
 RULES = ["participation_sqrt", "entropy", "participation", "stable_rank", "gavish_donoho",
          "cumulative_variance"]

@@ -9,9 +9,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from swudi_jax import io as ckio
-from swudi_jax.io import safetensors_io
-from swudi_jax.io.atomic import atomic_directory
+from swudi_jax.checkpoint import io as ckio
+from swudi_jax.checkpoint.io import safetensors_io
+from swudi_jax.checkpoint.io.atomic import atomic_directory
 
 
 def sample_flat(seed: int = 0, sep: str = "/") -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swudi_jax.layout import (
+from swudi_jax.model.layout import (
     WUDI_VIT_SCOPE,
     group_plans,
     path_matches,
@@ -24,21 +24,21 @@ def kind(path, shape, dtype=F32, **kw):
 
 def test_flax_kernel_is_transposed_to_outputs_by_inputs():
     plan = plan_leaf("Dense_0/kernel", (3, 5), F32, layout="flax")
-    assert plan.kind == "spectral" and plan.maths_shape == (5, 3)
+    assert plan.kind == "linear" and plan.maths_shape == (5, 3)
     x = np.arange(15, dtype=F32).reshape(1, 3, 5)
     np.testing.assert_array_equal(to_maths(plan, x)[0, 0], x[0].T)
 
 
 def test_torch_weight_is_already_maths_layout():
     plan = plan_leaf("layers.0.mlp.weight", (5, 3), F32, layout="torch")
-    assert plan.kind == "spectral" and plan.maths_shape == (5, 3)
+    assert plan.kind == "linear" and plan.maths_shape == (5, 3)
     x = np.arange(15, dtype=F32).reshape(1, 5, 3)
     np.testing.assert_array_equal(to_maths(plan, x)[0, 0], x[0])
 
 
 def test_leaf_kinds_follow_the_reference_rules():
-    assert kind("embed.weight", (30, 16), layout="torch") == "spectral"
-    assert kind("Embed_0/embedding", (30, 16)) == "spectral"
+    assert kind("embed.weight", (30, 16), layout="torch") == "linear"
+    assert kind("Embed_0/embedding", (30, 16)) == "linear"
     assert kind("lm_head.weight", (30, 16), layout="torch") == "mean"
     assert kind("blocks.0.attn.bias", (16,), layout="torch") == "mean"
     assert kind("LayerNorm_0/scale", (16,)) == "mean"
@@ -69,8 +69,8 @@ def test_glob_matches_the_path_or_a_tail_after_a_separator_and_re_searches():
 def test_dense_general_kernels_fold_their_input_axes():
     query = plan_leaf("attn/query/kernel", (8, 2, 4), F32)
     out = plan_leaf("attn/out/kernel", (2, 4, 8), F32)
-    assert (query.kind, query.maths_shape, query.input_axes) == ("spectral", (8, 8), 1)
-    assert (out.kind, out.maths_shape, out.input_axes) == ("spectral", (8, 8), 2)
+    assert (query.kind, query.maths_shape, query.input_axes) == ("linear", (8, 8), 1)
+    assert (out.kind, out.maths_shape, out.input_axes) == ("linear", (8, 8), 2)
     x = np.random.default_rng(0).normal(size=(1, 8, 2, 4)).astype(F32)
     np.testing.assert_array_equal(to_maths(query, x)[0, 0], x[0].reshape(8, 8).T)
     custom = plan_leaf("proj/kernel", (6, 2, 3), F32, input_axes={"proj/kernel": 1})
@@ -80,7 +80,7 @@ def test_dense_general_kernels_fold_their_input_axes():
 
 def test_scanned_kernels_are_stacks_of_layers():
     plan = plan_leaf("blocks/Dense_0/kernel", (5, 3, 4), F32, scan_patterns="blocks/*")
-    assert plan.kind == "spectral" and plan.layers == 5 and plan.maths_shape == (4, 3)
+    assert plan.kind == "linear" and plan.layers == 5 and plan.maths_shape == (4, 3)
     x = np.random.default_rng(1).normal(size=(2, 5, 3, 4)).astype(F32)
     maths = to_maths(plan, x)
     assert maths.shape == (5, 2, 4, 3)
@@ -102,7 +102,7 @@ def test_to_maths_then_from_maths_is_the_identity(layout, dims, scanned, n_in):
     plan = plan_leaf("m/x/kernel" if layout == "flax" else "m.x.weight", shape, F32, layout=layout,
                      scan_patterns="m*" if scanned else None, input_axes={"x/kernel": min(n_in, max(inner_ndim - 1, 1))})
     x = np.random.default_rng(2).normal(size=(3, *shape)).astype(F32)
-    if plan.kind != "spectral":
+    if plan.kind != "linear":
         assert inner_ndim != 2
         return
     maths = to_maths(plan, x)
@@ -118,7 +118,7 @@ def test_wudi_vit_scope_merges_only_attention_and_mlp_matrices():
     kept = ["visual.conv1.weight", "visual.proj", "visual.transformer.resblocks.0.ln_1.weight",
             "vision_model.embeddings.position_embedding.weight"]
     for path in spectral:
-        assert kind(path, (12, 4), layout="torch", **WUDI_VIT_SCOPE) == "spectral", path
+        assert kind(path, (12, 4), layout="torch", **WUDI_VIT_SCOPE) == "linear", path
     for path in kept:
         assert kind(path, (12, 4), layout="torch", **WUDI_VIT_SCOPE) == "keep", path
 
@@ -140,8 +140,8 @@ def test_unknown_layout_is_refused():
 
 
 def test_layout_is_inferred_from_leaf_names():
-    from swudi_jax.layout import infer_layout
-    from swudi_jax.tree import plan_tree
+    from swudi_jax.model.layout import infer_layout
+    from swudi_jax.model.merger import plan_tree
 
     assert infer_layout(["Dense_0/kernel", "Dense_0/bias"]) == "flax"
     assert infer_layout(["model.layers.0.mlp.up_proj.weight"]) == "torch"

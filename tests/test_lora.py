@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import swudi_jax as sj
-from swudi_jax.lora import merge_lora
+from swudi_jax.scale.lora import merge_lora
 
 RULES = ["participation_sqrt", "entropy", "participation", "stable_rank", "gavish_donoho"]
 

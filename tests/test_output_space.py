@@ -13,7 +13,7 @@ import pytest
 
 from swudi_jax import output_space_qp, residual_energy_score
 from swudi_jax.methods.output_space import qp_merge, row_systems
-from swudi_jax.registry import get_method, resolve_options
+from swudi_jax.methods.registry import get_method, resolve_options
 
 
 def problem(seed=0, n_tasks=3, m=5, n=7, tokens=(20, 16, 24)):

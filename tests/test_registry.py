@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import swudi_jax as sj
-from swudi_jax import registry
+from swudi_jax.methods import registry
 
 BUILTIN = ["average", "dare", "pinv", "swudi", "swudi_a", "task_arithmetic", "ties", "wudi"]
 
@@ -68,7 +68,7 @@ def test_default_scale_is_point_three_for_task_arithmetic_and_one_otherwise():
 def test_a_registered_method_merges_through_the_same_call(monkeypatch):
     registry.available_methods()
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # undone after the test
-    method = sj.register(sj.MergeMethod(
+    method = sj.register(sj.MethodSpec(
         name="test_max_abs", fn=lambda tau, *, sign=1.0: sign * jnp.max(jnp.abs(tau), axis=0),
         kind="elementwise", defaults={"sign": 1.0}, default_scale=1.0, source="a test"))
     base = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
@@ -82,7 +82,7 @@ def test_a_registered_method_merges_through_the_same_call(monkeypatch):
 def test_register_refuses_an_unknown_kind(monkeypatch):
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
     with pytest.raises(ValueError, match="kind"):
-        registry.register(registry.MergeMethod("x", lambda t: t, "magic", {}, 1.0, "nowhere"))
+        registry.register(registry.MethodSpec("x", lambda t: t, "magic", {}, 1.0, "nowhere"))
 
 
 def test_solver_option_reaches_the_layer_function_through_merge():

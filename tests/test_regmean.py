@@ -8,7 +8,7 @@ import pytest
 
 from swudi_jax import output_space_qp, regmean, residual_energy_score
 from swudi_jax.methods.regmean import scale_off_diagonal
-from swudi_jax.registry import get_method, resolve_options
+from swudi_jax.methods.registry import get_method, resolve_options
 
 
 def problem(seed=0, n_tasks=3, m=4, n=6, tokens=25):

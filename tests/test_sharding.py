@@ -18,7 +18,7 @@ import pytest
 from conftest import random_task_vectors
 
 import swudi_jax as sj
-from swudi_jax.sharding import DEFAULT_SHARD_BYTES, make_row_mesh, merge_sharded, should_shard
+from swudi_jax.scale.sharding import DEFAULT_SHARD_BYTES, make_row_mesh, merge_sharded, should_shard
 
 HERE = Path(__file__).resolve().parent
 
@@ -75,8 +75,8 @@ def test_whole_model_merge_takes_the_sharded_path_on_request_with_the_same_resul
 def test_whole_model_merge_refuses_a_bad_shard_option_before_compute():
     base = {"w": np.ones((4, 6), np.float32)}
     experts = [{"w": np.full((4, 6), 1.0 + i, np.float32)} for i in range(1, 3)]
-    with pytest.raises(ValueError, match="shard must be True, False or 'auto', got 'yes'"):
-        sj.merge(base, experts, "swudi", layout="torch", shard="yes")
+    with pytest.raises(ValueError, match="multi_device must be True, False or 'auto', got 'yes'"):
+        sj.merge(base, experts, "swudi", layout="torch", multi_device="yes")
 
 
 def test_single_device_mesh_gives_the_single_device_result():

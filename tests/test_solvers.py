@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import swudi_jax as sj
-from swudi_jax import solvers
+from swudi_jax.maths import solvers
 from swudi_jax.methods.swudi import resolve_solver, swudi_a_top_count
 
 ALL_RULES = ["participation_sqrt", "entropy", "participation", "stable_rank", "gavish_donoho",

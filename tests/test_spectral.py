@@ -11,8 +11,8 @@ from conftest import random_task_vectors
 
 import numpy_reference as ref
 import swudi_jax as sj
-from swudi_jax import filters
-from swudi_jax.spectral import anchor, normal_equation, task_weights
+from swudi_jax.maths import filters
+from swudi_jax.maths.spectral import anchor, normal_equation, task_weights
 
 SHAPES = [(4, 6, 10), (3, 12, 5), (3, 2, 9)]
 """m < n, m > n (the other association for D), and N·m < n (C rank-deficient)."""

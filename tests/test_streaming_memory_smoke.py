@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from swudi_jax import io as ckio
+from swudi_jax.checkpoint import io as ckio
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "streaming_memory.py"
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import swudi_jax as sj
-from swudi_jax.layout import group_plans
-from swudi_jax.tree import merge_group, plan_tree
+from swudi_jax.model.layout import group_plans
+from swudi_jax.model.merger import merge_group, plan_tree
 
 NAMES = ["embed.weight", "blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.0.mlp.weight",
          "blocks.0.norm.weight", "lm_head.weight"]
@@ -131,19 +131,19 @@ def test_layers_of_one_shape_run_in_one_vmapped_call_and_chunking_changes_nothin
         traced.append(tau.shape)  # runs once per trace: once per compiled group call
         return sj.swudi(tau, **opts)
 
-    from swudi_jax import registry
+    from swudi_jax.methods import registry
 
     registry.available_methods()
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
     base_method = registry.get_method("swudi")
-    sj.register(registry.MergeMethod("counting_swudi", counting_swudi, "spectral", base_method.defaults, 1.0,
+    sj.register(registry.MethodSpec("counting_swudi", counting_swudi, "linear", base_method.defaults, 1.0,
                                      base_method.source, base_method.validate))
     base = flax_model(4)
     experts = experts_of(base, 3)
     merged = sj.merge(base, experts, method="counting_swudi")
     # spectral groups: (8, 6) Dense_0, (8, 8) Dense_1, (6, 8) Dense_2 and Dense_3 stacked together
     assert sorted(traced) == sorted([(3, 8, 6), (3, 8, 8), (3, 6, 8)])
-    import swudi_jax.tree as tree_module
+    import swudi_jax.model.merger as tree_module
 
     calls = []
     real_merge_group = tree_module.merge_group
@@ -170,11 +170,11 @@ def test_merge_group_merges_a_streamed_group_like_merge(golden_model):
 
 
 def test_data_methods_receive_each_layers_grams(monkeypatch):
-    from swudi_jax import registry
+    from swudi_jax.methods import registry
 
     registry.available_methods()
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
-    sj.register(registry.MergeMethod(  # RegMean's closed form, for the plumbing
+    sj.register(registry.MethodSpec(  # RegMean's closed form, for the plumbing
         "test_regmean", lambda tau, grams: jnp.linalg.solve(grams.sum(0), jnp.einsum("kmn,knp->mp", tau, grams).T).T,
         "data", {}, 1.0, "Jin et al., ICLR 2023"))
     base = flax_model(5)

@@ -68,11 +68,11 @@ def file_sha256(path: Path) -> str:
 
 def load_tensors(path: Path, *, floats_only: bool = True) -> dict[str, np.ndarray]:
     """All tensors of one checkpoint as ``{HF name: numpy array}``, read by swudi_jax's own
-    lazy reader (:func:`swudi_jax.io.load`), so HF names and layout come through unchanged.
+    lazy reader (:func:`swudi_jax.checkpoint.io.load`), so HF names and layout come through unchanged.
 
     Integer buffers (``embeddings.position_ids``) are dropped unless ``floats_only`` is False.
     """
-    from swudi_jax.io import load
+    from swudi_jax.checkpoint.io import load
 
     tensors = load(path)
     if floats_only:

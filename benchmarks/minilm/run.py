@@ -137,7 +137,7 @@ class Setup:
     def merge_config(self, method: str, scale: float | None = None, parameters: dict | None = None,
                      calib: int = 256) -> dict:
         """The ``swudi-merge`` YAML content merging the cached experts with ``method``."""
-        from swudi_jax import registry
+        from swudi_jax.methods import registry
 
         config = {"base_model": str(bert.model_dir() / "model.safetensors"),
                   "models": [str(self.experts[t] / "model.safetensors") for t in self.tasks],
@@ -185,7 +185,7 @@ def benchmark(cache: Path, out_dir: Path, methods: list[str], calib: int = 256,
               specs: dict[str, TaskSpec | None] | None = None, log=print) -> dict:
     """Merge with each of ``methods`` (registry names or ``EXTRA_RUNS`` keys), score on the test
     splits, and write ``minilm.json`` (after every method), ``minilm.png`` and the table."""
-    from swudi_jax import registry
+    from swudi_jax.methods import registry
 
     setup = load_setup(cache, specs, log)
     order = list(setup.tasks)
@@ -267,7 +267,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from swudi_jax import registry
+    from swudi_jax.methods import registry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)

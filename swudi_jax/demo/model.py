@@ -4,7 +4,7 @@ The usual convention of merging benchmarks: experts share a backbone that is fin
 merged, while each task keeps its own classification head (here the head its expert trained),
 which is never merged. A merged model is evaluated with the merged backbone and each task's
 head. Calibration Grams for the data methods are captured by
-:func:`swudi_jax.calibration.task_grams` from the backbone's Dense layers
+:func:`swudi_jax.model.calibration.task_grams` from the backbone's Dense layers
 (:func:`dense_layers` lists their paths).
 """
 
@@ -74,7 +74,7 @@ def dense_layers(backbone: dict) -> list[str]:
 
     The kernels are Flax layout (in, out); the paths are those ``swudi_jax.merge`` sees on
     the backbone pytree with "/" separators, i.e. the keys of a ``grams`` mapping, and those
-    :func:`swudi_jax.calibration.task_grams` returns for ``lambda v, x: model.apply(v, x)``.
+    :func:`swudi_jax.model.calibration.task_grams` returns for ``lambda v, x: model.apply(v, x)``.
     """
     flat = traverse_util.flatten_dict(backbone, sep="/")
     paths = [p for p in flat if p.endswith("/kernel") and flat[p].ndim == 2]

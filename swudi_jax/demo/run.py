@@ -3,7 +3,7 @@
 One small Flax MLP is pre-trained on scikit-learn's digits; N experts are fine-tuned from it
 on transformed digits (:mod:`swudi_jax.demo.data`); their backbones are merged with
 :func:`swudi_jax.merge` by every registered method at its documented defaults (the data
-methods get per-task input Grams from :func:`swudi_jax.calibration.task_grams`, each expert on
+methods get per-task input Grams from :func:`swudi_jax.model.calibration.task_grams`, each expert on
 its own task's training images, as RegMean does); each task keeps its expert's head. The
 table gives per-task test accuracy, the mean, and the mean normalised accuracy (a model's
 accuracy on a task divided by that task's expert's). Everything runs offline on CPU with
@@ -25,11 +25,12 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from swudi_jax import calibration, registry
+from swudi_jax.methods import registry
+from swudi_jax.model import calibration
 from swudi_jax.demo.data import Task, make_pretraining_task, make_tasks
 from swudi_jax.demo.model import Backbone, build_model
 from swudi_jax.demo.train import evaluate, finetune, pretrain
-from swudi_jax.tree import merge
+from swudi_jax.model.merger import merge
 
 
 @dataclass(frozen=True)

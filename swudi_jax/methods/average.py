@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from swudi_jax.registry import MergeMethod, register
+from swudi_jax.methods.spec import MethodSpec
 
 
 def average(tau: jax.Array) -> jax.Array:
@@ -23,13 +23,9 @@ def average(tau: jax.Array) -> jax.Array:
     return jnp.mean(tau, axis=0)
 
 
-register(
-    MergeMethod(
-        name="average",
-        fn=average,
-        kind="elementwise",
-        defaults={},
-        default_scale=1.0,
-        source="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
-    )
+AVERAGE = MethodSpec(
+    name="average",
+    fn=average,
+    kind="elementwise",
+    source="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
 )

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 
 from swudi_jax.methods.task_arithmetic import DEFAULT_LAMBDA
 from swudi_jax.methods.ties import disjoint_merge
-from swudi_jax.registry import MergeMethod, register
-from swudi_jax.validation import check_choice, check_number
+from swudi_jax.methods.spec import MethodSpec
+from swudi_jax.maths.validation import check_choice, check_number
 
 THEN = ("task_arithmetic", "ties")
 DEFAULT_DROP = 0.9
@@ -84,15 +84,17 @@ def _validate(options: Mapping[str, Any]) -> None:
     check_choice(options["then"], "then", THEN)
 
 
-register(
-    MergeMethod(
-        name="dare",
-        fn=dare,
-        kind="elementwise",
-        defaults={"drop": DEFAULT_DROP, "rescale": True, "seed": 0, "then": "task_arithmetic"},
-        default_scale=DEFAULT_LAMBDA,
-        source="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
-        validate=_validate,
-        scale_rule=lambda options: DEFAULT_LAMBDA if options["then"] == "task_arithmetic" else 1.0,
-    )
+def _leaf_keys(options: Mapping[str, Any], path: str, layer: int) -> dict[str, jax.Array]:
+    return {"key": leaf_key(int(options["seed"]), path, layer)}
+
+
+DARE = MethodSpec(
+    name="dare",
+    fn=dare,
+    kind="elementwise",
+    inputs=("key",),
+    default_scale=lambda options: DEFAULT_LAMBDA if options["then"] == "task_arithmetic" else 1.0,
+    source="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
+    validate=_validate,
+    leaf_inputs=_leaf_keys,
 )

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swudi_jax.registry import MergeMethod, register
-from swudi_jax.spectral import HIGHEST, compute_dtype
-from swudi_jax.validation import as_float_array, check_finite, check_number, check_task_vectors
+from swudi_jax.methods.spec import MethodSpec
+from swudi_jax.maths.linalg import HIGHEST, compute_dtype
+from swudi_jax.maths.validation import as_float_array, check_finite, check_number, check_task_vectors
 
 BASES = (None, "energy")
 """Named output bases: None (identity, the diagonal QP) and "energy" (see :func:`energy_basis`)."""
@@ -337,15 +337,12 @@ def _validate_options(options) -> None:
         raise ValueError(f"basis must be one of {list(BASES)} in a model-level merge, got {options['basis']!r}")
 
 
-register(
-    MergeMethod(
-        name="output_space",
-        fn=output_space,
-        kind="data",
-        defaults={"basis": None, "ridge": 1e-6, "fallback_weight": DEFAULT_FALLBACK_WEIGHT},
-        default_scale=1.0,
-        source="Evans et al., Model Merging by Output-Space Projection (arXiv 2605.29101); "
-        "diagonal QP per output row, our reconstruction",
-        validate=_validate_options,
-    )
+OUTPUT_SPACE = MethodSpec(
+    name="output_space",
+    fn=output_space,
+    kind="data",
+    defaults={"basis": None, "ridge": 1e-6, "fallback_weight": DEFAULT_FALLBACK_WEIGHT},
+    source="Evans et al., Model Merging by Output-Space Projection (arXiv 2605.29101); "
+    "diagonal QP per output row, our reconstruction",
+    validate=_validate_options,
 )

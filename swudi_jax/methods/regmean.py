@@ -11,7 +11,7 @@ With α = 1 (and optional task weights ωk in both sums) Δ is the unconstrained
 the output-space loss Σk ωk ‖(Δ − Δk) Xk‖², i.e. the upper bound on the diagnostic ρ of
 :mod:`swudi_jax.methods.output_space`. Non-linear parameters are averaged by the model-level
 merge (the registry's "mean" leaves). RegMean++ uses the same formula with Grams taken from
-the merged model's activations (see :mod:`swudi_jax.sequential`).
+the merged model's activations (see :mod:`swudi_jax.model.sequential`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from swudi_jax.methods.output_space import check_grams, check_weights, weights_or_ones, work_dtype
-from swudi_jax.registry import MergeMethod, register
-from swudi_jax.spectral import HIGHEST
-from swudi_jax.validation import check_number, check_task_vectors
+from swudi_jax.methods.spec import MethodSpec
+from swudi_jax.maths.linalg import HIGHEST
+from swudi_jax.maths.validation import check_number, check_task_vectors
 
 DEFAULT_ALPHA = 0.95
 """The reference off-diagonal scaling of RegMean."""
@@ -127,14 +127,11 @@ def _validate_options(options) -> None:
     check_number(options["ridge"], "ridge", low=0.0)
 
 
-register(
-    MergeMethod(
-        name="regmean",
-        fn=regmean,
-        kind="data",
-        defaults={"alpha": DEFAULT_ALPHA, "ridge": 0.0},
-        default_scale=1.0,
-        source="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023",
-        validate=_validate_options,
-    )
+REGMEAN = MethodSpec(
+    name="regmean",
+    fn=regmean,
+    kind="data",
+    defaults={"alpha": DEFAULT_ALPHA, "ridge": 0.0},
+    source="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023",
+    validate=_validate_options,
 )

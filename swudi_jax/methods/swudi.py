@@ -13,7 +13,7 @@ Each function takes ``tau`` (N, m, n) in maths layout (m outputs, n inputs), flo
 float64, returns the merged task vector (m, n) in ``tau``'s dtype, is jit-compiled and works
 under ``jax.vmap`` over a leading layer axis.
 
-``solver`` picks how C's eigenpairs are found (:mod:`swudi_jax.solvers`); every choice gives
+``solver`` picks how C's eigenpairs are found (:mod:`swudi_jax.maths.solvers`); every choice gives
 the same θ to float rounding: "full" one ``eigh`` of C; "lowrank" the R×R problem of C's
 non-zero eigenpairs when R = N·m ≤ n; "topk" the K largest by subspace iteration (SWUDI, and
 SWUDI-A with the trace rules participation / stable_rank); "auto" picks "lowrank" when
@@ -23,26 +23,20 @@ N·m < n, else "topk" when n ≥ 1024 and K ≤ n/10, else "full".
 from __future__ import annotations
 
 import functools
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from swudi_jax import filters, solvers
-from swudi_jax.spectral import (
-    INIT_MODES,
-    Spectrum,
-    anchor,
-    compute_dtype,
-    filtered_merge,
-    filtered_solution,
-    interference_operator,
-    normal_equation,
-    right_hand_side,
-    spectrum,
-    task_weights,
-    with_mean_fallback,
-)
-from swudi_jax.validation import check_choice, check_number, check_task_vectors
+from swudi_jax.maths import filters, solvers
+from swudi_jax.maths.linalg import compute_dtype
+from swudi_jax.maths.spectral import INIT_MODES, Spectrum, anchor, filtered_merge, filtered_solution
+from swudi_jax.maths.spectral import interference_operator, normal_equation, right_hand_side, spectrum
+from swudi_jax.maths.spectral import task_weights, with_mean_fallback
+from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors
+from swudi_jax.methods.spec import MethodSpec, SpectralFilter
+
+SOURCE = "Wei et al., Closed-Form Spectral Regularization for Multi-Task Model Merging (arXiv 2606.07289)"
 
 VISION_PRESET = {"time": 1300.0, "rank_ratio": 0.65}
 """The paper's defaults for CLIP ViT experts."""
@@ -131,9 +125,7 @@ def swudi(tau, *, time: float = 1300.0, rank_ratio: float = 0.65, init: str = "s
       The merged task vector (m, n).
     """
     tau = check_task_vectors(tau)
-    check_number(time, "time", low=0.0)
-    check_number(rank_ratio, "rank_ratio", low=0.0, high=1.0, low_open=True)
-    _check_init(init)
+    _validate_swudi({"time": time, "rank_ratio": rank_ratio, "init": init, "solver": solver})
     top = filters.rank_from_ratio(float(rank_ratio), tau.shape[-1])
     return _swudi(tau, float(time), float(rank_ratio), init, resolve_solver(solver, tau.shape, top))
 
@@ -200,7 +192,7 @@ def swudi_a(
     """SWUDI-A: the hard filter h = 1[top K_ℓ] with K_ℓ picked per layer by a rank rule.
 
     Default rule participation_sqrt: K = ⌈(Σ√λ)²/Σλ⌉; others: entropy, participation,
-    stable_rank, gavish_donoho, cumulative_variance (see :mod:`swudi_jax.filters`). K is
+    stable_rank, gavish_donoho, cumulative_variance (see :mod:`swudi_jax.maths.filters`). K is
     clamped to [min_rank, max(min_rank, round(max_rank_ratio·n))].
 
     Args:
@@ -215,8 +207,8 @@ def swudi_a(
       The merged task vector (m, n).
     """
     tau = check_task_vectors(tau)
-    _check_rank_options(rank_rule, min_rank, max_rank_ratio)
-    _check_init(init)
+    _validate_swudi_a({"rank_rule": rank_rule, "min_rank": min_rank, "max_rank_ratio": max_rank_ratio,
+                       "init": init, "solver": solver})
     top = swudi_a_top_count(rank_rule, int(min_rank), float(max_rank_ratio), tau.shape[-1])
     solver = resolve_solver(solver, tau.shape, top)
     return _swudi_a(tau, rank_rule, int(min_rank), float(max_rank_ratio), init, solver)
@@ -254,42 +246,46 @@ def pinv_merge(tau, *, solver: str = "auto") -> jax.Array:
     null directions exactly, where the full path divides rounding noise by 1e-8.
     """
     tau = check_task_vectors(tau)
+    _validate_pinv({"solver": solver})
     return _pinv(tau, resolve_solver(solver, tau.shape, None))
 
 
-SPECTRAL_METHODS = ("swudi", "swudi_a", "pinv")
-"""Layer methods that other execution paths (sharded, LoRA factors) can run by filter."""
+def _validate_swudi(options: Mapping[str, Any]) -> None:
+    check_number(options["time"], "time", low=0.0)
+    check_number(options["rank_ratio"], "rank_ratio", low=0.0, high=1.0, low_open=True)
+    _check_init(options["init"])
+    check_choice(options["solver"], "solver", solvers.SOLVERS)
 
 
-def method_filter(method: str, **options):
-    """The filter factory ``make_h(λ, (m, n))`` and anchor mode of a spectral method, with
-    its options validated as the method itself does (for paths that run the estimator by
-    other means: :mod:`swudi_jax.sharding`, :mod:`swudi_jax.lora`).
+def _validate_swudi_a(options: Mapping[str, Any]) -> None:
+    _check_rank_options(options["rank_rule"], options["min_rank"], options["max_rank_ratio"])
+    _check_init(options["init"])
+    check_choice(options["solver"], "solver", solvers.SOLVERS)
 
-    Args:
-      method: "swudi", "swudi_a" or "pinv".
-      **options: that method's keyword options (not ``solver``).
-    Returns:
-      ``(make_h, init)``.
-    """
-    check_choice(method, "method", SPECTRAL_METHODS)
-    allowed = {
-        "swudi": {"time": 1300.0, "rank_ratio": 0.65, "init": "sum"},
-        "swudi_a": {"rank_rule": "participation_sqrt", "min_rank": 1, "max_rank_ratio": 1.0, "init": "sum"},
-        "pinv": {},
-    }[method]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"method {method!r} has no option(s) {unknown}; it takes {sorted(allowed)}")
-    opts = {**allowed, **options}
-    if method == "pinv":
-        return (lambda lam, shape: filters.identity()(lam)), "sum"
-    _check_init(opts["init"])
-    if method == "swudi":
-        check_number(opts["time"], "time", low=0.0)
-        check_number(opts["rank_ratio"], "rank_ratio", low=0.0, high=1.0, low_open=True)
-        h = swudi_filter(float(opts["time"]), float(opts["rank_ratio"]))
-        return (lambda lam, shape: h(lam)), opts["init"]
-    _check_rank_options(opts["rank_rule"], opts["min_rank"], opts["max_rank_ratio"])
-    make_h = rank_filter(opts["rank_rule"], int(opts["min_rank"]), float(opts["max_rank_ratio"]))
-    return make_h, opts["init"]
+
+def _validate_pinv(options: Mapping[str, Any]) -> None:
+    check_choice(options["solver"], "solver", solvers.SOLVERS)
+
+
+def _swudi_spectral_filter(options: Mapping[str, Any]) -> SpectralFilter:
+    time, ratio = float(options["time"]), float(options["rank_ratio"])
+    h = swudi_filter(time, ratio)
+    return SpectralFilter(lambda lam, shape: h(lam), options["init"], lambda n: filters.rank_from_ratio(ratio, n))
+
+
+def _swudi_a_spectral_filter(options: Mapping[str, Any]) -> SpectralFilter:
+    rule, min_rank, max_ratio = options["rank_rule"], int(options["min_rank"]), float(options["max_rank_ratio"])
+    # K comes from the whole spectrum here (the single-device top-K path reads it from traces)
+    return SpectralFilter(rank_filter(rule, min_rank, max_ratio), options["init"], lambda n: None)
+
+
+def _pinv_spectral_filter(options: Mapping[str, Any]) -> SpectralFilter:
+    return SpectralFilter(lambda lam, shape: filters.identity()(lam), "sum", lambda n: None)
+
+
+SWUDI = MethodSpec("swudi", swudi, "linear", source=SOURCE, validate=_validate_swudi,
+                   spectral_filter=_swudi_spectral_filter)
+SWUDI_A = MethodSpec("swudi_a", swudi_a, "linear", source=SOURCE, validate=_validate_swudi_a,
+                     spectral_filter=_swudi_a_spectral_filter)
+PINV = MethodSpec("pinv", pinv_merge, "linear", source=SOURCE + " (the h ≡ 1 closed form θ* = D C⁺)",
+                  validate=_validate_pinv, spectral_filter=_pinv_spectral_filter)

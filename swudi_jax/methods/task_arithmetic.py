@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from swudi_jax.registry import MergeMethod, register
+from swudi_jax.methods.spec import MethodSpec
 
 DEFAULT_LAMBDA = 0.3
 
@@ -26,13 +26,10 @@ def task_arithmetic(tau: jax.Array) -> jax.Array:
     return jnp.sum(tau, axis=0)
 
 
-register(
-    MergeMethod(
-        name="task_arithmetic",
-        fn=task_arithmetic,
-        kind="elementwise",
-        defaults={},
-        default_scale=DEFAULT_LAMBDA,
-        source="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)",
-    )
+TASK_ARITHMETIC = MethodSpec(
+    name="task_arithmetic",
+    fn=task_arithmetic,
+    kind="elementwise",
+    default_scale=DEFAULT_LAMBDA,
+    source="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)",
 )

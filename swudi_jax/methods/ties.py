@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swudi_jax.registry import MergeMethod, register
-from swudi_jax.validation import check_choice, check_number
+from swudi_jax.methods.spec import MethodSpec, Preparation
+from swudi_jax.maths.validation import check_choice, check_number
 
 TRIMS = ("model", "tensor")
 DEFAULT_DENSITY = 0.2
@@ -159,15 +159,20 @@ def _validate(options: Mapping[str, Any]) -> None:
         raise ValueError("thresholds apply to trim='model' only")
 
 
-register(
-    MergeMethod(
-        name="ties",
-        fn=ties,
-        kind="elementwise",
-        defaults={"density": DEFAULT_DENSITY, "trim": "model", "thresholds": None},
-        default_scale=1.0,
-        source="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
-        validate=_validate,
-        array_options=("thresholds",),
-    )
+def _model_trim(options: Mapping[str, Any]) -> Preparation | None:
+    """The whole-model trim pass when ``trim="model"`` and no thresholds are given."""
+    if options["trim"] != "model" or options["thresholds"] is not None:
+        return None
+    return Preparation("trim='model' needs the per-task thresholds of ties_model_thresholds() over the whole model",
+                       lambda chunks: {"thresholds": ties_model_thresholds(chunks, options["density"])})
+
+
+TIES = MethodSpec(
+    name="ties",
+    fn=ties,
+    kind="elementwise",
+    source="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
+    validate=_validate,
+    array_options=("thresholds",),
+    prepare=_model_trim,
 )

@@ -7,23 +7,24 @@ Model Merging via Task Vectors" (ICML 2025, arXiv 2503.08099). Per linear layer
 
 minimised from θ0 = Σ τi by Adam (lr 1e-5, 300 full-batch steps) in the reference. With
 ``optax.sgd(η)`` the iterates are exactly the Landweber filter h = 1 − (1 − 2ηλ)^k of
-:mod:`swudi_jax.filters`, and as η → 0 with t = 2ηk they approach SWUDI's exponential
+:mod:`swudi_jax.maths.filters`, and as η → 0 with t = 2ηk they approach SWUDI's exponential
 filter: this function is the numerical witness of that equivalence.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
-from swudi_jax.spectral import (
+from swudi_jax.maths.linalg import compute_dtype
+from swudi_jax.maths.spectral import (
     INIT_MODES,
     anchor,
-    compute_dtype,
     gram_gradient,
     interference_operator,
     right_hand_side,
@@ -31,7 +32,8 @@ from swudi_jax.spectral import (
     with_mean_fallback,
     wudi_loss,
 )
-from swudi_jax.validation import check_choice, check_number, check_task_vectors
+from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors
+from swudi_jax.methods.spec import MethodSpec
 
 GRADIENTS = ("reference", "gram")
 DEFAULT_LEARNING_RATE = 1e-5
@@ -109,3 +111,42 @@ def wudi_gd(
     check_choice(gradient, "gradient", GRADIENTS)
     check_number(trajectory_every, "trajectory_every", low=0, integer=True)
     return _wudi_gd(tau, optimizer, int(steps), init, gradient, int(trajectory_every))
+
+
+def wudi(
+    tau: jax.Array,
+    *,
+    steps: int = 300,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    gradient: str = "gram",
+    init: str = "sum",
+) -> jax.Array:
+    """WUDI with Adam(``learning_rate``): :func:`wudi_gd` with plain options (the registry's form).
+
+    Its default gradient is the Gram form 2(θC − D): the same gradient as the reference's
+    autodiff (tests/test_golden.py checks the Adam-300 result of both against the authors'
+    code) without the per-task (m, m) residuals that make the autodiff form run out of
+    memory on tall weights such as a 30522-row embedding.
+
+    Args:
+      tau: task vectors (N, m, n), maths layout.
+      steps: full-batch Adam steps (300 in the reference).
+      learning_rate: Adam's step size (1e-5 in the reference; betas 0.9/0.999, eps 1e-8).
+      gradient: "gram" (2(θC − D), the default here) or "reference" (autodiff of the loss).
+      init: starting point θ0: "sum", "mean" or "zero".
+    Returns:
+      The merged task vector (m, n).
+    """
+    optimizer = None if learning_rate == DEFAULT_LEARNING_RATE else optax.adam(learning_rate)
+    return wudi_gd(tau, optimizer=optimizer, steps=steps, init=init, gradient=gradient)
+
+
+def _validate(options: Mapping[str, Any]) -> None:
+    check_number(options["steps"], "steps", low=0, integer=True)
+    check_number(options["learning_rate"], "learning_rate", low=0.0, low_open=True)
+    check_choice(options["gradient"], "gradient", GRADIENTS)
+    check_choice(options["init"], "init", INIT_MODES)
+
+
+WUDI = MethodSpec("wudi", wudi, "linear", validate=_validate,
+                  source="Cheng et al., Whoever Started the Interference Should End It, ICML 2025 (arXiv 2503.08099)")

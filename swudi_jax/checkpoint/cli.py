@@ -1,6 +1,6 @@
 """``swudi-merge CONFIG OUT``: merge checkpoints on disk from a YAML config.
 
-A thin layer over :func:`swudi_jax.checkpoint_merge.merge_checkpoints`. Errors print one
+A thin layer over :func:`swudi_jax.checkpoint.pipeline.merge_checkpoints`. Errors print one
 line to stderr (no traceback) and exit with status 1 (130 when interrupted by Ctrl-C or
 SIGTERM, after removing the partial output).
 """
@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from swudi_jax.config import ConfigError, parse_size
+from swudi_jax.checkpoint.config import ConfigError, parse_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a kill cleans up like Ctrl-C
     try:
-        from swudi_jax.checkpoint_merge import merge_checkpoints
-        from swudi_jax.config import load_config
-        from swudi_jax.tree import DEFAULT_MAX_GROUP_BYTES
+        from swudi_jax.checkpoint.pipeline import merge_checkpoints
+        from swudi_jax.checkpoint.config import load_config
+        from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES
 
         overrides = {}
         if args.out_shard_size is not None:

@@ -9,7 +9,7 @@ stack of √wi Ri Ai (R × n, R = Σ ri),
     D V  = Σ wi Bi (AiAiᵀ)(BiᵀBi)(Ai V)
     θ0 V = Σ Bi (Ai V)
 
-and C's non-zero eigenpairs come from the R × R Gram M Mᵀ (:func:`swudi_jax.solvers.range_eigh`;
+and C's non-zero eigenpairs come from the R × R Gram M Mᵀ (:func:`swudi_jax.maths.solvers.range_eigh`;
 the algebra is ours, MATH.md section 8). The only m × n arrays formed are θ0 and the result.
 Null directions of C carry no part of D or θ0, so the result equals the dense method on the
 stack Bi Ai to float rounding. When R > n the factors give no saving and the dense stack is
@@ -27,18 +27,12 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from swudi_jax import solvers
-from swudi_jax.methods.swudi import SPECTRAL_METHODS, method_filter
-from swudi_jax.spectral import NORM_FLOOR, Spectrum, compute_dtype, filter_on_spectrum, filtered_merge
-from swudi_jax.validation import as_float_array, check_choice, check_finite
-
-HIGHEST = lax.Precision.HIGHEST
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=HIGHEST)
+from swudi_jax.maths import solvers
+from swudi_jax.maths.linalg import HIGHEST, compute_dtype
+from swudi_jax.maths.spectral import NORM_FLOOR, Spectrum, filtered_estimate, filtered_merge
+from swudi_jax.maths.validation import as_float_array, check_finite
+from swudi_jax.methods.registry import DEFAULT_METHOD, spectral_method
 
 
 def check_lora_factors(factors: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -96,7 +90,8 @@ def _anchor_scale(init: str, n_tasks: int) -> float:
 
 @functools.partial(jax.jit, static_argnames=("method", "options"))
 def _merge_factors(b, a, method, options):
-    make_h, init = method_filter(method, **dict(options))
+    _, _, spectral_filter = spectral_method(method, dict(options))
+    init = spectral_filter.init
     out_dtype = b.dtype
     b, a = b.astype(compute_dtype(b.dtype)), a.astype(compute_dtype(a.dtype))
     n_tasks, m, r = b.shape
@@ -111,7 +106,6 @@ def _merge_factors(b, a, method, options):
     rows = jnp.einsum("krs,ksn->krn", ri * jnp.sqrt(w)[:, None, None], a, precision=HIGHEST)
     lam, v = solvers.range_eigh(rows.reshape(n_tasks * r, n))
     spec = Spectrum(lam, v)
-    h = filter_on_spectrum(make_h, spec, (m, n))
 
     av = jnp.einsum("krn,nj->krj", a, v, precision=HIGHEST)
     scale = _anchor_scale(init, n_tasks)
@@ -119,20 +113,18 @@ def _merge_factors(b, a, method, options):
     inner_d = jnp.einsum("krs,kst->krt", aat, btb, precision=HIGHEST)
     d_v = jnp.einsum("kmr,krs,ksj->mj", b * w[:, None, None], inner_d, av, precision=HIGHEST)
     dense_sum = jnp.einsum("kmr,krn->mn", b, a, precision=HIGHEST)
-    coeffs = d_v * (h / lam) - theta0_v * h
-    theta = scale * dense_sum + _mm(coeffs, v.T)
-    degenerate = jnp.max(sq_norms) < NORM_FLOOR
-    theta = jnp.where(degenerate, dense_sum / n_tasks, theta)
+    theta = filtered_estimate(scale * dense_sum, d_v, theta0_v, spec, spectral_filter.make_h, (m, n), sq_norms,
+                              dense_sum / n_tasks)
     return theta.astype(out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "options"))
 def _merge_dense(b, a, method, options):
-    make_h, init = method_filter(method, **dict(options))
-    return filtered_merge(lora_deltas(b, a), make_h, init, "full")
+    _, _, spectral_filter = spectral_method(method, dict(options))
+    return filtered_merge(lora_deltas(b, a), spectral_filter.make_h, spectral_filter.init, "full")
 
 
-def merge_lora(factors: Sequence[tuple[Any, Any]], method: str = "swudi", **options) -> jax.Array:
+def merge_lora(factors: Sequence[tuple[Any, Any]], method: str = DEFAULT_METHOD, **options) -> jax.Array:
     """Merge LoRA experts given as factor pairs, with a spectral method, from the factors.
 
     Equal, to float rounding, to ``method`` applied to the dense stack τi = Bi Ai, but costs
@@ -142,16 +134,15 @@ def merge_lora(factors: Sequence[tuple[Any, Any]], method: str = "swudi", **opti
       factors: ``[(B1, A1), ..., (BN, AN)]``, Bi (m × ri) and Ai (ri × n) in maths layout
         (PEFT's ``lora_B.weight`` and ``lora_A.weight``; fold LoRA's α/r scale into B).
         Ranks may differ between experts.
-      method: "swudi", "swudi_a" or "pinv".
+      method: a method with a spectral filter (swudi, swudi_a, pinv).
       **options: the method's options (``time``, ``rank_ratio``, ``init``; ``rank_rule``,
         ``min_rank``, ``max_rank_ratio``, ``init``).
     Returns:
       The merged task vector (m, n) in the factors' dtype.
     """
-    check_choice(method, "method", SPECTRAL_METHODS)
-    method_filter(method, **options)  # validates the options before any compute
+    spec, resolved, _ = spectral_method(method, options)  # validates the options before any compute
     b, a = check_lora_factors(factors)
-    frozen = tuple(sorted(options.items()))
+    method, frozen = spec.name, tuple(sorted(resolved.items()))
     if b.shape[0] * b.shape[2] > a.shape[2]:
         return _merge_dense(b, a, method, frozen)
     return _merge_factors(b, a, method, frozen)

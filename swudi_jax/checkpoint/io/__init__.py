@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from swudi_jax.io import msgpack_io, npz_io, orbax_io, safetensors_io
-from swudi_jax.io.atomic import atomic_directory, atomic_file, check_output_free
-from swudi_jax.io.reader import BaseReader, CheckpointError, CheckpointReader, ShapeDtype, flatten_tree, unflatten_tree, write_all
+from swudi_jax.checkpoint.io import msgpack_io, npz_io, orbax_io, safetensors_io
+from swudi_jax.checkpoint.io.atomic import atomic_directory, atomic_file, check_output_free
+from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError, CheckpointReader, ShapeDtype, write_all
 
 FORMATS = ("safetensors", "orbax", "msgpack", "npz")
 _READERS = {
@@ -132,6 +132,6 @@ def load(path: str | os.PathLike, format: str = "auto") -> dict[str, np.ndarray]
 
 __all__ = [
     "FORMATS", "BaseReader", "CheckpointError", "CheckpointReader", "atomic_directory", "atomic_file",
-    "check_output_free", "detect_format", "flatten_tree", "load", "open_checkpoint", "open_writer", "save",
-    "unflatten_tree", "weights_path",
+    "check_output_free", "detect_format", "load", "open_checkpoint", "open_writer", "save",
+    "weights_path",
 ]

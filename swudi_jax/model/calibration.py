@@ -22,9 +22,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from swudi_jax.spectral import HIGHEST, compute_dtype
+from swudi_jax.maths.linalg import HIGHEST, compute_dtype
+from swudi_jax.model.flat import flatten, signature
 
 ApplyFn = Callable[[Any, Any], Any]
 """``apply_fn(variables, batch) -> outputs``, e.g. ``lambda v, x: model.apply(v, x)``."""
@@ -37,7 +37,7 @@ def kernel_path(module: nn.Module, prefix: str) -> str:
 
 
 def _flat_shapes(variables) -> dict[str, tuple[int, ...]]:
-    return {p: tuple(np.shape(v)) for p, v in traverse_util.flatten_dict(variables, sep="/").items()}
+    return {path: shape for path, (shape, _) in signature(flatten(variables)[0]).items()}
 
 
 def dense_io(apply_fn: ApplyFn, variables, batch, *, prefix: str = "params",

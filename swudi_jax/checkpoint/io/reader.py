@@ -87,35 +87,6 @@ class BaseReader:
         return array
 
 
-def flatten_tree(tree, sep: str = "/", prefix: str = "") -> dict[str, object]:
-    """Flat ``{path: leaf}`` view of nested dicts and lists (list items keyed by index)."""
-    if isinstance(tree, Mapping):
-        items = tree.items()
-    elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
-    else:
-        return {prefix: tree}
-    flat: dict[str, object] = {}
-    for key, value in items:
-        path = f"{prefix}{sep}{key}" if prefix else str(key)
-        flat.update(flatten_tree(value, sep, path))
-    return flat
-
-
-def unflatten_tree(flat: Mapping[str, object], sep: str = "/") -> dict:
-    """Nested dicts from a flat ``{path: leaf}`` map (the inverse of ``flatten_tree`` for dicts)."""
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        *parents, last = path.split(sep)
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise CheckpointError(f"path {path!r} runs through a leaf at {part!r}")
-        node[last] = leaf
-    return tree
-
-
 def write_all(writer, arrays: Mapping[str, np.ndarray]) -> None:
     """Feed every array to a streaming writer, then close it; on any failure abort it
     (its partial output removed) and re-raise."""

@@ -32,17 +32,43 @@ def as_float_array(x: Any, name: str) -> jnp.ndarray:
     return x
 
 
-def check_finite(x: Any, name: str) -> None:
-    """Raise if a concrete array holds NaN or Inf, saying how many and where the first is."""
-    if not is_concrete(x):
-        return
+def _floating(x: Any) -> Any:
+    """A NumPy view isfinite can read: narrow floats (bfloat16, float16, float8) as float32."""
     host = np.asarray(x)
-    bad = ~np.isfinite(host)
-    if bad.any():
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"{name} contains {int(bad.sum())} non-finite value(s) (NaN/Inf); first at index {first}"
-        )
+    return host.astype(np.float32) if host.dtype.kind == "V" or host.dtype.itemsize < 4 else host
+
+
+def all_finite(x: Any) -> bool:
+    """One boolean for a concrete floating array: NumPy arrays on the host, device arrays
+    reduced where they live (no full copy to the host). Non-floating arrays are finite."""
+    if isinstance(x, np.ndarray):
+        if not (jnp.issubdtype(x.dtype, jnp.floating) or x.dtype.kind == "V"):
+            return True
+        return bool(np.isfinite(_floating(x)).all())
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return True
+    return bool(jnp.all(jnp.isfinite(x)))
+
+
+def non_finite(x: Any) -> tuple[int, tuple[int, ...]] | None:
+    """(count, index of the first) of the NaN/Inf values of a concrete array, or None."""
+    if not is_concrete(x) or all_finite(x):
+        return None
+    bad = ~np.isfinite(_floating(x))
+    return int(bad.sum()), tuple(int(i) for i in np.argwhere(bad)[0])
+
+
+def check_finite(x: Any, name: str) -> None:
+    """Raise if a concrete array holds NaN or Inf, saying how many and where the first is.
+
+    Values of traced arrays (inside ``jax.jit`` or ``jax.vmap``) cannot be read, so a
+    jit-compiled layer function cannot raise on them: the checks run where data enters
+    (the public functions on concrete arrays, :func:`swudi_jax.merge`, the checkpoint
+    pipeline).
+    """
+    found = non_finite(x)
+    if found is not None:
+        raise ValueError(f"{name} contains {found[0]} non-finite value(s) (NaN/Inf); first at index {found[1]}")
 
 
 def check_task_vectors(tau: Any, name: str = "tau", *, ndim: int | None = 3) -> jnp.ndarray:

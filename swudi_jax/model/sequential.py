@@ -30,9 +30,9 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from swudi_jax.calibration import ApplyFn, dense_io, gram, layer_order
+from swudi_jax.model.calibration import ApplyFn, dense_io, gram, layer_order
+from swudi_jax.model.flat import check_compatible, flatten, nest, signature
 from swudi_jax.methods.output_space import (
     check_row_systems_regular,
     check_weights,
@@ -42,9 +42,9 @@ from swudi_jax.methods.output_space import (
     rotated_systems,
 )
 from swudi_jax.methods.regmean import check_denominator_regular, regmean_merge
-from swudi_jax.registry import resolve_options
-from swudi_jax.spectral import HIGHEST, compute_dtype
-from swudi_jax.validation import check_choice, check_number
+from swudi_jax.methods.registry import resolve_options
+from swudi_jax.maths.linalg import HIGHEST, compute_dtype
+from swudi_jax.maths.validation import check_choice, check_number
 
 METHODS = ("output_space", "regmean")
 INPUTS = ("merged", "experts")
@@ -124,11 +124,7 @@ def _resolve(method: str, options: dict) -> dict:
 
 
 def _flatten(tree) -> dict[str, Any]:
-    return traverse_util.flatten_dict(tree, sep="/")
-
-
-def _unflatten(flat: dict[str, Any]):
-    return traverse_util.unflatten_dict(flat, sep="/")
+    return flatten(tree)[0]
 
 
 def _check_models(base_flat: dict, expert_flats: list[dict], n_tasks: int) -> None:
@@ -136,13 +132,8 @@ def _check_models(base_flat: dict, expert_flats: list[dict], n_tasks: int) -> No
         raise ValueError(f"need at least 2 experts, got {len(expert_flats)}")
     if len(expert_flats) != n_tasks:
         raise ValueError(f"got {len(expert_flats)} experts but {n_tasks} tasks' calibration batches")
-    for k, flat in enumerate(expert_flats):
-        if set(flat) != set(base_flat):
-            diff = sorted(set(flat) ^ set(base_flat))
-            raise ValueError(f"expert {k}: parameter paths differ from the base's: {diff[:5]}")
-        for path, value in flat.items():
-            if np.shape(value) != np.shape(base_flat[path]):
-                raise ValueError(f"expert {k}: {path!r} has shape {np.shape(value)}, base has {np.shape(base_flat[path])}")
+    check_compatible(signature(base_flat), [signature(f) for f in expert_flats],
+                     [f"expert {k}" for k in range(len(expert_flats))], "the base", dtypes=False)
 
 
 def _mean_merged(base_flat: dict, expert_flats: list[dict]) -> dict:
@@ -204,7 +195,7 @@ def layerwise_merge(apply_fn: ApplyFn, base, experts: Sequence, batches_per_task
         dtype = compute_dtype(kernel0.dtype)
         bias_path = path[: -len("kernel")] + "bias"
         bias = merged_flat.get(bias_path, jnp.zeros(kernel0.shape[-1], dtype))
-        current = _unflatten(merged_flat)
+        current = nest(merged_flat)
         input_vars = [current] * len(experts) if inputs == "merged" else list(experts)
         stats = _layer_stats(apply_fn, input_vars, list(experts), batches_per_task, kernel0, bias,
                              prefix=prefix, path=path, targets=targets)
@@ -219,7 +210,7 @@ def layerwise_merge(apply_fn: ApplyFn, base, experts: Sequence, batches_per_task
         delta, layer_rho = _merge_layer_jit(tau, stats, w, method, tuple(sorted(resolved.items())))
         merged_flat[path] = (kernel0.astype(dtype) + scale * delta.T).astype(kernel0.dtype)
         rho[path] = float(layer_rho)
-    return LayerwiseResult(_unflatten(merged_flat), rho)
+    return LayerwiseResult(nest(merged_flat), rho)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "options"))

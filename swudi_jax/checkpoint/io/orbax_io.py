@@ -16,7 +16,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from swudi_jax.io.reader import BaseReader, CheckpointError, flatten_tree, unflatten_tree, write_all
+from swudi_jax.model.flat import flatten, nest
+from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError
 
 SEP = "/"
 MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
@@ -72,7 +73,7 @@ class OrbaxReader(BaseReader):
             raise CheckpointError(f"{self.path}: unreadable or truncated orbax checkpoint (no readable tree metadata)")
         if _has_sequence(tree):
             raise CheckpointError(f"{self.path}: only orbax checkpoints of nested dicts are supported (found a list)")
-        flat = flatten_tree(tree, SEP)
+        flat = flatten(tree)[0]
         for key, leaf in flat.items():
             shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
             if shape is None or dtype is None:
@@ -85,7 +86,7 @@ class OrbaxReader(BaseReader):
             self._check_key(key)
         if not keys:
             return {}
-        target = unflatten_tree({k: jax.ShapeDtypeStruct(*self._entries[k]) for k in keys}, SEP)
+        target = nest({k: jax.ShapeDtypeStruct(*self._entries[k]) for k in keys}, SEP)
         ocp = _ocp()
         restore_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), target)
         try:
@@ -98,7 +99,7 @@ class OrbaxReader(BaseReader):
             raise CheckpointError(
                 f"{self.path}: cannot restore {keys[:3]}... (unreadable or truncated orbax checkpoint: {type(exc).__name__}: {exc})"
             ) from None
-        flat = flatten_tree(restored, SEP)
+        flat = flatten(restored)[0]
         return {key: self._checked(key, np.asarray(flat[key])) for key in keys}
 
 
@@ -118,19 +119,9 @@ class OrbaxWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         logging.getLogger("absl").setLevel(logging.WARNING)
         with _ocp().StandardCheckpointer() as checkpointer:
-            checkpointer.save(self.path.absolute(), unflatten_tree(self._flat, SEP))
+            checkpointer.save(self.path.absolute(), nest(self._flat, SEP))
         self._flat = {}
 
     def abort(self) -> None:
         self._flat = {}
 
-
-def read(path: str | os.PathLike) -> OrbaxReader:
-    """Open an orbax checkpoint directory for lazy reading."""
-    return OrbaxReader(path)
-
-
-def write(path: str | os.PathLike, flat: Mapping[str, np.ndarray]) -> Path:
-    """Write a flat ``{path: array}`` map as an orbax checkpoint at ``path`` (which must not exist)."""
-    write_all(OrbaxWriter(path), flat)
-    return Path(path)

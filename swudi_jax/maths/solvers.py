@@ -18,7 +18,7 @@ Two fast paths, each giving the same merged θ as the full ``eigh`` to float rou
   raises NotImplementedError on CPU and GPU in jax 0.10.)
 
 Both return eigenvalues ascending, clamped at ``EIG_FLOOR``, like
-:func:`swudi_jax.spectral.spectrum`. :func:`pad_spectrum` rebuilds the full length-n
+:func:`swudi_jax.maths.spectral.spectrum`. :func:`pad_spectrum` rebuilds the full length-n
 clamped spectrum (missing eigenvalues at the floor, exactly what the full path sees for
 C's zero eigenvalues in exact arithmetic) so filters and rank rules are evaluated on the
 same numbers as the full path.
@@ -33,19 +33,14 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 from jax import lax
 
-from swudi_jax.filters import EIG_FLOOR
-
-HIGHEST = lax.Precision.HIGHEST
+from swudi_jax.maths.filters import EIG_FLOOR
+from swudi_jax.maths.linalg import matmul as _mm
 
 SOLVERS = ("auto", "full", "lowrank", "topk")
 TOPK_MIN_DIM = 1024
 """"auto" uses the top-K path only for n ≥ this and K ≤ n / 10."""
 TRACE_RANK_RULES = ("participation", "stable_rank")
 """SWUDI-A rank rules computable from tr C, ‖C‖²_F and λ_max, so usable with the top-K path."""
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=HIGHEST)
 
 
 def pad_spectrum(eigenvalues: jnp.ndarray, n: int) -> jnp.ndarray:
@@ -229,8 +224,9 @@ def trace_rank(rule: str, c: jnp.ndarray, lam_max: jnp.ndarray) -> jnp.ndarray:
 # --------------------------------------------------------------------------- the choice
 
 
-def choose_solver(shape: tuple[int, int, int], top: int | None = None) -> str:
-    """The solver "auto" picks for a stack of shape (N, m, n):
+def choose_solver(shape: tuple[int, int, int], top: int | None = None,
+                  available: tuple[str, ...] = SOLVERS) -> str:
+    """The solver "auto" picks for a stack of shape (N, m, n), among ``available``:
 
     - "lowrank" when N·m < n (C's rank is below n: an exact R×R eigenproblem, R = N·m);
     - else "topk" when the estimator needs only the top ``top`` eigenpairs, n ≥ 1024 and
@@ -238,9 +234,9 @@ def choose_solver(shape: tuple[int, int, int], top: int | None = None) -> str:
     - else "full".
     """
     n_tasks, m, n = shape
-    if n_tasks * m < n:
+    if "lowrank" in available and n_tasks * m < n:
         return "lowrank"
-    if top is not None and n >= TOPK_MIN_DIM and top <= n / 10:
+    if "topk" in available and top is not None and n >= TOPK_MIN_DIM and top <= n / 10:
         return "topk"
     return "full"
 

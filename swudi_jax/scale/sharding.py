@@ -2,7 +2,7 @@
 
 A stack of task vectors τ (N, m, n) is sharded along m (the output rows) over a 1-D
 :class:`jax.sharding.Mesh`. Each device holds τ[:, rows, :] and computes, with the same
-pure functions as the single-device path (:mod:`swudi_jax.spectral`):
+pure functions as the single-device path (:mod:`swudi_jax.maths.spectral`):
 
 - ‖τi‖² = Σ_devices ‖τi[rows]‖²                      (one psum of N numbers) → wi
 - C = Σ_devices Σi wi τi[rows]ᵀ τi[rows]             (one psum of an n×n matrix)
@@ -46,21 +46,20 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from swudi_jax import filters, solvers
-from swudi_jax.methods.swudi import SPECTRAL_METHODS, method_filter
-from swudi_jax.spectral import (
-    HIGHEST,
+from swudi_jax.maths import solvers
+from swudi_jax.maths.linalg import HIGHEST, compute_dtype
+from swudi_jax.maths.spectral import (
     NORM_FLOOR,
     Spectrum,
     anchor,
-    compute_dtype,
-    filter_on_spectrum,
-    filtered_solution,
+    filtered_estimate,
     interference_operator,
+    project,
     spectrum,
     squared_norms,
 )
-from swudi_jax.validation import as_float_array, check_choice, check_finite, is_concrete
+from swudi_jax.methods.registry import DEFAULT_METHOD, spectral_method
+from swudi_jax.maths.validation import as_float_array, check_choice, check_finite, is_concrete
 
 ROW_AXIS = "rows"
 """Name of the mesh axis the output rows are split over."""
@@ -106,16 +105,15 @@ def _local_merge(tau_rows, make_h, init, shape, solver, n_top):
     d_rows, _ = lax.scan(one_task, zero_rows, (work, w))
     theta0 = anchor(work, init)
     spec = Spectrum(*solvers.top_eigh(c, n_top)) if solver == "topk" else spectrum(c)
-    h = filter_on_spectrum(make_h, spec, shape)
-    theta = filtered_solution(theta0, d_rows, spec, h)
-    theta = jnp.where(jnp.max(sq) < NORM_FLOOR, jnp.mean(work, axis=0), theta)
+    theta = filtered_estimate(theta0, *project(d_rows, theta0, spec.eigenvectors), spec, make_h, shape, sq,
+                              jnp.mean(work, axis=0))
     return theta.astype(tau_rows.dtype)
 
 
 @functools.lru_cache(maxsize=64)
 def _sharded_fn(mesh, method, options, shape, padded_rows, solver, n_top):
-    make_h, init = method_filter(method, **dict(options))
-    local = functools.partial(_local_merge, make_h=make_h, init=init, shape=shape[1:],
+    _, _, spectral_filter = spectral_method(method, dict(options))
+    local = functools.partial(_local_merge, make_h=spectral_filter.make_h, init=spectral_filter.init, shape=shape[1:],
                               solver=solver, n_top=n_top)
     mapped = jax.shard_map(local, mesh=mesh, in_specs=PartitionSpec(None, ROW_AXIS, None),
                            out_specs=PartitionSpec(ROW_AXIS, None))
@@ -131,19 +129,17 @@ def _sharded_fn(mesh, method, options, shape, padded_rows, solver, n_top):
     return jax.jit(padded, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
-def _sharded_solver(solver: str, method: str, options: dict, n: int) -> tuple[str, int | None]:
+def _sharded_solver(solver: str, method: str, top: int | None, shape: tuple[int, int, int]) -> tuple[str, int | None]:
     check_choice(solver, "solver", SHARDED_SOLVERS)
-    top = None
-    if method == "swudi":
-        top = filters.rank_from_ratio(float(options.get("rank_ratio", 0.65)), n)
     if solver == "topk" and top is None:
-        raise ValueError(f"solver='topk' on the sharded path is available for method 'swudi' only, got {method!r}")
+        raise ValueError(f"solver='topk' needs a filter that is zero outside the top-K eigenpairs; "
+                         f"method {method!r} with these options has none")
     if solver == "auto":
-        solver = "topk" if top is not None and n >= solvers.TOPK_MIN_DIM and top <= n / 10 else "full"
+        solver = solvers.choose_solver(shape, top, available=SHARDED_SOLVERS)
     return solver, (top if solver == "topk" else None)
 
 
-def merge_sharded(tau: Any, mesh: Mesh, method: str = "swudi", *, solver: str = "auto", **options) -> jax.Array:
+def merge_sharded(tau: Any, mesh: Mesh, method: str = DEFAULT_METHOD, *, solver: str = "auto", **options) -> jax.Array:
     """Run a spectral layer method with ``tau``'s output rows split over ``mesh``.
 
     Same result as the single-device method to float rounding (the sums over rows are
@@ -154,7 +150,7 @@ def merge_sharded(tau: Any, mesh: Mesh, method: str = "swudi", *, solver: str = 
       tau: task vectors (N, m, n), maths layout; a NumPy array, a single-device array or an
         already row-sharded global ``jax.Array`` (multi-host: see the module docstring).
       mesh: a 1-D mesh with axis ``"rows"`` (:func:`make_row_mesh`).
-      method: "swudi", "swudi_a" or "pinv".
+      method: a method with a spectral filter (swudi, swudi_a, pinv).
       solver: "auto", "full" or "topk" (top-K subspace iteration on the replicated C, for
         SWUDI; "auto" picks it when n ≥ 1024 and K ≤ n/10).
       **options: the method's options (as :func:`swudi_jax.swudi` etc., without ``solver``).
@@ -164,14 +160,13 @@ def merge_sharded(tau: Any, mesh: Mesh, method: str = "swudi", *, solver: str = 
     """
     if not isinstance(mesh, Mesh) or ROW_AXIS not in mesh.axis_names or len(mesh.axis_names) != 1:
         raise ValueError(f"mesh must be a 1-D jax.sharding.Mesh with axis {ROW_AXIS!r} (make_row_mesh()), got {mesh!r}")
-    check_choice(method, "method", SPECTRAL_METHODS)
-    method_filter(method, **options)
+    spec, resolved, spectral_filter = spectral_method(method, options)
     tau = as_float_array(tau, "tau")
     if tau.ndim != 3 or tau.shape[0] < 2 or 0 in tau.shape:
         raise ValueError(f"tau must have shape (N >= 2, m, n) in maths layout, got shape {tuple(tau.shape)}")
     if is_concrete(tau) and getattr(tau, "is_fully_addressable", True):
         check_finite(tau, "tau")
-    solver, n_top = _sharded_solver(solver, method, options, tau.shape[2])
+    solver, n_top = _sharded_solver(solver, spec.name, spectral_filter.top(tau.shape[2]), tuple(tau.shape))
     n_dev = mesh.shape[ROW_AXIS]
     m = tau.shape[1]
     padded_rows = -(-m // n_dev) * n_dev
@@ -181,7 +176,7 @@ def merge_sharded(tau: Any, mesh: Mesh, method: str = "swudi", *, solver: str = 
             f"{padded_rows - m} zero rows of padding (exact) and returned replicated",
             stacklevel=2,
         )
-    fn = _sharded_fn(mesh, method, tuple(sorted(options.items())), tuple(tau.shape), padded_rows, solver, n_top)
+    fn = _sharded_fn(mesh, spec.name, tuple(sorted(resolved.items())), tuple(tau.shape), padded_rows, solver, n_top)
     return fn(tau)
 
 

@@ -6,13 +6,17 @@ Example::
     models:                            # at least two experts fine-tuned from the base
       - ./expert_math
       - model: ./expert_code           # mergekit's mapping form is accepted too
-    merge_method: swudi                # any name in swudi_jax.registry.available_methods()
+    merge_method: swudi                # any name in swudi_jax.methods.registry.available_methods()
     parameters: {time: 10.0}           # the method's options (unknown names are refused)
     scale: null                        # base + scale · merged task vector (null: method default)
     include: null                      # patterns restricting the spectrally merged weights
     exclude: ["*embed_tokens*"]        # patterns of tensors that keep the base value
     head_patterns: null                # output heads, never merged spectrally (null: ["lm_head*"])
     others: mean                       # other float tensors: mean task vector, or keep the base
+    input_axes: null                   # {pattern: leading input axes} of Flax DenseGeneral kernels
+    scan_patterns: null                # tensors with a layer axis (Flax nn.scan stacks) ...
+    scan_axis: 0                       # ... on this axis
+    multi_device: auto                 # split big spectral layers' rows over all devices: auto, true, false
     layout: auto                       # torch (HF, weight is (out, in)), flax (kernel is (in, out)), or auto:
                                        # from the names (kernel: flax, weight: torch), else safetensors: torch
     dtype: float32                     # compute dtype (float64 turns on jax_enable_x64)
@@ -22,7 +26,7 @@ Example::
     out_shard_size: 5GB                # bytes per safetensors shard (int or "500MB", "2GiB")
 
 Relative paths are resolved against the config file's directory. Patterns follow
-:mod:`swudi_jax.layout`: a glob matching the path or a tail of it after a "/" or "."
+:mod:`swudi_jax.model.layout`: a glob matching the path or a tail of it after a "/" or "."
 separator (``lm_head*``), or ``re:<regex>`` searched anywhere in the path.
 """
 
@@ -39,9 +43,9 @@ import ml_dtypes
 import numpy as np
 import yaml
 
-from swudi_jax import registry
-from swudi_jax.io import FORMATS
-from swudi_jax.layout import OTHERS
+from swudi_jax.methods import registry
+from swudi_jax.checkpoint.io import FORMATS
+from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, OTHERS, LeafRules
 
 LAYOUTS = ("auto", "torch", "flax")
 COMPUTE_DTYPES = ("float32", "float64")
@@ -68,6 +72,10 @@ class MergeConfig:
     exclude: tuple[str, ...] | None = None
     head_patterns: tuple[str, ...] | None = None
     others: str = "mean"
+    input_axes: Mapping[str, int] | None = None
+    scan_patterns: tuple[str, ...] | None = None
+    scan_axis: int = 0
+    multi_device: bool | str = "auto"
     layout: str = "auto"
     dtype: str = "float32"
     out_dtype: str | None = None
@@ -86,8 +94,20 @@ class MergeConfig:
                 out[key] = str(value)
             elif isinstance(value, tuple):
                 out[key] = [str(v) for v in value]
+            elif isinstance(value, Mapping):
+                out[key] = dict(value)
         out["parameters"] = {k: _plain(v) for k, v in self.parameters.items()}
         return out
+
+    def leaf_rules(self, layout: str | None = None) -> LeafRules:
+        """The structural rules, as :func:`swudi_jax.merge` builds them from its keywords
+        (``layout`` replaces the config's, e.g. once "auto" is resolved)."""
+        return LeafRules(
+            layout=self.layout if layout is None else layout, include=self.include, exclude=self.exclude,
+            head_patterns=DEFAULT_HEAD_PATTERNS if self.head_patterns is None else self.head_patterns,
+            input_axes=self.input_axes, scan_patterns=self.scan_patterns, scan_axis=self.scan_axis,
+            others=self.others,
+        )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -158,7 +178,7 @@ def _path(value: Any, base_dir: Path, where: str) -> Path:
 
 
 _KEYS = ("base_model", "models", "merge_method", "parameters", "scale", "include", "exclude",
-         "head_patterns", "others", "layout",
+         "head_patterns", "others", "input_axes", "scan_patterns", "scan_axis", "multi_device", "layout",
          "dtype", "out_dtype", "format", "out_format", "out_shard_size", "grams")
 
 
@@ -208,7 +228,13 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         raise ConfigError(f"{name}: merge method {method!r} needs per-layer input Grams: set `grams` to a checkpoint "
                           "holding, for each linear weight path, an (N, n, n) array of the experts' input Grams")
     out_dtype = raw.get("out_dtype")
-    return MergeConfig(
+    input_axes = raw.get("input_axes")
+    if input_axes is not None and not isinstance(input_axes, Mapping):
+        raise ConfigError(f"{name}: `input_axes` must map path patterns to input-axis counts, got {input_axes!r}")
+    scan_axis = raw.get("scan_axis", 0)
+    if isinstance(scan_axis, bool) or not isinstance(scan_axis, int):
+        raise ConfigError(f"{name}: `scan_axis` must be an integer, got {scan_axis!r}")
+    config = MergeConfig(
         base_model=base,
         models=experts,
         merge_method=method,
@@ -218,6 +244,10 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         exclude=_patterns(raw.get("exclude"), f"{name}: `exclude`"),
         head_patterns=_patterns(raw.get("head_patterns"), f"{name}: `head_patterns`"),
         others=_choice(raw.get("others", "mean"), OTHERS, f"{name}: `others`"),
+        input_axes=None if input_axes is None else dict(input_axes),
+        scan_patterns=_patterns(raw.get("scan_patterns"), f"{name}: `scan_patterns`"),
+        scan_axis=scan_axis,
+        multi_device=_choice(raw.get("multi_device", "auto"), ("auto", True, False), f"{name}: `multi_device`"),
         layout=_choice(raw.get("layout", "auto"), LAYOUTS, f"{name}: `layout`"),
         dtype=_choice(raw.get("dtype", "float32"), COMPUTE_DTYPES, f"{name}: `dtype`"),
         out_dtype=None if out_dtype is None else _choice(out_dtype, OUT_DTYPES, f"{name}: `out_dtype`"),
@@ -227,6 +257,11 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         grams=grams,
         source=None if source is None else Path(source),
     )
+    try:
+        config.leaf_rules("torch")
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return config
 
 
 def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> MergeConfig:

@@ -3,7 +3,7 @@
 Every decision is made on flat parameter paths (``flax.traverse_util`` style), never in the
 maths. A leaf gets one of four kinds:
 
-- ``"spectral"``: a linear weight; the layer method runs on it in maths layout (m outputs,
+- ``"linear"``: a linear weight; the layer method runs on it in maths layout (m outputs,
   n inputs). Every 2-D floating leaf is one (the embedding too, as the SWUDI reference
   does), except the output head (``head_patterns``) and leaves outside ``include``.
   ``layout="flax"``: a ``kernel`` is (in, out) and is transposed; a ``DenseGeneral`` kernel
@@ -27,6 +27,7 @@ string starting with ``re:`` is a regular expression searched anywhere in the pa
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import re
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 LAYOUTS = ("flax", "torch")
-LEAF_KINDS = ("spectral", "mean", "keep", "passthrough")
+LEAF_KINDS = ("linear", "mean", "keep", "passthrough")
 OTHERS = ("mean", "keep")
 
 DEFAULT_HEAD_PATTERNS: tuple[str, ...] = ("lm_head*",)
@@ -124,8 +125,8 @@ class LeafPlan:
     Attributes:
       path: the flat path as given ("/" or "." separators).
       shape, dtype: the leaf's shape and dtype.
-      kind: "spectral", "mean", "keep" or "passthrough".
-      maths_shape: (m, n) for spectral leaves, the leaf shape otherwise.
+      kind: "linear", "mean", "keep" or "passthrough".
+      maths_shape: (m, n) for linear leaves, the leaf shape otherwise.
       layers: how many maths matrices the leaf holds (> 1 for a scanned stack).
       scan_axis: the layer axis of a scanned leaf, else None.
       input_axes: leading input axes folded into n (Flax kernels), 0 if taken as is.
@@ -160,82 +161,129 @@ class LeafPlan:
         return from_maths(self, merged)
 
 
-def plan_leaf(
-    path: str,
-    shape: Sequence[int],
-    dtype: Any,
-    *,
-    layout: str = "flax",
-    include: str | Iterable[str] | None = None,
-    exclude: str | Iterable[str] | None = None,
-    head_patterns: str | Iterable[str] | None = DEFAULT_HEAD_PATTERNS,
-    input_axes: Mapping[str, int] | None = None,
-    scan_patterns: str | Iterable[str] | None = None,
-    scan_axis: int = 0,
-    others: str = "mean",
-) -> LeafPlan:
-    """Classify one leaf (see the module docstring for the rules and the pattern syntax).
+@dataclass(frozen=True)
+class LeafRules:
+    """The structural rules of a merge, as one value: which leaves the method merges and how
+    each maps to maths layout (see the module docstring). Built by the same constructor from
+    Python keywords (:func:`swudi_jax.merge`) and from a YAML config (``swudi-merge``).
 
-    Args:
-      path: the flat path; shape, dtype: the leaf's.
-      layout: "flax" (kernels (in, out)) or "torch" (weights (out, in)).
-      include: if given, only linear weights matching it are spectral.
+    Attributes:
+      layout: "flax" (kernels (in, out)), "torch" (weights (out, in)) or "auto"
+        (:func:`infer_layout` on the paths).
+      include: if given, only linear weights matching it are merged by the method.
       exclude: leaves matching it keep the base value.
-      head_patterns: output heads, never spectral (default ``lm_head*``).
+      head_patterns: output heads, never taken as linear weights (default ``lm_head*``).
       input_axes: {pattern: number of leading input axes} for Flax DenseGeneral kernels,
         consulted before :data:`DEFAULT_INPUT_AXES`.
       scan_patterns: leaves with a layer axis ``scan_axis`` (``nn.scan`` stacks).
-      others: what non-spectral floating leaves get: "mean" task vector or "keep".
-    Returns:
-      The leaf's :class:`LeafPlan`.
+      scan_axis: that axis.
+      others: what other floating leaves get: the "mean" task vector or "keep" the base.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if others not in OTHERS:
-        raise ValueError(f"others must be one of {OTHERS}, got {others!r}")
-    shape = tuple(int(s) for s in shape)
-    dtype = np.dtype(dtype)
-    plain = dict(path=path, shape=shape, dtype=dtype, maths_shape=shape)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        return LeafPlan(kind="passthrough", **plain)
-    if path_matches(path, _as_patterns(exclude, "exclude")):
-        return LeafPlan(kind="keep", **plain)
-    other = LeafPlan(kind=others, **plain)
 
-    scanned = path_matches(path, _as_patterns(scan_patterns, "scan_patterns"))
-    inner = shape
-    if scanned:
-        if not -len(shape) <= scan_axis < len(shape) or len(shape) < 2:
-            raise ValueError(f"{path}: scan_axis {scan_axis} is not an axis of shape {shape}")
-        scan_axis = scan_axis % len(shape)
-        inner = shape[:scan_axis] + shape[scan_axis + 1:]
-    is_kernel = layout == "flax" and re.split(r"[/.]", path)[-1] == "kernel"
-    if len(inner) == 2:
-        n_in = 1 if is_kernel else 0
-    elif len(inner) > 2 and is_kernel:
-        n_in = _lookup_input_axes(path, input_axes or {})
-        n_in = _lookup_input_axes(path, DEFAULT_INPUT_AXES) if n_in is None else n_in
-        if n_in is None or not 0 < n_in < len(inner):
-            return other  # a conv kernel or an unknown DenseGeneral: not a linear map we know
-    else:
-        return other
-    if path_matches(path, _as_patterns(head_patterns, "head_patterns")):
-        return other
-    if include is not None and not path_matches(path, _as_patterns(include, "include")):
-        return other
-    if n_in:
-        n, m = math.prod(inner[:n_in]), math.prod(inner[n_in:])
-    else:
-        m, n = inner
-    return LeafPlan(
-        path=path, shape=shape, dtype=dtype, kind="spectral", maths_shape=(m, n),
-        layers=shape[scan_axis] if scanned else 1, scan_axis=scan_axis if scanned else None,
-        input_axes=n_in, transpose=bool(n_in),
-    )
+    layout: str = "flax"
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    head_patterns: tuple[str, ...] = DEFAULT_HEAD_PATTERNS
+    input_axes: tuple[tuple[str, int], ...] = ()
+    scan_patterns: tuple[str, ...] = ()
+    scan_axis: int = 0
+    others: str = "mean"
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS + ("auto",):
+            raise ValueError(f"layout must be one of {LAYOUTS + ('auto',)}, got {self.layout!r}")
+        if self.others not in OTHERS:
+            raise ValueError(f"others must be one of {OTHERS}, got {self.others!r}")
+        if isinstance(self.scan_axis, bool) or not isinstance(self.scan_axis, (int, np.integer)):
+            raise ValueError(f"scan_axis must be an integer, got {self.scan_axis!r}")
+        fields = {
+            "include": None if self.include is None else _as_patterns(self.include, "include"),
+            "exclude": _as_patterns(self.exclude, "exclude"),
+            "head_patterns": _as_patterns(self.head_patterns, "head_patterns"),
+            "scan_patterns": _as_patterns(self.scan_patterns, "scan_patterns"),
+            "input_axes": _as_input_axes(self.input_axes),
+            "scan_axis": int(self.scan_axis),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def for_paths(self, paths: Iterable[str]) -> "LeafRules":
+        """These rules with ``layout="auto"`` resolved from the leaf names."""
+        if self.layout != "auto":
+            return self
+        return dataclasses.replace(self, layout=infer_layout(paths))
+
+    def plan(self, path: str, shape: Sequence[int], dtype: Any) -> LeafPlan:
+        """Classify one leaf (see the module docstring for the rules and the pattern syntax)."""
+        if self.layout == "auto":
+            raise ValueError("layout 'auto' must be resolved first (LeafRules.for_paths)")
+        shape = tuple(int(s) for s in shape)
+        dtype = np.dtype(dtype)
+        plain = dict(path=path, shape=shape, dtype=dtype, maths_shape=shape)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return LeafPlan(kind="passthrough", **plain)
+        if path_matches(path, self.exclude):
+            return LeafPlan(kind="keep", **plain)
+        other = LeafPlan(kind=self.others, **plain)
+
+        scanned = path_matches(path, self.scan_patterns)
+        inner, scan_axis = shape, self.scan_axis
+        if scanned:
+            if not -len(shape) <= scan_axis < len(shape) or len(shape) < 2:
+                raise ValueError(f"{path}: scan_axis {scan_axis} is not an axis of shape {shape}")
+            scan_axis = scan_axis % len(shape)
+            inner = shape[:scan_axis] + shape[scan_axis + 1:]
+        is_kernel = self.layout == "flax" and re.split(r"[/.]", path)[-1] == "kernel"
+        if len(inner) == 2:
+            n_in = 1 if is_kernel else 0
+        elif len(inner) > 2 and is_kernel:
+            n_in = _lookup_input_axes(path, dict(self.input_axes))
+            n_in = _lookup_input_axes(path, DEFAULT_INPUT_AXES) if n_in is None else n_in
+            if n_in is None or not 0 < n_in < len(inner):
+                return other  # a conv kernel or an unknown DenseGeneral: not a linear map we know
+        else:
+            return other
+        if path_matches(path, self.head_patterns):
+            return other
+        if self.include is not None and not path_matches(path, self.include):
+            return other
+        if n_in:
+            n, m = math.prod(inner[:n_in]), math.prod(inner[n_in:])
+        else:
+            m, n = inner
+        return LeafPlan(
+            path=path, shape=shape, dtype=dtype, kind="linear", maths_shape=(m, n),
+            layers=shape[scan_axis] if scanned else 1, scan_axis=scan_axis if scanned else None,
+            input_axes=n_in, transpose=bool(n_in),
+        )
+
+    def plan_tree(self, flat_shapes_dtypes: Mapping[str, tuple[Sequence[int], Any]]) -> list[LeafPlan]:
+        """One :class:`LeafPlan` per path of ``{path: (shape, dtype)}``, in the given order."""
+        rules = self.for_paths(flat_shapes_dtypes)
+        return [rules.plan(path, shape, dtype) for path, (shape, dtype) in flat_shapes_dtypes.items()]
+
+
+def _as_input_axes(input_axes: Any) -> tuple[tuple[str, int], ...]:
+    items = input_axes.items() if isinstance(input_axes, Mapping) else (input_axes or ())
+    out = []
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise ValueError(f"input_axes must map path patterns to axis counts, got {input_axes!r}")
+        pattern, axes = item
+        _as_patterns(pattern, "input_axes")
+        if isinstance(axes, bool) or not isinstance(axes, (int, np.integer)) or axes < 1:
+            raise ValueError(f"input_axes[{pattern!r}] must be a positive integer, got {axes!r}")
+        out.append((pattern, int(axes)))
+    return tuple(out)
+
+
+def plan_leaf(path: str, shape: Sequence[int], dtype: Any, **rules: Any) -> LeafPlan:
+    """Classify one leaf under ``LeafRules(**rules)`` (see :class:`LeafRules`)."""
+    return LeafRules(**rules).plan(path, shape, dtype)
 
 
 def to_maths(plan: LeafPlan, stacked: jnp.ndarray) -> jnp.ndarray:
-    """Stacked leaves (N, *shape) → (layers, N, m, n) maths layout (spectral leaves only)."""
+    """Stacked leaves (N, *shape) → (layers, N, m, n) maths layout (linear leaves only)."""
     x = jnp.asarray(stacked)
     x = jnp.moveaxis(x, plan.scan_axis + 1, 1) if plan.scan_axis is not None else x[:, None]
     lead = x.shape[:2]
@@ -284,6 +332,7 @@ __all__ = [
     "LAYOUTS",
     "LEAF_KINDS",
     "LeafPlan",
+    "LeafRules",
     "WUDI_VIT_SCOPE",
     "from_maths",
     "group_plans",

@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from swudi_jax.io.reader import BaseReader, CheckpointError, ShapeDtype, write_all
+from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError, ShapeDtype
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -221,17 +221,3 @@ class SafetensorsWriter:
             f.close()
         self._files = []
 
-
-def read(path: str | os.PathLike) -> SafetensorsReader:
-    """Open a safetensors file or sharded directory for lazy reading."""
-    return SafetensorsReader(path)
-
-
-def write(path: str | os.PathLike, flat: Mapping[str, np.ndarray], *, shard_size: int | None = None,
-          metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a flat ``{name: array}`` map as safetensors (a file if ``path`` ends in .safetensors)."""
-    arrays = {key: np.asarray(value) for key, value in flat.items()}
-    writer = SafetensorsWriter(path, {k: (a.shape, a.dtype) for k, a in arrays.items()},
-                               shard_size=shard_size, metadata=metadata)
-    write_all(writer, arrays)
-    return Path(path)

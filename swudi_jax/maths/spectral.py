@@ -22,19 +22,14 @@ from typing import Callable, NamedTuple
 import jax.numpy as jnp
 from jax import lax
 
-from swudi_jax import solvers
-from swudi_jax.filters import EIG_FLOOR
+from swudi_jax.maths import solvers
+from swudi_jax.maths.filters import EIG_FLOOR
+from swudi_jax.maths.linalg import HIGHEST, compute_dtype
 
-HIGHEST = lax.Precision.HIGHEST
 NORM_FLOOR = 1e-12
 """‖τi‖² below this counts as a zero task vector (weights and the mean fallback)."""
 
 INIT_MODES = ("sum", "mean", "zero")
-
-
-def compute_dtype(dtype) -> jnp.dtype:
-    """The dtype the pipeline runs in: float64 stays float64, everything else float32."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def squared_norms(tau: jnp.ndarray) -> jnp.ndarray:
@@ -158,7 +153,6 @@ def filtered_solution(
     theta0: jnp.ndarray, d: jnp.ndarray, spec: Spectrum, h: jnp.ndarray
 ) -> jnp.ndarray:
     """θ_h = θ0 + (D V diag(h/λs) − θ0 V diag(h)) Vᵀ, with one stacked product [D; θ0] V."""
-    m = d.shape[0]
     lam, v = spec
     if theta0.shape != d.shape or d.ndim != 2:
         raise ValueError(f"theta0 {tuple(theta0.shape)} and d {tuple(d.shape)} must have one shape (m, n)")
@@ -167,9 +161,33 @@ def filtered_solution(
             f"need eigenvectors (n, k) with n = {d.shape[1]}, eigenvalues and h of shape (k,); got eigenvectors "
             f"{tuple(v.shape)}, eigenvalues {tuple(lam.shape)}, h {tuple(h.shape)}"
         )
+    d_v, theta0_v = project(d, theta0, v)
+    return _apply_filter(theta0, d_v, theta0_v, spec, h)
+
+
+def project(d: jnp.ndarray, theta0: jnp.ndarray, v: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(D V, θ0 V) in one stacked product [D; θ0] V."""
     projected = jnp.matmul(jnp.concatenate([d, theta0], axis=0), v, precision=HIGHEST)
-    coeffs = projected[:m] * (h / lam) - projected[m:] * h
-    return theta0 + jnp.matmul(coeffs, v.T, precision=HIGHEST)
+    return projected[: d.shape[0]], projected[d.shape[0]:]
+
+
+def _apply_filter(theta0, d_v, theta0_v, spec: Spectrum, h):
+    coeffs = d_v * (h / spec.eigenvalues) - theta0_v * h
+    return theta0 + jnp.matmul(coeffs, spec.eigenvectors.T, precision=HIGHEST)
+
+
+def filtered_estimate(theta0: jnp.ndarray, d_v: jnp.ndarray, theta0_v: jnp.ndarray, spec: Spectrum,
+                      make_h: "FilterFactory", shape: tuple[int, int], sq_norms: jnp.ndarray,
+                      mean: jnp.ndarray) -> jnp.ndarray:
+    """The last step of every filtered estimator (one device, rows over devices, LoRA factors).
+
+    θ_h = θ0 + (D V diag(h/λs) − θ0 V diag(h)) Vᵀ with h = ``make_h`` on the clamped
+    spectrum (:func:`filter_on_spectrum`), from the projections D V and θ0 V; the mean task
+    vector ``mean`` instead where every ‖τi‖² < 1e-12 (nothing to merge).
+    """
+    h = filter_on_spectrum(make_h, spec, shape)
+    theta = _apply_filter(theta0, d_v, theta0_v, spec, h)
+    return jnp.where(jnp.max(sq_norms) < NORM_FLOOR, mean, theta)
 
 
 def with_mean_fallback(tau: jnp.ndarray, theta: jnp.ndarray) -> jnp.ndarray:
@@ -184,7 +202,7 @@ FilterFactory = Callable[[jnp.ndarray, tuple[int, int]], jnp.ndarray]
 
 def solve_spectrum(work: jnp.ndarray, weights: jnp.ndarray, solver: str = "full",
                    n_top: int | None = None) -> Spectrum:
-    """The eigenpairs of C the estimator needs, by ``solver`` (see :mod:`swudi_jax.solvers`):
+    """The eigenpairs of C the estimator needs, by ``solver`` (see :mod:`swudi_jax.maths.solvers`):
 
     "full" all n (one ``eigh`` of C); "lowrank" the N·m non-zero ones from the Gram M Mᵀ
     (needs N·m ≤ n); "topk" the ``n_top`` largest by subspace iteration (filters must be
@@ -225,9 +243,10 @@ def filtered_merge(tau: jnp.ndarray, make_h: FilterFactory, init: str = "sum",
     else:
         c, d = interference_and_rhs(work, w)
         spec = Spectrum(*solvers.top_eigh(c, n_top)) if solver == "topk" else spectrum(c)
-    h = filter_on_spectrum(make_h, spec, work.shape[1:])
-    theta = filtered_solution(anchor(work, init), d, spec, h)
-    return with_mean_fallback(work, theta).astype(tau.dtype)
+    theta0 = anchor(work, init)
+    theta = filtered_estimate(theta0, *project(d, theta0, spec.eigenvectors), spec, make_h, work.shape[1:],
+                              squared_norms(work), jnp.mean(work, axis=0))
+    return theta.astype(tau.dtype)
 
 
 def wudi_loss(theta: jnp.ndarray, tau: jnp.ndarray) -> jnp.ndarray:
@@ -250,19 +269,19 @@ def gram_gradient(theta: jnp.ndarray, c: jnp.ndarray, d: jnp.ndarray) -> jnp.nda
 
 
 __all__ = [
-    "HIGHEST",
     "INIT_MODES",
     "NormalEquation",
     "Spectrum",
     "anchor",
-    "compute_dtype",
     "filter_on_spectrum",
     "filtered_merge",
+    "filtered_estimate",
     "filtered_solution",
     "gram_gradient",
     "interference_and_rhs",
     "interference_operator",
     "normal_equation",
+    "project",
     "right_hand_side",
     "solve_spectrum",
     "spectrum",

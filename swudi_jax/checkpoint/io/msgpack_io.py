@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from flax import serialization
 
-from swudi_jax.io.reader import BaseReader, CheckpointError, flatten_tree, unflatten_tree
+from swudi_jax.model.flat import flatten, nest
+from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError
 
 SEP = "/"
 
@@ -34,7 +35,7 @@ class MsgpackReader(BaseReader):
         except Exception as exc:  # noqa: BLE001 - msgpack raises many types; re-raised with the file
             raise CheckpointError(f"{self.path}: unreadable or truncated msgpack file ({type(exc).__name__}: {exc})") from None
         self._arrays = {}
-        for key, leaf in flatten_tree(tree, SEP).items():
+        for key, leaf in flatten(tree)[0].items():
             if not isinstance(leaf, (np.ndarray, np.generic)):
                 raise CheckpointError(f"{self.path}: leaf {key!r} is a {type(leaf).__name__}, not an array")
             self._arrays[key] = np.asarray(leaf)
@@ -51,14 +52,9 @@ class MsgpackReader(BaseReader):
         self._arrays = {}
 
 
-def read(path: str | os.PathLike) -> MsgpackReader:
-    """Open a flax msgpack file."""
-    return MsgpackReader(path)
-
-
 def write(path: str | os.PathLike, flat: Mapping[str, np.ndarray]) -> Path:
     """Write a flat ``{path: array}`` map as a nested flax msgpack file (in place; see ``io.save``)."""
-    tree = unflatten_tree({key: np.asarray(value) for key, value in flat.items()}, SEP)
+    tree = nest({key: np.asarray(value) for key, value in flat.items()}, SEP)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(serialization.msgpack_serialize(tree))

@@ -2,14 +2,14 @@
 
 The steps, each finished before the next begins:
 
-1. the config is validated (:mod:`swudi_jax.config`) and every checkpoint is opened (headers
+1. the config is validated (:mod:`swudi_jax.checkpoint.config`) and every checkpoint is opened (headers
    and metadata only); key sets, shapes and dtypes are compared across base and experts;
-2. every tensor is classified and grouped (:func:`swudi_jax.tree.plan_tree`,
-   :func:`swudi_jax.layout.group_plans`; a group's stacked bytes stay under
+2. every tensor is classified and grouped (:func:`swudi_jax.model.merger.plan_tree`,
+   :func:`swudi_jax.model.layout.group_plans`; a group's stacked bytes stay under
    ``max_group_size``);
 3. in a temporary directory next to OUT, group by group: the group's tensors are read from
    the base and every expert, checked for NaN/Inf, merged in one compiled call
-   (:func:`swudi_jax.tree.merge_group`) and streamed into the output checkpoint;
+   (:func:`swudi_jax.model.merger.merge_group`) and streamed into the output checkpoint;
 4. base's non-weight files (config.json, tokenizer files, ...), the resolved config and a
    model card are added, and the directory is renamed to OUT.
 
@@ -31,12 +31,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from swudi_jax import io as ckio
-from swudi_jax import registry
-from swudi_jax.config import MergeConfig, load_config, numpy_dtype
-from swudi_jax.io.atomic import atomic_directory, check_output_free
-from swudi_jax.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, group_plans, infer_layout
-from swudi_jax.tree import DEFAULT_MAX_GROUP_BYTES, merge_group, needs_model_thresholds, plan_tree
+from swudi_jax.checkpoint import io as ckio
+from swudi_jax.checkpoint.config import MergeConfig, load_config, numpy_dtype
+from swudi_jax.checkpoint.io.atomic import atomic_directory, check_output_free
+from swudi_jax.maths.validation import non_finite
+from swudi_jax.methods import registry
+from swudi_jax.model.flat import mismatch
+from swudi_jax.model.layout import LeafPlan, group_plans, infer_layout
+from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, merge_group, prepare_options
 
 PAPER = "https://arxiv.org/abs/2606.07289"
 CONFIG_NAME = "merge_config.yaml"
@@ -63,12 +65,12 @@ class MergePlan:
         rows = [("tensor", "shape", "dtype", "kind", "method", "group")]
         for g, group in enumerate(self.groups):
             for p in group:
-                how = {"spectral": method, "mean": method if is_elementwise else "mean",
+                how = {"linear": method, "mean": method if is_elementwise else "mean",
                        "keep": "base", "passthrough": "copy"}[p.kind]
                 rows.append((p.path, "x".join(map(str, p.shape)) or "scalar", str(np.dtype(p.dtype)), p.kind, how, str(g)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        counts = {k: sum(p.kind == k for p in self.plans) for k in ("spectral", "mean", "keep", "passthrough")}
+        counts = {k: sum(p.kind == k for p in self.plans) for k in ("linear", "mean", "keep", "passthrough")}
         summary = (f"{len(self.plans)} tensors in {len(self.groups)} groups "
                    f"({', '.join(f'{v} {k}' for k, v in counts.items())}); method {method}, layout {self.layout}, "
                    f"{self.in_format} -> {self.out_format}, largest group {self.largest_group_bytes():,} bytes "
@@ -86,21 +88,23 @@ def _open(path: Path, fmt: str, who: str) -> ckio.CheckpointReader:
         raise ckio.CheckpointError(f"{who}: {exc}") from None
 
 
+def _signature(reader: ckio.CheckpointReader) -> dict[str, tuple]:
+    return {key: reader.shape_dtype(key) for key in reader.keys()}
+
+
 def _check_same_tensors(base: ckio.CheckpointReader, experts: Sequence[ckio.CheckpointReader]) -> None:
-    keys = set(base.keys())
+    want = _signature(base)
     for expert in experts:
-        other = set(expert.keys())
-        if other != keys:
-            missing, extra = sorted(keys - other), sorted(other - keys)
-            parts = [f"missing {missing[:5]}" if missing else "", f"extra {extra[:5]}" if extra else ""]
+        found = mismatch(want, _signature(expert))
+        if found is None:
+            continue
+        if found.kind == "paths":
+            parts = [f"missing {list(found.missing[:5])}" if found.missing else "",
+                     f"extra {list(found.extra[:5])}" if found.extra else ""]
             raise ValueError(f"{expert.path}: tensor names differ from the base {base.path}: "
                              + "; ".join(p for p in parts if p))
-        for key in base.keys():
-            want, got = base.shape_dtype(key), expert.shape_dtype(key)
-            if want[0] != got[0]:
-                raise ValueError(f"{expert.path}: tensor {key!r} has shape {list(got[0])}, the base has {list(want[0])}")
-            if want[1] != got[1]:
-                raise ValueError(f"{expert.path}: tensor {key!r} has dtype {got[1]}, the base has {want[1]}")
+        got, base_value = (list(found.got), list(found.want)) if found.kind == "shape" else (found.got, found.want)
+        raise ValueError(f"{expert.path}: tensor {found.path!r} has {found.kind} {got}, the base has {base_value}")
 
 
 def _check_grams(config: MergeConfig, plans: Sequence[LeafPlan], grams: ckio.CheckpointReader | None) -> None:
@@ -108,7 +112,7 @@ def _check_grams(config: MergeConfig, plans: Sequence[LeafPlan], grams: ckio.Che
         return
     n = len(config.models)
     for p in plans:
-        if p.kind != "spectral":
+        if p.kind != "linear":
             continue
         want = (n, p.maths_shape[1], p.maths_shape[1]) if p.layers == 1 else (p.layers, n, p.maths_shape[1], p.maths_shape[1])
         if p.path not in grams.keys():
@@ -118,17 +122,14 @@ def _check_grams(config: MergeConfig, plans: Sequence[LeafPlan], grams: ckio.Che
                              f"expected {list(want)}")
 
 
-def _finite(array: np.ndarray, who: Path, key: str) -> np.ndarray:
-    if np.issubdtype(array.dtype, np.floating) or array.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
-        bad = ~np.isfinite(array.astype(np.float32, copy=False))
-        if bad.any():
-            first = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"{who}: tensor {key!r} contains {int(bad.sum())} NaN/Inf value(s); first at index {first}")
-    return array
-
-
 def _read_group(reader: ckio.CheckpointReader, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    return {key: _finite(array, reader.path, key) for key, array in reader.read_many(keys).items()}
+    arrays = reader.read_many(keys)
+    for key, array in arrays.items():
+        found = non_finite(array)
+        if found is not None:
+            raise ValueError(f"{reader.path}: tensor {key!r} contains {found[0]} NaN/Inf value(s); "
+                             f"first at index {found[1]}")
+    return arrays
 
 
 @contextlib.contextmanager
@@ -159,10 +160,7 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
         except ValueError:
             layout = "torch" if base.format == "safetensors" else "flax"
     out_format = base.format if config.out_format == "auto" else config.out_format
-    shapes = {key: base.shape_dtype(key) for key in base.keys()}
-    heads = DEFAULT_HEAD_PATTERNS if config.head_patterns is None else config.head_patterns
-    plans = plan_tree(shapes, layout=layout, include=config.include, exclude=config.exclude,
-                      method=config.merge_method, head_patterns=heads, others=config.others)
+    plans = config.leaf_rules(layout).plan_tree(_signature(base))
     _check_grams(config, plans, grams)
     groups = group_plans(plans, max_group_bytes, copies=len(experts) + 2)
     out_dtypes = {}
@@ -179,13 +177,12 @@ def _compute(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]
             for k, a in arrays.items()}
 
 
-def _model_thresholds(plan: MergePlan, base, experts, progress: bool) -> np.ndarray:
-    from swudi_jax.methods.ties import ties_model_thresholds  # the TIES whole-model trim, two streamed passes
-
-    merged = [[p for p in g if p.kind in ("spectral", "mean")] for g in plan.groups]
+def _model_chunks(plan: MergePlan, base, experts, progress: bool):
+    """The merged tensors' task-vector stacks (N, ...) in float32, read group by group from disk."""
+    merged = [[p for p in g if p.kind in ("linear", "mean")] for g in plan.groups]
 
     def chunks():
-        for group in _progress([g for g in merged if g], progress, "TIES trim"):
+        for group in _progress([g for g in merged if g], progress, "whole-model pass"):
             keys = [p.path for p in group]
             base_arrays = _read_group(base, keys)
             expert_arrays = [_read_group(e, keys) for e in experts]
@@ -193,7 +190,7 @@ def _model_thresholds(plan: MergePlan, base, experts, progress: bool) -> np.ndar
                 b = base_arrays[key].astype(np.float32)
                 yield np.stack([e[key].astype(np.float32) - b for e in expert_arrays])
 
-    return ties_model_thresholds(chunks, plan.config.parameters["density"])
+    return chunks
 
 
 def _progress(items, enabled: bool, desc: str):
@@ -223,7 +220,7 @@ def model_card(plan: MergePlan, scale: float) -> str:
     method = registry.get_method(c.merge_method)
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in c.to_dict()["parameters"].items()) or "| (none) | |"
     experts = "\n".join(f"  - `{p}`" for p in c.models)
-    counts = {k: sum(p.kind == k for p in plan.plans) for k in ("spectral", "mean", "keep", "passthrough")}
+    counts = {k: sum(p.kind == k for p in plan.plans) for k in ("linear", "mean", "keep", "passthrough")}
     return f"""---
 tags: [merge, swudi_jax, {c.merge_method}]
 ---
@@ -236,7 +233,7 @@ Made with swudi_jax `swudi-merge`: θ = θ0 + s · merge(τ1, …, τN),
 - **Experts ({len(c.models)}):**
 {experts}
 - **Method:** `{c.merge_method}` ({method.kind}); source: {method.source}
-- **Layout:** {plan.layout}; **tensors:** {counts['spectral']} merged by the method as linear maps, {counts['mean']} by the
+- **Layout:** {plan.layout}; **tensors:** {counts['linear']} merged by the method as linear maps, {counts['mean']} by the
   {'method' if method.kind == 'elementwise' else 'mean task vector'}, {counts['keep']} kept from the base, {counts['passthrough']} non-float copied.
 - **Format:** {plan.out_format}; **out dtype:** {c.out_dtype or 'as the base'}; **compute dtype:** {c.dtype}
 
@@ -281,10 +278,10 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         if dry_run:
             print(plan.describe())
             return out
-        options = dict(config.parameters)
-        scale = config.scale if config.scale is not None else registry.default_scale(config.merge_method, options)
-        if needs_model_thresholds(config.merge_method, options):
-            options["thresholds"] = _model_thresholds(plan, base, experts, progress)
+        method = registry.get_method(config.merge_method)
+        options = method.resolve(config.parameters)
+        scale = config.scale if config.scale is not None else method.scale(options)
+        options = prepare_options(method, options, _model_chunks(plan, base, experts, progress))
         metadata = getattr(base, "metadata", None) or None
         entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
         with atomic_directory(out, force=force) as tmp:
@@ -297,10 +294,10 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
                     base_arrays = _compute(_read_group(base, keys), config.dtype)
                     expert_arrays = [_compute(_read_group(e, keys), config.dtype) for e in experts]
                     group_grams = None
-                    if grams is not None and group[0].kind == "spectral":
+                    if grams is not None and group[0].kind == "linear":
                         group_grams = grams.read_many(keys)
-                    merged = merge_group(list(group), base_arrays, expert_arrays, config.merge_method, scale,
-                                         options, group_grams)
+                    merged = merge_group(list(group), base_arrays, expert_arrays, method, scale,
+                                         options, group_grams, config.multi_device)
                     del base_arrays, expert_arrays
                     for key in keys:
                         writer.write(key, np.asarray(merged[key]).astype(plan.out_dtypes[key], copy=False))

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
-from swudi_jax.io.reader import BaseReader, CheckpointError, write_all
+from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError
 
 DTYPES_KEY = "__dtypes__"
 EXTENDED = {np.dtype(t).name: np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)}
@@ -108,14 +108,3 @@ class NpzWriter:
     def abort(self) -> None:
         self._zip.close()
 
-
-def read(path: str | os.PathLike) -> NpzReader:
-    """Open an ``.npz`` archive for lazy reading."""
-    return NpzReader(path)
-
-
-def write(path: str | os.PathLike, flat: Mapping[str, np.ndarray]) -> Path:
-    """Write a flat ``{name: array}`` map as an ``.npz`` archive (in place; see ``io.save``)."""
-    writer = NpzWriter(path)
-    write_all(writer, flat)
-    return Path(path)

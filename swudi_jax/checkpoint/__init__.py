@@ -1,0 +1,2 @@
+"""Stage 5, files: readers and writers (``io``), the YAML config (``config``), the streaming
+merge of checkpoints on disk (``pipeline``) and the ``swudi-merge`` command (``cli``)."""

@@ -1,0 +1,104 @@
+"""Name → method spec: the explicit list of built-in methods that the pytree merger, the
+command, configs and benchmarks share (in the manner of mergekit's method registry).
+
+Each method is one :class:`~swudi_jax.methods.spec.MethodSpec` defined in its own module;
+this module lists them. Importing it has no side effect beyond building the table, and no
+method module imports it. :func:`register` adds a user's spec for this process.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Mapping
+
+from swudi_jax.methods import average, dare, output_space, regmean, swudi, task_arithmetic, ties, wudi
+from swudi_jax.methods.spec import KINDS, MethodSpec, SpectralFilter
+
+BUILTIN_METHODS: tuple[MethodSpec, ...] = (
+    swudi.SWUDI,
+    swudi.SWUDI_A,
+    swudi.PINV,
+    wudi.WUDI,
+    task_arithmetic.TASK_ARITHMETIC,
+    average.AVERAGE,
+    ties.TIES,
+    dare.DARE,
+    regmean.REGMEAN,
+    output_space.OUTPUT_SPACE,
+)
+
+DEFAULT_METHOD = swudi.SWUDI.name
+"""What ``merge`` and the scale paths run when no method is named."""
+
+_METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in BUILTIN_METHODS}
+_ALIASES: dict[str, str] = {alias: spec.name for spec in BUILTIN_METHODS for alias in spec.aliases}
+
+
+def register(method: MethodSpec) -> MethodSpec:
+    """Add a user's method to the table (a second registration of one name replaces the first)."""
+    if not isinstance(method, MethodSpec):
+        raise ValueError(f"register() takes a MethodSpec, got {type(method).__name__}")
+    _METHODS[method.name] = method
+    _ALIASES.update({alias: method.name for alias in method.aliases})
+    return method
+
+
+def available_methods() -> list[str]:
+    """The registered method names, sorted."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str | MethodSpec) -> MethodSpec:
+    """The method registered under ``name`` or one of its aliases (a spec is returned as is)."""
+    if isinstance(name, MethodSpec):
+        return name
+    if isinstance(name, str) and _ALIASES.get(name, name) in _METHODS:
+        return _METHODS[_ALIASES.get(name, name)]
+    close = difflib.get_close_matches(str(name), list(_METHODS) + list(_ALIASES), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown merge method {name!r}{hint}; known methods: {sorted(_METHODS)}")
+
+
+def resolve_options(name: str | MethodSpec, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The method's defaults overridden by ``options``, validated (:meth:`MethodSpec.resolve`)."""
+    return get_method(name).resolve(options)
+
+
+def default_scale(name: str | MethodSpec, options: Mapping[str, Any] | None = None) -> float:
+    """The scale ``merge(..., scale=None)`` uses for this method and these options."""
+    method = get_method(name)
+    return method.scale(method.resolve(options))
+
+
+def spectral_method(name: str | MethodSpec, options: Mapping[str, Any] | None = None
+                    ) -> tuple[MethodSpec, dict[str, Any], SpectralFilter]:
+    """A filtered spectral method, its resolved options and its filter (for the paths that run
+    the estimator by other means: rows over devices, LoRA factors).
+
+    Raises:
+      ValueError: the method is not a filtered spectral estimator, or a bad option.
+    """
+    method = get_method(name)
+    if method.spectral_filter is None:
+        names = sorted(n for n, m in _METHODS.items() if m.spectral_filter is not None)
+        raise ValueError(f"method {method.name!r} is not a filtered spectral estimator; this path runs {names}")
+    resolved = method.resolve(options)
+    return method, resolved, method.spectral_filter(resolved)
+
+
+MergeMethod = MethodSpec  # noqa: the name before the method-layer redesign
+"""The name of :class:`MethodSpec` before the method layer was redesigned (an alias)."""
+
+__all__ = [
+    "BUILTIN_METHODS",
+    "DEFAULT_METHOD",
+    "KINDS",
+    "MergeMethod",
+    "MethodSpec",
+    "available_methods",
+    "default_scale",
+    "get_method",
+    "register",
+    "resolve_options",
+    "spectral_method",
+]

@@ -1,0 +1,416 @@
+"""Whole-model merging over pytrees: task vectors, per-leaf plans, one vmapped call per group.
+
+``merge(base, experts, method)`` views every pytree as a flat path → array map
+(:mod:`swudi_jax.model.flat`), validates everything before compute, classifies each leaf
+(:class:`swudi_jax.model.layout.LeafRules`), stacks the linear weights of one maths shape,
+runs the method under ``jax.vmap`` in one jit-compiled call per group (chunked by
+``max_group_bytes``) and returns ``base + scale · merged task vector`` with the structure and
+dtypes of ``base``. The flat level (:func:`plan_tree`, :func:`merge_group`) is what the
+streaming checkpoint pipeline calls group by group.
+
+The merger knows no method by name: it reads the method's
+:class:`~swudi_jax.methods.spec.MethodSpec` — its kind, its whole-model preparation, its
+per-leaf inputs, its array options and whether it has a spectral filter (which lets big
+layers run with their rows split over several devices).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from swudi_jax.maths.linalg import compute_dtype
+from swudi_jax.maths.validation import check_finite, check_number
+from swudi_jax.methods.registry import DEFAULT_METHOD, get_method
+from swudi_jax.methods.spec import MethodSpec, TaskVectorChunks
+from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
+from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, from_maths, group_plans, to_maths
+from swudi_jax.scale.sharding import make_row_mesh, merge_sharded, should_shard
+
+DEFAULT_MAX_GROUP_BYTES = 1 << 30
+"""Stacked bytes (base and experts) of one compiled call before a group is split."""
+
+MULTI_DEVICE = (True, False, "auto")
+
+# ----------------------------------------------------------------------------- models
+
+
+def check_models(base_flat: Mapping[str, Any], expert_flats: Sequence[Mapping[str, Any]]) -> None:
+    """Same paths, shapes and dtypes in every model; at least two experts; no NaN/Inf.
+
+    Raises:
+      ValueError naming the expert, the parameter path and what differs.
+    """
+    if len(expert_flats) < 2:
+        raise ValueError(f"merging needs at least 2 experts, got {len(expert_flats)}")
+    check_compatible(signature(base_flat), [signature(f) for f in expert_flats],
+                     [f"expert {i}" for i in range(len(expert_flats))], "the base")
+    for who, flat in [("base", base_flat)] + [(f"expert {i}", f) for i, f in enumerate(expert_flats)]:
+        for path, leaf in flat.items():
+            check_finite(leaf, f"{who}: parameter {path!r}")
+
+
+def _expert_flats(experts: Any) -> list[dict[str, Any]]:
+    if isinstance(experts, Mapping) or not isinstance(experts, Sequence):
+        raise ValueError(f"experts must be a list of pytrees (one per expert), got {type(experts).__name__}")
+    return [flatten(e, f"expert {i}")[0] for i, e in enumerate(experts)]
+
+
+def task_vectors(base: Any, experts: Sequence[Any]) -> list[Any]:
+    """τi = θi − θ0 for each expert, as pytrees shaped like ``base``.
+
+    Floating leaves are subtracted; integer and boolean leaves (which merging passes
+    through) give zeros. Inputs are checked as in :func:`merge`.
+    """
+    base_flat, treedef = flatten(base, "base")
+    expert_flats = _expert_flats(experts)
+    check_models(base_flat, expert_flats)
+
+    def diff(e, b):
+        return jnp.asarray(e) - jnp.asarray(b) if jnp.issubdtype(b.dtype, jnp.floating) else jnp.zeros_like(b)
+
+    return [unflatten(treedef, {p: diff(flat[p], base_flat[p]) for p in base_flat}, base_flat)
+            for flat in expert_flats]
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+def plan_tree(
+    flat_shapes_dtypes: Mapping[str, tuple[Sequence[int], Any]],
+    rules: LeafRules | None = None,
+    *,
+    method: str | MethodSpec | None = None,
+    **rule_options: Any,
+) -> list[LeafPlan]:
+    """One :class:`LeafPlan` per path of ``{path: (shape, dtype)}``, in the given order.
+
+    Args:
+      flat_shapes_dtypes: {path: (shape, dtype)}.
+      rules: the leaf rules; or give them as keywords (``layout="torch"``, ``exclude=...``:
+        the fields of :class:`LeafRules`).
+      method: if given, checked to be a known method.
+    """
+    if method is not None:
+        get_method(method)
+    if rules is None:
+        rules = LeafRules(**rule_options)
+    elif rule_options:
+        raise ValueError(f"give the leaf rules either as rules= or as keywords, not both ({sorted(rule_options)})")
+    return rules.plan_tree(flat_shapes_dtypes)
+
+
+def model_task_vector_chunks(
+    plans: Sequence[LeafPlan], base_flat: Mapping[str, Any], expert_flats: Sequence[Mapping[str, Any]]
+) -> TaskVectorChunks:
+    """A callable yielding each merged leaf's task-vector stack (N, ...) in float32, one at a time."""
+    merged = [p.path for p in plans if p.kind in ("linear", "mean")]
+
+    def chunks():
+        for path in merged:
+            base = np.asarray(base_flat[path], np.float32)
+            yield np.stack([np.asarray(e[path], np.float32) - base for e in expert_flats])
+
+    return chunks
+
+
+def prepare_options(method: str | MethodSpec, options: Mapping[str, Any], chunks: TaskVectorChunks) -> dict[str, Any]:
+    """The resolved options plus what the method's whole-model pass (if it needs one) adds."""
+    method = get_method(method)
+    options = dict(options)
+    preparation = method.preparation(options)
+    if preparation is not None:
+        options.update(preparation.run(chunks))
+    return options
+
+
+# ----------------------------------------------------------------------------- one group
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def _group_fn(method: MethodSpec, apply_method: bool, static: tuple, array_names: tuple, array_axes: tuple):
+    """The jit-compiled (base, experts, scale, *arrays) → merged weights of one group."""
+    cache_key = (method.name, id(method.fn), apply_method, static, array_names, array_axes)
+    if cache_key in _COMPILED:
+        return _COMPILED[cache_key]
+    static_options = dict(static)
+
+    def one(tau, *arrays):
+        return method.fn(tau, **static_options, **dict(zip(array_names, arrays)))
+
+    def run(base, experts, scale, *arrays):
+        work = compute_dtype(base.dtype)
+        base_w = base.astype(work)
+        tau = experts.astype(work) - base_w[:, None]
+        if apply_method:
+            merged = jax.vmap(one, in_axes=(0, *array_axes))(tau, *arrays)
+        else:
+            merged = jnp.mean(tau, axis=1)
+        return (base_w + jnp.asarray(scale, work) * merged.astype(work)).astype(base.dtype)
+
+    _COMPILED[cache_key] = jax.jit(run)
+    return _COMPILED[cache_key]
+
+
+def _check_multi_device(multi_device: Any) -> None:
+    if multi_device not in MULTI_DEVICE or isinstance(multi_device, int) and not isinstance(multi_device, bool):
+        raise ValueError(f"multi_device must be True, False or 'auto', got {multi_device!r}")
+
+
+def _use_multi_device(multi_device: bool | str, method: MethodSpec, layer_shape: tuple[int, ...]) -> bool:
+    _check_multi_device(multi_device)
+    if method.spectral_filter is None or multi_device is False:
+        return False
+    return multi_device is True or should_shard(layer_shape, jax.device_count())
+
+
+def _merge_layers_sharded(base, experts, method: MethodSpec, scale: float, opts: Mapping[str, Any]) -> jax.Array:
+    """θ0 + s·merge_sharded(τ) for each layer of a (G, N, m, n) stack, rows over all devices."""
+    mesh = make_row_mesh()
+    work = compute_dtype(base.dtype)
+    layers = []
+    for g in range(experts.shape[0]):
+        base_g = base[g].astype(work)
+        merged = merge_sharded(experts[g].astype(work) - base_g[None], mesh, method.name, **opts)
+        layers.append((base_g + scale * merged.astype(work)).astype(base.dtype))
+    return jnp.stack(layers)
+
+
+def _stack(arrays: Sequence[Any]):
+    """Stack on a new axis 0: on the host when every part is a NumPy array (read from disk),
+    so that one copy goes to the device instead of N + 1; on the device otherwise."""
+    if all(isinstance(a, np.ndarray) for a in arrays):
+        return np.stack(arrays)
+    return jnp.stack([jnp.asarray(a) for a in arrays])
+
+
+def _concat(parts: Sequence[jnp.ndarray]) -> jnp.ndarray:
+    """Concatenate on axis 0 without a copy when there is one part."""
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def _stack_group(plans: Sequence[LeafPlan], base_arrays: Mapping[str, Any],
+                 expert_arrays: Sequence[Mapping[str, Any]]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(base (G, ...), experts (G, N, ...)): linear leaves in maths layout, one entry per layer."""
+    if plans[0].kind == "linear":
+        experts = _concat([to_maths(p, _stack([e[p.path] for e in expert_arrays])) for p in plans])
+        base = _concat([to_maths(p, _stack([base_arrays[p.path]]))[:, 0] for p in plans])
+        return base, experts
+    experts = jnp.asarray(_stack([_stack([e[p.path] for e in expert_arrays]) for p in plans]))
+    return jnp.asarray(_stack([base_arrays[p.path] for p in plans])), experts
+
+
+def _unstack_group(plans: Sequence[LeafPlan], merged: jnp.ndarray) -> dict[str, jax.Array]:
+    """The inverse of :func:`_stack_group` on the merged (G, ...) stack."""
+    out, start = {}, 0
+    for p in plans:
+        if p.kind == "linear":
+            out[p.path] = from_maths(p, merged[start:start + p.layers])
+            start += p.layers
+        else:
+            out[p.path] = merged[start]
+            start += 1
+    return out
+
+
+def _stack_grams(plans: Sequence[LeafPlan], grams: Mapping[str, Any] | None, n_experts: int) -> jnp.ndarray:
+    stacked = []
+    for plan in plans:
+        if grams is None or plan.path not in grams:
+            raise ValueError(f"{plan.path!r}: this method needs the per-task input Gram matrices of the layer "
+                             f"(grams[{plan.path!r}] of shape (N, n, n)), none given")
+        g = jnp.asarray(grams[plan.path])
+        g = g[None] if g.ndim == 3 else g
+        n = plan.maths_shape[1]
+        if g.shape != (plan.layers, n_experts, n, n):
+            want = (n_experts, n, n) if plan.layers == 1 else (plan.layers, n_experts, n, n)
+            raise ValueError(f"grams[{plan.path!r}] has shape {tuple(jnp.shape(grams[plan.path]))}, expected {want}")
+        stacked.append(g)
+    return jnp.concatenate(stacked, axis=0)
+
+
+def _group_inputs(method: MethodSpec, opts: Mapping[str, Any], plans: Sequence[LeafPlan],
+                  grams: Mapping[str, Any] | None, n_experts: int) -> tuple[list, list, list]:
+    """The arrays fed to the method beside the task vectors: (arrays, names, vmap axes).
+
+    Grams for data methods and the spec's per-leaf inputs have one entry per layer of the
+    group (vmapped); array options are shared by the whole group.
+    """
+    arrays, names, axes = [], [], []
+    if method.kind == "data":
+        arrays.append(_stack_grams(plans, grams, n_experts))
+        names.append("grams")
+        axes.append(0)
+    if method.leaf_inputs is not None:
+        per_layer = [method.leaf_inputs(opts, p.path, layer) for p in plans for layer in range(p.layers)]
+        for name in per_layer[0]:
+            arrays.append(jnp.stack([jnp.asarray(inputs[name]) for inputs in per_layer]))
+            names.append(name)
+            axes.append(0)
+    for name in method.array_options:
+        if opts.get(name) is not None:
+            arrays.append(jnp.asarray(opts[name]))
+            names.append(name)
+            axes.append(None)
+    return arrays, names, axes
+
+
+def merge_group(
+    plans: Sequence[LeafPlan],
+    base_arrays: Mapping[str, Any],
+    expert_arrays: Sequence[Mapping[str, Any]],
+    method: str | MethodSpec = DEFAULT_METHOD,
+    scale: float | None = None,
+    options: Mapping[str, Any] | None = None,
+    grams: Mapping[str, Any] | None = None,
+    multi_device: bool | str = "auto",
+) -> dict[str, jax.Array]:
+    """Merge one group of leaves (one group key) in one compiled call.
+
+    Linear weights are stacked in maths layout (G, N, m, n) and the method runs under
+    ``jax.vmap``; other floating leaves get the mean task vector (or the method itself when
+    it is elementwise); "keep" and "passthrough" leaves return the base array. A method's
+    whole-model pass (:meth:`MethodSpec.preparation`) must have run first
+    (:func:`prepare_options`): its results are in ``options``.
+
+    Args:
+      plans: the group's plans (from :func:`swudi_jax.model.layout.group_plans`).
+      base_arrays: {path: base array}; expert_arrays: one such dict per expert.
+      method, scale, options: the merge method, its scale (None: its default) and options.
+      grams: {path: (N, n, n)} input Grams, for "data" methods.
+      multi_device: for methods with a spectral filter (swudi, swudi_a, pinv): True merges
+        each layer with its rows split over all devices
+        (:func:`swudi_jax.scale.sharding.merge_sharded`), False never, "auto" when more than
+        one device exists and a layer's task vectors reach ``sharding.DEFAULT_SHARD_BYTES``.
+    Returns:
+      {path: merged array} with the base's shapes and dtypes.
+    """
+    method = get_method(method)
+    opts = method.resolve(options)
+    scale = method.scale(opts) if scale is None else scale
+    if not plans:
+        return {}
+    if len({p.group for p in plans}) != 1:
+        raise ValueError(f"merge_group takes plans of one group key, got {sorted({p.group for p in plans})}")
+    kind = plans[0].kind
+    if kind in ("keep", "passthrough"):
+        return {p.path: base_arrays[p.path] for p in plans}
+    if len(expert_arrays) < 2:
+        raise ValueError(f"merging needs at least 2 experts, got {len(expert_arrays)}")
+    preparation = method.preparation(opts)
+    if preparation is not None:
+        raise ValueError(f"method {method.name!r}: {preparation.what}; merge() and merge_checkpoints() run this "
+                         f"pass, merge_group() takes its result in options (prepare_options())")
+    apply_method = kind == "linear" or method.kind == "elementwise"
+    base, experts = _stack_group(plans, base_arrays, expert_arrays)
+    if kind == "linear" and _use_multi_device(multi_device, method, experts.shape[1:]):
+        merged = _merge_layers_sharded(base, experts, method, scale, opts)
+    else:
+        arrays, names, axes = _group_inputs(method, opts, plans, grams, len(expert_arrays)) if apply_method \
+            else ([], [], [])
+        static = {k: v for k, v in opts.items() if not (k in method.array_options and v is not None)}
+        fn = _group_fn(method, apply_method, _hashable(static), tuple(names), tuple(axes))
+        merged = fn(base, experts, scale, *arrays)
+    return _unstack_group(plans, merged)
+
+
+# ----------------------------------------------------------------------------- whole model
+
+
+def merge(
+    base: Any,
+    experts: Sequence[Any],
+    method: str | MethodSpec = DEFAULT_METHOD,
+    *,
+    scale: float | None = None,
+    rules: LeafRules | None = None,
+    layout: str = "flax",
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    head_patterns: str | Iterable[str] | None = DEFAULT_HEAD_PATTERNS,
+    input_axes: Mapping[str, int] | None = None,
+    scan_patterns: str | Iterable[str] | None = None,
+    scan_axis: int = 0,
+    others: str = "mean",
+    grams: Mapping[str, Any] | None = None,
+    max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES,
+    multi_device: bool | str = "auto",
+    **options: Any,
+) -> Any:
+    """Merge fine-tuned experts of one base model: θ = θ0 + s · merge(τ1, …, τN).
+
+    Linear weights get the method (SWUDI by default) in maths layout; other floating leaves
+    the mean task vector (elementwise methods apply themselves to them); ``exclude``d leaves
+    keep the base value; integer and boolean leaves pass through. See
+    :mod:`swudi_jax.model.layout` for the rules and the pattern syntax.
+
+    Args:
+      base: the pre-trained parameters, any pytree of arrays (Flax Linen params, NNX state
+        as a pure dict, a flat dict of dotted names).
+      experts: a list of ≥ 2 pytrees with the same paths, shapes and dtypes.
+      method: a registered method name (:func:`swudi_jax.methods.registry.available_methods`).
+      scale: s; None means the method's default (0.3 task arithmetic, 1 the others).
+      rules: the structural rules as one :class:`LeafRules` value, or give them as the
+        keywords ``layout`` ("flax": kernels (in, out); "torch": HF weights (out, in);
+        "auto": from the leaf names), ``include``, ``exclude``, ``head_patterns``,
+        ``input_axes``, ``scan_patterns``, ``scan_axis`` and ``others`` (see
+        :class:`LeafRules`). Every other keyword is a method option.
+      grams: {path: (N, n, n)} per-task input Grams for data methods.
+      max_group_bytes: cap on the stacked bytes of one compiled call.
+      multi_device: split big layers' rows over all devices (see :func:`merge_group`).
+      **options: the method's options (e.g. ``time``, ``rank_ratio`` for SWUDI;
+        ``density``, ``trim`` for TIES; ``drop``, ``seed`` for DARE).
+    Returns:
+      The merged parameters, with the structure and dtypes of ``base``.
+    Raises:
+      ValueError, before any compute, for an unknown method or option, fewer than two
+      experts, differing paths, shapes or dtypes, NaN/Inf, or missing Grams.
+    """
+    method = get_method(method)
+    opts = method.resolve(options)
+    if scale is not None:
+        check_number(scale, "scale")
+    _check_multi_device(multi_device)
+    structural = dict(layout=layout, include=include, exclude=exclude, head_patterns=head_patterns,
+                      input_axes=input_axes, scan_patterns=scan_patterns, scan_axis=scan_axis, others=others)
+    if rules is None:
+        rules = LeafRules(**structural)
+    elif LeafRules(**structural) != LeafRules():
+        raise ValueError("give the leaf rules either as rules= or as keywords (layout=, exclude=, ...), not both")
+    base_flat, treedef = flatten(base, "base")
+    expert_flats = _expert_flats(experts)
+    check_models(base_flat, expert_flats)
+    plans = rules.plan_tree({p: (leaf.shape, leaf.dtype) for p, leaf in base_flat.items()})
+    if method.kind == "data":
+        for plan in plans:
+            if plan.kind == "linear":
+                _stack_grams([plan], grams, len(expert_flats))
+    opts = prepare_options(method, opts, model_task_vector_chunks(plans, base_flat, expert_flats))
+    merged: dict[str, Any] = {}
+    for group in group_plans(plans, max_group_bytes, copies=len(expert_flats) + 1):
+        merged.update(merge_group(group, base_flat, expert_flats, method, scale, opts, grams, multi_device))
+    return unflatten(treedef, merged, base_flat)
+
+
+__all__ = [
+    "DEFAULT_MAX_GROUP_BYTES",
+    "check_models",
+    "merge",
+    "merge_group",
+    "model_task_vector_chunks",
+    "plan_tree",
+    "prepare_options",
+    "task_vectors",
+]
