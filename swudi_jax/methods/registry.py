@@ -86,7 +86,7 @@ def spectral_method(name: str | MethodSpec, options: Mapping[str, Any] | None = 
     return method, resolved, method.spectral_filter(resolved)
 
 
-MergeMethod = MethodSpec  # noqa: the name before the method-layer redesign
+MergeMethod = MethodSpec
 """The name of :class:`MethodSpec` before the method layer was redesigned (an alias)."""
 
 __all__ = [
