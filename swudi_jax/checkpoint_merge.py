@@ -35,6 +35,7 @@ from swudi_jax import io as ckio
 from swudi_jax import registry
 from swudi_jax.config import MergeConfig, load_config, numpy_dtype
 from swudi_jax.io.atomic import atomic_directory, check_output_free
+from swudi_jax.io.sources import ModelSource
 from swudi_jax.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, group_plans, infer_layout
 from swudi_jax.tree import DEFAULT_MAX_GROUP_BYTES, merge_group, needs_model_thresholds, plan_tree
 
@@ -79,9 +80,11 @@ class MergePlan:
         return max((sum(p.nbytes for p in g) for g in self.groups), default=0)
 
 
-def _open(path: Path, fmt: str, who: str) -> ckio.CheckpointReader:
+def _open(path, fmt: str, who: str) -> ckio.CheckpointReader:
+    """A reader over a path or a resolved :class:`~swudi_jax.io.sources.ModelSource` (Hub snapshot,
+    PEFT adapter over its base, orbax step/item)."""
     try:
-        return ckio.open_checkpoint(path, fmt)
+        return path.open(fmt) if isinstance(path, ModelSource) else ckio.open_checkpoint(path, fmt)
     except ckio.CheckpointError as exc:
         raise ckio.CheckpointError(f"{who}: {exc}") from None
 
@@ -135,8 +138,9 @@ def _read_group(reader: ckio.CheckpointReader, keys: Sequence[str]) -> dict[str,
 def _opened(config: MergeConfig) -> Iterator[tuple[ckio.CheckpointReader, list[ckio.CheckpointReader], Any]]:
     readers: list[ckio.CheckpointReader] = []
     try:
-        readers.append(_open(config.base_model, config.format, "base_model"))
-        for i, path in enumerate(config.models):
+        sources = config.sources or (config.base_model, *config.models)
+        readers.append(_open(sources[0], config.format, "base_model"))
+        for i, path in enumerate(sources[1:]):
             readers.append(_open(path, config.format, f"models[{i}]"))
         grams = None
         if config.grams is not None:
@@ -270,7 +274,8 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     """
     config = config if isinstance(config, MergeConfig) else load_config(config)
     out = check_output_free(out, force=force)
-    for source in (config.base_model, *config.models):
+    inputs = [p for s in config.sources for p in (s.path, s.adapter) if p is not None]
+    for source in (config.base_model, *config.models, *inputs):
         if out.resolve() == source or source in out.resolve().parents or out.resolve() in source.parents:
             raise ValueError(f"output {out} overlaps the input checkpoint {source}")
     x64 = config.dtype == "float64"
