@@ -281,12 +281,13 @@ class LoraReader(BaseReader):
         if a.shape[0] != config.rank(module):
             raise CheckpointError(f"{file}: {a_key!r} has rank {a.shape[0]}, but {config.path.name} gives r = "
                                   f"{config.rank(module)} for {module!r}")
-        if not config.targets(module):
-            raise CheckpointError(f"{file}: {a_key!r} updates {module!r}, which target_modules "
-                                  f"{config.target_modules!r} of {config.path.name} does not cover")
         target = module + ".weight"
         if target not in self._entries:
             raise CheckpointError(f"{file}: {a_key!r} targets {target!r}, which the base {self._base.path} does not have")
+        if not config.targets(module):
+            t = config.target_modules
+            raise CheckpointError(f"{file}: {a_key!r} updates {module!r}, which target_modules "
+                                  f"{list(t) if isinstance(t, tuple) else t!r} of {config.path.name} does not cover")
         transpose = kind == "embedding" or config.fan_in_fan_out
         out_shape = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
         shape = self._entries[target][0]
