@@ -453,3 +453,38 @@ def test_merged_minilm_loads_with_sentence_transformers(tmp_path):
     assert got.shape == want.shape == (2, 384)
     cos = np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert np.all(cos > 0.99), cos
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_adapters_saved_by_peft_read_as_peft_merges_them(tmp_path, family):
+    """Optional (needs peft and transformers): an adapter saved by PEFT itself, read by our
+    reader, equals PEFT's own ``merge_and_unload`` (names, scaling, patterns, rsLoRA, Conv1D)."""
+    peft_lib = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    if family == "llama":
+        config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2)
+        model = transformers.LlamaForCausalLM(config)
+        lora = peft_lib.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
+                                   rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3})
+    else:
+        config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+        model = transformers.GPT2LMHeadModel(config)
+        lora = peft_lib.LoraConfig(r=2, lora_alpha=5, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    model.save_pretrained(tmp_path / "base")
+    peft_model = peft_lib.get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:  # PEFT initialises B to zero: make the update non-trivial
+                param.copy_(0.5 * torch.randn_like(param))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = {k: v.detach().numpy() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    with peft.LoraReader(ckio.open_checkpoint(tmp_path / "base"), tmp_path / "adapter") as reader:
+        got = reader.read_many(reader.keys())
+        touched = set(reader.updates)
+    assert touched and all(k in merged for k in got)
+    for key, value in got.items():
+        np.testing.assert_allclose(value, merged[key], rtol=1e-5, atol=1e-6, err_msg=key)
