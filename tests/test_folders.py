@@ -165,6 +165,26 @@ def test_a_local_path_wins_over_a_hub_id(hub_cache, tmp_path):
                                                      "merge_method": "average", "allow_download": "yes"}))
 
 
+def test_downloading_only_when_the_config_allows_it(hub_cache, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):  # records the call; never touches the network
+        calls.append((repo_id, kwargs["local_files_only"]))
+        folder = tmp_path / "fetched" / repo_id.replace("/", "--") / "snapshots" / ("9" * 40)
+        ckio.save(folder, hub_cache[1]["base2"], force=True)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    content = {"base_model": "org/new", "models": ["org/tiny-e0", "org/tiny-e1"], "merge_method": "average"}
+    load_config(write_yaml(tmp_path / "m.yaml", content))
+    assert calls[0] == ("org/new", True)  # cache only by default
+    calls.clear()
+    config = load_config(write_yaml(tmp_path / "m.yaml", {**content, "allow_download": True}))
+    assert calls[0] == ("org/new", False) and config.allow_download and config.to_dict()["allow_download"] is True
+
+
 # ---------------------------------------------------------------------------- PEFT adapters
 
 LORA_A = {"q_proj": "self_attn.q_proj", "v_proj": "self_attn.v_proj"}
