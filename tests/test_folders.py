@@ -271,7 +271,7 @@ def test_lora_swudi_equals_swudi_on_the_densified_deltas(lora_setup, tmp_path):
 
 def test_bin_adapter_reads_like_safetensors_and_needs_torch(lora_setup, tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    base, deltas = lora_setup
+    base, _ = lora_setup
     rng = np.random.default_rng(1)
     factors = random_factors(rng, ["model.layers.0.self_attn.k_proj"], [2])
     write_adapter(tmp_path / "bin", factors, {"r": 2, "lora_alpha": 2}, fmt="bin")
@@ -310,8 +310,8 @@ def test_fan_in_fan_out_and_embedding_updates_are_transposed(tmp_path):
     (lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((D, 3), np.float32)}),
      r"rank mismatch: 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' \[2, 8\] has rank 2"),
     (lambda t: t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"),
-     r"model.layers.0.self_attn.q_proj: 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' has no "
-     r"matching lora_B"),
+     (r"model.layers.0.self_attn.q_proj: 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' has no "
+      r"matching lora_B")),
     (lambda t: t.update({"base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight": np.ones((2, D), np.float32),
                          "base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight": np.ones((D, 2), np.float32)}),
      r"targets 'model.layers.0.self_attn.qkv_proj.weight', which the base .*base does not have"),

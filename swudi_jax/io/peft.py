@@ -231,7 +231,7 @@ class LoraReader(BaseReader):
             raise
 
     def _init(self, base: CheckpointReader) -> None:
-        self.config = config = read_config(self.path)
+        self.config = read_config(self.path)
         file, tensors = load_weights(self.path)
         self.file = file
         self._entries = {key: base.shape_dtype(key) for key in base.keys()}
@@ -260,7 +260,7 @@ class LoraReader(BaseReader):
     def _replacement(self, file: Path, key: str, name: str, value: np.ndarray) -> None:
         if name not in self._entries:
             raise CheckpointError(f"{file}: tensor {key!r} replaces {name!r}, which the base {self._base.path} does not have")
-        shape, dtype = self._entries[name]
+        shape = self._entries[name][0]
         if tuple(value.shape) != shape:
             raise CheckpointError(f"{file}: tensor {key!r} has shape {list(value.shape)}, the base's {name!r} has {list(shape)}")
         self.replaced[name] = value
