@@ -395,6 +395,8 @@ def test_checkpoint_manager_roots_merge_from_their_latest_step_and_restore_with_
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(out)  # the standard call, at OUT itself
     assert_close(ckio.flatten_tree(restored), want)
+    with ocp.PyTreeCheckpointer() as checkpointer:  # the older PyTree call too
+        assert_close(ckio.flatten_tree(checkpointer.restore(out)), want)
     assert (out / "README.md").is_file() and (out / "merge_config.yaml").is_file()
     assert_close(ckio.load(out), want)  # and our reader reads OUT as an orbax checkpoint
 
@@ -489,7 +491,8 @@ def test_adapters_saved_by_peft_read_as_peft_merges_them(tmp_path, family):
                                           num_attention_heads=2, num_key_value_heads=2)
         model = transformers.LlamaForCausalLM(config)
         lora = peft_lib.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
-                                   rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3})
+                                   rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3},
+                                   modules_to_save=["lm_head"])
     else:
         config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=2, n_head=2)
         model = transformers.GPT2LMHeadModel(config)
@@ -498,13 +501,14 @@ def test_adapters_saved_by_peft_read_as_peft_merges_them(tmp_path, family):
     peft_model = peft_lib.get_peft_model(model, lora)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name:  # PEFT initialises B to zero: make the update non-trivial
+            if "lora_B" in name or "modules_to_save" in name:  # B starts at zero, the saved copy at the base
                 param.copy_(0.5 * torch.randn_like(param))
     peft_model.save_pretrained(tmp_path / "adapter")
     merged = {k: v.detach().numpy() for k, v in peft_model.merge_and_unload().state_dict().items()}
     with peft.LoraReader(ckio.open_checkpoint(tmp_path / "base"), tmp_path / "adapter") as reader:
         got = reader.read_many(reader.keys())
-        touched = set(reader.updates)
+        touched = set(reader.updates) | set(reader.replaced)
     assert touched and all(k in merged for k in got)
+    assert ("lm_head.weight" in reader.replaced) == (family == "llama")
     for key, value in got.items():
         np.testing.assert_allclose(value, merged[key], rtol=1e-5, atol=1e-6, err_msg=key)
