@@ -122,6 +122,10 @@ def test_hub_ids_merge_from_the_local_cache(hub_cache, tmp_path):
     assert_close(merged_weights(out), task_arithmetic(flats["base2"], [flats["e0"], flats["e1"]], 0.7))
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"  # side files via the symlinks
     assert not (out / "config.json").is_symlink()
+    snapshot_file = cache / "models--org--tiny" / "snapshots" / REV2 / "model.safetensors"  # a blob symlink, by path
+    config = load_config(write_yaml(tmp_path / "m.yaml", {"base_model": str(snapshot_file), "models": ["org/tiny-e0", "org/tiny-e1"],
+                                                          "merge_method": "average"}))
+    assert config.base_model.name == "model.safetensors" and ckio.detect_format(config.base_model) == "safetensors"
 
 
 @pytest.mark.parametrize("revision", [REV1, "v1"])

@@ -87,6 +87,8 @@ def _locate(text: str, base_dir: Path, where: str, allow_download: bool) -> tupl
     path = Path(os.path.expanduser(text))
     path = path if path.is_absolute() else base_dir / path
     if path.exists():
+        if path.is_symlink() and path.is_file():  # e.g. snapshots/<rev>/model.safetensors -> ../../blobs/<hash>:
+            return path.parent.resolve() / path.name, None  # keep the name, whose suffix tells the format
         return path.resolve(), None
     parsed = hub.parse_hub_id(text)
     if parsed is None:
