@@ -44,10 +44,10 @@ from swudi_jax.scale.lora import merge_lora
 from swudi_jax.scale.sharding import make_row_mesh, merge_sharded
 
 # Aliases for the module paths of releases before the package was laid out by stage:
-# ``import swudi_jax.filters`` (now swudi_jax.maths.filters), swudi_jax.layout,
-# swudi_jax.calibration, swudi_jax.sequential (now under swudi_jax.model), swudi_jax.registry
+# ``import swudi_jax.filters`` (now swudi_jax.maths.filters), swudi_jax.model.layout,
+# swudi_jax.calibration, swudi_jax.sequential (now under swudi_jax.model), swudi_jax.methods.registry
 # (swudi_jax.methods.registry), swudi_jax.sharding, swudi_jax.lora (swudi_jax.scale) and
-# swudi_jax.io (swudi_jax.checkpoint.io) keep working.
+# swudi_jax.checkpoint.io (swudi_jax.checkpoint.io) keep working.
 for _module in (filters, solvers, spectral, layout, calibration, sequential, registry, sharding, lora, io):
     _sys.modules.setdefault(f"{__name__}.{_module.__name__.rsplit('.', 1)[-1]}", _module)
 del _module

@@ -2,10 +2,15 @@
 
 Example::
 
-    base_model: ./base                 # a checkpoint: safetensors file/dir, orbax dir, .msgpack, .npz
+    base_model: ./base                 # a checkpoint: safetensors file/dir, orbax dir, .msgpack, .npz,
+                                       # or a Hub id org/name[@revision] from the local HF cache
     models:                            # at least two experts fine-tuned from the base
       - ./expert_math
       - model: ./expert_code           # mergekit's mapping form is accepted too
+      - ./lora_adapter                 # a PEFT adapter: base + its LoRA update
+      - ./other_model+./lora_adapter   # mergekit's model+adapter
+      - {model: ./ckpt, step: 100, item: params}   # orbax CheckpointManager: step (default latest), item
+    allow_download: false              # Hub ids missing from the cache: download them (off: cache only)
     merge_method: swudi                # any name in swudi_jax.methods.registry.available_methods()
     parameters: {time: 10.0}           # the method's options (unknown names are refused)
     scale: null                        # base + scale · merged task vector (null: method default)
@@ -43,8 +48,9 @@ import ml_dtypes
 import numpy as np
 import yaml
 
+from swudi_jax.checkpoint.io import FORMATS, CheckpointError
+from swudi_jax.checkpoint.io.sources import ModelSource, parse_model
 from swudi_jax.methods import registry
-from swudi_jax.checkpoint.io import FORMATS
 from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, OTHERS, LeafRules
 
 LAYOUTS = ("auto", "torch", "flax")
@@ -84,11 +90,14 @@ class MergeConfig:
     out_shard_size: int = DEFAULT_SHARD_SIZE
     grams: Path | None = None
     source: Path | None = None
+    allow_download: bool = False
+    sources: tuple[ModelSource, ...] = ()  # base then experts as resolved (Hub ids, adapters, orbax steps)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-able content (the resolved config written next to the merged model)."""
         out = asdict(self)
         out.pop("source")
+        out.pop("sources")
         for key, value in out.items():
             if isinstance(value, Path):
                 out[key] = str(value)
@@ -97,6 +106,9 @@ class MergeConfig:
             elif isinstance(value, Mapping):
                 out[key] = dict(value)
         out["parameters"] = {k: _plain(v) for k, v in self.parameters.items()}
+        if self.sources:  # entries that re-resolve to the same inputs (adapters, steps, pinned Hub ids)
+            out["base_model"] = self.sources[0].spec()
+            out["models"] = [s.spec() for s in self.sources[1:]]
         return out
 
     def leaf_rules(self, layout: str | None = None) -> LeafRules:
@@ -179,7 +191,7 @@ def _path(value: Any, base_dir: Path, where: str) -> Path:
 
 _KEYS = ("base_model", "models", "merge_method", "parameters", "scale", "include", "exclude",
          "head_patterns", "others", "input_axes", "scan_patterns", "scan_axis", "multi_device", "layout",
-         "dtype", "out_dtype", "format", "out_format", "out_shard_size", "grams")
+         "dtype", "out_dtype", "format", "out_format", "out_shard_size", "grams", "allow_download")
 
 
 def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | os.PathLike | None = None,
@@ -203,13 +215,21 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         if raw.get(key) is None:
             raise ConfigError(f"{name}: `{key}` is required")
     base_dir = Path(base_dir)
-    base = _path(raw["base_model"], base_dir, f"{name}: `base_model`")
+    allow_download = raw.get("allow_download", False)
+    if not isinstance(allow_download, bool):
+        raise ConfigError(f"{name}: `allow_download` must be true or false, got {allow_download!r}")
     models = raw["models"]
     if not isinstance(models, (list, tuple)):
         raise ConfigError(f"{name}: `models` must be a list of checkpoint paths, got {models!r}")
     if len(models) < 2:
         raise ConfigError(f"{name}: `models` needs at least two experts to merge, got {len(models)}")
-    experts = tuple(_path(m, base_dir, f"{name}: `models[{i}]`") for i, m in enumerate(models))
+    try:
+        base_source = parse_model(raw["base_model"], base_dir, f"{name}: `base_model`", allow_download=allow_download)
+        sources = (base_source, *(parse_model(m, base_dir, f"{name}: `models[{i}]`", allow_download=allow_download,
+                                              base=base_source) for i, m in enumerate(models)))
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    base, experts = sources[0].path, tuple(s.main for s in sources[1:])
     method = raw["merge_method"]
     parameters = raw.get("parameters") or {}
     if not isinstance(parameters, Mapping):
@@ -256,6 +276,8 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         out_shard_size=parse_size(raw.get("out_shard_size", DEFAULT_SHARD_SIZE), f"{name}: `out_shard_size`"),
         grams=grams,
         source=None if source is None else Path(source),
+        allow_download=allow_download,
+        sources=sources,
     )
     try:
         config.leaf_rules("torch")

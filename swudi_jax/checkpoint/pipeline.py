@@ -34,6 +34,7 @@ import numpy as np
 from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint.config import MergeConfig, load_config, numpy_dtype
 from swudi_jax.checkpoint.io.atomic import atomic_directory, check_output_free
+from swudi_jax.checkpoint.io.sources import ModelSource
 from swudi_jax.maths.validation import non_finite
 from swudi_jax.methods import registry
 from swudi_jax.model.flat import mismatch
@@ -81,9 +82,11 @@ class MergePlan:
         return max((sum(p.nbytes for p in g) for g in self.groups), default=0)
 
 
-def _open(path: Path, fmt: str, who: str) -> ckio.CheckpointReader:
+def _open(path, fmt: str, who: str) -> ckio.CheckpointReader:
+    """A reader over a path or a resolved :class:`~swudi_jax.checkpoint.io.sources.ModelSource` (Hub snapshot,
+    PEFT adapter over its base, orbax step/item)."""
     try:
-        return ckio.open_checkpoint(path, fmt)
+        return path.open(fmt) if isinstance(path, ModelSource) else ckio.open_checkpoint(path, fmt)
     except ckio.CheckpointError as exc:
         raise ckio.CheckpointError(f"{who}: {exc}") from None
 
@@ -136,8 +139,9 @@ def _read_group(reader: ckio.CheckpointReader, keys: Sequence[str]) -> dict[str,
 def _opened(config: MergeConfig) -> Iterator[tuple[ckio.CheckpointReader, list[ckio.CheckpointReader], Any]]:
     readers: list[ckio.CheckpointReader] = []
     try:
-        readers.append(_open(config.base_model, config.format, "base_model"))
-        for i, path in enumerate(config.models):
+        sources = config.sources or (config.base_model, *config.models)
+        readers.append(_open(sources[0], config.format, "base_model"))
+        for i, path in enumerate(sources[1:]):
             readers.append(_open(path, config.format, f"models[{i}]"))
         grams = None
         if config.grams is not None:
@@ -267,7 +271,8 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     """
     config = config if isinstance(config, MergeConfig) else load_config(config)
     out = check_output_free(out, force=force)
-    for source in (config.base_model, *config.models):
+    inputs = [p for s in config.sources for p in (s.path, s.adapter) if p is not None]
+    for source in (config.base_model, *config.models, *inputs):
         if out.resolve() == source or source in out.resolve().parents or out.resolve() in source.parents:
             raise ValueError(f"output {out} overlaps the input checkpoint {source}")
     x64 = config.dtype == "float64"

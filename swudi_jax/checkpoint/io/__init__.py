@@ -27,7 +27,7 @@ _READERS = {
     "npz": npz_io.NpzReader,
 }
 _FILE_SUFFIXES = {".safetensors": "safetensors", ".msgpack": "msgpack", ".npz": "npz"}
-_WEIGHTS_NAME = {"safetensors": ".", "orbax": "checkpoint", "msgpack": "model.msgpack", "npz": "model.npz"}
+_WEIGHTS_NAME = {"safetensors": ".", "orbax": ".", "msgpack": "model.msgpack", "npz": "model.npz"}
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -43,7 +43,8 @@ def detect_format(path: str | os.PathLike) -> str:
             return name
     raise CheckpointError(
         f"{path}: cannot tell the checkpoint format (expected a .safetensors file or directory, an orbax "
-        f"directory, a .msgpack or a .npz file); set `format` explicitly"
+        f"checkpoint, step or CheckpointManager directory, a .msgpack "
+        f"or a .npz file); set `format` explicitly"
     )
 
 
@@ -53,11 +54,20 @@ def check_format(fmt: str, name: str = "format") -> str:
     return fmt
 
 
-def open_checkpoint(path: str | os.PathLike, format: str = "auto") -> CheckpointReader:
-    """A lazy reader over the checkpoint at ``path`` (format detected unless given)."""
+def open_checkpoint(path: str | os.PathLike, format: str = "auto", *, step: int | None = None,
+                    item: str | None = None) -> CheckpointReader:
+    """A lazy reader over the checkpoint at ``path`` (format detected unless given).
+
+    ``step`` and ``item`` choose inside orbax folders (a CheckpointManager's step, a composite
+    step's item; :mod:`swudi_jax.checkpoint.io.orbax_layout`) and are refused for other formats.
+    """
     fmt = detect_format(path) if format == "auto" else check_format(format)
     if not Path(path).exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    if fmt == "orbax":
+        return orbax_io.OrbaxReader(path, step=step, item=item)
+    if step is not None or item is not None:
+        raise CheckpointError(f"{path}: `step`/`item` choose inside orbax checkpoints; this is a {fmt} checkpoint")
     return _READERS[fmt](path)
 
 

@@ -16,23 +16,23 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from swudi_jax.model.flat import flatten, nest
+from swudi_jax.checkpoint.io import orbax_layout
 from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError
+from swudi_jax.model.flat import flatten, nest
 
 SEP = "/"
-MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
 
 
-def checkpoint_dir(path: Path) -> Path | None:
-    """The orbax item directory at ``path`` (or its ``default`` item), None if there is none."""
-    for candidate in (path, path / "default"):
-        if candidate.is_dir() and any((candidate / m).exists() for m in MARKERS):
-            return candidate
-    return None
+def checkpoint_dir(path: Path, *, step: int | None = None, item: str | None = None) -> Path | None:
+    """The orbax item directory at ``path`` (an item, a step's chosen item, or a CheckpointManager's
+    latest or chosen step; :func:`swudi_jax.checkpoint.io.orbax_layout.locate`), None if it is none of those."""
+    if orbax_layout.kind(path) is None:
+        return None
+    return orbax_layout.locate(path, step=step, item=item)
 
 
 def is_orbax(path: Path) -> bool:
-    return checkpoint_dir(path) is not None
+    return orbax_layout.kind(path) is not None
 
 
 def _ocp():
@@ -60,11 +60,9 @@ class OrbaxReader(BaseReader):
 
     format = "orbax"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, step: int | None = None, item: str | None = None):
         super().__init__(path)
-        self._dir = checkpoint_dir(self.path)
-        if self._dir is None:
-            raise CheckpointError(f"{self.path}: not an orbax checkpoint directory (none of {MARKERS} found)")
+        self._dir = orbax_layout.locate(self.path, step=step, item=item)
         try:
             tree = _tree_metadata(self._dir.absolute())
         except Exception as exc:  # noqa: BLE001 - orbax/tensorstore raise many types
@@ -114,12 +112,26 @@ class OrbaxWriter:
         self._flat[key] = np.asarray(array)
 
     def close(self) -> None:
-        if self.path.exists():
-            raise CheckpointError(f"{self.path}: orbax output must not exist yet")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Save the tree at ``path``: a new folder, or an existing one that the checkpoint's files
+        join (saved in a fresh sub-folder, then moved up), so that
+        ``StandardCheckpointer().restore(path)`` works at ``path`` itself."""
         logging.getLogger("absl").setLevel(logging.WARNING)
-        with _ocp().StandardCheckpointer() as checkpointer:
-            checkpointer.save(self.path.absolute(), nest(self._flat, SEP))
+        tree = nest(self._flat, SEP)
+        if not self.path.is_dir():
+            if self.path.exists() or self.path.is_symlink():
+                raise CheckpointError(f"{self.path}: orbax output exists and is not a folder")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with _ocp().StandardCheckpointer() as checkpointer:
+                checkpointer.save(self.path.absolute(), tree)
+        else:
+            staging = self.path / ".orbax-save"
+            with _ocp().StandardCheckpointer() as checkpointer:
+                checkpointer.save(staging.absolute(), tree)
+            for entry in sorted(staging.iterdir()):
+                if (self.path / entry.name).exists():
+                    raise CheckpointError(f"{self.path}: orbax output file {entry.name} is already there")
+                os.replace(entry, self.path / entry.name)
+            staging.rmdir()
         self._flat = {}
 
     def abort(self) -> None:
