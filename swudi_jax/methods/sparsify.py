@@ -29,7 +29,8 @@ Random masks are ``u < p`` with u uniform in [0, 1) of the stack's shape: drawn 
 or passed as ``uniforms`` (tests feed one source to two implementations).
 
 Counts such as ⌊d·D⌋ follow mergekit's float64 arithmetic exactly when ``density`` and
-``gamma`` are concrete (host) arrays: :func:`rank_windows` computes them on the host. Under
+``gamma`` are concrete (host) arrays: :func:`rank_windows` computes them on the host (a float32 parameter is read as its shortest
+decimal form, 0.7f → 0.7, the value the user wrote). Under
 an outer ``jit``/``vmap`` they are computed in float32, which differs only where d·D lies
 within float32 rounding of an integer (e.g. 0.29·100); pass ``windows`` from
 :func:`rank_windows` to keep them exact there.
@@ -56,7 +57,13 @@ _RANKED = ("magnitude", "magnitude_outliers")
 def per_model(value: Any, n: int, name: str) -> jax.Array | np.ndarray:
     """A scalar or (n,) per-model parameter as an (n,) array (host values stay NumPy float64)."""
     if is_concrete(value):
-        arr = np.asarray(value, np.float64)
+        arr = np.asarray(value)
+        if arr.dtype != np.float64 and jnp.issubdtype(arr.dtype, jnp.floating):
+            # A float32 0.7 stands for the decimal 0.7: read each value by its shortest
+            # decimal form, so that counts like int(0.7 · 40) = 28 match mergekit's floats.
+            arr = np.array([float(np.format_float_positional(np.float32(v), unique=True)) for v in arr.ravel()],
+                           np.float64).reshape(arr.shape)
+        arr = arr.astype(np.float64)
     else:
         arr = jnp.asarray(value, jnp.float32)
     if arr.ndim == 0:
