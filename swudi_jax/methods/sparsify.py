@@ -175,7 +175,7 @@ def _della_keep_prob(x: jax.Array, density: jax.Array, epsilon: jax.Array, rndp:
 
     Operation by operation as mergekit: (rank + 1), (r − min r)/(max r − min r), then
     (d − ε) + (r̂·2)·ε, each rounded by ``rndp`` (to bf16 for bf16 tensors, as mergekit's
-    bf16 path computes them; float32 otherwise).
+    bf16 path computes them, d − ε included; float32 otherwise).
     """
     rows = x.reshape(1, -1) if x.ndim < 2 else x
     moved = jnp.moveaxis(jnp.abs(rows).astype(jnp.float32), 1, -1)
@@ -186,7 +186,8 @@ def _della_keep_prob(x: jax.Array, density: jax.Array, epsilon: jax.Array, rndp:
         norm_rank = jnp.clip(rndp(rndp(r - lo) / rndp(hi - lo)), 0, 1)
     else:
         norm_rank = jnp.zeros_like(r)
-    p = rndp((density - epsilon) + rndp(rndp(norm_rank * 2) * epsilon))
+    # PyTorch's bf16 add rounds a Python scalar operand to bf16 first (its multiply does not)
+    p = rndp(rndp(density - epsilon) + rndp(rndp(norm_rank * 2) * epsilon))
     return jnp.moveaxis(p, -1, 1).reshape(x.shape)
 
 
