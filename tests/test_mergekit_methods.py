@@ -213,14 +213,17 @@ def test_vmap_over_stacked_tensors_with_per_tensor_parameters_equals_a_loop():
     keys = jax.random.split(jax.random.key(3), g)
     fns = {
         "ties": lambda t, w, d, k: mf.ties(t, w, density=d),
-        "breadcrumbs_ties": lambda t, w, d, k: mf.breadcrumbs_ties(t, w, density=d, gamma=0.05),
         "della": lambda t, w, d, k: mf.della(t, w, density=d, epsilon=0.1, key=k),
-        "dare_linear": lambda t, w, d, k: mf.dare_linear(t, w, density=d, key=k),
     }
     for name, fn in fns.items():
         batched = np.asarray(jax.jit(jax.vmap(fn))(stack, weights, dens, keys))
         looped = np.stack([np.asarray(fn(stack[i], weights[i], np.asarray(dens[i]), keys[i])) for i in range(g)])
         np.testing.assert_allclose(batched, looped, rtol=1e-6, atol=1e-7, err_msg=name)
+    # exact host counts per tensor (rank_windows) ride along the vmapped axis
+    wins = jnp.asarray(np.stack([sp.rank_windows("magnitude", [0.29, 0.5, 0.7], 40) for _ in range(g)]))
+    batched = np.asarray(jax.vmap(lambda t, w, win: mf.ties(t, w, windows=win))(stack, weights, wins))
+    looped = np.stack([np.asarray(mf.ties(stack[i], weights[i], density=[0.29, 0.5, 0.7])) for i in range(g)])
+    np.testing.assert_allclose(batched, looped, rtol=1e-6, atol=1e-7)
     t = jnp.asarray([0.1, 0.5, 0.9])
     batched = np.asarray(jax.vmap(ip.slerp)(stack[:, 0], stack[:, 1], t))
     looped = np.stack([np.asarray(ip.slerp(stack[i, 0], stack[i, 1], float(t[i]))) for i in range(g)])
@@ -238,8 +241,10 @@ def _bf16_grid_task_vectors(seed: int, shape=(4, 9)) -> np.ndarray:
     return tau
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", sorted(FAMILY_FNS))
-def test_bf16_task_family_matches_transcription_to_one_rounding(name):
+def test_half_precision_task_family_matches_transcription_to_one_rounding(name, dtype):
+    dtype = jnp.dtype(dtype)
     tau = _bf16_grid_task_vectors(30)
     u = np.random.default_rng(31).random(tau.shape).astype(np.float32)
     # densities, epsilons and weights whose keep probabilities and products are exact in bf16
@@ -248,9 +253,11 @@ def test_bf16_task_family_matches_transcription_to_one_rounding(name):
     if "della" in name:
         case["densities"] = [0.5, 0.5, 0.5]
     jx, rf = family_kwargs(name, case)
-    got = np.asarray(FAMILY_FNS[name](jnp.asarray(tau, jnp.bfloat16), **jx)).astype(np.float64)
-    want = ref.bf16_round(ref.task_family(name, tau, case["weights"], bf16=True, **rf))
-    assert got.dtype == np.float64 and FAMILY_FNS[name](jnp.asarray(tau, jnp.bfloat16), **jx).dtype == jnp.bfloat16
+    out = FAMILY_FNS[name](jnp.asarray(tau, dtype), **jx)
+    assert out.dtype == dtype
+    got = np.asarray(out).astype(np.float64)
+    want = ref.task_family(name, tau, case["weights"], bf16=dtype == jnp.bfloat16, **rf)
+    want = ref.bf16_round(want) if dtype == jnp.bfloat16 else want.astype(np.float16).astype(np.float64)
     # exact grid values: only divisions, λ and (for DARE/DELLA) the rescale ratio round; the
     # L1 ratio's bf16 rounding (mergekit rounds it too) moves entries by a few bf16 ulps of the scale
     atol = 2 ** -6 if name in RANDOM else 2 ** -12

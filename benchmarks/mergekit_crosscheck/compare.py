@@ -68,11 +68,11 @@ def main(argv=None) -> dict:
         data = {k: theirs[f"{kind}/{k}"] for k in ("base", "models", "uniforms")}
         keys = sorted({k.split("/")[1] for k in theirs if k.startswith(kind + "/")} - {"base", "models", "uniforms"})
         for key in keys:
-            for suffix, dtype in (("", jnp.float32), ("/bf16", jnp.bfloat16)):
+            for suffix, dtype in (("", jnp.float32), ("/bf16", jnp.bfloat16), ("/f16", jnp.float16)):
                 want = theirs[f"{kind}/{key}{suffix}"]
                 got = ours(key, data, dtype)
                 err = float(np.max(np.abs(got - want)))
-                rows.append({"inputs": kind, "case": key, "dtype": "bf16" if suffix else "f32",
+                rows.append({"inputs": kind, "case": key, "dtype": suffix.strip("/") or "f32",
                              "max_abs": err, "rel_to_max": err / float(np.max(np.abs(want))),
                              "bit_equal": float(np.mean(got == want))})
     print(f"{'inputs':7s} {'case':26s} {'dtype':5s} {'max |diff|':>11s} {'rel':>10s} {'bit-equal':>9s}")

@@ -48,6 +48,7 @@ def main(out_path: str) -> None:
         for key, (name, params) in cases.FAMILY.items():
             out[f"{kind}/{key}"] = run(name, params)
             out[f"{kind}/{key}/bf16"] = run(name, params, dtype=torch.bfloat16)
+            out[f"{kind}/{key}/f16"] = run(name, params, dtype=torch.float16)
         w4 = [1.0] + cases.W
         extra = {
             "linear": ("linear", {"weight": w4}, None, None),
@@ -67,6 +68,7 @@ def main(out_path: str) -> None:
         for key, (name, params, base_index, tensors) in extra.items():
             out[f"{kind}/{key}"] = run(name, params, base_index, tensors)
             out[f"{kind}/{key}/bf16"] = run(name, params, base_index, tensors, dtype=torch.bfloat16)
+            out[f"{kind}/{key}/f16"] = run(name, params, base_index, tensors, dtype=torch.float16)
     np.savez(out_path, **out)
     print(f"saved {len(out)} arrays to {out_path}")
 

@@ -208,9 +208,13 @@ def _sparsify_one(x, density, gamma, epsilon, window, u, *, method: str, rescale
     else:
         prob = _della_keep_prob(x, density.astype(jnp.float32), epsilon.astype(jnp.float32), rndp)
         keep = u < prob
-    out = _rescale(xw, jnp.where(keep, xw, zero), prob, rescale, rnd)
-    out = jnp.where(density <= 0, zero, out)
-    return jnp.where(density >= 1, xw, out).astype(x.dtype)
+    # mergekit's random sparsifiers work in float32 for float16 tensors (PyTorch's CPU path)
+    # and round once at the end; everything else rescales in the tensor's dtype
+    rescale_rnd = (lambda v: v) if (method not in _RANKED and x.dtype == jnp.float16) else rnd
+    out = _rescale(xw, jnp.where(keep, xw, zero), prob, rescale, rescale_rnd)
+    if method not in _RANKED:  # ranked methods: the window alone decides (d >= 1 keeps [0, D))
+        out = jnp.where(density >= 1, xw, jnp.where(density <= 0, zero, out))
+    return out.astype(x.dtype)
 
 
 @partial(jax.jit, static_argnames=("method", "rescale"))
@@ -284,7 +288,8 @@ def sparsify(
         "magnitude_outliers" and "della_magprune".
       rescale: True ("l1", mergekit), False/None, or one of :data:`RESCALES`.
       key: PRNG key for "random" and "della_magprune" (or give ``uniforms`` (N, ...)).
-      windows: optional int (N, 2) from :func:`rank_windows` for the ranked sparsifiers.
+      windows: optional int (N, 2) from :func:`rank_windows` for the ranked sparsifiers; when
+        given it alone decides what is kept (``density`` and ``gamma`` are then unused).
     Returns:
       (N, ...) in ``tau``'s dtype.
     """
