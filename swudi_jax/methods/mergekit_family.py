@@ -31,9 +31,14 @@ A base model is required; a base listed among the models is the base, not an exp
 
 dtypes: these functions compute in the task vectors' dtype, as mergekit computes in the
 merge's ``dtype`` (or the inputs' promoted dtype): bf16/float16 inputs give bf16/float16
-elementwise arithmetic with one rounding per operation (sums accumulate in float32 and round
-once, as in PyTorch and ``jnp.sum``); magnitudes are ranked in float32; random keep
-probabilities and DELLA's ranks are float32 (mergekit's bf16 DELLA rounds the ranks to bf16).
+arithmetic with one rounding per PyTorch operation (each done in float32 and rounded, made
+explicit with ``lax.reduce_precision`` because XLA may keep excess precision; sums
+accumulate in float32 and round once). As mergekit's CPU path: magnitudes are ranked in
+float32; a bf16 tensor's random keep probabilities (d, and DELLA's rank formula) are built
+in bf16, a float16 tensor's in float32, and float16 random sparsifiers rescale in float32.
+On tie-free inputs this is bit-exact against mergekit 0.1.5 (see
+``benchmarks/mergekit_crosscheck``); where equal magnitudes straddle a cut, mergekit's
+unstable torch sort picks arbitrarily and we keep the earlier entry.
 :func:`linear` computes in float32 (float64 for float64 inputs) and casts back, as mergekit.
 """
 
