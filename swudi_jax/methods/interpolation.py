@@ -30,7 +30,7 @@ result once to the inputs' dtype. mergekit does so for slerp; for nuslerp, multi
 model_stock and nearswap it computes in the merge dtype itself (bf16 arithmetic for a
 bf16 merge), and karcher keeps its unit vectors in that dtype: with bf16/float16 inputs the
 two agree to a few units in the last place (measured ≤ 2.7e-2 of the largest |value| for
-bf16, ≤ 1e-3 for float16), not bit for bit; slerp is bit-exact.
+bf16, ≤ 1.1e-3 for float16), not bit for bit; slerp is bit-exact.
 """
 
 from __future__ import annotations
