@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import mergekit_reference as ref
 import numpy as np
 import pytest
 
-import mergekit_reference as ref
 from swudi_jax.methods import interpolation as ip
 from swudi_jax.methods import mergekit_family as mf
 from swudi_jax.methods import sparsify as sp

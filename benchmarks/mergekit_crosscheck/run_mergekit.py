@@ -20,7 +20,7 @@ from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import TensorGroup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cases  # noqa: E402
+import cases
 
 
 def main(out_path: str) -> None:

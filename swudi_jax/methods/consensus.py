@@ -12,7 +12,7 @@ read, not copied). For weighted, sparsified deltas δi = wi·τ̂i (N, ...):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

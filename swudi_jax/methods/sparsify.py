@@ -39,8 +39,9 @@ within float32 rounding of an integer (e.g. 0.29·100); pass ``windows`` from
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
