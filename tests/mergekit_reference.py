@@ -304,3 +304,47 @@ def nearswap(base, other, t):
         w = min(1.0, max(0.0, t / max(abs(a[j] - b[j]), 1e-6)))
         out[j] = w * b[j] + (1 - w) * a[j]
     return out.reshape(np.shape(base))
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def ram(tau, epsilon=1e-5, plus=False, r=0.1, alpha=0.2):
+    """RAM: entries one model touches keep its value, shared ones are averaged (RAM+: λi)."""
+    tau = np.asarray(tau, np.float64)
+    n = len(tau)
+    flat = tau.reshape(n, -1)
+    touched = [[abs(v) > epsilon for v in row] for row in flat]
+    count = [sum(touched[i][j] for i in range(n)) for j in range(flat.shape[1])]
+    lam = [1.0] * n
+    if plus:
+        for i in range(n):
+            shared = sum(1 for j in range(flat.shape[1]) if touched[i][j] and count[j] > 1)
+            unique = sum(1 for j in range(flat.shape[1]) if touched[i][j] and count[j] == 1)
+            lam[i] = 1 + r * min(max(shared / max(unique, epsilon), 0.0), alpha)
+    out = np.zeros(flat.shape[1])
+    for j in range(flat.shape[1]):
+        for i in range(n):
+            if touched[i][j]:
+                out[j] += flat[i, j] * lam[i] if count[j] == 1 else flat[i, j] / count[j]
+    return out.reshape(tau.shape[1:])
+
+
+def arcee_fusion(base, other):
+    """Keep θ1's change where |Δ|·KL(softmax θ1 ‖ softmax θ0) (per row) ≥ median + 1.5·IQR."""
+    b = np.atleast_2d(np.asarray(base, np.float64))
+    o = np.atleast_2d(np.asarray(other, np.float64))
+
+    def softmax(row):
+        e = np.exp(row - row.max())
+        return e / e.sum()
+
+    importance = np.zeros(b.shape)
+    for i in range(b.shape[0]):
+        p, q = softmax(o[i]) + 1e-8, softmax(b[i]) + 1e-8
+        importance[i] = np.abs(o[i] - b[i]) * float(np.sum(p * np.log(p / q)))
+    ordered = sorted(importance.ravel())
+    last = len(ordered) - 1
+    q1, med, q3 = ordered[int(0.25 * last)], ordered[int(0.5 * last)], ordered[int(0.75 * last)]
+    keep = importance >= med + 1.5 * (q3 - q1)
+    return np.where(keep, o, b).reshape(np.shape(base))

@@ -10,6 +10,7 @@ import pytest
 
 from swudi_jax.methods import interpolation as ip
 from swudi_jax.methods import mergekit_family as mf
+from swudi_jax.methods import mergekit_selective as msel
 from swudi_jax.methods import sparsify as sp
 
 N, SHAPE = 3, (5, 8)
@@ -345,3 +346,33 @@ def test_bf16_interpolation_is_the_float32_result_rounded_once():
     for got, want in pairs:
         assert got.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(got, np.float64), ref.bf16_round(want), rtol=2 ** -8, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _sparse_task_vectors(seed: int) -> np.ndarray:
+    """Task vectors that touch overlapping and disjoint entries (others below ε)."""
+    rng = np.random.default_rng(seed)
+    tau = rng.normal(size=(N,) + SHAPE).astype(np.float32) * 0.1
+    tau *= rng.random(tau.shape) < 0.4
+    tau += 1e-6 * rng.normal(size=tau.shape).astype(np.float32)  # below ε: not "touched"
+    return tau
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_ram_matches_transcription(plus):
+    tau = _sparse_task_vectors(60)
+    got = msel.ramplus_tl(jnp.asarray(tau), r=0.5, alpha=0.3) if plus else msel.ram(jnp.asarray(tau))
+    want = ref.ram(tau, plus=plus, r=0.5, alpha=0.3)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-9)
+
+
+def test_arcee_fusion_matches_transcription():
+    base, models = _models(61, n=1)
+    other = models[0].copy()
+    other[1] += 2.0  # one row with a large distribution shift
+    np.testing.assert_allclose(np.asarray(msel.arcee_fusion(base, other)), ref.arcee_fusion(base, other),
+                               rtol=1e-6, atol=1e-7)
+    changed = np.asarray(msel.arcee_fusion(base, other)) != base
+    assert 0 < changed.sum() < base.size

@@ -21,6 +21,7 @@ import numpy as np
 from benchmarks.mergekit_crosscheck import cases
 from swudi_jax.methods import interpolation as ip
 from swudi_jax.methods import mergekit_family as mf
+from swudi_jax.methods import mergekit_selective as msel
 
 RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
 
@@ -56,6 +57,9 @@ def ours(key: str, data: dict, dtype) -> np.ndarray:
             "model_stock": lambda: ip.model_stock(base, models),
             "model_stock_filter_wise": lambda: ip.model_stock(base, models, filter_wise=True),
             "nearswap": lambda: ip.nearswap(base, models[0], 0.05),
+            "ram": lambda: base + msel.ram(models - base[None], epsilon=0.05),
+            "ramplus_tl": lambda: base + msel.ramplus_tl(models - base[None], epsilon=0.05, r=0.5, alpha=0.3),
+            "arcee_fusion": lambda: msel.arcee_fusion(base, models[0]),
         }[key]()
     return np.asarray(jnp.asarray(out).astype(jnp.float32))
 

@@ -64,6 +64,9 @@ def main(out_path: str) -> None:
             "model_stock": ("model_stock", {}, 0, None),
             "model_stock_filter_wise": ("model_stock", {"filter_wise": True}, 0, None),
             "nearswap": ("nearswap", {"t": 0.05}, 0, [base, models[0]]),
+            "ram": ("ram", {"epsilon": 0.05}, 0, None),
+            "ramplus_tl": ("ramplus_tl", {"epsilon": 0.05, "r": 0.5, "alpha": 0.3}, 0, None),
+            "arcee_fusion": ("arcee_fusion", {}, 0, [base, models[0]]),
         }
         for key, (name, params, base_index, tensors) in extra.items():
             out[f"{kind}/{key}"] = run(name, params, base_index, tensors)
