@@ -16,7 +16,8 @@ copied), each from its published definition:
   (cos‖T‖ μ + sin‖T‖ T/‖T‖)·Σ wi ‖xi‖ (‖T‖ taken + 1e-8), xi task vectors with a base.
 - karcher (Karcher mean on the sphere, arXiv 2603.04972 per mergekit): the weighted
   Riemannian mean of the unit directions by fixed-point iteration (≤ max_iter steps, stop
-  when the tangent norm < tol), times Σ αi ‖θi‖; αi = 1/N. No base.
+  when the tangent norm < tol), times Σ αi ‖θi‖; αi = 1/N over all inputs (a configured
+  base_model is one of them: mergekit adds it to the inputs). No task vectors.
 - model_stock (Jang et al., arXiv 2403.19522): t = N cos θ / (1 + (N − 1) cos θ), cos θ the
   mean pairwise cosine of the experts' task vectors (whole tensor, or per row along the last
   axis with ``filter_wise``), θ = t·mean(θi) + (1 − t)·θ0; t = 0 where the denominator is < 1e-6.
@@ -253,7 +254,8 @@ def karcher(models: jax.Array, weight: Any = None, *, max_iter: int = 10, tol: f
     norm factor Σ αi‖θi‖); all of them ≤ tol gives zeros.
 
     Args:
-      models: θi (N, ...) — every input model (mergekit ignores base_model here).
+      models: θi (N, ...) — every input model: mergekit adds a configured ``base_model``
+        to the inputs when the models do not list it, and karcher then averages it too.
       weight: αi (N,); None is mergekit's 1/N each (mergekit offers no per-model weight).
       max_iter, tol: mergekit's defaults 10 and 1e-5.
     """
@@ -342,7 +344,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "multislerp": dict(fn=multislerp, inputs="models, optional base", base="optional",
                        params={"weight": ("per-model", "required"), "normalize_weights": ("global", True),
                                "eps": ("global", 1e-8)}),
-    "karcher": dict(fn=karcher, inputs="models", base="ignored",
+    "karcher": dict(fn=karcher, inputs="models (base_model joins them)", base="an input",
                     params={"max_iter": ("global", 10), "tol": ("global", 1e-5)}),
     "model_stock": dict(fn=model_stock, inputs="base and >= 2 models", base="required",
                         params={"filter_wise": ("global", False)}),

@@ -212,8 +212,9 @@ def _linear(models, weight, *, normalize):
 def linear(models: jax.Array, weight: Any, *, normalize: bool = True) -> jax.Array:
     """mergekit ``linear`` (model soups, Wortsman et al., arXiv 2203.05482): Σ wi θi [/ Σ wi].
 
-    Acts on the weights of every input model (the base model takes part only if listed among
-    the models; mergekit ignores ``base_model`` here). Computed in float32 (float64 for
+    Acts on the weights of every input model. mergekit adds a configured ``base_model`` to
+    the inputs when it is not listed among the models, so it then takes part like any model
+    (and needs a weight). Computed in float32 (float64 for
     float64 inputs), cast to the inputs' dtype. A zero weight sum with ``normalize`` is a
     ValueError when the weights are concrete (mergekit would divide by zero).
 
@@ -272,7 +273,7 @@ def passthrough(model: jax.Array, scale: Any = None) -> jax.Array:
 # ----------------------------------------------------------------------------- the table
 
 METHODS: dict[str, dict[str, Any]] = {
-    "linear": dict(fn=linear, inputs="weights", base="ignored",
+    "linear": dict(fn=linear, inputs="weights (base_model joins them)", base="an input",
                    params={"weight": ("per-model", "required"), "normalize": ("global", True)}),
     "task_arithmetic": dict(fn=task_arithmetic, inputs="task_vectors", base="required",
                             params={"weight": ("per-model", "required"), "normalize": ("global", False),
