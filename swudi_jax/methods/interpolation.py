@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swudi_jax.validation import is_concrete
+from swudi_jax.maths.validation import is_concrete
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

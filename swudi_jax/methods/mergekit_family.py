@@ -53,7 +53,7 @@ import numpy as np
 
 from swudi_jax.methods import consensus as _consensus
 from swudi_jax.methods import sparsify as _sparsify
-from swudi_jax.validation import is_concrete
+from swudi_jax.maths.validation import is_concrete
 
 SUM_EPS = 1e-8
 

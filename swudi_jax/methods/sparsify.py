@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swudi_jax.validation import is_concrete
+from swudi_jax.maths.validation import is_concrete
 
 SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
 RESCALES = ("l1", "l2", "linf", "keep_prob")
