@@ -34,7 +34,9 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
-            targets = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            # ``from pkg import mod`` depends on pkg.mod alone; ``from pkg import name`` on pkg
+            targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                       for a in node.names]
         else:
             continue
         for target in targets:
