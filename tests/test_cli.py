@@ -78,7 +78,7 @@ def assert_close_trees(got: dict, want: dict, rtol=1e-5, atol=1e-6):
 
 
 @pytest.mark.parametrize("method, parameters", [
-    ("swudi", {}), ("ties", {"density": 0.3}), ("task_arithmetic", {}),
+    ("swudi", {}), ("ties_paper", {"density": 0.3}), ("task_arithmetic_paper", {}),
 ])
 def test_streamed_merge_equals_the_in_memory_merge(on_disk, method, parameters):
     root, base, experts, config = on_disk

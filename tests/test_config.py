@@ -66,7 +66,7 @@ def test_command_line_overrides_replace_file_values(models):
     ({"out_shard_size": 0}, r"`out_shard_size` must be positive"),
     ({"scale": "big"}, r"`scale` must be a finite number"),
     ({"exclude": ["re:("]}, r"`exclude`: invalid regular expression"),
-    ({"merge_methd": "ties"}, r"unknown key\(s\) \['merge_methd'\]"),
+    ({"merge_methd": "ties_paper"}, r"unknown key\(s\) \['merge_methd'\]"),
     ({"models": [{"model": "e1.safetensors", "weight": 2}, "e2.safetensors"]}, r"mapping with keys.*`model` required"),
 ])
 def test_bad_configs_are_refused_with_the_file_and_key_named(models, change, message):

@@ -36,9 +36,9 @@ from benchmarks.minilm.data import TaskSpec, load_task
 from benchmarks.minilm.finetune import DEFAULT_CACHE, FinetuneConfig, prepare_cache, save_safetensors
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "minilm"
-EXTRA_RUNS = {"task_arithmetic@1": ("task_arithmetic", 1.0)}
+EXTRA_RUNS = {"task_arithmetic@1": ("task_arithmetic_paper", 1.0)}
 """Extra rows beyond the registry defaults: name -> (method, scale)."""
-PREFERRED_ORDER = ("task_arithmetic@1", "task_arithmetic", "ties", "swudi", "swudi_a", "pinv", "wudi")
+PREFERRED_ORDER = ("task_arithmetic@1", "task_arithmetic_paper", "ties_paper", "swudi", "swudi_a", "pinv", "wudi")
 """Default run order: the rows the SWUDI paper compares come first (the JSON is rewritten
 after every method, so an interrupted run keeps them)."""
 RUN_PARAMETERS = {"wudi": {"gradient": "gram"}}

@@ -65,7 +65,7 @@ FULL = DemoConfig()
 QUICK = DemoConfig(features=(64, 64, 32), n_tasks=4, pretrain_steps=300, finetune_steps=150,
                    learning_rate=1e-3, head_learning_rate=1e-2)
 """A tiny configuration for tests (``swudi-demo --quick``)."""
-QUICK_METHODS = ("task_arithmetic", "ties", "swudi")
+QUICK_METHODS = ("task_arithmetic_paper", "ties_paper", "swudi")
 """The methods ``--quick`` merges with unless ``--methods`` is given."""
 
 
@@ -172,8 +172,8 @@ def run_demo(config: DemoConfig = FULL, methods: Sequence[str] | None = None, *,
         log("capturing calibration Grams for the data methods")
         grams = calibration_grams(setup)
     runs = [(m, m, None) for m in methods]
-    if "task_arithmetic" in methods:
-        runs.insert(methods.index("task_arithmetic") + 1, ("task_arithmetic (scale 1)", "task_arithmetic", 1.0))
+    if "task_arithmetic_paper" in methods:
+        runs.insert(methods.index("task_arithmetic_paper") + 1, ("task_arithmetic_paper (scale 1)", "task_arithmetic_paper", 1.0))
     for label, method, scale in runs:
         log(f"merging with {label}")
         tic = time.perf_counter()
