@@ -185,7 +185,9 @@ def _group_fn(method: MethodSpec, apply_method: bool, static: tuple, array_names
         tau = models - base_w[:, None]
         if apply_method:
             merged = jax.vmap(one, in_axes=(0, 0, *array_axes))(tau, base_w, *arrays)
-        else:
+        else:  # the mean task vector, of the weighted ones when the method has per-expert weights
+            if array_names == ("weight",):
+                tau = tau * arrays[0].astype(dtype).reshape(arrays[0].shape + (1,) * (tau.ndim - 2))
             merged = jnp.mean(tau, axis=1)
         return (base_w + jnp.asarray(scale, dtype) * merged.astype(dtype)).astype(base.dtype)
 
@@ -414,8 +416,13 @@ def merge_group(
             weights = [v["weight"] for v in layer_options(method, opts, plans, len(expert_arrays), tensor_options)]
         merged = _merge_layers_sharded(base, experts, method, scale, opts, weights)
     else:
-        arrays, names, axes = _group_inputs(method, opts, plans, grams, len(expert_arrays), tensor_options) \
-            if apply_method else ([], [], [])
+        if apply_method:
+            arrays, names, axes = _group_inputs(method, opts, plans, grams, len(expert_arrays), tensor_options)
+        elif "weight" in method.per_expert:  # other leaves: the mean of the weighted task vectors
+            per_layer = layer_options(method, opts, plans, len(expert_arrays), tensor_options)
+            arrays, names, axes = [jnp.asarray(np.stack([v["weight"] for v in per_layer]), jnp.float32)], ["weight"], [0]
+        else:
+            arrays, names, axes = [], [], []
         static = {k: v for k, v in opts.items()
                   if not (k in method.array_options and v is not None) and k not in names}
         work = work_dtype(method, dtype, base.dtype)
