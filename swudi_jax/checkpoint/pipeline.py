@@ -31,8 +31,11 @@ from typing import Any
 import jax
 import numpy as np
 
+import warnings
+
 from swudi_jax.checkpoint import io as ckio
-from swudi_jax.checkpoint.config import MergeConfig, load_config, numpy_dtype
+from swudi_jax.checkpoint import mergekit_config as mk
+from swudi_jax.checkpoint.config import MergeConfig, load_config, numpy_dtype, tensor_resolver
 from swudi_jax.checkpoint.io.atomic import atomic_directory, check_output_free
 from swudi_jax.checkpoint.io.sources import ModelSource
 from swudi_jax.maths.validation import non_finite
@@ -76,7 +79,8 @@ class MergePlan:
                    f"({', '.join(f'{v} {k}' for k, v in counts.items())}); method {method}, layout {self.layout}, "
                    f"{self.in_format} -> {self.out_format}, largest group {self.largest_group_bytes():,} bytes "
                    f"x {len(self.config.models) + 1} models")
-        return "\n".join(lines + ["", summary])
+        notes = [f"note: {n}" for n in self.config.notes]
+        return "\n".join(lines + ["", summary] + notes)
 
     def largest_group_bytes(self) -> int:
         return max((sum(p.nbytes for p in g) for g in self.groups), default=0)
@@ -95,10 +99,22 @@ def _signature(reader: ckio.CheckpointReader) -> dict[str, tuple]:
     return {key: reader.shape_dtype(key) for key in reader.keys()}
 
 
+def _floating(dtype) -> bool:
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
 def _check_same_tensors(base: ckio.CheckpointReader, experts: Sequence[ckio.CheckpointReader]) -> None:
+    """Same names and shapes; dtypes equal unless both floating (a bf16 expert with a float32
+    base is cast to the compute dtype, as mergekit does)."""
     want = _signature(base)
     for expert in experts:
-        found = mismatch(want, _signature(expert))
+        got_signature = _signature(expert)
+        found = mismatch(want, got_signature, dtypes=False)
+        if found is None:
+            found = mismatch({k: v for k, v in want.items() if not (_floating(v[1]) and _floating(got_signature[k][1]))},
+                             {k: v for k, v in got_signature.items()
+                              if not (_floating(v[1]) and _floating(want[k][1]))})
         if found is None:
             continue
         if found.kind == "paths":
@@ -165,6 +181,7 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
             layout = "torch" if base.format == "safetensors" else "flax"
     out_format = base.format if config.out_format == "auto" else config.out_format
     plans = config.leaf_rules(layout).plan_tree(_signature(base))
+    mk.check_layer_range(config.layer_range, base.keys(), f"config {config.source}: `slices`")
     _check_grams(config, plans, grams)
     groups = group_plans(plans, max_group_bytes, copies=len(experts) + 2)
     out_dtypes = {}
@@ -175,10 +192,9 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
 
 
 def _compute(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
-    if dtype != "float64":
-        return arrays
-    return {k: a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16" else a
-            for k, a in arrays.items()}
+    """Floating arrays cast to the compute dtype (mixed-dtype inputs meet in it); others as read."""
+    target = numpy_dtype(dtype)
+    return {k: a.astype(target, copy=False) if _floating(a.dtype) else a for k, a in arrays.items()}
 
 
 def _model_chunks(plan: MergePlan, base, experts, progress: bool):
@@ -218,6 +234,26 @@ def _copy_side_files(base_path: Path, out: Path) -> list[str]:
     return copied
 
 
+def _finish_side_files(config: MergeConfig, out: Path, copy_tokenizer: bool) -> list[str]:
+    """mergekit's output files: the tokenizer (``tokenizer_source``, ``--no-copy-tokenizer``), the
+    chat template, config.json's ``torch_dtype`` for ``out_dtype``. Returns what was done."""
+    done = []
+    if not copy_tokenizer:
+        for item in mk.tokenizer_files(out):
+            item.unlink()
+        done.append("no tokenizer copied (--no-copy-tokenizer)")
+    elif config.tokenizer_source is not None:
+        names = mk.copy_tokenizer(config.tokenizer_source, out, "tokenizer_source")
+        done.append(f"tokenizer from {config.tokenizer_source} ({', '.join(names)})")
+    if config.chat_template is not None:
+        folders = [s.main for s in config.sources[1:]]
+        mk.write_chat_template(out, mk.resolve_chat_template(config.chat_template, folders, "chat_template"))
+        done.append("chat_template set in tokenizer_config.json")
+    if config.out_dtype is not None and mk.set_torch_dtype(out, config.out_dtype):
+        done.append(f"config.json torch_dtype: {config.out_dtype}")
+    return done
+
+
 def model_card(plan: MergePlan, scale: float) -> str:
     """README.md for the merged checkpoint: what was merged, how, and where the method comes from."""
     c = plan.config
@@ -225,6 +261,7 @@ def model_card(plan: MergePlan, scale: float) -> str:
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in c.to_dict()["parameters"].items()) or "| (none) | |"
     experts = "\n".join(f"  - `{p}`" for p in c.models)
     counts = {k: sum(p.kind == k for p in plan.plans) for k in ("linear", "mean", "keep", "passthrough")}
+    notes = "".join(f"\n- {n}" for n in c.notes)
     return f"""---
 tags: [merge, swudi_jax, {c.merge_method}]
 ---
@@ -244,7 +281,7 @@ Made with swudi_jax `swudi-merge`: θ = θ0 + s · merge(τ1, …, τN),
 | parameter | value |
 |---|---|
 {params}
-
+{notes}
 The full resolved config is in `{CONFIG_NAME}` (re-run with `swudi-merge {CONFIG_NAME} OUT`).
 
 SWUDI paper: arXiv 2606.07289, {PAPER}.
@@ -253,7 +290,7 @@ SWUDI paper: arXiv 2606.07289, {PAPER}.
 
 def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                       dry_run: bool = False, progress: bool = True,
-                      max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES) -> Path:
+                      max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES, copy_tokenizer: bool = True) -> Path:
     """Merge the checkpoints a config names into ``out``, streaming one tensor group at a time.
 
     Args:
@@ -263,6 +300,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
       dry_run: validate everything and print the plan; nothing is read beyond headers, nothing written.
       progress: show a progress bar over tensor groups (stderr).
       max_group_bytes: cap on (N + 2) × a group's tensor bytes held at once.
+      copy_tokenizer: copy the tokenizer files (the base's, or ``tokenizer_source``'s) to ``out``.
     Returns:
       ``out`` as a Path.
     Raises:
@@ -275,34 +313,42 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     for source in (config.base_model, *config.models, *inputs):
         if out.resolve() == source or source in out.resolve().parents or out.resolve() in source.parents:
             raise ValueError(f"output {out} overlaps the input checkpoint {source}")
-    x64 = config.dtype == "float64"
-    if x64:
+    method = registry.get_method(config.merge_method)
+    work = method.work_dtype(config.dtype)
+    if work == "float64":
         jax.config.update("jax_enable_x64", True)
     with _opened(config) as (base, experts, grams):
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
         if dry_run:
             print(plan.describe())
             return out
-        method = registry.get_method(config.merge_method)
         options = method.resolve(config.parameters)
         scale = config.scale if config.scale is not None else method.scale(options)
         options = prepare_options(method, options, _model_chunks(plan, base, experts, progress))
         metadata = getattr(base, "metadata", None) or None
         entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
+        shard_size = config.out_shard_size
+        if config.out_shard_unit == "parameters":  # mergekit's count of parameters per shard, in bytes
+            shard_size *= max((np.dtype(d).itemsize for d in plan.out_dtypes.values()), default=4)
+        resolver = tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
+        same_as_base = [config.has_base] * len(experts)
         with atomic_directory(out, force=force) as tmp:
             target = ckio.weights_path(tmp, plan.out_format)
-            writer = ckio.open_writer(target, plan.out_format, entries, shard_size=config.out_shard_size,
+            writer = ckio.open_writer(target, plan.out_format, entries, shard_size=shard_size,
                                       metadata=metadata)
             try:
                 for group in _progress(plan.groups, progress, "merging"):
                     keys = [p.path for p in group]
-                    base_arrays = _compute(_read_group(base, keys), config.dtype)
-                    expert_arrays = [_compute(_read_group(e, keys), config.dtype) for e in experts]
+                    base_arrays = _compute(_read_group(base, keys), work)
+                    expert_arrays = [_compute(_read_group(e, keys), work) for e in experts]
+                    for i, arrays in enumerate(expert_arrays):
+                        same_as_base[i] = same_as_base[i] and all(np.array_equal(arrays[k], base_arrays[k]) for k in keys)
                     group_grams = None
                     if grams is not None and group[0].kind == "linear":
                         group_grams = grams.read_many(keys)
                     merged = merge_group(list(group), base_arrays, expert_arrays, method, scale,
-                                         options, group_grams, config.multi_device)
+                                         options, group_grams, config.multi_device, resolver, work,
+                                         config.has_base)
                     del base_arrays, expert_arrays
                     for key in keys:
                         writer.write(key, np.asarray(merged[key]).astype(plan.out_dtypes[key], copy=False))
@@ -311,7 +357,12 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
                 writer.abort()
                 raise
             writer.close()
+            for i, same in enumerate(same_as_base):
+                if same:
+                    warnings.warn(f"models[{i}] ({config.models[i]}) equals the base model in every tensor: its task "
+                                  "vector is zero", stacklevel=2)
             _copy_side_files(config.base_model, tmp)
+            _finish_side_files(config, tmp, copy_tokenizer)
             (tmp / CONFIG_NAME).write_text(config.to_yaml())
             (tmp / "README.md").write_text(model_card(plan, scale))
     return out
