@@ -59,7 +59,7 @@ def test_command_line_overrides_replace_file_values(models):
     ({"layout": "jax"}, r"`layout` must be one of"),
     ({"others": "drop"}, r"`others` must be one of"),
     ({"head_patterns": [3]}, r"`head_patterns` must be a pattern"),
-    ({"dtype": "float16"}, r"`dtype` must be one of"),
+    ({"dtype": "int8"}, r"`dtype` must be one of"),
     ({"out_dtype": "int8"}, r"`out_dtype` must be one of"),
     ({"format": "pickle"}, r"`format` must be one of"),
     ({"out_shard_size": "lots"}, r"`out_shard_size` must be bytes"),

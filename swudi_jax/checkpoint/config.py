@@ -397,9 +397,11 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         seen.setdefault(src, i)
     low, high = method.n_experts
     if len(expert_sources) < max(low, 1) or (high is not None and len(expert_sources) > high):
-        want = f"exactly {low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
-        raise ConfigError(f"{name}: `models`: merge method {method.name!r} takes {want} model(s) besides the base, "
-                          f"got {len(expert_sources)}")
+        words = {1: "one", 2: "two"}
+        low_w, high_w = words.get(low, str(low)), words.get(high, str(high))
+        want = f"exactly {low_w}" if low == high else (f"at least {low_w}" if high is None else f"{low_w} to {high_w}")
+        raise ConfigError(f"{name}: `models` needs {want} experts to merge with {method.name!r} (the base is not "
+                          f"counted), got {len(expert_sources)}")
     # parameters: plain values are options, settings that vary per tensor go to the resolver
     options, tensor_settings = {}, {}
     for key, value in global_params.items():

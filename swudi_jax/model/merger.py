@@ -43,7 +43,7 @@ def check_expert_count(method: MethodSpec, n: int) -> None:
     low, high = method.n_experts
     if n < low or (high is not None and n > high):
         want = f"exactly {low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
-        raise ValueError(f"method {method.name!r} merges {want} expert(s) besides the base, got {n}")
+        raise ValueError(f"merging needs {want} experts, got {n} (method {method.name!r}; the base is not counted)")
 
 
 def check_models(base_flat: Mapping[str, Any], expert_flats: Sequence[Mapping[str, Any]],
