@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report folder ({DEFAULT_OUT})")
     known = registry.available_methods() + list(EXTRA_RUNS)
     first = [m for m in PREFERRED_ORDER if m in known]
-    parser.add_argument("--methods", nargs="+", default=first + [m for m in known if m not in first], choices=known)
+    own = [m for m in known if m in registry.PROJECT_NAMES or m in EXTRA_RUNS]  # mergekit's: by --methods
+    parser.add_argument("--methods", nargs="+", default=first + [m for m in own if m not in first], choices=known)
     parser.add_argument("--calib", type=int, default=256, help="examples per task for the data methods' Grams")
     args = parser.parse_args(argv)
     try:

@@ -32,6 +32,12 @@ defaults: λ = 0.3, and a whole-model trim at density 0.2) and mergekit's, by me
 and with mergekit's semantics (``task_arithmetic``, ``ties``, ``linear``, ...): one name, one
 meaning, whatever the config's dialect."""
 
+MERGEKIT_NAMES: tuple[str, ...] = tuple(spec.name for spec in mergekit.MERGEKIT_METHODS)
+"""mergekit's methods, by mergekit's names and with its semantics."""
+
+PROJECT_NAMES: tuple[str, ...] = tuple(spec.name for spec in BUILTIN_METHODS if spec.name not in MERGEKIT_NAMES)
+"""The project's own methods (the demo and the benchmarks run these at their defaults)."""
+
 DEFAULT_METHOD = swudi.SWUDI.name
 """What ``merge`` and the scale paths run when no method is named."""
 
@@ -98,7 +104,9 @@ __all__ = [
     "BUILTIN_METHODS",
     "DEFAULT_METHOD",
     "KINDS",
+    "MERGEKIT_NAMES",
     "MergeMethod",
+    "PROJECT_NAMES",
     "MethodSpec",
     "available_methods",
     "default_scale",
