@@ -212,3 +212,21 @@ def test_mergekit_cli_flags(models, tmp_path, capsys):
         assert "--cuda: JAX sees no accelerator" in capsys.readouterr().err
         assert not (tmp_path / "d").exists()
     assert "dare_ties" in registry.available_methods()
+
+
+def test_bf16_task_arithmetic_rounds_each_operation_as_mergekit(tmp_path):
+    bf = family(tmp_path, n_experts=2, seed=4, dtype=ml_dtypes.bfloat16)
+    config = {"models": [{"model": "e0", "parameters": {"weight": 0.7}}, {"model": "e1", "parameters": {"weight": 0.6}}],
+              "base_model": "base", "merge_method": "task_arithmetic", "parameters": {"lambda": 0.9},
+              "dtype": "bfloat16"}
+    got = run(tmp_path, config, "bf_ta")
+
+    def r(x):  # one bf16 rounding of a float32 result, as each PyTorch bf16 operation does
+        return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+    for name in bf["base"]:
+        b = bf["base"][name].astype(np.float32)
+        deltas = [r(r(bf[e][name].astype(np.float32) - b) * r(w)) for e, w in (("e0", 0.7), ("e1", 0.6))]
+        want = r(b + r(r(deltas[0] + deltas[1]) * np.float32(0.9)))
+        assert got[name].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(got[name].astype(np.float32), want, err_msg=name)

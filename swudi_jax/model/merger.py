@@ -161,6 +161,16 @@ def work_dtype(method: MethodSpec, dtype: Any, base_dtype: Any) -> jnp.dtype:
     return jnp.dtype(jax.dtypes.canonicalize_dtype(method.work_dtype(str(jnp.dtype(dtype)))))
 
 
+def _rounded(x: jax.Array) -> jax.Array:
+    """x rounded to its own dtype: a half-precision difference is computed in float32 by XLA
+    and may keep that excess precision in later fused operations; PyTorch (mergekit) rounds
+    each operation's result, so the task vectors are rounded explicitly."""
+    if x.dtype in (jnp.bfloat16, jnp.float16):
+        info = jnp.finfo(x.dtype)
+        return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return x
+
+
 def _group_fn(method: MethodSpec, apply_method: bool, static: tuple, array_names: tuple, array_axes: tuple,
               work: Any = None, has_base: bool = True):
     """The jit-compiled (base, experts, scale, *arrays) → merged weights of one group."""
@@ -182,7 +192,7 @@ def _group_fn(method: MethodSpec, apply_method: bool, static: tuple, array_names
         if apply_method and on_models:  # the method returns the merged weights themselves
             merged = jax.vmap(one, in_axes=(0, 0, *array_axes))(models, base_w, *arrays)
             return merged.astype(base.dtype)
-        tau = models - base_w[:, None]
+        tau = _rounded(models - base_w[:, None])
         if apply_method:
             merged = jax.vmap(one, in_axes=(0, 0, *array_axes))(tau, base_w, *arrays)
         else:  # the mean task vector, of the weighted ones when the method has per-expert weights
