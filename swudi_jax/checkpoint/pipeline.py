@@ -262,15 +262,22 @@ def model_card(plan: MergePlan, scale: float) -> str:
     experts = "\n".join(f"  - `{p}`" for p in c.models)
     counts = {k: sum(p.kind == k for p in plan.plans) for k in ("linear", "mean", "keep", "passthrough")}
     notes = "".join(f"\n- {n}" for n in c.notes)
+    notes += "".join(f"\n- per-tensor `{k}`: `{v}`" for k, v in c.tensor_parameters.items())
+    notes += "".join(f"\n- models[{i}] parameters: `{dict(p)}`" for i, p in enumerate(c.model_parameters) if p)
+    notes += "\n" if notes else ""
+    if method.operand == "models":
+        formula = "θ = merge(θ1, …, θN), on the models' weights" + (" (with the base θ0)" if "base" in method.inputs else "")
+    else:
+        formula = f"θ = θ0 + s · merge(τ1, …, τN),\nτi = θi − θ0, with s = {scale:g}."
+    base = f"`{c.base_model}`" if c.has_base else "none (the tensor layout and side files come from the first model)"
     return f"""---
 tags: [merge, swudi_jax, {c.merge_method}]
 ---
 # Merged model ({c.merge_method})
 
-Made with swudi_jax `swudi-merge`: θ = θ0 + s · merge(τ1, …, τN),
-τi = θi − θ0, with s = {scale:g}.
+Made with swudi_jax `swudi-merge`: {formula}
 
-- **Base model:** `{c.base_model}`
+- **Base model:** {base}
 - **Experts ({len(c.models)}):**
 {experts}
 - **Method:** `{c.merge_method}` ({method.kind}); source: {method.source}
