@@ -230,3 +230,36 @@ def test_bf16_task_arithmetic_rounds_each_operation_as_mergekit(tmp_path):
         want = r(b + r(r(deltas[0] + deltas[1]) * np.float32(0.9)))
         assert got[name].dtype == ml_dtypes.bfloat16
         np.testing.assert_array_equal(got[name].astype(np.float32), want, err_msg=name)
+
+
+def test_per_tensor_values_feed_one_compiled_call_per_group(monkeypatch):
+    import dataclasses
+
+    from swudi_jax.methods import mergekit as mk_methods
+
+    traced = []
+
+    def counting(tau, *, weight=1.0, normalize=False, lam=1.0):
+        traced.append(tau.shape)
+        return mk_methods.task_arithmetic(tau, weight=weight, normalize=normalize, lam=lam)
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    spec = sj.register(dataclasses.replace(registry.get_method("task_arithmetic"), name="counting_ta", fn=counting))
+    rng = np.random.default_rng(5)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": rng.normal(size=(4, 3)).astype(np.float32) for i in range(4)}
+    experts = [{k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()} for _ in range(2)]
+
+    def per_tensor(path, layer):
+        i = mk.layer_index(path)
+        return {"weight": [1.0 + i, 0.5], "lam": 0.1 * (i + 1)}
+
+    got = sj.merge(base, experts, spec, layout="torch", tensor_options=per_tensor)
+    assert traced == [(2, 4, 3)]  # four layers, four different values, one trace (vmapped)
+    for path in base:
+        i = mk.layer_index(path)
+        want = base[path] + 0.1 * (i + 1) * ((1.0 + i) * (experts[0][path] - base[path]) + 0.5 * (experts[1][path] - base[path]))
+        np.testing.assert_allclose(got[path], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"option 'weight' takes one value per expert \(2\)"):
+        sj.merge(base, experts, spec, layout="torch", weight=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"option\(s\) \['normalize'\] .* cannot vary per tensor"):
+        sj.merge(base, experts, spec, layout="torch", tensor_options=lambda p, l: {"normalize": True})
