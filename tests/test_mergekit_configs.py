@@ -5,11 +5,11 @@ NumPy transcription of the method (tests/mergekit_reference.py)."""
 from __future__ import annotations
 
 import jax
+import mergekit_reference as ref
 import numpy as np
 import pytest
-
-import mergekit_reference as ref
 from mergekit_checkpoints import f64, family, layer_t, run
+
 from swudi_jax.methods.dare import leaf_key
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is the base model.*")

@@ -12,9 +12,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 import yaml
+from mergekit_checkpoints import LAYERS, f64, family, layer_t, llama, run, save_model
 
 import swudi_jax as sj
-from mergekit_checkpoints import LAYERS, f64, family, layer_t, llama, run, save_model
 from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint import mergekit_config as mk
 from swudi_jax.checkpoint.cli import main

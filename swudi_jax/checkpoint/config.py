@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,8 +57,6 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import yaml
-
-import warnings
 
 from swudi_jax.checkpoint import mergekit_config as mk
 from swudi_jax.checkpoint.io import FORMATS, CheckpointError

@@ -33,14 +33,14 @@ import re
 import shutil
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 LAYER_RE = re.compile(r"(?:^|[./])(?:layers|layer|h|blocks|block)[./](\d+)(?=[./]|$)")
-EMBEDDING_RE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings", re.I)
+EMBEDDING_RE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings", re.IGNORECASE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
                    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")

@@ -23,6 +23,7 @@ import contextlib
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,6 @@ from typing import Any
 
 import jax
 import numpy as np
-
-import warnings
 
 from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint import mergekit_config as mk

@@ -17,7 +17,8 @@ no effect (in mergekit it only stores the sign-consensus mask as int8 to save me
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
