@@ -76,21 +76,30 @@ class MergeConfig:
     out_shard_size: int = DEFAULT_SHARD_SIZE
     grams: Path | None = None
     source: Path | None = None
+    given: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    """The checkpoint paths as written in the config (``base_model``, ``models``, ``grams``)."""
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain YAML-able content (the resolved config written next to the merged model)."""
+    def to_dict(self, *, as_given: bool = False) -> dict[str, Any]:
+        """Plain YAML-able content (the resolved config written next to the merged model).
+
+        ``as_given=True`` records the checkpoint paths as the config wrote them (relative
+        paths stay relative), not the absolute paths of this machine.
+        """
         out = asdict(self)
         out.pop("source")
+        out.pop("given")
         for key, value in out.items():
             if isinstance(value, Path):
                 out[key] = str(value)
             elif isinstance(value, tuple):
                 out[key] = [str(v) for v in value]
         out["parameters"] = {k: _plain(v) for k, v in self.parameters.items()}
+        if as_given and self.given:
+            out.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.given.items()})
         return out
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, *, as_given: bool = False) -> str:
+        return yaml.safe_dump(self.to_dict(as_given=as_given), sort_keys=False)
 
 
 def _plain(value: Any) -> Any:
@@ -140,6 +149,11 @@ def _choice(value: Any, choices, where: str) -> Any:
     if value not in choices:
         raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def _given(value: Any) -> str:
+    """A checkpoint path as the config wrote it (the mapping form's ``model``)."""
+    return str(value["model"] if isinstance(value, Mapping) else value)
 
 
 def _path(value: Any, base_dir: Path, where: str) -> Path:
@@ -226,6 +240,8 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         out_shard_size=parse_size(raw.get("out_shard_size", DEFAULT_SHARD_SIZE), f"{name}: `out_shard_size`"),
         grams=grams,
         source=None if source is None else Path(source),
+        given={"base_model": _given(raw["base_model"]), "models": [_given(m) for m in models],
+               **({} if grams is None else {"grams": _given(raw["grams"])})},
     )
 
 
@@ -233,9 +249,12 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     """Read and validate a YAML merge config; relative paths are taken from its directory."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"config {path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); is it a YAML file?") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path}: invalid YAML ({exc})".replace("\n", " ")) from None
     return parse_config(raw, base_dir=path.parent, source=path, overrides=overrides)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from flax import serialization
 
+from swudi_jax.io import confine
 from swudi_jax.io.reader import BaseReader, CheckpointError, flatten_tree, unflatten_tree
 
 SEP = "/"
@@ -29,6 +30,7 @@ class MsgpackReader(BaseReader):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
+        confine.checked_file(self.path, "msgpack file")
         try:
             tree = serialization.msgpack_restore(self.path.read_bytes())
         except Exception as exc:  # noqa: BLE001 - msgpack raises many types; re-raised with the file

@@ -16,6 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from swudi_jax.io import confine
 from swudi_jax.io.reader import BaseReader, CheckpointError, write_all
 
 DTYPES_KEY = "__dtypes__"
@@ -41,6 +42,7 @@ class NpzReader(BaseReader):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
+        confine.checked_file(self.path, "npz file")
         try:
             self._npz = np.load(self.path, allow_pickle=False)
             members = {name.removesuffix(".npy"): name for name in self._npz.zip.namelist()}

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from swudi_jax.io import confine
 from swudi_jax.io.reader import BaseReader, CheckpointError, flatten_tree, unflatten_tree, write_all
 
 SEP = "/"
@@ -64,6 +65,7 @@ class OrbaxReader(BaseReader):
         self._dir = checkpoint_dir(self.path)
         if self._dir is None:
             raise CheckpointError(f"{self.path}: not an orbax checkpoint directory (none of {MARKERS} found)")
+        confine.check_tree(self.path)  # orbax opens the files itself: every link must stay inside
         try:
             tree = _tree_metadata(self._dir.absolute())
         except Exception as exc:  # noqa: BLE001 - orbax/tensorstore raise many types
