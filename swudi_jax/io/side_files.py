@@ -47,6 +47,7 @@ class SideFile:
 
     source: Path
     relative: str
+    folder: bool = False  # a module folder, created even when empty (sentence-transformers' Normalize)
 
 
 def _module_folders(folder: Path, root: Path) -> list[str]:
@@ -80,6 +81,7 @@ def _walk(folder: Path, relative: str, root: Path, depth: int, out: list[SideFil
     if depth > MAX_DEPTH:
         raise CheckpointError(f"{folder}: sub-folders nested deeper than {MAX_DEPTH} levels; refusing to copy them")
     real = confine.confined_dir(folder, root, "side folder")
+    out.append(SideFile(folder, relative, folder=True))
     for entry in sorted(os.scandir(real), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
@@ -117,6 +119,10 @@ def plan_side_files(source: str | os.PathLike) -> list[SideFile]:
 
 
 def _copy_one(item: SideFile, root: Path, out: Path) -> None:
+    if item.folder:
+        confine.confined_dir(item.source, root, "side folder")
+        (out / item.relative).mkdir(parents=True, exist_ok=True)
+        return
     real = confine.confined_file(item.source, root, "side file")  # checked again: the folder may have changed
     fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb") as src:
