@@ -312,7 +312,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
                     expert_arrays = [_compute(_read_group(e, keys), config.dtype) for e in experts]
                     group_grams = None
                     if grams is not None and group[0].kind == "spectral":
-                        group_grams = grams.read_many(keys)
+                        group_grams = _read_group(grams, keys)
                     merged = merge_group(list(group), base_arrays, expert_arrays, config.merge_method, scale,
                                          options, group_grams)
                     del base_arrays, expert_arrays

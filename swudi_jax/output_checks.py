@@ -37,6 +37,12 @@ def _floating(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating)
 
 
+def _narrowed(value: jax.Array, dtype: np.dtype) -> jax.Array:
+    """``value`` cast to ``dtype`` on the device when that narrows it (where an overflow can appear);
+    a widening cast keeps finite values finite and is left to the host."""
+    return value.astype(dtype) if dtype.itemsize < value.dtype.itemsize else value
+
+
 def checked_outputs(merged: Mapping[str, object], dtypes: Mapping[str, np.dtype], method: str) -> dict[str, np.ndarray]:
     """The group's merged tensors as host arrays in their output dtypes, all finite, or a NonFiniteOutput.
 
@@ -46,7 +52,7 @@ def checked_outputs(merged: Mapping[str, object], dtypes: Mapping[str, np.dtype]
       dtypes: {path: output dtype}.
       method: the merge method, named in the error.
     """
-    on_device = {key: value.astype(dtypes[key]) for key, value in merged.items()
+    on_device = {key: _narrowed(value, np.dtype(dtypes[key])) for key, value in merged.items()
                  if isinstance(value, jax.Array) and _floating(value.dtype) and _floating(dtypes[key])}
     if on_device:
         flags = np.asarray(jax.device_get(jnp.stack([_all_finite(v) for v in on_device.values()])))
@@ -57,7 +63,7 @@ def checked_outputs(merged: Mapping[str, object], dtypes: Mapping[str, np.dtype]
                 first = tuple(int(i) for i in np.argwhere(bad)[0])
                 raise NonFiniteOutput(
                     f"merged tensor {key!r} ({method}) has {int(bad.sum())} non-finite value(s) (NaN/Inf) out of "
-                    f"{bad.size}, first at index {first}, in {np.dtype(dtypes[key])}; the inputs were finite, so the "
+                    f"{bad.size}, first at index {first}, in {value.dtype}; the inputs were checked finite, so the "
                     "merge overflowed (task vectors too large for the compute dtype? try dtype: float64, a smaller "
                     "scale, or another method); nothing was written")
     return {key: np.asarray(on_device.get(key, merged[key])).astype(dtypes[key], copy=False) for key in merged}

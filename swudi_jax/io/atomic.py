@@ -39,6 +39,25 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc where possible, so it is never changed, even briefly)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_dir_mode() -> int:
+    """0777 & ~umask: the mode ``mkdir`` gives (0755 under umask 022; ``mkdtemp`` gives 0700)."""
+    return 0o777 & ~current_umask()
+
+
 def is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
@@ -86,6 +105,7 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        os.chmod(tmp, default_dir_mode())
         yield tmp
         fsync_tree(tmp)
         old = None

@@ -43,7 +43,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from swudi_jax.io.atomic import fsync_dir, fsync_tree
+from swudi_jax.io.atomic import default_dir_mode, fsync_dir, fsync_tree
 
 OWNER_MARKER = ".swudi-merge-owner"
 TAG = "swudi-merge"
@@ -51,24 +51,6 @@ TAG = "swudi-merge"
 
 class OutputError(ValueError):
     """An output path that cannot be used, or an output that changed under the run."""
-
-
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def default_dir_mode() -> int:
-    """0777 & ~umask: the mode ``mkdir`` would give (0755 under umask 022)."""
-    return 0o777 & ~_umask()
 
 
 def lock_path(out: Path) -> Path:
