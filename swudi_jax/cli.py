@@ -4,7 +4,8 @@ A thin layer over :func:`swudi_jax.checkpoint_merge.merge_checkpoints`. Errors p
 line to stderr (no traceback) and exit with status 1. SIGINT (Ctrl-C), SIGTERM and SIGHUP
 (a closed terminal) stop the run the same way: the partial output is removed, OUT is left as
 it was, and the exit status is the shell's convention 128 + the signal number (130 for
-SIGINT, 143 for SIGTERM, 129 for SIGHUP). A repeated signal during that clean-up is ignored
+SIGINT, 143 for SIGTERM, 129 for SIGHUP). A signal the caller already ignores stays ignored (``nohup swudi-merge ...`` survives
+a closed terminal). A repeated signal during that clean-up is ignored
 so that the clean-up finishes (SIGKILL cannot be caught: the next run to the same OUT removes
 what a killed run left, see :mod:`swudi_jax.io.output`).
 """
@@ -54,7 +55,9 @@ def _interrupt(signum, frame):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = {signum: signal.signal(signum, _interrupt) for signum in HANDLED_SIGNALS}  # a kill cleans up like Ctrl-C
+    # a kill cleans up like Ctrl-C; a signal the caller ignores (nohup: SIGHUP) stays ignored
+    previous = {signum: signal.signal(signum, _interrupt) for signum in HANDLED_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         from swudi_jax.checkpoint_merge import merge_checkpoints
         from swudi_jax.config import load_config

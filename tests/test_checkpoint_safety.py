@@ -159,14 +159,21 @@ def test_unlisted_files_and_links_are_not_copied_and_side_files_get_normal_modes
     (base / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        {"idx": 3, "name": "3", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"}]))
+    (base / "0_Transformer").mkdir()  # old layout: the base's weights there would shadow the merge
+    (base / "0_Transformer" / "config.json").write_text("{}")
     (base / "config_sentence_transformers.json").write_text("{}")
     (base / "1_Pooling").mkdir()
     (base / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 8}))
     (base / "2_Normalize").mkdir()
     (base / "3_Unlisted").mkdir()
     (base / "3_Unlisted" / "x.json").write_text("{}")
-    assert main([str(write_config(tmp_path)), str(tmp_path / "out"), "--no-progress"]) == 0
+    umask = os.umask(0o022)
+    try:
+        assert main([str(write_config(tmp_path)), str(tmp_path / "out"), "--no-progress"]) == 0
+    finally:
+        os.umask(umask)
     out = tmp_path / "out"
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     assert names == ["1_Pooling", "1_Pooling/config.json", "2_Normalize", "README.md", "config.json",
@@ -174,11 +181,9 @@ def test_unlisted_files_and_links_are_not_copied_and_side_files_get_normal_modes
                      "tokenizer.json", "tokenizer_config.json"]
     assert SECRET not in text_under(out) and "private notes" not in text_under(out)
     assert "the base's own card" not in (out / "README.md").read_text()
-    umask = os.umask(0o022)
-    os.umask(umask)
     for p in [out, *out.rglob("*")]:
         assert not p.is_symlink()
-        want = (0o777 if p.is_dir() else 0o666) & ~umask
+        want = 0o755 if p.is_dir() else 0o644
         assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode))
     front = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
     assert front["library_name"] == "sentence-transformers"
@@ -548,6 +553,18 @@ def test_hangup_and_ctrl_c_clean_up_like_sigterm(tmp_path, signum, code):
     assert f"interrupted by {signal.Signals(signum).name}" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "e0", "e1", "merge.yaml"]
     assert snapshot(tmp_path) == before
+
+
+def test_a_hangup_the_caller_ignores_stays_ignored(tmp_path):
+    make_slow_models(tmp_path, "task_arithmetic", n=12)
+    launcher = "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); os.execv(sys.executable, sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", launcher, *run_cli(tmp_path / "merge.yaml", tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    wait_for_temporary(tmp_path, proc)
+    proc.send_signal(signal.SIGHUP)  # as nohup: the run goes on
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "out" / "model.safetensors").is_file() and leftovers(tmp_path) == []
 
 
 def test_sigkill_then_rerun_removes_only_its_own_stale_temporary_folders(tmp_path):

@@ -2,7 +2,8 @@
 
 Only an allow-list of known names is copied (:data:`SIDE_FILES`), plus the sub-folders that
 a sentence-transformers ``modules.json`` lists (``1_Pooling/``, ``2_Normalize/``,
-``2_Dense/``, ...). ``README.md`` is never copied (the merge writes its own model card).
+``2_Dense/``, ...; not a ``Transformer`` module's folder, whose weights are what is merged:
+the base's copy would shadow the merged weights). ``README.md`` is never copied (the merge writes its own model card).
 Each file must be a regular file that resolves inside the source folder's confinement root
 (:mod:`swudi_jax.io.confine`, Hugging Face cache blobs included): a ``config.json`` that is
 a link to ``~/.ssh/id_rsa`` is refused, naming it, before any compute.
@@ -69,6 +70,8 @@ def _module_folders(folder: Path, root: Path) -> list[str]:
             raise CheckpointError(f"{modules}: module {i} has no string `path` ({entry!r})")
         if sub in ("", "."):
             continue  # the transformer module lives in the folder itself
+        if str(entry.get("type", "")).endswith("models.Transformer"):
+            continue  # its weights are the ones merged: a copy of the base's would shadow the merge
         parts = Path(sub).parts
         if Path(sub).is_absolute() or not parts or any(p in (".", "..") for p in parts) or "\\" in sub:
             raise CheckpointError(f"{modules}: module {i} names the path {sub!r}, which is not a folder inside "
