@@ -270,16 +270,19 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
 
     Args:
       config: a :class:`MergeConfig` or the path of a YAML config.
-      out: the output directory (absent or empty, unless ``force``).
-      force: replace an existing ``out`` (only once the new one is complete).
+      out: the output directory (absent or empty, unless ``force``); never empty, ``.``, the
+        working directory, a parent of the config or of an input (:mod:`swudi_jax.io.output`).
+      force: replace an existing ``out`` (only once the new one is complete, and only if it is
+        still what the run saw at the start).
       dry_run: validate everything and print the plan; nothing is read beyond headers, nothing written.
       progress: show a progress bar over tensor groups (stderr).
       max_group_bytes: cap on (N + 2) × a group's tensor bytes held at once.
     Returns:
       ``out`` as a Path.
     Raises:
-      ValueError (``ConfigError``, ``CheckpointError``) naming the file and tensor, before
-      any output is in place.
+      ValueError (``ConfigError``, ``CheckpointError``, ``OutputError``, ``NonFiniteOutput``)
+      naming the file and tensor, before any output is in place; OSError naming the file
+      being written (disk full, file-size limit).
     """
     config = config if isinstance(config, MergeConfig) else load_config(config)
     out = check_output_target(out, protected=[config.source, config.base_model, *config.models, config.grams],

@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 import yaml
 
-import swudi_jax.checkpoint_merge as checkpoint_merge
+from swudi_jax import checkpoint_merge, registry
 from swudi_jax import io as ckio
-from swudi_jax import registry
 from swudi_jax.checkpoint_merge import CONFIG_NAME, merge_checkpoints
 from swudi_jax.cli import main
 from swudi_jax.io import confine, output, safetensors_io
@@ -250,7 +249,8 @@ def test_hugging_face_cache_link_out_of_the_repo_folder_is_refused(tmp_path):
     (snap / "config.json").unlink()
     (snap / "config.json").symlink_to(Path("..") / ".." / ".." / "models--org--other" / "blobs" / "cafe")
     from swudi_jax.io.side_files import plan_side_files
-    with pytest.raises(ckio.CheckpointError, match=r"config.json resolves to .*outside the model folder .*models--org--tiny-bert"):
+    outside = r"config.json resolves to .*outside the model folder .*models--org--tiny-bert"
+    with pytest.raises(ckio.CheckpointError, match=outside):
         plan_side_files(snap)
     assert confine.model_root(snap) == (tmp_path / "hub" / "models--org--tiny-bert").resolve()
 
@@ -292,7 +292,7 @@ def test_index_entry_outside_the_folder_is_refused_without_opening_it(tmp_path, 
     name = {"relative": "../elsewhere/model-00001-of-00002.safetensors", "absolute": str(fifo), "dotdot": ".."}[entry]
     index_path = tmp_path / "e1" / safetensors_io.INDEX_NAME
     index = json.loads(index_path.read_text())
-    key = sorted(index["weight_map"])[0]
+    key = min(index["weight_map"])
     index["weight_map"][key] = name
     index_path.write_text(json.dumps(index))
     try:
@@ -311,7 +311,7 @@ def test_index_entry_naming_a_valid_foreign_shard_is_refused_by_the_command(tmp_
     ckio.save(tmp_path / "other", bert_like(np.random.default_rng(9)), shard_size=1500)
     index_path = tmp_path / "e1" / safetensors_io.INDEX_NAME
     index = json.loads(index_path.read_text())
-    first = sorted(set(index["weight_map"].values()))[0]
+    first = min(index["weight_map"].values())
     index["weight_map"] = {k: (f"../other/{v}" if v == first else v) for k, v in index["weight_map"].items()}
     index_path.write_text(json.dumps(index))
     assert main([str(write_config(tmp_path)), str(tmp_path / "out"), "--no-progress"]) == 1
@@ -469,7 +469,7 @@ def test_second_run_to_a_locked_output_fails_at_once(tmp_path, capsys):
 
 
 def test_two_concurrent_runs_exactly_one_succeeds_and_out_is_its_complete_output(tmp_path, capsys):
-    make_slow_models(tmp_path, "task_arithmetic", n=12)  # cheap groups: the first run ends soon after the second is refused
+    make_slow_models(tmp_path, "task_arithmetic", n=12)  # cheap groups: the first run ends soon after
     cfg = tmp_path / "merge.yaml"
     first = subprocess.Popen(run_cli(cfg, tmp_path / "out"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=cli_env())
@@ -478,7 +478,7 @@ def test_two_concurrent_runs_exactly_one_succeeds_and_out_is_its_complete_output
         second = main([str(cfg), str(tmp_path / "out"), "--no-progress"])
         err = one_line_error(capsys)
     finally:
-        out, first_err = first.communicate(timeout=300)
+        _, first_err = first.communicate(timeout=300)
     assert first.returncode == 0, first_err
     assert second == 1 and "another swudi-merge run" in err
     got, base = ckio.load(tmp_path / "out"), ckio.load(tmp_path / "base")
@@ -557,7 +557,8 @@ def test_hangup_and_ctrl_c_clean_up_like_sigterm(tmp_path, signum, code):
 
 def test_a_hangup_the_caller_ignores_stays_ignored(tmp_path):
     make_slow_models(tmp_path, "task_arithmetic", n=12)
-    launcher = "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); os.execv(sys.executable, sys.argv[1:])"
+    launcher = ("import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+                "os.execv(sys.executable, sys.argv[1:])")
     proc = subprocess.Popen([sys.executable, "-c", launcher, *run_cli(tmp_path / "merge.yaml", tmp_path / "out")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     wait_for_temporary(tmp_path, proc)
@@ -634,8 +635,8 @@ def test_file_size_limit_names_the_file_being_written(tmp_path):
     launcher = ("import os, resource, signal, sys; "
                 f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
                 "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); os.execv(sys.executable, sys.argv[1:])")
-    done = subprocess.run([sys.executable, "-c", launcher, *run_cli(cfg, tmp_path / "out")], capture_output=True,
-                          text=True, timeout=300, env=cli_env())
+    done = subprocess.run([sys.executable, "-c", launcher, *run_cli(cfg, tmp_path / "out")], check=False,
+                          capture_output=True, text=True, timeout=300, env=cli_env())
     assert done.returncode == 1, done.stderr
     assert f"[Errno {errno.EFBIG}] File too large while writing" in done.stderr and "model.safetensors" in done.stderr
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

@@ -42,6 +42,7 @@ import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Self
 
 from swudi_jax.io.atomic import default_dir_mode, fsync_dir, fsync_tree
 
@@ -105,7 +106,8 @@ def check_output_target(out: str | os.PathLike, *, protected: Iterable[str | os.
         if not force:
             raise OutputError(f"output {absolute} exists and is a file; pass --force (force=True) to replace it")
     elif _is_nonempty_dir(absolute) and not force:
-        raise OutputError(f"output directory {absolute} exists and is not empty; pass --force (force=True) to replace it")
+        raise OutputError(f"output directory {absolute} exists and is not empty; "
+                          "pass --force (force=True) to replace it")
     return absolute
 
 
@@ -210,7 +212,8 @@ class OutputSlot:
                 os.close(fd)
                 if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     raise OutputError(f"output {self.out} is being written by another swudi-merge run{holder}, "
-                                      f"which holds the lock {path}; wait for it to finish or choose another output") from None
+                                      f"which holds the lock {path}; wait for it to finish or choose another "
+                                      "output") from None
                 raise OutputError(f"cannot lock {path} for output {self.out} ({exc.strerror or exc})") from None
             try:  # the holder before us may have removed the file between our open and our lock: retry
                 same = os.fstat(fd).st_ino == os.lstat(path).st_ino
@@ -234,7 +237,7 @@ class OutputSlot:
 
     # -- context ------------------------------------------------------------------------------
 
-    def __enter__(self) -> "OutputSlot":
+    def __enter__(self) -> Self:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._acquire()
         try:
