@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from swudi_jax.io.reader import naming_file
+
 
 def fsync_dir(path: Path) -> None:
     """Flush a directory entry (after a rename) where the platform allows it."""
@@ -34,7 +36,7 @@ def fsync_tree(root: Path) -> None:
     """fsync every file below ``root`` and the directories themselves."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
+            with naming_file(os.path.join(dirpath, name)), open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(Path(dirpath))
 
