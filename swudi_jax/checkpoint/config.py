@@ -92,12 +92,19 @@ class MergeConfig:
     source: Path | None = None
     allow_download: bool = False
     sources: tuple[ModelSource, ...] = ()  # base then experts as resolved (Hub ids, adapters, orbax steps)
+    given: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    """The checkpoint entries as written in the config (``base_model``, ``models``, ``grams``)."""
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain YAML-able content (the resolved config written next to the merged model)."""
+    def to_dict(self, *, as_given: bool = False) -> dict[str, Any]:
+        """Plain YAML-able content (the resolved config written next to the merged model).
+
+        ``as_given=True`` records the checkpoint paths as the config wrote them (relative
+        paths stay relative), not the absolute paths of this machine.
+        """
         out = asdict(self)
         out.pop("source")
         out.pop("sources")
+        out.pop("given")
         for key, value in out.items():
             if isinstance(value, Path):
                 out[key] = str(value)
@@ -109,6 +116,8 @@ class MergeConfig:
         if self.sources:  # entries that re-resolve to the same inputs (adapters, steps, pinned Hub ids)
             out["base_model"] = self.sources[0].spec()
             out["models"] = [s.spec() for s in self.sources[1:]]
+        if as_given and self.given:
+            out.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.given.items()})
         return out
 
     def leaf_rules(self, layout: str | None = None) -> LeafRules:
@@ -121,8 +130,8 @@ class MergeConfig:
             others=self.others,
         )
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, *, as_given: bool = False) -> str:
+        return yaml.safe_dump(self.to_dict(as_given=as_given), sort_keys=False)
 
 
 def _plain(value: Any) -> Any:
@@ -172,6 +181,14 @@ def _choice(value: Any, choices, where: str) -> Any:
     if value not in choices:
         raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def _given(value: Any) -> Any:
+    """A checkpoint entry as the config wrote it: a path or Hub id, or the mapping form when it
+    says more than ``model`` (an adapter, an orbax step or item)."""
+    if isinstance(value, Mapping):
+        return str(value["model"]) if set(value) == {"model"} else {str(k): v for k, v in value.items()}
+    return str(value)
 
 
 def _path(value: Any, base_dir: Path, where: str) -> Path:
@@ -278,6 +295,8 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         source=None if source is None else Path(source),
         allow_download=allow_download,
         sources=sources,
+        given={"base_model": _given(raw["base_model"]), "models": [_given(m) for m in models],
+               **({} if grams is None else {"grams": _given(raw["grams"])})},
     )
     try:
         config.leaf_rules("torch")
@@ -290,9 +309,12 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     """Read and validate a YAML merge config; relative paths are taken from its directory."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"config {path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); is it a YAML file?") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path}: invalid YAML ({exc})".replace("\n", " ")) from None
     return parse_config(raw, base_dir=path.parent, source=path, overrides=overrides)
