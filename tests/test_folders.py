@@ -260,7 +260,7 @@ def test_lora_adapters_merge_as_base_plus_scaled_updates(lora_setup, tmp_path):
     want = {k: base[k].astype(np.float64) + 0.6 * sum(d.get(k, 0.0) for d in deltas) for k in base}
     assert_close(merged_weights(out), want)
     resolved = yaml.safe_load((out / "merge_config.yaml").read_text())
-    assert resolved["models"][0]["adapter"].endswith("lora1") and resolved["models"][1]["adapter"].endswith("lora2")
+    assert resolved["models"] == ["base+lora1", "lora2"]  # recorded as the config wrote them (issue 10)
     untouched = "model.layers.0.mlp.up_proj.weight"  # no adapter touches it: zero task vectors
     np.testing.assert_array_equal(merged_weights(out)[untouched], base[untouched])
 

@@ -1,8 +1,13 @@
 """``swudi-merge CONFIG OUT``: merge checkpoints on disk from a YAML config.
 
 A thin layer over :func:`swudi_jax.checkpoint.pipeline.merge_checkpoints`. Errors print one
-line to stderr (no traceback) and exit with status 1 (130 when interrupted by Ctrl-C or
-SIGTERM, after removing the partial output).
+line to stderr (no traceback) and exit with status 1. SIGINT (Ctrl-C), SIGTERM and SIGHUP
+(a closed terminal) stop the run the same way: the partial output is removed, OUT is left as
+it was, and the exit status is the shell's convention 128 + the signal number (130 for
+SIGINT, 143 for SIGTERM, 129 for SIGHUP). A signal the caller already ignores stays ignored (``nohup swudi-merge ...`` survives
+a closed terminal). A repeated signal during that clean-up is ignored
+so that the clean-up finishes (SIGKILL cannot be caught: the next run to the same OUT removes
+what a killed run left, see :mod:`swudi_jax.checkpoint.io.output`).
 """
 
 from __future__ import annotations
@@ -59,13 +64,28 @@ def _require_accelerator() -> None:
                          "(pip install 'jax[cuda12]') or leave --cuda out to merge on the CPU")
 
 
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A handled signal, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    for other in HANDLED_SIGNALS:  # the clean-up that follows must not be interrupted in turn
+        signal.signal(other, signal.SIG_IGN)
+    raise Interrupted(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # a kill cleans up like Ctrl-C
+    # a kill cleans up like Ctrl-C; a signal the caller ignores (nohup: SIGHUP) stays ignored
+    previous = {signum: signal.signal(signum, _interrupt) for signum in HANDLED_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         from swudi_jax.checkpoint.pipeline import merge_checkpoints
         from swudi_jax.checkpoint.config import load_config
@@ -83,9 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = merge_checkpoints(config, args.out, force=args.force, dry_run=args.dry_run,
                                 progress=not args.no_progress, max_group_bytes=group,
                                 copy_tokenizer=args.copy_tokenizer)
-    except KeyboardInterrupt:
-        print("swudi-merge: interrupted; no output written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"swudi-merge: interrupted by {signal.Signals(signum).name}; no output written", file=sys.stderr)
+        return 128 + int(signum)
     except (ValueError, ConfigError, OSError) as exc:
         print(f"swudi-merge: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
@@ -93,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"swudi-merge: error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if not args.dry_run:
         print(f"merged checkpoint written to {out}")
     return 0

@@ -125,18 +125,25 @@ class MergeConfig:
     chat_template: str | None = None       # template text for tokenizer_config.json
     out_shard_unit: str = "bytes"          # out_shard_size counts "bytes" or "parameters"
     notes: tuple[str, ...] = ()            # what the config's mergekit settings mean here (printed, in the card)
+    given: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    """The checkpoint entries as written in the config (``base_model``, ``models``, ``grams``,
+    ``tokenizer_source``), ``models`` in the order of the resolved experts."""
 
     @property
     def varies_per_tensor(self) -> bool:
         """Whether some option takes per-model or per-tensor values (a resolver is needed)."""
         return bool(self.tensor_parameters) or any(self.model_parameters)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, as_given: bool = False) -> dict[str, Any]:
         """Plain YAML-able content (the resolved config written next to the merged model); it
         parses back to the same merge (per-model parameters inside the ``models`` entries,
-        per-tensor settings among the ``parameters``)."""
+        per-tensor settings among the ``parameters``).
+
+        ``as_given=True`` records the checkpoint paths as the config wrote them (relative
+        paths stay relative), not the absolute paths of this machine.
+        """
         out = asdict(self)
-        for key in ("source", "sources", "notes", "has_base", "model_parameters", "tensor_parameters",
+        for key in ("source", "sources", "given", "notes", "has_base", "model_parameters", "tensor_parameters",
                     "layer_range", "out_shard_unit"):
             out.pop(key)
         for key, value in out.items():
@@ -150,6 +157,8 @@ class MergeConfig:
         if self.sources:  # entries that re-resolve to the same inputs (adapters, steps, pinned Hub ids)
             out["base_model"] = self.sources[0].spec()
             out["models"] = [s.spec() for s in self.sources[1:]]
+        if as_given and self.given:
+            out.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.given.items()})
         if not self.has_base or registry.get_method(self.merge_method).base == "joins":
             out["base_model"] = None  # a joining base is among the models already
         if any(self.model_parameters):
@@ -170,8 +179,8 @@ class MergeConfig:
             others=self.others,
         )
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, *, as_given: bool = False) -> str:
+        return yaml.safe_dump(self.to_dict(as_given=as_given), sort_keys=False)
 
 
 def _plain(value: Any) -> Any:
@@ -238,6 +247,14 @@ def _choice(value: Any, choices, where: str) -> Any:
     if value not in choices:
         raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def _given(value: Any) -> Any:
+    """A checkpoint entry as the config wrote it: a path or Hub id, or the mapping form when it
+    says more than ``model`` (an adapter, an orbax step or item)."""
+    if isinstance(value, Mapping):
+        return str(value["model"]) if set(value) == {"model"} else {str(k): v for k, v in value.items()}
+    return str(value)
 
 
 def _path(value: Any, base_dir: Path, where: str) -> Path:
@@ -373,6 +390,7 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
     model_params = [p for _, p in entries]
+    given_models = [_given(m) for m, _ in entries]
     # the base among the models (a mergekit habit): the base, not a zero task vector
     if base_source is not None and base_source in expert_sources:
         index = expert_sources.index(base_source)
@@ -381,10 +399,11 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         else:
             warnings.warn(f"{name}: `models[{index}]` is the base model; it is the base, not an expert (a zero task "
                           "vector would shrink the others' mean): left out of the experts", stacklevel=2)
-            del expert_sources[index], model_params[index]
+            del expert_sources[index], model_params[index], given_models[index]
     elif base_source is not None and method.base == "joins":
         expert_sources.insert(0, base_source)  # mergekit adds a configured base to the inputs
         model_params.insert(0, {})
+        given_models.insert(0, _given(raw["base_model"]))
         notes.append(f"base_model joins {method.name}'s inputs (mergekit adds it to the models)")
     elif base_source is not None and method.base == "unused":
         notes.append(f"base_model is not used by {method.name}")
@@ -474,6 +493,9 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
                 raise ConfigError(str(exc)) from None
     shard = parse_shard_size(raw.get("out_shard_size", DEFAULT_SHARD_SIZE), f"{name}: `out_shard_size`")
     reference = base_source if base_source is not None else expert_sources[0]
+    given = {"base_model": _given(raw["base_model"]) if base_source is not None else None, "models": given_models,
+             **({} if grams is None else {"grams": _given(raw["grams"])}),
+             **({} if tokenizer_path is None else {"tokenizer_source": _given(tokenizer_value)})}
     sources = (reference, *expert_sources)
     config = MergeConfig(
         base_model=reference.path,
@@ -507,6 +529,7 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         chat_template=chat_template,
         out_shard_unit=shard.unit,
         notes=tuple(notes),
+        given=given,
     )
     try:
         config.leaf_rules("torch")
@@ -529,9 +552,12 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     """Read and validate a YAML merge config; relative paths are taken from its directory."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"config {path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); is it a YAML file?") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path}: invalid YAML ({exc})".replace("\n", " ")) from None
     return parse_config(raw, base_dir=path.parent, source=path, overrides=overrides)

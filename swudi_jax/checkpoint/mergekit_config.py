@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from swudi_jax.checkpoint.io.side_files import copy_side_files, plan_side_files
 
 LAYER_RE = re.compile(r"(?:^|[./])(?:layers|layer|h|blocks|block)[./](\d+)(?=[./]|$)")
 EMBEDDING_RE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings", re.IGNORECASE)
@@ -226,24 +227,23 @@ def tokenizer_files(directory: Path) -> list[Path]:
 
 
 def copy_tokenizer(source: Path, out: Path, where: str) -> list[str]:
-    """Replace the tokenizer files in ``out`` by ``source``'s (a model directory)."""
-    files = tokenizer_files(source)
+    """Replace the tokenizer files in ``out`` by ``source``'s (a model folder), each checked to
+    resolve inside that folder (:mod:`swudi_jax.checkpoint.io.side_files`)."""
+    files = [f for f in plan_side_files(source) if f.relative in TOKENIZER_FILES]
     if not files:
         raise ValueError(f"{where}: {source} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...)")
     for name in TOKENIZER_FILES:
         (out / name).unlink(missing_ok=True)
-    for item in files:
-        shutil.copy2(item, out / item.name)
-    return [f.name for f in files]
+    return copy_side_files(source, out, files)
 
 
 def _template_of(directory: Path) -> str | None:
-    config = directory / "tokenizer_config.json"
-    if not config.is_file():
+    files = [f for f in plan_side_files(directory) if f.relative == "tokenizer_config.json"]
+    if not files:
         return None
     try:
-        value = json.loads(config.read_text()).get("chat_template")
-    except (OSError, json.JSONDecodeError):
+        value = json.loads(files[0].source.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError):
         return None
     return value if isinstance(value, str) else None
 

@@ -7,21 +7,29 @@ The steps, each finished before the next begins:
 2. every tensor is classified and grouped (:func:`swudi_jax.model.merger.plan_tree`,
    :func:`swudi_jax.model.layout.group_plans`; a group's stacked bytes stay under
    ``max_group_size``);
-3. in a temporary directory next to OUT, group by group: the group's tensors are read from
-   the base and every expert, checked for NaN/Inf, merged in one compiled call
-   (:func:`swudi_jax.model.merger.merge_group`) and streamed into the output checkpoint;
-4. base's non-weight files (config.json, tokenizer files, ...), the resolved config and a
-   model card are added, and the directory is renamed to OUT.
+3. OUT is checked (:func:`swudi_jax.checkpoint.io.output.check_output_target`: never empty, ``.``,
+   the working directory, a parent of the config or of an input), locked, and a temporary
+   directory is made next to OUT (:class:`swudi_jax.checkpoint.io.output.OutputSlot`); the base's
+   side files are checked (:mod:`swudi_jax.checkpoint.io.side_files`);
+4. in that temporary directory, group by group: the group's tensors are read from the base
+   and every expert, checked for NaN/Inf on the host, merged in one compiled call
+   (:func:`swudi_jax.model.merger.merge_group`), checked finite on the device in their output dtype
+   (:func:`swudi_jax.checkpoint.output_checks.checked_outputs`: the compiled layer functions cannot
+   raise on traced values, so this is where non-finite results are caught, naming the
+   tensor and the method) and streamed into the output checkpoint;
+5. the base's side files (an allow-list: config, tokenizer, sentence-transformers modules),
+   the config (checkpoint paths as written in it) and a model card are added, and the
+   directory is moved to OUT if OUT is still what the run saw at the start.
 
-Any failure or interrupt before the rename removes the temporary directory: OUT is either
-absent (or, with ``force``, its previous content) or complete. Inputs are only read.
+Every file read from a model folder resolves inside it (:mod:`swudi_jax.checkpoint.io.confine`). Any
+failure or interrupt before the move removes the temporary directory: OUT is either absent
+(or, with ``force``, its previous content) or complete. Inputs are only read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,12 +39,16 @@ from typing import Any
 
 import jax
 import numpy as np
+import yaml
 
 from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint import mergekit_config as mk
 from swudi_jax.checkpoint.config import MergeConfig, load_config, numpy_dtype, tensor_resolver
-from swudi_jax.checkpoint.io.atomic import atomic_directory, check_output_free
+from swudi_jax.checkpoint.io.output import OutputSlot, check_output_target
+from swudi_jax.checkpoint.io.reader import naming_file
+from swudi_jax.checkpoint.io.side_files import copy_side_files, plan_side_files
 from swudi_jax.checkpoint.io.sources import ModelSource
+from swudi_jax.checkpoint.output_checks import checked_outputs
 from swudi_jax.maths.validation import non_finite
 from swudi_jax.methods import registry
 from swudi_jax.model.flat import mismatch
@@ -45,8 +57,6 @@ from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, merge_group, prepare
 
 PAPER = "https://arxiv.org/abs/2606.07289"
 CONFIG_NAME = "merge_config.yaml"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".npz", ".gguf")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "flax_model.msgpack.index.json")
 
 
 @dataclass(frozen=True)
@@ -220,45 +230,46 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="group", file=sys.stderr, leave=False)
 
 
-def _copy_side_files(base_path: Path, out: Path) -> list[str]:
-    """Copy the base directory's non-weight files (config.json, tokenizer files, ...) to ``out``."""
-    if not base_path.is_dir() or ckio.detect_format(base_path) != "safetensors":
-        return []
-    copied = []
-    for item in sorted(base_path.iterdir()):
-        if item.is_file() and item.suffix not in WEIGHT_SUFFIXES and item.name not in WEIGHT_INDEXES \
-                and item.name not in ("README.md", CONFIG_NAME) and not item.name.startswith("."):
-            shutil.copy2(item, out / item.name)
-            copied.append(item.name)
-    return copied
+def _library_name(side_files: Sequence[str], out_format: str) -> str:
+    """The Hub's ``library_name``: what loads the folder (sentence-transformers, transformers, else swudi_jax)."""
+    if "modules.json" in side_files or "config_sentence_transformers.json" in side_files:
+        return "sentence-transformers"
+    if out_format == "safetensors" and "config.json" in side_files:
+        return "transformers"
+    return "swudi_jax"
 
 
-def _finish_side_files(config: MergeConfig, out: Path, copy_tokenizer: bool) -> list[str]:
+def _finish_side_files(config: MergeConfig, out: Path, copy_tokenizer: bool, copied: Sequence[str]) -> list[str]:
     """mergekit's output files: the tokenizer (``tokenizer_source``, ``--no-copy-tokenizer``), the
-    chat template, config.json's ``torch_dtype`` for ``out_dtype``. Returns what was done."""
-    done = []
+    chat template, config.json's ``torch_dtype`` for ``out_dtype``. Returns the side files now in ``out``."""
+    copied = list(copied)
     if not copy_tokenizer:
         for item in mk.tokenizer_files(out):
             item.unlink()
-        done.append("no tokenizer copied (--no-copy-tokenizer)")
+        copied = [c for c in copied if c not in mk.TOKENIZER_FILES]
     elif config.tokenizer_source is not None:
         names = mk.copy_tokenizer(config.tokenizer_source, out, "tokenizer_source")
-        done.append(f"tokenizer from {config.tokenizer_source} ({', '.join(names)})")
+        copied = [c for c in copied if c not in mk.TOKENIZER_FILES] + names
     if config.chat_template is not None:
         folders = [s.main for s in config.sources[1:]]
         mk.write_chat_template(out, mk.resolve_chat_template(config.chat_template, folders, "chat_template"))
-        done.append("chat_template set in tokenizer_config.json")
-    if config.out_dtype is not None and mk.set_torch_dtype(out, config.out_dtype):
-        done.append(f"config.json torch_dtype: {config.out_dtype}")
-    return done
+        copied += [] if "tokenizer_config.json" in copied else ["tokenizer_config.json"]
+    if config.out_dtype is not None:
+        mk.set_torch_dtype(out, config.out_dtype)
+    return copied
 
 
-def model_card(plan: MergePlan, scale: float) -> str:
-    """README.md for the merged checkpoint: what was merged, how, and where the method comes from."""
+def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) -> str:
+    """README.md for the merged checkpoint: what was merged, how, and where the method comes from.
+
+    YAML front matter (``base_model`` as the config wrote it, ``library_name``, ``tags``);
+    checkpoint paths appear as the config wrote them, never as absolute paths of this machine.
+    """
     c = plan.config
+    given = c.to_dict(as_given=True)
     method = registry.get_method(c.merge_method)
-    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in c.to_dict()["parameters"].items()) or "| (none) | |"
-    experts = "\n".join(f"  - `{p}`" for p in c.models)
+    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in given["parameters"].items()) or "| (none) | |"
+    experts = "\n".join(f"  - `{p}`" for p in given["models"])
     counts = {k: sum(p.kind == k for p in plan.plans) for k in ("linear", "mean", "keep", "passthrough")}
     notes = "".join(f"\n- {n}" for n in c.notes)
     notes += "".join(f"\n- per-tensor `{k}`: `{v}`" for k, v in c.tensor_parameters.items())
@@ -269,9 +280,10 @@ def model_card(plan: MergePlan, scale: float) -> str:
     else:
         formula = f"θ = θ0 + s · merge(τ1, …, τN),\nτi = θi − θ0, with s = {scale:g}."
     base = f"`{c.base_model}`" if c.has_base else "none (the tensor layout and side files come from the first model)"
+    front = yaml.safe_dump({"base_model": given["base_model"], "library_name": _library_name(side_files, plan.out_format),
+                            "tags": ["merge", "swudi_jax", c.merge_method]}, sort_keys=False, default_flow_style=None)
     return f"""---
-tags: [merge, swudi_jax, {c.merge_method}]
----
+{front}---
 # Merged model ({c.merge_method})
 
 Made with swudi_jax `swudi-merge`: {formula}
@@ -288,7 +300,8 @@ Made with swudi_jax `swudi-merge`: {formula}
 |---|---|
 {params}
 {notes}
-The full resolved config is in `{CONFIG_NAME}` (re-run with `swudi-merge {CONFIG_NAME} OUT`).
+The full resolved config is in `{CONFIG_NAME}`, checkpoint paths as the original config wrote them (relative
+ones are relative to that config's folder: re-run from there with `swudi-merge {CONFIG_NAME} OUT`).
 
 SWUDI paper: arXiv 2606.07289, {PAPER}.
 """
@@ -301,8 +314,10 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
 
     Args:
       config: a :class:`MergeConfig` or the path of a YAML config.
-      out: the output directory (absent or empty, unless ``force``).
-      force: replace an existing ``out`` (only once the new one is complete).
+      out: the output directory (absent or empty, unless ``force``); never empty, ``.``, the
+        working directory, a parent of the config or of an input (:mod:`swudi_jax.checkpoint.io.output`).
+      force: replace an existing ``out`` (only once the new one is complete, and only if it is
+        still what the run saw at the start).
       dry_run: validate everything and print the plan; nothing is read beyond headers, nothing written.
       progress: show a progress bar over tensor groups (stderr).
       max_group_bytes: cap on (N + 2) × a group's tensor bytes held at once.
@@ -310,24 +325,25 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     Returns:
       ``out`` as a Path.
     Raises:
-      ValueError (``ConfigError``, ``CheckpointError``) naming the file and tensor, before
-      any output is in place.
+      ValueError (``ConfigError``, ``CheckpointError``, ``OutputError``, ``NonFiniteOutput``)
+      naming the file and tensor, before any output is in place; OSError naming the file
+      being written (disk full, file-size limit).
     """
     config = config if isinstance(config, MergeConfig) else load_config(config)
-    out = check_output_free(out, force=force)
     inputs = [p for s in config.sources for p in (s.path, s.adapter) if p is not None]
-    for source in (config.base_model, *config.models, *inputs):
-        if out.resolve() == source or source in out.resolve().parents or out.resolve() in source.parents:
-            raise ValueError(f"output {out} overlaps the input checkpoint {source}")
+    out = check_output_target(out, protected=[config.source, config.base_model, *config.models, *inputs, config.grams,
+                                              config.tokenizer_source], force=force)
     method = registry.get_method(config.merge_method)
     work = method.work_dtype(config.dtype)
     if work == "float64":
         jax.config.update("jax_enable_x64", True)
-    with _opened(config) as (base, experts, grams):
+    if dry_run:
+        with _opened(config) as (base, experts, grams):
+            print(plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes).describe())
+        return out
+    with OutputSlot(out, force=force) as slot, _opened(config) as (base, experts, grams):
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
-        if dry_run:
-            print(plan.describe())
-            return out
+        side_files = plan_side_files(config.base_model)
         options = method.resolve(config.parameters)
         scale = config.scale if config.scale is not None else method.scale(options)
         options = prepare_options(method, options, _model_chunks(plan, base, experts, progress))
@@ -338,11 +354,12 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
             shard_size *= max((np.dtype(d).itemsize for d in plan.out_dtypes.values()), default=4)
         resolver = tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
         same_as_base = [config.has_base] * len(experts)
-        with atomic_directory(out, force=force) as tmp:
-            target = ckio.weights_path(tmp, plan.out_format)
-            writer = ckio.open_writer(target, plan.out_format, entries, shard_size=shard_size,
-                                      metadata=metadata)
-            try:
+        tmp = slot.tmp
+        target = ckio.weights_path(tmp, plan.out_format)
+        writer = ckio.open_writer(target, plan.out_format, entries, shard_size=shard_size,
+                                  metadata=metadata)
+        try:
+            with naming_file(target):
                 for group in _progress(plan.groups, progress, "merging"):
                     keys = [p.path for p in group]
                     base_arrays = _compute(_read_group(base, keys), work)
@@ -351,24 +368,29 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
                         same_as_base[i] = same_as_base[i] and all(np.array_equal(arrays[k], base_arrays[k]) for k in keys)
                     group_grams = None
                     if grams is not None and group[0].kind == "linear":
-                        group_grams = grams.read_many(keys)
+                        group_grams = _read_group(grams, keys)
                     merged = merge_group(list(group), base_arrays, expert_arrays, method, scale,
                                          options, group_grams, config.multi_device, resolver, work,
                                          config.has_base)
                     del base_arrays, expert_arrays
+                    merged = checked_outputs(merged, {k: plan.out_dtypes[k] for k in keys}, config.merge_method)
                     for key in keys:
-                        writer.write(key, np.asarray(merged[key]).astype(plan.out_dtypes[key], copy=False))
+                        writer.write(key, merged[key])
                     del merged
-            except BaseException:
-                writer.abort()
-                raise
+        except BaseException:
+            writer.abort()
+            raise
+        with naming_file(target):
             writer.close()
-            for i, same in enumerate(same_as_base):
-                if same:
-                    warnings.warn(f"models[{i}] ({config.models[i]}) equals the base model in every tensor: its task "
-                                  "vector is zero", stacklevel=2)
-            _copy_side_files(config.base_model, tmp)
-            _finish_side_files(config, tmp, copy_tokenizer)
-            (tmp / CONFIG_NAME).write_text(config.to_yaml())
-            (tmp / "README.md").write_text(model_card(plan, scale))
+        for i, same in enumerate(same_as_base):
+            if same:
+                warnings.warn(f"models[{i}] ({config.models[i]}) equals the base model in every tensor: its task "
+                              "vector is zero", stacklevel=2)
+        copied = copy_side_files(config.base_model, tmp, side_files)
+        copied = _finish_side_files(config, tmp, copy_tokenizer, copied)
+        with naming_file(tmp / CONFIG_NAME):
+            (tmp / CONFIG_NAME).write_text(config.to_yaml(as_given=True))
+        with naming_file(tmp / "README.md"):
+            (tmp / "README.md").write_text(model_card(plan, scale, copied))
+        slot.publish()
     return out
