@@ -18,7 +18,7 @@ import swudi_jax as sj
 from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint import mergekit_config as mk
 from swudi_jax.checkpoint.cli import main
-from swudi_jax.checkpoint.config import ConfigError, load_config, parse_shard_size
+from swudi_jax.checkpoint.config import ConfigError, load_config, parse_config, parse_shard_size
 from swudi_jax.methods import registry
 
 
@@ -181,7 +181,8 @@ def test_tokenizer_source_chat_template_and_the_resolved_config(models, tmp_path
     run(root, config, "tok")
     assert json.loads((root / "tok" / "tokenizer.json").read_text()) == {"name": "e1"}
     assert json.loads((root / "tok" / "tokenizer_config.json").read_text())["chat_template"] == "{{ messages }}"
-    again = load_config(root / "tok" / "merge_config.yaml")
+    # merge_config.yaml keeps the paths as the config wrote them (relative to the config's folder)
+    again = parse_config(yaml.safe_load((root / "tok" / "merge_config.yaml").read_text()), base_dir=root)
     assert again.model_parameters == ({"weight": 0.5, "density": [0.2, 0.9]}, {"weight": 0.5})
     assert again.parameters["density"] == 0.6
     assert main([str(root / "tok.yaml"), str(tmp_path / "plain"), "--no-copy-tokenizer", "--no-progress"]) == 0
