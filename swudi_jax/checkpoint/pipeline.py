@@ -353,7 +353,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         if config.out_shard_unit == "parameters":  # mergekit's count of parameters per shard, in bytes
             shard_size *= max((np.dtype(d).itemsize for d in plan.out_dtypes.values()), default=4)
         resolver = tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
-        same_as_base = [config.has_base] * len(experts)
+        same_as_base = [config.has_base and method.base != "joins"] * len(experts)  # a joining base is an input
         tmp = slot.tmp
         target = ckio.weights_path(tmp, plan.out_format)
         writer = ckio.open_writer(target, plan.out_format, entries, shard_size=shard_size,
