@@ -279,7 +279,8 @@ def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) ->
         formula = "θ = merge(θ1, …, θN), on the models' weights" + (" (with the base θ0)" if "base" in method.inputs else "")
     else:
         formula = f"θ = θ0 + s · merge(τ1, …, τN),\nτi = θi − θ0, with s = {scale:g}."
-    base = f"`{c.base_model}`" if c.has_base else "none (the tensor layout and side files come from the first model)"
+    base = f"`{(c.given or {}).get('base_model') or c.base_model}`" if c.has_base else \
+        "none (the tensor layout and side files come from the first model)"
     front = yaml.safe_dump({"base_model": given["base_model"], "library_name": _library_name(side_files, plan.out_format),
                             "tags": ["merge", "swudi_jax", c.merge_method]}, sort_keys=False, default_flow_style=None)
     return f"""---
