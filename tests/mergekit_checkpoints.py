@@ -69,8 +69,9 @@ def f64(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def layer_t(name: str) -> float:
-    """mergekit's layer fraction, written independently: i/(L−1) in a layer, 0 for embeddings, 1 after."""
+    """mergekit's layer fraction, written independently: i/(L−1) in a layer, 0 outside the layers
+    (mergekit plans embeddings, final norm and head with t = 0)."""
     parts = name.split(".")
     if "layers" in parts:
         return int(parts[parts.index("layers") + 1]) / (LAYERS - 1)
-    return 0.0 if "embed" in name else 1.0
+    return 0.0

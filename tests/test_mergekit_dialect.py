@@ -47,7 +47,7 @@ def test_settings_are_evaluated_as_mergekit_does():
     assert mk.evaluate_setting("model.norm.weight", [{"filter": "mlp", "value": 1.0}], 1.0) is None
     fraction = mk.layer_fractions([f"model.layers.{i}.mlp.up_proj.weight" for i in range(5)] + ["model.norm.weight"])
     assert fraction("model.layers.3.mlp.up_proj.weight", None, 1) == 0.75
-    assert fraction("model.embed_tokens.weight", None, 1) == 0.0 and fraction("lm_head.weight", None, 1) == 1.0
+    assert fraction("model.embed_tokens.weight", None, 1) == 0.0 and fraction("lm_head.weight", None, 1) == 0.0
     assert fraction("params.scanned", 2, 5) == 0.5  # a scanned stack: the index in the stack
 
 

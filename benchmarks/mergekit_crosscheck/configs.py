@@ -14,8 +14,10 @@ The random methods (dare_*, della*) are left out: mergekit's torch draws cannot 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,16 @@ def llama_config(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(content))
 
 
+def absolute(value, root: Path):
+    """The config with every model path absolute (mergekit reads a bare name as a Hub id)."""
+    if isinstance(value, dict):
+        return {k: (str(root / v) if k in ("model", "base_model") and isinstance(v, str) else absolute(v, root))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [absolute(v, root) for v in value]
+    return value
+
+
 def main(workdir: str, mergekit_yaml: str = "/tmp/mkvenv/bin/mergekit-yaml") -> None:
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -82,10 +94,15 @@ def main(workdir: str, mergekit_yaml: str = "/tmp/mkvenv/bin/mergekit-yaml") -> 
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         ours, theirs = root / f"ours_{name}", root / f"mergekit_{name}"
         if not ours.exists():
-            merge_checkpoints(path, ours, progress=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the base listed among the models: expected here
+                merge_checkpoints(path, ours, progress=False)
         if not theirs.exists():
-            run = subprocess.run([mergekit_yaml, str(path), str(theirs), "--no-copy-tokenizer", "--allow-crimes"],
-                                 cwd=root, capture_output=True, text=True)
+            mk_path = root / f"mergekit_{name}.yaml"
+            mk_path.write_text(yaml.safe_dump(absolute(config, root), sort_keys=False))
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+            run = subprocess.run([mergekit_yaml, str(mk_path), str(theirs), "--no-copy-tokenizer", "--allow-crimes"],
+                                 cwd=root, capture_output=True, text=True, env=env)
             if run.returncode != 0:
                 print(f"{name:18s} mergekit failed: {run.stderr.strip().splitlines()[-1:]}")
                 continue

@@ -14,7 +14,8 @@ What a mergekit YAML says beyond one value per option, read as mergekit 0.1.5 re
   substring of the tensor name (or is ``*``, or has none) giving the value (itself possibly a gradient);
   a list of conditions none of which matches gives no value (the lookup goes on);
 - t = i/(L − 1) for a tensor of transformer layer i of L (1 when L = 1); tensors outside
-  the layers get t = 0 before them (the embeddings) and t = 1 after (final norm, head).
+  the layers (embeddings, final norm, head) get t = 0, as mergekit's planner gives its
+  "pre" and "post" weights (checked against mergekit 0.1.x's ``plan.py`` output).
   The layer index is read from the name (``….layers.7.…``, also ``h.7``, ``blocks.7``,
   ``layer.7``) and L is the number of distinct indices; a scanned (stacked) leaf gives each
   layer its index in the stack.
@@ -113,7 +114,7 @@ def layer_fractions(paths: Sequence[str]) -> Callable[[str, int | None, int], fl
             return layer / (layers - 1)
         index = layer_index(path)
         if index is None:
-            return 0.0 if EMBEDDING_RE.search(path) else 1.0
+            return 0.0
         return position[index] / (count - 1) if count > 1 else 1.0
 
     return fraction
