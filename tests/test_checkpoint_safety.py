@@ -31,7 +31,8 @@ from swudi_jax.checkpoint.io.output import OWNER_MARKER, OutputSlot
 from swudi_jax.model.merger import merge
 
 SECRET = "-----BEGIN OPENSSH PRIVATE KEY----- do-not-publish-7f3a9c"
-RANDOM_METHODS = [m for m in registry.available_methods() if "seed" in registry.get_method(m).defaults]
+RANDOM_METHODS = [m for m in registry.available_methods() if "seed" in registry.get_method(m).defaults
+                  and registry.get_method(m).n_experts[0] <= 2 and registry.get_method(m).n_experts[1] in (None, 2)]
 """Methods with randomness (a ``seed`` option): DARE today, the mergekit random sparsifiers when registered."""
 
 

@@ -59,14 +59,14 @@ def test_command_line_overrides_replace_file_values(models):
     ({"layout": "jax"}, r"`layout` must be one of"),
     ({"others": "drop"}, r"`others` must be one of"),
     ({"head_patterns": [3]}, r"`head_patterns` must be a pattern"),
-    ({"dtype": "float16"}, r"`dtype` must be one of"),
+    ({"dtype": "int8"}, r"`dtype` must be one of"),
     ({"out_dtype": "int8"}, r"`out_dtype` must be one of"),
     ({"format": "pickle"}, r"`format` must be one of"),
     ({"out_shard_size": "lots"}, r"`out_shard_size` must be bytes"),
     ({"out_shard_size": 0}, r"`out_shard_size` must be positive"),
     ({"scale": "big"}, r"`scale` must be a finite number"),
     ({"exclude": ["re:("]}, r"`exclude`: invalid regular expression"),
-    ({"merge_methd": "ties"}, r"unknown key\(s\) \['merge_methd'\]"),
+    ({"merge_methd": "ties_paper"}, r"unknown key\(s\) \['merge_methd'\]"),
     ({"models": [{"model": "e1.safetensors", "weight": 2}, "e2.safetensors"]}, r"mapping with keys.*`model` required"),
 ])
 def test_bad_configs_are_refused_with_the_file_and_key_named(models, change, message):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,8 @@ import numpy as np
 import yaml
 
 from swudi_jax.checkpoint import io as ckio
-from swudi_jax.checkpoint.config import MergeConfig, load_config, numpy_dtype
+from swudi_jax.checkpoint import mergekit_config as mk
+from swudi_jax.checkpoint.config import MergeConfig, load_config, numpy_dtype, tensor_resolver
 from swudi_jax.checkpoint.io.output import OutputSlot, check_output_target
 from swudi_jax.checkpoint.io.reader import naming_file
 from swudi_jax.checkpoint.io.side_files import copy_side_files, plan_side_files
@@ -86,7 +88,8 @@ class MergePlan:
                    f"({', '.join(f'{v} {k}' for k, v in counts.items())}); method {method}, layout {self.layout}, "
                    f"{self.in_format} -> {self.out_format}, largest group {self.largest_group_bytes():,} bytes "
                    f"x {len(self.config.models) + 1} models")
-        return "\n".join(lines + ["", summary])
+        notes = [f"note: {n}" for n in self.config.notes]
+        return "\n".join(lines + ["", summary] + notes)
 
     def largest_group_bytes(self) -> int:
         return max((sum(p.nbytes for p in g) for g in self.groups), default=0)
@@ -105,10 +108,22 @@ def _signature(reader: ckio.CheckpointReader) -> dict[str, tuple]:
     return {key: reader.shape_dtype(key) for key in reader.keys()}
 
 
+def _floating(dtype) -> bool:
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
 def _check_same_tensors(base: ckio.CheckpointReader, experts: Sequence[ckio.CheckpointReader]) -> None:
+    """Same names and shapes; dtypes equal unless both floating (a bf16 expert with a float32
+    base is cast to the compute dtype, as mergekit does)."""
     want = _signature(base)
     for expert in experts:
-        found = mismatch(want, _signature(expert))
+        got_signature = _signature(expert)
+        found = mismatch(want, got_signature, dtypes=False)
+        if found is None:
+            found = mismatch({k: v for k, v in want.items() if not (_floating(v[1]) and _floating(got_signature[k][1]))},
+                             {k: v for k, v in got_signature.items()
+                              if not (_floating(v[1]) and _floating(want[k][1]))})
         if found is None:
             continue
         if found.kind == "paths":
@@ -175,6 +190,7 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
             layout = "torch" if base.format == "safetensors" else "flax"
     out_format = base.format if config.out_format == "auto" else config.out_format
     plans = config.leaf_rules(layout).plan_tree(_signature(base))
+    mk.check_layer_range(config.layer_range, base.keys(), f"config {config.source}: `slices`")
     _check_grams(config, plans, grams)
     groups = group_plans(plans, max_group_bytes, copies=len(experts) + 2)
     out_dtypes = {}
@@ -185,10 +201,9 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
 
 
 def _compute(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
-    if dtype != "float64":
-        return arrays
-    return {k: a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16" else a
-            for k, a in arrays.items()}
+    """Floating arrays cast to the compute dtype (mixed-dtype inputs meet in it); others as read."""
+    target = numpy_dtype(dtype)
+    return {k: a.astype(target, copy=False) if _floating(a.dtype) else a for k, a in arrays.items()}
 
 
 def _model_chunks(plan: MergePlan, base, experts, progress: bool):
@@ -224,6 +239,26 @@ def _library_name(side_files: Sequence[str], out_format: str) -> str:
     return "swudi_jax"
 
 
+def _finish_side_files(config: MergeConfig, out: Path, copy_tokenizer: bool, copied: Sequence[str]) -> list[str]:
+    """mergekit's output files: the tokenizer (``tokenizer_source``, ``--no-copy-tokenizer``), the
+    chat template, config.json's ``torch_dtype`` for ``out_dtype``. Returns the side files now in ``out``."""
+    copied = list(copied)
+    if not copy_tokenizer:
+        for item in mk.tokenizer_files(out):
+            item.unlink()
+        copied = [c for c in copied if c not in mk.TOKENIZER_FILES]
+    elif config.tokenizer_source is not None:
+        names = mk.copy_tokenizer(config.tokenizer_source, out, "tokenizer_source")
+        copied = [c for c in copied if c not in mk.TOKENIZER_FILES] + names
+    if config.chat_template is not None:
+        folders = [s.main for s in config.sources[1:]]
+        mk.write_chat_template(out, mk.resolve_chat_template(config.chat_template, folders, "chat_template"))
+        copied += [] if "tokenizer_config.json" in copied else ["tokenizer_config.json"]
+    if config.out_dtype is not None:
+        mk.set_torch_dtype(out, config.out_dtype)
+    return copied
+
+
 def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) -> str:
     """README.md for the merged checkpoint: what was merged, how, and where the method comes from.
 
@@ -236,16 +271,25 @@ def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) ->
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in given["parameters"].items()) or "| (none) | |"
     experts = "\n".join(f"  - `{p}`" for p in given["models"])
     counts = {k: sum(p.kind == k for p in plan.plans) for k in ("linear", "mean", "keep", "passthrough")}
+    notes = "".join(f"\n- {n}" for n in c.notes)
+    notes += "".join(f"\n- per-tensor `{k}`: `{v}`" for k, v in c.tensor_parameters.items())
+    notes += "".join(f"\n- models[{i}] parameters: `{dict(p)}`" for i, p in enumerate(c.model_parameters) if p)
+    notes += "\n" if notes else ""
+    if method.operand == "models":
+        formula = "θ = merge(θ1, …, θN), on the models' weights" + (" (with the base θ0)" if "base" in method.inputs else "")
+    else:
+        formula = f"θ = θ0 + s · merge(τ1, …, τN),\nτi = θi − θ0, with s = {scale:g}."
+    base = f"`{(c.given or {}).get('base_model') or c.base_model}`" if c.has_base else \
+        "none (the tensor layout and side files come from the first model)"
     front = yaml.safe_dump({"base_model": given["base_model"], "library_name": _library_name(side_files, plan.out_format),
                             "tags": ["merge", "swudi_jax", c.merge_method]}, sort_keys=False, default_flow_style=None)
     return f"""---
 {front}---
 # Merged model ({c.merge_method})
 
-Made with swudi_jax `swudi-merge`: θ = θ0 + s · merge(τ1, …, τN),
-τi = θi − θ0, with s = {scale:g}.
+Made with swudi_jax `swudi-merge`: {formula}
 
-- **Base model:** `{given["base_model"]}`
+- **Base model:** {base}
 - **Experts ({len(c.models)}):**
 {experts}
 - **Method:** `{c.merge_method}` ({method.kind}); source: {method.source}
@@ -256,7 +300,7 @@ Made with swudi_jax `swudi-merge`: θ = θ0 + s · merge(τ1, …, τN),
 | parameter | value |
 |---|---|
 {params}
-
+{notes}
 The full resolved config is in `{CONFIG_NAME}`, checkpoint paths as the original config wrote them (relative
 ones are relative to that config's folder: re-run from there with `swudi-merge {CONFIG_NAME} OUT`).
 
@@ -266,7 +310,7 @@ SWUDI paper: arXiv 2606.07289, {PAPER}.
 
 def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                       dry_run: bool = False, progress: bool = True,
-                      max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES) -> Path:
+                      max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES, copy_tokenizer: bool = True) -> Path:
     """Merge the checkpoints a config names into ``out``, streaming one tensor group at a time.
 
     Args:
@@ -278,6 +322,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
       dry_run: validate everything and print the plan; nothing is read beyond headers, nothing written.
       progress: show a progress bar over tensor groups (stderr).
       max_group_bytes: cap on (N + 2) × a group's tensor bytes held at once.
+      copy_tokenizer: copy the tokenizer files (the base's, or ``tokenizer_source``'s) to ``out``.
     Returns:
       ``out`` as a Path.
     Raises:
@@ -287,10 +332,11 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     """
     config = config if isinstance(config, MergeConfig) else load_config(config)
     inputs = [p for s in config.sources for p in (s.path, s.adapter) if p is not None]
-    out = check_output_target(out, protected=[config.source, config.base_model, *config.models, *inputs, config.grams],
-                              force=force)
-    x64 = config.dtype == "float64"
-    if x64:
+    out = check_output_target(out, protected=[config.source, config.base_model, *config.models, *inputs, config.grams,
+                                              config.tokenizer_source], force=force)
+    method = registry.get_method(config.merge_method)
+    work = method.work_dtype(config.dtype)
+    if work == "float64":
         jax.config.update("jax_enable_x64", True)
     if dry_run:
         with _opened(config) as (base, experts, grams):
@@ -299,27 +345,34 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     with OutputSlot(out, force=force) as slot, _opened(config) as (base, experts, grams):
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
         side_files = plan_side_files(config.base_model)
-        method = registry.get_method(config.merge_method)
         options = method.resolve(config.parameters)
         scale = config.scale if config.scale is not None else method.scale(options)
         options = prepare_options(method, options, _model_chunks(plan, base, experts, progress))
         metadata = getattr(base, "metadata", None) or None
         entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
+        shard_size = config.out_shard_size
+        if config.out_shard_unit == "parameters":  # mergekit's count of parameters per shard, in bytes
+            shard_size *= max((np.dtype(d).itemsize for d in plan.out_dtypes.values()), default=4)
+        resolver = tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
+        same_as_base = [config.has_base and method.base != "joins"] * len(experts)  # a joining base is an input
         tmp = slot.tmp
         target = ckio.weights_path(tmp, plan.out_format)
-        writer = ckio.open_writer(target, plan.out_format, entries, shard_size=config.out_shard_size,
+        writer = ckio.open_writer(target, plan.out_format, entries, shard_size=shard_size,
                                   metadata=metadata)
         try:
             with naming_file(target):
                 for group in _progress(plan.groups, progress, "merging"):
                     keys = [p.path for p in group]
-                    base_arrays = _compute(_read_group(base, keys), config.dtype)
-                    expert_arrays = [_compute(_read_group(e, keys), config.dtype) for e in experts]
+                    base_arrays = _compute(_read_group(base, keys), work)
+                    expert_arrays = [_compute(_read_group(e, keys), work) for e in experts]
+                    for i, arrays in enumerate(expert_arrays):
+                        same_as_base[i] = same_as_base[i] and all(np.array_equal(arrays[k], base_arrays[k]) for k in keys)
                     group_grams = None
                     if grams is not None and group[0].kind == "linear":
                         group_grams = _read_group(grams, keys)
                     merged = merge_group(list(group), base_arrays, expert_arrays, method, scale,
-                                         options, group_grams, config.multi_device)
+                                         options, group_grams, config.multi_device, resolver, work,
+                                         config.has_base)
                     del base_arrays, expert_arrays
                     merged = checked_outputs(merged, {k: plan.out_dtypes[k] for k in keys}, config.merge_method)
                     for key in keys:
@@ -330,7 +383,12 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
             raise
         with naming_file(target):
             writer.close()
+        for i, same in enumerate(same_as_base):
+            if same:
+                warnings.warn(f"models[{i}] ({config.models[i]}) equals the base model in every tensor: its task "
+                              "vector is zero", stacklevel=2)
         copied = copy_side_files(config.base_model, tmp, side_files)
+        copied = _finish_side_files(config, tmp, copy_tokenizer, copied)
         with naming_file(tmp / CONFIG_NAME):
             (tmp / CONFIG_NAME).write_text(config.to_yaml(as_given=True))
         with naming_file(tmp / "README.md"):
