@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a kill cleans up like Ctrl-C
     try:
         from swudi_jax.checkpoint_merge import merge_checkpoints
+        from swudi_jax.compile_cache import enable_compile_cache; enable_compile_cache()  # noqa: E702
         from swudi_jax.config import load_config
         from swudi_jax.tree import DEFAULT_MAX_GROUP_BYTES
 
