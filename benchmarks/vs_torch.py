@@ -69,10 +69,11 @@ def torch_swudi(tau, time: float = TIME, rank_ratio: float = RANK_RATIO):
     import torch
 
     n_tasks, m, n = tau.shape
-    w = 1.0 / torch.clamp((tau * tau).sum(dim=(1, 2)), min=1e-12)
+    sq = (tau * tau).sum(dim=(1, 2))
+    w = 1.0 / torch.clamp(sq, min=1e-12)
     rows = (tau * w.sqrt()[:, None, None]).reshape(n_tasks * m, n)
     c = rows.T @ rows
-    d = torch.zeros((m, n), dtype=tau.dtype)
+    d = torch.zeros((m, n), dtype=tau.dtype, device=tau.device)
     for i in range(n_tasks):
         t = tau[i]
         d += w[i] * ((t @ t.T) @ t if m <= n else t @ (t.T @ t))
@@ -80,11 +81,9 @@ def torch_swudi(tau, time: float = TIME, rank_ratio: float = RANK_RATIO):
     lam, v = torch.linalg.eigh(c)
     lam = torch.clamp(lam, min=1e-8)
     k = min(n, max(1, math.ceil(rank_ratio * n)))
-    h = -torch.expm1(-lam * time) * (torch.arange(n) >= n - k).to(tau.dtype)
+    h = -torch.expm1(-lam * time) * (torch.arange(n, device=tau.device) >= n - k).to(tau.dtype)
     theta = theta0 + ((d @ v) * (h / lam) - (theta0 @ v) * h) @ v.T
-    if float(w.reciprocal().max()) < 1e-12:
-        theta = tau.mean(dim=0)
-    return theta
+    return torch.where(sq.max() < 1e-12, tau.mean(dim=0), theta)  # all-zero stack: the mean (no host sync)
 
 
 def torch_merge(base: dict, experts: list, time: float = TIME, rank_ratio: float = RANK_RATIO) -> dict:
