@@ -260,7 +260,7 @@ def section_stacks(args, name: str) -> dict:
         want = run_torch()
         row["torch_first_s"] = time.perf_counter() - start
         row["torch_warm_s"], _ = _median_time(run_torch)
-        tc = torch.from_numpy(np.asarray(c)).to(device)
+        tc = torch.from_numpy(np.array(c)).to(device)
         torch.linalg.eigh(tc)
         _sync(device)
         row["torch_eigh_s"], _ = _median_time(lambda: (torch.linalg.eigh(tc), _sync(device)))
