@@ -69,6 +69,7 @@ from swudi_jax.spectral import (
     interference_operator,
     spectrum,
     squared_norms,
+    task_mean,
     weighted_rows,
 )
 from swudi_jax.validation import as_float_array, check_choice, check_finite, is_concrete
@@ -129,7 +130,7 @@ def _local_merge(tau_rows, make_h, init, shape, solver, n_top):
     theta0 = anchor(work, init)
     h = filter_on_spectrum(make_h, spec, shape)
     theta = filtered_solution(theta0, d_rows, spec, h)
-    theta = jnp.where(jnp.max(sq) < NORM_FLOOR, jnp.mean(work, axis=0), theta)
+    theta = jnp.where(jnp.max(sq) < NORM_FLOOR, task_mean(work), theta)
     return theta.astype(tau_rows.dtype)
 
 

@@ -143,12 +143,38 @@ def interference_and_rhs(tau: jnp.ndarray, weights: jnp.ndarray) -> tuple[jnp.nd
     return c, d  # a sum of exactly symmetric Grams: exactly symmetric
 
 
+UNROLLED_TASK_SUM = 32
+"""Up to this many task vectors, :func:`task_sum` is a chain of adds; beyond, one matmul."""
+
+
+def task_sum(tau: jnp.ndarray) -> jnp.ndarray:
+    """Σi τi over the leading (task) axis, fast on every backend.
+
+    XLA's CPU backend runs ``jnp.sum(tau, axis=0)`` (a reduction over the outer axis) 20–50×
+    slower than N − 1 elementwise adds (0.36 s vs 0.017 s for a (5, 30522, 384) stack), so
+    the sum is N − 1 fused adds (N ≤ 32) or one (1 × N)(N × m·n) product.
+    """
+    n_tasks = tau.shape[0]
+    if n_tasks <= UNROLLED_TASK_SUM:
+        total = tau[0]
+        for i in range(1, n_tasks):
+            total = total + tau[i]
+        return total
+    flat = tau.reshape(n_tasks, -1)
+    return jnp.matmul(jnp.ones((n_tasks,), tau.dtype), flat, precision=HIGHEST).reshape(tau.shape[1:])
+
+
+def task_mean(tau: jnp.ndarray) -> jnp.ndarray:
+    """Σi τi / N (see :func:`task_sum`)."""
+    return task_sum(tau) / tau.shape[0]
+
+
 def anchor(tau: jnp.ndarray, init: str) -> jnp.ndarray:
     """θ0: "sum" Σi τi (task arithmetic with coefficient 1), "mean" Σi τi / N, "zero" 0."""
     if init == "sum":
-        return jnp.sum(tau, axis=0)
+        return task_sum(tau)
     if init == "mean":
-        return jnp.mean(tau, axis=0)
+        return task_mean(tau)
     if init == "zero":
         return jnp.zeros(tau.shape[1:], tau.dtype)
     raise ValueError(f"unknown init {init!r}; choose one of {INIT_MODES}")
@@ -203,7 +229,7 @@ def filtered_solution(
 def with_mean_fallback(tau: jnp.ndarray, theta: jnp.ndarray) -> jnp.ndarray:
     """The mean task vector where every ‖τi‖² < 1e-12 (nothing to merge), else θ."""
     degenerate = jnp.max(squared_norms(tau)) < NORM_FLOOR
-    return jnp.where(degenerate, jnp.mean(tau, axis=0), theta)
+    return jnp.where(degenerate, task_mean(tau), theta)
 
 
 FilterFactory = Callable[[jnp.ndarray, tuple[int, int]], jnp.ndarray]
@@ -302,6 +328,8 @@ __all__ = [
     "solve_spectrum",
     "spectrum",
     "squared_norms",
+    "task_mean",
+    "task_sum",
     "task_weights",
     "weighted_rows",
     "with_mean_fallback",
