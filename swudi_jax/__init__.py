@@ -7,6 +7,7 @@ rank rules they are built from, and the whole-model entry points.
 import sys as _sys
 
 from swudi_jax.checkpoint import io
+from swudi_jax.checkpoint.compile_cache import enable_compile_cache
 from swudi_jax.checkpoint.config import MergeConfig, load_config
 from swudi_jax.checkpoint.pipeline import merge_checkpoints
 from swudi_jax.maths import filters, solvers, spectral
@@ -62,6 +63,7 @@ __all__ = [
     "MethodSpec",
     "VISION_PRESET",
     "available_methods",
+    "enable_compile_cache",
     "calibration",
     "filtered_solution",
     "filters",

@@ -14,6 +14,10 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+# the CLI turns on JAX's persistent compilation cache (swudi_jax.compile_cache); the test
+# suite must not write into the user's cache folder, so it runs with the cache off unless asked
+os.environ.setdefault("SWUDI_JAX_COMPILE_CACHE", "off")
+
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden.npz"
 """Inputs and outputs of the SWUDI authors' PyTorch code (see data/GOLDEN_README.md)."""
 

@@ -60,6 +60,38 @@ def test_each_device_holds_only_its_own_rows(eight_devices, case, n_devices):
     assert all(s["shape"] == [m // n_devices, n] for s in shards)
 
 
+@pytest.mark.parametrize("case, tol", [
+    ("swudi_make_mesh_f32", 1e-5), ("swudi_make_mesh_presharded_f32", 1e-5),
+    ("swudi_make_mesh_from_auto_placement_f32", 1e-5), ("swudi_uneven_rows_make_mesh_f32", 1e-5),
+    ("swudi_lowrank_make_mesh_f32", 1e-3),
+])
+def test_a_jax_make_mesh_explicit_axis_mesh_is_accepted_and_keeps_the_result_on_it(eight_devices, case, tol):
+    assert eight_devices["make_mesh_axis_types"] == "(Explicit,)"
+    result = eight_devices["cases"][case]
+    assert result["rel_err"] <= tol
+    assert "Explicit" in result["mesh"]
+    assert result["spec"] == ("P()" if "uneven" in case else "P('rows', None)")
+    auto = eight_devices["cases"][case.replace("_make_mesh", "").replace("_presharded", "")
+                                  .replace("_from_auto_placement", "")]
+    assert "Auto" in auto["mesh"]
+    assert result["rel_err"] == pytest.approx(auto["rel_err"], rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("case, tol", [
+    ("swudi_lowrank_f64", 1e-12), ("swudi_auto_is_lowrank_f64", 1e-12), ("swudi_a_lowrank_f64", 1e-12),
+    ("pinv_lowrank_f64", 1e-10), ("swudi_lowrank_vs_full_f64", 1e-10), ("swudi_lowrank_f32", 1e-3),
+    ("swudi_uneven_rows_lowrank_f32", 1e-3),
+])
+def test_sharded_lowrank_solver_equals_the_single_device_result(eight_devices, case, tol):
+    result = eight_devices["cases"][case]
+    assert result["rel_err"] <= tol
+    assert all(shard["max_abs_diff"] <= 10 * tol for shard in result["shards"])
+
+
+def test_sharded_lowrank_solver_is_refused_when_c_has_full_rank(eight_devices):
+    assert "solver='lowrank' needs N·m <= n" in eight_devices["lowrank_refusal"]
+
+
 def test_rows_that_do_not_divide_are_padded_exactly_and_returned_replicated_with_a_warning(eight_devices):
     result = eight_devices["cases"]["swudi_uneven_rows_f32"]
     assert result["shape"] == [60, 48] and result["spec"] == "P()"

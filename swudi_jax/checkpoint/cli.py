@@ -87,7 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = {signum: signal.signal(signum, _interrupt) for signum in HANDLED_SIGNALS
                 if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
+        from swudi_jax.checkpoint.compile_cache import enable_compile_cache
         from swudi_jax.checkpoint.pipeline import merge_checkpoints
+
+        enable_compile_cache()
         from swudi_jax.checkpoint.config import load_config
         from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES
 

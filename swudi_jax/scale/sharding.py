@@ -12,7 +12,17 @@ pure functions as the single-device path (:mod:`swudi_jax.maths.spectral`):
 - one eigendecomposition of C (replicated: every device solves the same n×n problem)
 - θ[rows] = θ0[rows] + (D[rows] V diag(h/λs) − θ0[rows] V diag(h)) Vᵀ
 
-so θ comes back row-sharded and no device ever holds another device's rows of τ, D or θ.
+so θ comes back row-sharded and no device ever holds another device's rows of D or θ.
+
+With ``solver="lowrank"`` (N·m < n: C has rank ≤ N·m) C is never formed: the weighted rows
+M (N·m × n, smaller than C's n × n) are all-gathered, every device takes C's non-zero
+eigenpairs from the N·m × N·m Gram M Mᵀ (:func:`swudi_jax.solvers.range_eigh`, replicated),
+and D[rows] = Σi wi (τi[rows] τiᵀ) τi from the gathered rows, with no n × n collective.
+
+Any 1-D mesh with axis ``"rows"`` is accepted: :func:`make_row_mesh`'s (``Auto`` axis) or
+``jax.make_mesh((k,), ("rows",))``'s (``Explicit`` axis in current JAX). The computation
+runs on an ``Auto`` view of the same devices; the input is resharded onto it when it
+arrives with another sharding, and the result is returned on the caller's mesh.
 Zero rows change none of ‖τi‖², C, D or θ0, so a row count that does not divide over the
 devices is padded with zero rows and the padding stripped from the result (which is then
 returned replicated, with a warning: JAX arrays cannot be sharded unevenly).
@@ -44,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from swudi_jax.maths import solvers
 from swudi_jax.maths.linalg import HIGHEST, compute_dtype
@@ -57,6 +67,8 @@ from swudi_jax.maths.spectral import (
     project,
     spectrum,
     squared_norms,
+    task_mean,
+    weighted_rows,
 )
 from swudi_jax.methods.registry import DEFAULT_METHOD, spectral_method
 from swudi_jax.maths.validation import as_float_array, check_choice, check_finite, is_concrete
@@ -65,7 +77,7 @@ ROW_AXIS = "rows"
 """Name of the mesh axis the output rows are split over."""
 DEFAULT_SHARD_BYTES = 256 * 2**20
 """Stacks of at least this many bytes are worth splitting across devices."""
-SHARDED_SOLVERS = ("auto", "full", "topk")
+SHARDED_SOLVERS = ("auto", "full", "lowrank", "topk")
 
 
 def make_row_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -94,19 +106,29 @@ def _local_merge(tau_rows, make_h, init, shape, solver, n_top):
     work = tau_rows.astype(compute_dtype(tau_rows.dtype))
     sq = lax.psum(squared_norms(work), ROW_AXIS)
     w = 1.0 / jnp.maximum(sq, NORM_FLOOR)
-    c = lax.psum(interference_operator(work, w), ROW_AXIS)
-
-    def one_task(acc, task):
-        t, wi = task
-        gram = lax.psum(jnp.matmul(t.T, t, precision=HIGHEST), ROW_AXIS)
-        return acc + wi * jnp.matmul(t, gram, precision=HIGHEST), None
-
     zero_rows = lax.pcast(jnp.zeros(work.shape[1:], work.dtype), (ROW_AXIS,), to="varying")
-    d_rows, _ = lax.scan(one_task, zero_rows, (work, w))
+    if solver == "lowrank":
+        everyone = lax.all_gather(work, ROW_AXIS, axis=1, tiled=True)  # (N, m, n): all rows
+        spec = Spectrum(*solvers.range_eigh(weighted_rows(everyone, w)))
+
+        def one_task(acc, task):
+            t, t_all, wi = task
+            return acc + wi * jnp.matmul(jnp.matmul(t, t_all.T, precision=HIGHEST), t_all, precision=HIGHEST), None
+
+        d_rows, _ = lax.scan(one_task, zero_rows, (work, everyone, w))
+    else:
+        c = lax.psum(interference_operator(work, w), ROW_AXIS)
+
+        def one_task(acc, task):
+            t, wi = task
+            gram = lax.psum(jnp.matmul(t.T, t, precision=HIGHEST), ROW_AXIS)
+            return acc + wi * jnp.matmul(t, gram, precision=HIGHEST), None
+
+        d_rows, _ = lax.scan(one_task, zero_rows, (work, w))
+        spec = Spectrum(*solvers.top_eigh(c, n_top)) if solver == "topk" else spectrum(c)
     theta0 = anchor(work, init)
-    spec = Spectrum(*solvers.top_eigh(c, n_top)) if solver == "topk" else spectrum(c)
     theta = filtered_estimate(theta0, *project(d_rows, theta0, spec.eigenvectors), spec, make_h, shape, sq,
-                              jnp.mean(work, axis=0))
+                              task_mean(work))
     return theta.astype(tau_rows.dtype)
 
 
@@ -130,7 +152,11 @@ def _sharded_fn(mesh, method, options, shape, padded_rows, solver, n_top):
 
 
 def _sharded_solver(solver: str, method: str, top: int | None, shape: tuple[int, int, int]) -> tuple[str, int | None]:
+    """The solver for a stack of ``shape`` (N, m counted with padding rows, n) on the sharded path."""
     check_choice(solver, "solver", SHARDED_SOLVERS)
+    rank, n = shape[0] * shape[1], shape[2]
+    if solver == "lowrank" and rank > n:
+        raise ValueError(f"solver='lowrank' needs N·m <= n (C of rank below n), got N·m = {rank} > n = {n}")
     if solver == "topk" and top is None:
         raise ValueError(f"solver='topk' needs a filter that is zero outside the top-K eigenpairs; "
                          f"method {method!r} with these options has none")
@@ -149,10 +175,13 @@ def merge_sharded(tau: Any, mesh: Mesh, method: str = DEFAULT_METHOD, *, solver:
     Args:
       tau: task vectors (N, m, n), maths layout; a NumPy array, a single-device array or an
         already row-sharded global ``jax.Array`` (multi-host: see the module docstring).
-      mesh: a 1-D mesh with axis ``"rows"`` (:func:`make_row_mesh`).
+      mesh: a 1-D mesh with axis ``"rows"``: :func:`make_row_mesh` or
+        ``jax.make_mesh((k,), ("rows",))`` (Auto or Explicit axis).
       method: a method with a spectral filter (swudi, swudi_a, pinv).
-      solver: "auto", "full" or "topk" (top-K subspace iteration on the replicated C, for
-        SWUDI; "auto" picks it when n ≥ 1024 and K ≤ n/10).
+      solver: "auto", "full", "lowrank" (N·m ≤ n: C's non-zero eigenpairs from the
+        all-gathered rows' N·m × N·m Gram, m counted with padding rows) or "topk" (top-K
+        subspace iteration on the replicated C, for SWUDI); "auto" picks "lowrank" when
+        N·m < n, else "topk" when n ≥ 1024 and K ≤ n/10, else "full".
       **options: the method's options (as :func:`swudi_jax.swudi` etc., without ``solver``).
     Returns:
       The merged task vector (m, n), sharded by rows over ``mesh`` when the mesh size divides
@@ -166,23 +195,43 @@ def merge_sharded(tau: Any, mesh: Mesh, method: str = DEFAULT_METHOD, *, solver:
         raise ValueError(f"tau must have shape (N >= 2, m, n) in maths layout, got shape {tuple(tau.shape)}")
     if is_concrete(tau) and getattr(tau, "is_fully_addressable", True):
         check_finite(tau, "tau")
-    solver, n_top = _sharded_solver(solver, spec.name, spectral_filter.top(tau.shape[2]), tuple(tau.shape))
     n_dev = mesh.shape[ROW_AXIS]
     m = tau.shape[1]
     padded_rows = -(-m // n_dev) * n_dev
+    solver, n_top = _sharded_solver(solver, spec.name, spectral_filter.top(tau.shape[2]),
+                                    (tau.shape[0], padded_rows, tau.shape[2]))
     if padded_rows != m:
         warnings.warn(
             f"merge_sharded: m = {m} rows do not divide over {n_dev} devices; computed with "
             f"{padded_rows - m} zero rows of padding (exact) and returned replicated",
             stacklevel=2,
         )
-    fn = _sharded_fn(mesh, spec.name, tuple(sorted(resolved.items())), tuple(tau.shape), padded_rows, solver, n_top)
-    return fn(tau)
+    run_mesh = auto_mesh(mesh)
+    if isinstance(tau, jax.Array) and padded_rows == m and not tau.sharding.is_equivalent_to(
+            row_sharding(run_mesh), tau.ndim):
+        tau = jax.device_put(tau, row_sharding(run_mesh))  # e.g. placed on an Explicit mesh
+    elif isinstance(tau, jax.Array) and padded_rows != m and getattr(tau.sharding, "mesh", run_mesh) != run_mesh:
+        tau = jax.device_put(tau, NamedSharding(run_mesh, PartitionSpec()))
+    fn = _sharded_fn(run_mesh, spec.name, tuple(sorted(resolved.items())), tuple(tau.shape), padded_rows, solver, n_top)
+    out = fn(tau)
+    if run_mesh is not mesh:  # the caller's own mesh (same devices, same layout: no copy)
+        out = jax.device_put(out, NamedSharding(mesh, out.sharding.spec))
+    return out
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """``mesh`` itself when every axis is ``Auto``, else the same devices and axis names with
+    ``Auto`` axes (what the shard_map of :func:`merge_sharded` is written against)."""
+    types = getattr(mesh, "axis_types", None)
+    if types is None or all(t == AxisType.Auto for t in types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
     "ROW_AXIS",
+    "auto_mesh",
     "make_row_mesh",
     "merge_sharded",
     "row_sharding",
