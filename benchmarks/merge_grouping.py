@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=192)
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--methods", nargs="+", default=["swudi", "task_arithmetic"])
+    parser.add_argument("--methods", nargs="+", default=["swudi", "task_arithmetic_paper"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "merge_grouping.json")
     args = parser.parse_args()

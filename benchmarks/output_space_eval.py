@@ -39,7 +39,7 @@ import swudi_jax
 from swudi_jax.methods import registry
 from swudi_jax.demo import FULL, QUICK, evaluate, train_experts
 
-DATA_FREE = ("task_arithmetic", "average", "ties", "dare", "wudi", "pinv", "swudi", "swudi_a")
+DATA_FREE = ("task_arithmetic_paper", "average", "ties_paper", "dare", "wudi", "pinv", "swudi", "swudi_a")
 
 
 def calibration_batches(setup, size: int, batch: int, seed: int) -> list[list[np.ndarray]]:
@@ -57,8 +57,8 @@ def merged_models(setup, batches, grams, apply_fn):
     """Yield (label, merged backbone, extra info) for every method compared."""
     for name in DATA_FREE:
         yield name, swudi_jax.merge(setup.base, setup.experts, name), {"scale": registry.default_scale(name)}
-        if name == "task_arithmetic":
-            yield "task_arithmetic (scale 1)", swudi_jax.merge(setup.base, setup.experts, name, scale=1.0), {"scale": 1.0}
+        if name == "task_arithmetic_paper":
+            yield "task_arithmetic_paper (scale 1)", swudi_jax.merge(setup.base, setup.experts, name, scale=1.0), {"scale": 1.0}
     yield "output_space (diagonal)", swudi_jax.merge(setup.base, setup.experts, "output_space", grams=grams), {}
     yield ("output_space (energy basis)",
            swudi_jax.merge(setup.base, setup.experts, "output_space", grams=grams, basis="energy"), {})

@@ -59,14 +59,14 @@ def test_command_line_overrides_replace_file_values(models):
     ({"layout": "jax"}, r"`layout` must be one of"),
     ({"others": "drop"}, r"`others` must be one of"),
     ({"head_patterns": [3]}, r"`head_patterns` must be a pattern"),
-    ({"dtype": "float16"}, r"`dtype` must be one of"),
+    ({"dtype": "int8"}, r"`dtype` must be one of"),
     ({"out_dtype": "int8"}, r"`out_dtype` must be one of"),
     ({"format": "pickle"}, r"`format` must be one of"),
     ({"out_shard_size": "lots"}, r"`out_shard_size` must be bytes"),
     ({"out_shard_size": 0}, r"`out_shard_size` must be positive"),
     ({"scale": "big"}, r"`scale` must be a finite number"),
     ({"exclude": ["re:("]}, r"`exclude`: invalid regular expression"),
-    ({"merge_methd": "ties"}, r"unknown key\(s\) \['merge_methd'\]"),
+    ({"merge_methd": "ties_paper"}, r"unknown key\(s\) \['merge_methd'\]"),
     ({"models": [{"model": "e1.safetensors", "weight": 2}, "e2.safetensors"]}, r"mapping with keys.*`model` required"),
 ])
 def test_bad_configs_are_refused_with_the_file_and_key_named(models, change, message):
@@ -106,3 +106,19 @@ def test_data_methods_need_a_grams_file(models, monkeypatch):
         load_config(write_config(models, **minimal(merge_method="gram_probe")))
     ckio.save(models / "grams.npz", {"w": np.ones((2, 2, 2), np.float32)})
     assert load_config(write_config(models, **minimal(merge_method="gram_probe", grams="grams.npz"))).grams.name == "grams.npz"
+
+
+def test_binary_yaml_is_reported_with_its_name(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    with pytest.raises(ConfigError, match=r"config .*merge.yaml: not a UTF-8 text file \(byte 0x89 at offset 0\)"):
+        load_config(path)
+
+
+def test_paths_as_given_are_kept_for_what_is_published(models):
+    config = load_config(write_config(models, **minimal(grams="base.safetensors")))
+    given = config.to_dict(as_given=True)
+    assert (given["base_model"], given["models"], given["grams"]) == (
+        "base.safetensors", ["e1.safetensors", "e2.safetensors"], "base.safetensors")
+    assert config.to_dict()["base_model"] == str((models / "base.safetensors").resolve())
+    assert yaml.safe_load(config.to_yaml(as_given=True))["models"] == ["e1.safetensors", "e2.safetensors"]

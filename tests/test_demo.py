@@ -70,7 +70,7 @@ def test_quick_demo_table_has_every_requested_method_and_valid_accuracies(quick_
     assert names[1:1 + n] == [f"expert {t}" for t in quick_results["tasks"]]
     for method in QUICK_METHODS:
         assert method in names
-    assert "task_arithmetic (scale 1)" in names
+    assert "task_arithmetic_paper (scale 1)" in names
     for row in quick_results["rows"]:
         acc = np.asarray(row["accuracy"])
         assert acc.shape == (n,) and np.all((acc >= 0) & (acc <= 1)), row

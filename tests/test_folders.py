@@ -115,7 +115,7 @@ def assert_close(got, want, rtol=1e-5, atol=1e-6):
 def test_hub_ids_merge_from_the_local_cache(hub_cache, tmp_path):
     cache, flats = hub_cache
     config = write_yaml(tmp_path / "m.yaml", {"base_model": "org/tiny", "models": ["org/tiny-e0", "org/tiny-e1"],
-                                              "merge_method": "task_arithmetic", "scale": 0.7})
+                                              "merge_method": "task_arithmetic_paper", "scale": 0.7})
     resolved = load_config(config)
     assert resolved.base_model == cache / "models--org--tiny" / "snapshots" / REV2  # main -> REV2
     assert resolved.to_dict()["base_model"] == f"org/tiny@{REV2}"  # the re-runnable config pins the commit
@@ -255,12 +255,12 @@ def dense(base, delta):
 def test_lora_adapters_merge_as_base_plus_scaled_updates(lora_setup, tmp_path):
     base, deltas = lora_setup
     config = write_yaml(tmp_path / "m.yaml", {"base_model": "base", "models": ["base+lora1", "lora2"],
-                                              "merge_method": "task_arithmetic", "scale": 0.6})
+                                              "merge_method": "task_arithmetic_paper", "scale": 0.6})
     out = merge_checkpoints(config, tmp_path / "out", progress=False)
     want = {k: base[k].astype(np.float64) + 0.6 * sum(d.get(k, 0.0) for d in deltas) for k in base}
     assert_close(merged_weights(out), want)
     resolved = yaml.safe_load((out / "merge_config.yaml").read_text())
-    assert resolved["models"][0]["adapter"].endswith("lora1") and resolved["models"][1]["adapter"].endswith("lora2")
+    assert resolved["models"] == ["base+lora1", "lora2"]  # recorded as the config wrote them (issue 10)
     untouched = "model.layers.0.mlp.up_proj.weight"  # no adapter touches it: zero task vectors
     np.testing.assert_array_equal(merged_weights(out)[untouched], base[untouched])
 
@@ -394,7 +394,7 @@ def test_checkpoint_manager_roots_merge_from_their_latest_step_and_restore_with_
     base, runs = orbax_runs
     assert orbax_layout.kind(tmp_path / "run_a") == "manager" and ckio.detect_format(tmp_path / "run_a") == "orbax"
     config = write_yaml(tmp_path / "m.yaml", {"base_model": "base", "models": ["run_a", "run_b"],
-                                              "merge_method": "task_arithmetic", "scale": 0.5})
+                                              "merge_method": "task_arithmetic_paper", "scale": 0.5})
     out = merge_checkpoints(config, tmp_path / "out", progress=False)
     want = task_arithmetic(base, [runs["run_a"][200], runs["run_b"][200]], 0.5)  # step 200: the latest
     with ocp.StandardCheckpointer() as checkpointer:
@@ -409,7 +409,7 @@ def test_checkpoint_manager_roots_merge_from_their_latest_step_and_restore_with_
 def test_step_and_item_are_chosen_per_model(orbax_runs, tmp_path):
     base, runs = orbax_runs
     config = write_yaml(tmp_path / "m.yaml", {
-        "base_model": "base", "merge_method": "task_arithmetic", "scale": 1.0,
+        "base_model": "base", "merge_method": "task_arithmetic_paper", "scale": 1.0,
         "models": [{"model": "run_a", "step": 100}, {"model": "run_b/200", "item": "params"}]})
     out = merge_checkpoints(config, tmp_path / "out", progress=False)
     assert_close(ckio.load(out), task_arithmetic(base, [runs["run_a"][100], runs["run_b"][200]], 1.0))
@@ -468,7 +468,7 @@ def test_merged_minilm_loads_with_sentence_transformers(tmp_path):
                   for k, v in base.items()}
         ckio.save(tmp_path / f"e{i}", expert)
     config = write_yaml(tmp_path / "m.yaml", {"base_model": str(model_dir), "models": ["e0", "e1"],
-                                              "merge_method": "task_arithmetic", "scale": 0.5, "layout": "torch"})
+                                              "merge_method": "task_arithmetic_paper", "scale": 0.5, "layout": "torch"})
     out = merge_checkpoints(config, tmp_path / "out", progress=False)
     for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json"):
         if not (out / name).exists():

@@ -169,3 +169,26 @@ def test_npz_without_dtype_record_keeps_plain_numpy_dtypes(tmp_path):
     flat = {"a": np.arange(4, dtype=np.uint16), "b/c": np.ones((2, 2), np.float32)}
     np.savez(tmp_path / "plain.npz", **flat)
     assert_identical(ckio.load(tmp_path / "plain.npz"), flat)
+
+
+def test_saved_directory_gets_the_default_mode_not_mkdtemp_s(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        ckio.save(tmp_path / "m", sample_flat())
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+
+
+def test_index_escaping_the_folder_or_not_a_mapping_is_refused(tmp_path):
+    flat = {f"w{i}": np.ones((8, 8), np.float32) for i in range(3)}
+    ckio.save(tmp_path / "m", flat, shard_size=300)
+    index = tmp_path / "m" / safetensors_io.INDEX_NAME
+    content = json.loads(index.read_text())
+    for bad in ("../x.safetensors", "/etc/passwd", "sub/model.safetensors", ""):
+        index.write_text(json.dumps({**content, "weight_map": {**content["weight_map"], "w1": bad}}))
+        with pytest.raises(ckio.CheckpointError, match=r"entry 'w1' names .* not a plain file name"):
+            ckio.open_checkpoint(tmp_path / "m")
+    index.write_text(json.dumps({"weight_map": [1, 2]}))
+    with pytest.raises(ckio.CheckpointError, match=r"index.json: `weight_map` must be a mapping .* got a list"):
+        ckio.open_checkpoint(tmp_path / "m")

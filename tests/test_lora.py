@@ -91,7 +91,7 @@ def test_bad_factor_lists_and_options_are_rejected():
     with pytest.raises(ValueError, match="expert 0: expected a pair"):
         merge_lora([factors[0][0], factors[1]])
     with pytest.raises(ValueError, match="method"):
-        merge_lora(factors, "ties")
+        merge_lora(factors, "ties_paper")
     with pytest.raises(ValueError, match="rank_ratio"):
         merge_lora(factors, "swudi", rank_ratio=1.5)
     with pytest.raises(ValueError, match="no option"):

@@ -63,8 +63,8 @@ def get(tree, keys):
 
 def test_task_arithmetic_is_base_plus_point_three_times_the_sum(model):
     base, experts = model
-    merged = sj.merge(base, experts, method="task_arithmetic")
-    merged_half = sj.merge(base, experts, method="task_arithmetic", scale=0.5)
+    merged = sj.merge(base, experts, method="task_arithmetic_paper")
+    merged_half = sj.merge(base, experts, method="task_arithmetic_paper", scale=0.5)
     for keys in LEAVES:
         tau = taus_of(base, experts, *keys)
         np.testing.assert_allclose(get(merged, keys), get(base, keys) + 0.3 * tau.sum(0), rtol=1e-5, atol=1e-6)
@@ -82,7 +82,7 @@ def test_average_is_the_mean_of_the_experts(model):
 
 def test_ties_tensor_trim_matches_numpy(model):
     base, experts = model
-    merged = sj.merge(base, experts, method="ties", trim="tensor", density=0.3)
+    merged = sj.merge(base, experts, method="ties_paper", trim="tensor", density=0.3)
     for keys in LEAVES:
         tau = taus_of(base, experts, *keys)
         thresholds = np.array([np_threshold(np.abs(t).astype(np.float32), 0.3) for t in tau])
@@ -92,8 +92,8 @@ def test_ties_tensor_trim_matches_numpy(model):
 
 def test_ties_model_trim_matches_numpy_and_differs_from_tensor_trim(model):
     base, experts = model
-    merged = sj.merge(base, experts, method="ties")  # trim="model", density 0.2: the paper
-    tensor = sj.merge(base, experts, method="ties", trim="tensor")
+    merged = sj.merge(base, experts, method="ties_paper")  # trim="model", density 0.2: the paper
+    tensor = sj.merge(base, experts, method="ties_paper", trim="tensor")
     flat = np.concatenate([taus_of(base, experts, *k).reshape(N_TASKS, -1) for k in LEAVES], axis=1)
     thresholds = np.array([np_threshold(np.abs(t).astype(np.float32), 0.2) for t in flat])
     differs = False

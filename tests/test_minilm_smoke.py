@@ -92,8 +92,8 @@ def test_finetune_merge_and_score_two_tasks_end_to_end(tmp_path):
         head = bert.load_tensors(experts[name] / "head.safetensors")
         assert head["classifier.weight"].shape == ({"bbc": 5, "tweets": 3}[name], 384)
 
-    report = run.benchmark(cache, tmp_path / "out", ["task_arithmetic", "swudi"], log=lambda s: None)
-    for name in ("task_arithmetic", "swudi"):
+    report = run.benchmark(cache, tmp_path / "out", ["task_arithmetic_paper", "swudi"], log=lambda s: None)
+    for name in ("task_arithmetic_paper", "swudi"):
         row = report["rows"][name]
         assert set(row["acc"]) == set(tasks) and all(0.0 <= a <= 1.0 for a in row["acc"].values())
         expert = report["rows"]["expert (each on its own task)"]["acc"]
@@ -104,7 +104,7 @@ def test_finetune_merge_and_score_two_tasks_end_to_end(tmp_path):
     # The user path itself: swudi-merge's task arithmetic at scale 1 is base + Σ task vectors.
     merge_cfg = {"base_model": str(bert.model_dir() / "model.safetensors"), "layout": "torch",
                  "models": [str(experts[t] / "model.safetensors") for t in tasks],
-                 "merge_method": "task_arithmetic", "parameters": {}, "scale": 1.0}
+                 "merge_method": "task_arithmetic_paper", "parameters": {}, "scale": 1.0}
     merged_dir, _, _ = run.run_merge(merge_cfg, tmp_path, "ta1")
     merged = bert.load_tensors(merged_dir)
     for key in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.5.output.dense.bias"):

@@ -9,7 +9,7 @@ import pytest
 import swudi_jax as sj
 from swudi_jax.methods import registry
 
-BUILTIN = ["average", "dare", "pinv", "swudi", "swudi_a", "task_arithmetic", "ties", "wudi"]
+BUILTIN = ["average", "dare", "pinv", "swudi", "swudi_a", "task_arithmetic_paper", "ties_paper", "wudi"]
 
 
 def test_every_builtin_method_is_registered_with_its_source():
@@ -26,20 +26,21 @@ def test_unknown_method_error_lists_the_known_ones():
 
 
 def test_unknown_option_error_names_it_and_the_known_options():
-    with pytest.raises(ValueError, match=r"\['dens'\].*'ties'.*density.*trim"):
-        registry.resolve_options("ties", {"dens": 0.3})
+    with pytest.raises(ValueError, match=r"\['dens'\].*'ties_paper'.*density.*trim"):
+        registry.resolve_options("ties_paper", {"dens": 0.3})
 
 
 def test_resolved_options_are_defaults_overridden_by_the_user():
-    assert registry.resolve_options("swudi", {"time": 300.0}) == {"time": 300.0, "rank_ratio": 0.65, "init": "sum", "solver": "auto"}
+    assert registry.resolve_options("swudi", {"time": 300.0}) == {"time": 300.0, "rank_ratio": 0.65, "init": "sum", "solver": "auto",
+                                                                 "weight": 1.0}
     assert registry.resolve_options("wudi")["learning_rate"] == 1e-5
     assert registry.resolve_options("dare") == {"drop": 0.9, "rescale": True, "seed": 0, "then": "task_arithmetic"}
-    assert registry.resolve_options("ties")["density"] == 0.2 and registry.resolve_options("ties")["trim"] == "model"
+    assert registry.resolve_options("ties_paper")["density"] == 0.2 and registry.resolve_options("ties_paper")["trim"] == "model"
 
 
 @pytest.mark.parametrize("name, options, message", [
-    ("ties", {"density": 1.5}, "density"),
-    ("ties", {"trim": "layer"}, "trim"),
+    ("ties_paper", {"density": 1.5}, "density"),
+    ("ties_paper", {"trim": "layer"}, "trim"),
     ("dare", {"drop": 1.0}, "drop"),
     ("dare", {"then": "average"}, "then"),
     ("dare", {"seed": 1.5}, "seed"),
@@ -58,10 +59,10 @@ def test_bad_option_values_are_refused_before_compute(name, options, message):
 
 
 def test_default_scale_is_point_three_for_task_arithmetic_and_one_otherwise():
-    assert registry.default_scale("task_arithmetic") == 0.3
+    assert registry.default_scale("task_arithmetic_paper") == 0.3
     assert registry.default_scale("dare") == 0.3
     assert registry.default_scale("dare", {"then": "ties"}) == 1.0
-    for name in ["average", "ties", "swudi", "swudi_a", "pinv", "wudi"]:
+    for name in ["average", "ties_paper", "swudi", "swudi_a", "pinv", "wudi"]:
         assert registry.default_scale(name) == 1.0
 
 

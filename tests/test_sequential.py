@@ -103,7 +103,7 @@ def test_global_targets_on_the_experts_own_inputs_reduce_to_local_when_biases_ag
 def test_bad_input_is_a_value_error(setup):
     base, experts, batches = setup
     with pytest.raises(ValueError, match="method must be one of"):
-        layerwise_merge(apply_mlp, base, experts, batches, method="ties")
+        layerwise_merge(apply_mlp, base, experts, batches, method="ties_paper")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['alpha'\]"):
         layerwise_merge(apply_mlp, base, experts, batches, alpha=0.5)
     with pytest.raises(ValueError, match="3 experts but 2 tasks"):

@@ -92,7 +92,7 @@ def test_bad_arguments_are_rejected_before_compute():
     with pytest.raises(ValueError, match="mesh"):
         merge_sharded(tau, "cpu")
     with pytest.raises(ValueError, match="method"):
-        merge_sharded(tau, mesh, "ties")
+        merge_sharded(tau, mesh, "ties_paper")
     with pytest.raises(ValueError, match="no option"):
         merge_sharded(tau, mesh, "swudi", rank_rule="entropy")
     with pytest.raises(ValueError, match="shape"):

@@ -36,9 +36,9 @@ from benchmarks.minilm.data import TaskSpec, load_task
 from benchmarks.minilm.finetune import DEFAULT_CACHE, FinetuneConfig, prepare_cache, save_safetensors
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "minilm"
-EXTRA_RUNS = {"task_arithmetic@1": ("task_arithmetic", 1.0)}
+EXTRA_RUNS = {"task_arithmetic@1": ("task_arithmetic_paper", 1.0)}
 """Extra rows beyond the registry defaults: name -> (method, scale)."""
-PREFERRED_ORDER = ("task_arithmetic@1", "task_arithmetic", "ties", "swudi", "swudi_a", "pinv", "wudi")
+PREFERRED_ORDER = ("task_arithmetic@1", "task_arithmetic_paper", "ties_paper", "swudi", "swudi_a", "pinv", "wudi")
 """Default run order: the rows the SWUDI paper compares come first (the JSON is rewritten
 after every method, so an interrupted run keeps them)."""
 RUN_PARAMETERS = {"wudi": {"gradient": "gram"}}
@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report folder ({DEFAULT_OUT})")
     known = registry.available_methods() + list(EXTRA_RUNS)
     first = [m for m in PREFERRED_ORDER if m in known]
-    parser.add_argument("--methods", nargs="+", default=first + [m for m in known if m not in first], choices=known)
+    own = [m for m in known if m in registry.PROJECT_NAMES or m in EXTRA_RUNS]  # mergekit's: by --methods
+    parser.add_argument("--methods", nargs="+", default=first + [m for m in own if m not in first], choices=known)
     parser.add_argument("--calib", type=int, default=256, help="examples per task for the data methods' Grams")
     args = parser.parse_args(argv)
     try:

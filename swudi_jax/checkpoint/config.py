@@ -28,7 +28,16 @@ Example::
     out_dtype: null                    # null keeps each tensor's base dtype
     format: auto                       # input format; out_format defaults to it
     out_format: auto
-    out_shard_size: 5GB                # bytes per safetensors shard (int or "500MB", "2GiB")
+    out_shard_size: 5B                 # per safetensors shard: parameters ("5B" = 5 billion, "500M")
+                                       # or bytes ("5GB", "2GiB", an int)
+    tokenizer_source: base             # base, or a model path whose tokenizer files OUT gets
+    chat_template: auto                # auto (the models' own) or Jinja text, set in tokenizer_config.json
+
+mergekit's schema is accepted as mergekit writes it (see :mod:`swudi_jax.checkpoint.mergekit_config`):
+per-model ``parameters`` in ``models:`` entries, values that vary per tensor (conditional
+``filter:`` lists, layer gradients), ``lambda`` for ``lam``, a one-slice ``slices:`` form,
+``base_model`` left out for methods that need none, the base listed among ``models`` (it is
+the base, not an expert: dropped with a warning) and ``dtype: bfloat16``.
 
 Relative paths are resolved against the config file's directory. Patterns follow
 :mod:`swudi_jax.model.layout`: a glob matching the path or a tail of it after a "/" or "."
@@ -39,6 +48,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,17 +58,32 @@ import ml_dtypes
 import numpy as np
 import yaml
 
+from swudi_jax.checkpoint import mergekit_config as mk
 from swudi_jax.checkpoint.io import FORMATS, CheckpointError
 from swudi_jax.checkpoint.io.sources import ModelSource, parse_model
 from swudi_jax.methods import registry
 from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, OTHERS, LeafRules
 
 LAYOUTS = ("auto", "torch", "flax")
-COMPUTE_DTYPES = ("float32", "float64")
+COMPUTE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 OUT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEFAULT_SHARD_SIZE = 5 * 1024**3
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_COUNTS = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+OPTION_ALIASES = {"lambda": "lam"}
+"""mergekit parameter names spelled differently here (``lambda`` is a Python keyword)."""
+
+
+@dataclass(frozen=True)
+class ShardSize:
+    """A shard size as parameters (mergekit's "5B": 5 billion) or as bytes ("5GB")."""
+
+    value: int
+    unit: str  # "bytes" or "parameters"
+
+    def bytes_for(self, itemsize: int) -> int:
+        return self.value if self.unit == "bytes" else self.value * int(itemsize)
 
 
 class ConfigError(ValueError):
@@ -92,12 +117,35 @@ class MergeConfig:
     source: Path | None = None
     allow_download: bool = False
     sources: tuple[ModelSource, ...] = ()  # base then experts as resolved (Hub ids, adapters, orbax steps)
+    has_base: bool = True                  # False: no base_model (sources[0] is the first model, for structure)
+    model_parameters: tuple[Mapping[str, Any], ...] = ()  # per expert: its own mergekit `parameters`
+    tensor_parameters: Mapping[str, Any] = field(default_factory=dict)  # global settings that vary per tensor
+    layer_range: tuple[int, int] | None = None  # a one-slice `slices:` config's range (the whole model)
+    tokenizer_source: Path | None = None   # a model folder whose tokenizer files replace the base's
+    chat_template: str | None = None       # template text for tokenizer_config.json
+    out_shard_unit: str = "bytes"          # out_shard_size counts "bytes" or "parameters"
+    notes: tuple[str, ...] = ()            # what the config's mergekit settings mean here (printed, in the card)
+    given: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    """The checkpoint entries as written in the config (``base_model``, ``models``, ``grams``,
+    ``tokenizer_source``), ``models`` in the order of the resolved experts."""
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain YAML-able content (the resolved config written next to the merged model)."""
+    @property
+    def varies_per_tensor(self) -> bool:
+        """Whether some option takes per-model or per-tensor values (a resolver is needed)."""
+        return bool(self.tensor_parameters) or any(self.model_parameters)
+
+    def to_dict(self, *, as_given: bool = False) -> dict[str, Any]:
+        """Plain YAML-able content (the resolved config written next to the merged model); it
+        parses back to the same merge (per-model parameters inside the ``models`` entries,
+        per-tensor settings among the ``parameters``).
+
+        ``as_given=True`` records the checkpoint paths as the config wrote them (relative
+        paths stay relative), not the absolute paths of this machine.
+        """
         out = asdict(self)
-        out.pop("source")
-        out.pop("sources")
+        for key in ("source", "sources", "given", "notes", "has_base", "model_parameters", "tensor_parameters",
+                    "layer_range", "out_shard_unit"):
+            out.pop(key)
         for key, value in out.items():
             if isinstance(value, Path):
                 out[key] = str(value)
@@ -105,10 +153,20 @@ class MergeConfig:
                 out[key] = [str(v) for v in value]
             elif isinstance(value, Mapping):
                 out[key] = dict(value)
-        out["parameters"] = {k: _plain(v) for k, v in self.parameters.items()}
+        out["parameters"] = {k: _plain(v) for k, v in {**self.parameters, **self.tensor_parameters}.items()}
         if self.sources:  # entries that re-resolve to the same inputs (adapters, steps, pinned Hub ids)
             out["base_model"] = self.sources[0].spec()
             out["models"] = [s.spec() for s in self.sources[1:]]
+        if as_given and self.given:
+            out.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.given.items()})
+        if not self.has_base or registry.get_method(self.merge_method).base == "joins":
+            out["base_model"] = None  # a joining base is among the models already
+        if any(self.model_parameters):
+            out["models"] = [{**(m if isinstance(m, dict) else {"model": m}), "parameters": _plain(dict(p))} if p else m
+                             for m, p in zip(out["models"], self.model_parameters)]
+        if self.out_shard_unit == "parameters":
+            count = self.out_shard_size
+            out["out_shard_size"] = f"{count // 1000}K" if count % 1000 == 0 else f"{count / 1000}K"
         return out
 
     def leaf_rules(self, layout: str | None = None) -> LeafRules:
@@ -121,8 +179,8 @@ class MergeConfig:
             others=self.others,
         )
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, *, as_given: bool = False) -> str:
+        return yaml.safe_dump(self.to_dict(as_given=as_given), sort_keys=False)
 
 
 def _plain(value: Any) -> Any:
@@ -135,8 +193,24 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def parse_shard_size(value: Any, where: str) -> ShardSize:
+    """A shard size: bytes as an int or with a byte unit ("500MB", "5GB", "2GiB"), or a
+    parameter count as mergekit writes it ("5B" = 5 billion parameters, mergekit's default;
+    "500M", "1.5K"). A bare "B" is billions here, never bytes.
+    """
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z])\s*", value)
+        if match and match.group(2).upper() in _COUNTS:
+            count = int(float(match.group(1)) * _COUNTS[match.group(2).upper()])
+            if count <= 0:
+                raise ConfigError(f"{where} must be positive, got {value!r}")
+            return ShardSize(count, "parameters")
+    return ShardSize(parse_size(value, where), "bytes")
+
+
 def parse_size(value: Any, where: str) -> int:
-    """Bytes from an int or a string such as ``"500MB"`` or ``"2GiB"``."""
+    """Bytes from an int or a string such as ``"500MB"`` or ``"2GiB"`` (a unit is a byte unit;
+    "5B" is refused: mergekit reads it as 5 billion parameters, see :func:`parse_shard_size`)."""
     if isinstance(value, bool):
         raise ConfigError(f"{where} must be a positive size in bytes, got {value!r}")
     if isinstance(value, (int, np.integer)):
@@ -144,7 +218,8 @@ def parse_size(value: Any, where: str) -> int:
     elif isinstance(value, str):
         match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
         if not match or match.group(2).upper() not in _UNITS:
-            raise ConfigError(f"{where} must be bytes or a size like '500MB' or '2GiB', got {value!r}")
+            raise ConfigError(f"{where} must be bytes or a size like '500MB' or '2GiB' (or, for a shard size, "
+                              f"a parameter count like '5B'), got {value!r}")
         size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
     else:
         raise ConfigError(f"{where} must be a positive size in bytes, got {value!r}")
@@ -174,6 +249,14 @@ def _choice(value: Any, choices, where: str) -> Any:
     return value
 
 
+def _given(value: Any) -> Any:
+    """A checkpoint entry as the config wrote it: a path or Hub id, or the mapping form when it
+    says more than ``model`` (an adapter, an orbax step or item)."""
+    if isinstance(value, Mapping):
+        return str(value["model"]) if set(value) == {"model"} else {str(k): v for k, v in value.items()}
+    return str(value)
+
+
 def _path(value: Any, base_dir: Path, where: str) -> Path:
     if isinstance(value, Mapping):
         extra = sorted(set(value) - {"model"})
@@ -191,7 +274,61 @@ def _path(value: Any, base_dir: Path, where: str) -> Path:
 
 _KEYS = ("base_model", "models", "merge_method", "parameters", "scale", "include", "exclude",
          "head_patterns", "others", "input_axes", "scan_patterns", "scan_axis", "multi_device", "layout",
-         "dtype", "out_dtype", "format", "out_format", "out_shard_size", "grams", "allow_download")
+         "dtype", "out_dtype", "format", "out_format", "out_shard_size", "grams", "allow_download",
+         "slices", "tokenizer_source", "tokenizer", "chat_template")
+
+
+def _split_entry(entry: Any, where: str) -> tuple[Any, dict[str, Any]]:
+    """A ``models:`` entry without its mergekit ``parameters`` (returned apart)."""
+    if isinstance(entry, Mapping) and "parameters" in entry:
+        params = entry["parameters"] or {}
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"{where}.parameters must be a mapping of parameter: value, got {params!r}")
+        rest = {k: v for k, v in entry.items() if k != "parameters"}
+        return (rest["model"] if set(rest) == {"model"} else rest), {OPTION_ALIASES.get(k, k): v for k, v in params.items()}
+    return entry, {}
+
+
+def _check_settings(method, settings: Mapping[str, Any], where: str) -> None:
+    """Every scalar a setting can take passes the method's checks (mergekit's schema first)."""
+    for key, value in settings.items():
+        try:
+            mk.check_setting(value, f"{where}.{key}")
+        except mk.SettingError as exc:
+            raise ConfigError(str(exc)) from None
+        for leaf in _leaves(value):
+            try:
+                method.resolve({key: leaf})
+            except ValueError as exc:
+                raise ConfigError(f"{where}.{key}: {exc}") from None
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, list):
+        return [x for v in value for x in _leaves(v["value"] if isinstance(v, Mapping) else v)]
+    return [] if value is None else [value]
+
+
+def _tokenizer_source(raw: Mapping[str, Any], base_dir: Path, name: str) -> tuple[str | None, Any]:
+    value = raw.get("tokenizer_source")
+    tokenizer = raw.get("tokenizer")
+    if tokenizer is not None:
+        if not isinstance(tokenizer, Mapping) or set(tokenizer) - {"source"}:
+            raise ConfigError(f"{name}: `tokenizer` takes only `source` here (mergekit's `tokens` and "
+                              f"`pad_to_multiple_of` edit the vocabulary and resize embeddings: not supported), "
+                              f"got {tokenizer!r}")
+        if value is not None:
+            raise ConfigError(f"{name}: give `tokenizer_source` or `tokenizer.source`, not both")
+        value = tokenizer.get("source")
+    if value is None or value == "base":
+        return value, None
+    if value == "union":
+        raise ConfigError(f"{name}: tokenizer_source 'union' is not supported: it builds a new vocabulary from all "
+                          "models and re-indexes each model's embedding and head rows before merging, which needs "
+                          "the tokenizers' token maps and changes tensor shapes; use 'base' or one model's path")
+    if isinstance(value, Mapping) or not isinstance(value, str):
+        raise ConfigError(f"{name}: `tokenizer_source` must be 'base', 'union' or a model path, got {value!r}")
+    return value, _path(value, base_dir, f"{name}: `tokenizer_source`")
 
 
 def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | os.PathLike | None = None,
@@ -199,7 +336,7 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
     """Validate a config mapping (every check that needs no tensor data) into a MergeConfig.
 
     Args:
-      raw: the parsed YAML mapping.
+      raw: the parsed YAML mapping (the project's keys or mergekit's schema).
       base_dir: directory relative paths are resolved against.
       source: the config file, named in error messages.
       overrides: values that replace the file's (e.g. ``out_shard_size`` from the command line).
@@ -211,53 +348,159 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
     unknown = sorted(set(raw) - set(_KEYS))
     if unknown:
         raise ConfigError(f"{name}: unknown key(s) {unknown}; known keys: {list(_KEYS)}")
-    for key in ("base_model", "models", "merge_method"):
-        if raw.get(key) is None:
-            raise ConfigError(f"{name}: `{key}` is required")
+    if raw.get("merge_method") is None:
+        raise ConfigError(f"{name}: `merge_method` is required")
+    try:
+        method = registry.get_method(raw["merge_method"])
+    except ValueError as exc:
+        raise ConfigError(f"{name}: `merge_method`: {exc}") from None
+    notes: list[str] = []
     base_dir = Path(base_dir)
     allow_download = raw.get("allow_download", False)
     if not isinstance(allow_download, bool):
         raise ConfigError(f"{name}: `allow_download` must be true or false, got {allow_download!r}")
-    models = raw["models"]
+    global_params = raw.get("parameters") or {}
+    if not isinstance(global_params, Mapping):
+        raise ConfigError(f"{name}: `parameters` must be a mapping of option: value, got {global_params!r}")
+    global_params = {OPTION_ALIASES.get(k, k): v for k, v in global_params.items()}
+    layer_range = None
+    if raw.get("slices") is not None:
+        if raw.get("models") is not None:
+            raise ConfigError(f"{name}: give `models` or `slices`, not both")
+        try:
+            models, slice_params, layer_range = mk.slices_as_models(raw["slices"], f"{name}: `slices`")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        global_params = {**global_params, **{OPTION_ALIASES.get(k, k): v for k, v in slice_params.items()}}
+    else:
+        models = raw.get("models")
+    if models is None:
+        raise ConfigError(f"{name}: `models` is required")
     if not isinstance(models, (list, tuple)):
         raise ConfigError(f"{name}: `models` must be a list of checkpoint paths, got {models!r}")
-    if len(models) < 2:
-        raise ConfigError(f"{name}: `models` needs at least two experts to merge, got {len(models)}")
+    if raw.get("base_model") is None and method.base == "required":
+        raise ConfigError(f"{name}: `base_model` is required by merge method {method.name!r}")
+    entries = [_split_entry(m, f"{name}: `models[{i}]`") for i, m in enumerate(models)]
     try:
-        base_source = parse_model(raw["base_model"], base_dir, f"{name}: `base_model`", allow_download=allow_download)
-        sources = (base_source, *(parse_model(m, base_dir, f"{name}: `models[{i}]`", allow_download=allow_download,
-                                              base=base_source) for i, m in enumerate(models)))
+        base_source = None
+        if raw.get("base_model") is not None:
+            base_source = parse_model(raw["base_model"], base_dir, f"{name}: `base_model`", allow_download=allow_download)
+        expert_sources = [parse_model(m, base_dir, f"{name}: `models[{i}]`", allow_download=allow_download,
+                                      base=base_source) for i, (m, _) in enumerate(entries)]
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
-    base, experts = sources[0].path, tuple(s.main for s in sources[1:])
-    method = raw["merge_method"]
-    parameters = raw.get("parameters") or {}
-    if not isinstance(parameters, Mapping):
-        raise ConfigError(f"{name}: `parameters` must be a mapping of option: value, got {parameters!r}")
+    model_params = [p for _, p in entries]
+    given_models = [_given(m) for m, _ in entries]
+    # the base among the models (a mergekit habit): the base, not a zero task vector
+    if base_source is not None and base_source in expert_sources:
+        index = expert_sources.index(base_source)
+        if method.base == "joins":
+            notes.append(f"the base model is models[{index}]: it is one of {method.name}'s inputs, as in mergekit")
+        else:
+            warnings.warn(f"{name}: `models[{index}]` is the base model; it is the base, not an expert (a zero task "
+                          "vector would shrink the others' mean): left out of the experts", stacklevel=2)
+            del expert_sources[index], model_params[index], given_models[index]
+    elif base_source is not None and method.base == "joins":
+        expert_sources.insert(0, base_source)  # mergekit adds a configured base to the inputs
+        model_params.insert(0, {})
+        given_models.insert(0, _given(raw["base_model"]))
+        notes.append(f"base_model joins {method.name}'s inputs (mergekit adds it to the models)")
+    elif base_source is not None and method.base == "unused":
+        notes.append(f"base_model is not used by {method.name}")
+    seen: dict[ModelSource, int] = {}
+    for i, src in enumerate(expert_sources):
+        if src in seen:
+            warnings.warn(f"{name}: model {src.describe()} appears twice among the models (entries {seen[src]} and "
+                          f"{i}): it counts twice in the merge", stacklevel=2)
+        seen.setdefault(src, i)
+    low, high = method.n_experts
+    if len(expert_sources) < max(low, 1) or (high is not None and len(expert_sources) > high):
+        words = {1: "one", 2: "two"}
+        low_w, high_w = words.get(low, str(low)), words.get(high, str(high))
+        want = f"exactly {low_w}" if low == high else (f"at least {low_w}" if high is None else f"{low_w} to {high_w}")
+        raise ConfigError(f"{name}: `models` needs {want} experts to merge with {method.name!r} (the base is not "
+                          f"counted), got {len(expert_sources)}")
+    # parameters: plain values are options, settings that vary per tensor go to the resolver
+    options, tensor_settings = {}, {}
+    for key, value in global_params.items():
+        if key not in method.defaults:
+            try:
+                method.resolve({key: value})
+            except ValueError as exc:
+                raise ConfigError(f"{name}: `merge_method`/`parameters`: {exc}") from None
+        if mk.is_plain(value):
+            options[key] = value
+        elif key in method.varying:
+            tensor_settings[key] = value
+        else:
+            raise ConfigError(f"{name}: `parameters.{key}` must be one value for the whole model (it changes the "
+                              f"computation itself); the options of {method.name!r} that may vary per tensor are "
+                              f"{list(method.varying) or 'none'}")
+    _check_settings(method, tensor_settings, f"{name}: `parameters`")
+    for i, params in enumerate(model_params):
+        ignored = sorted(set(params) - set(method.per_expert))
+        if ignored:
+            warnings.warn(f"{name}: `models[{i}].parameters` {ignored} are not per-model options of "
+                          f"{method.name!r} (those are {list(method.per_expert) or 'none'}); ignored, as mergekit "
+                          "does", stacklevel=2)
+            model_params[i] = {k: v for k, v in params.items() if k in method.per_expert}
+        _check_settings(method, model_params[i], f"{name}: `models[{i}].parameters`")
+    if method.base == "joins" and "weight" in method.per_expert and base_source is not None:
+        joined = expert_sources.index(base_source)
+        if "weight" not in model_params[joined] and "weight" not in options and "weight" not in tensor_settings \
+                and any("weight" in p for p in model_params):
+            raise ConfigError(f"{name}: the base model joins {method.name!r}'s inputs (as in mergekit) and needs a "
+                              "`weight`: list it among `models` with one, give a global weight, or drop base_model")
     try:
-        resolved = registry.resolve_options(method, parameters)
-        kind = registry.get_method(method).kind
+        resolved = method.resolve(options)
     except ValueError as exc:
         raise ConfigError(f"{name}: `merge_method`/`parameters`: {exc}") from None
     scale = raw.get("scale")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale)):
         raise ConfigError(f"{name}: `scale` must be a finite number or null, got {scale!r}")
+    if scale is not None and method.operand == "models":
+        raise ConfigError(f"{name}: `scale` applies to a merged task vector; {method.name!r} returns merged weights")
     grams = raw.get("grams")
     grams = None if grams is None else _path(grams, base_dir, f"{name}: `grams`")
-    if kind == "data" and grams is None:
-        raise ConfigError(f"{name}: merge method {method!r} needs per-layer input Grams: set `grams` to a checkpoint "
-                          "holding, for each linear weight path, an (N, n, n) array of the experts' input Grams")
+    if method.kind == "data" and grams is None:
+        raise ConfigError(f"{name}: merge method {method.name!r} needs per-layer input Grams: set `grams` to a "
+                          "checkpoint holding, for each linear weight path, an (N, n, n) array of the experts' input "
+                          "Grams")
+    dtype = _choice(raw.get("dtype", "float32"), COMPUTE_DTYPES, f"{name}: `dtype`")
+    if method.work_dtype(dtype) != dtype:
+        notes.append(f"{method.name} computes in {method.work_dtype(dtype)}, not {dtype} (it is defined in "
+                     f"{'/'.join(method.compute_dtypes)} only)")
     out_dtype = raw.get("out_dtype")
+    if out_dtype is None and raw.get("dtype") is not None:
+        out_dtype = raw["dtype"]  # mergekit: the output dtype is out_dtype, else dtype
     input_axes = raw.get("input_axes")
     if input_axes is not None and not isinstance(input_axes, Mapping):
         raise ConfigError(f"{name}: `input_axes` must map path patterns to input-axis counts, got {input_axes!r}")
     scan_axis = raw.get("scan_axis", 0)
     if isinstance(scan_axis, bool) or not isinstance(scan_axis, int):
         raise ConfigError(f"{name}: `scan_axis` must be an integer, got {scan_axis!r}")
+    tokenizer_value, tokenizer_path = _tokenizer_source(raw, base_dir, name)
+    if tokenizer_value == "base" and base_source is None:
+        raise ConfigError(f"{name}: tokenizer_source 'base' needs a base_model")
+    chat_template = raw.get("chat_template")
+    if chat_template is not None:
+        if not isinstance(chat_template, str):
+            raise ConfigError(f"{name}: `chat_template` must be 'auto' or Jinja template text, got {chat_template!r}")
+        if chat_template != "auto" and not mk.is_template_text(chat_template):
+            try:
+                mk.resolve_chat_template(chat_template, (), f"{name}: `chat_template`")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+    shard = parse_shard_size(raw.get("out_shard_size", DEFAULT_SHARD_SIZE), f"{name}: `out_shard_size`")
+    reference = base_source if base_source is not None else expert_sources[0]
+    given = {"base_model": _given(raw["base_model"]) if base_source is not None else None, "models": given_models,
+             **({} if grams is None else {"grams": _given(raw["grams"])}),
+             **({} if tokenizer_path is None else {"tokenizer_source": _given(tokenizer_value)})}
+    sources = (reference, *expert_sources)
     config = MergeConfig(
-        base_model=base,
-        models=experts,
-        merge_method=method,
+        base_model=reference.path,
+        models=tuple(s.main for s in expert_sources),
+        merge_method=method.name,
         parameters=resolved,
         scale=None if scale is None else float(scale),
         include=_patterns(raw.get("include"), f"{name}: `include`"),
@@ -269,15 +512,24 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         scan_axis=scan_axis,
         multi_device=_choice(raw.get("multi_device", "auto"), ("auto", True, False), f"{name}: `multi_device`"),
         layout=_choice(raw.get("layout", "auto"), LAYOUTS, f"{name}: `layout`"),
-        dtype=_choice(raw.get("dtype", "float32"), COMPUTE_DTYPES, f"{name}: `dtype`"),
+        dtype=dtype,
         out_dtype=None if out_dtype is None else _choice(out_dtype, OUT_DTYPES, f"{name}: `out_dtype`"),
         format=_choice(raw.get("format", "auto"), ("auto", *FORMATS), f"{name}: `format`"),
         out_format=_choice(raw.get("out_format", "auto"), ("auto", *FORMATS), f"{name}: `out_format`"),
-        out_shard_size=parse_size(raw.get("out_shard_size", DEFAULT_SHARD_SIZE), f"{name}: `out_shard_size`"),
+        out_shard_size=shard.value,
         grams=grams,
         source=None if source is None else Path(source),
         allow_download=allow_download,
         sources=sources,
+        has_base=base_source is not None,
+        model_parameters=tuple(model_params),
+        tensor_parameters=tensor_settings,
+        layer_range=layer_range,
+        tokenizer_source=tokenizer_path,
+        chat_template=chat_template,
+        out_shard_unit=shard.unit,
+        notes=tuple(notes),
+        given=given,
     )
     try:
         config.leaf_rules("torch")
@@ -286,13 +538,26 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
     return config
 
 
+def tensor_resolver(config: MergeConfig, paths, layers):
+    """The per-tensor values of the method's varying options for this config (None when every
+    option has one value for the whole model): :class:`~swudi_jax.checkpoint.mergekit_config.TensorParameters`."""
+    if not config.varies_per_tensor:
+        return None
+    method = registry.get_method(config.merge_method)
+    return mk.TensorParameters(method.per_expert, method.tensor_options, config.model_parameters,
+                               config.tensor_parameters, list(paths), layers, config.parameters)
+
+
 def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> MergeConfig:
     """Read and validate a YAML merge config; relative paths are taken from its directory."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"config {path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); is it a YAML file?") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path}: invalid YAML ({exc})".replace("\n", " ")) from None
     return parse_config(raw, base_dir=path.parent, source=path, overrides=overrides)

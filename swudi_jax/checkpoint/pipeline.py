@@ -7,22 +7,31 @@ The steps, each finished before the next begins:
 2. every tensor is classified and grouped (:func:`swudi_jax.model.merger.plan_tree`,
    :func:`swudi_jax.model.layout.group_plans`; a group's stacked bytes stay under
    ``max_group_size``);
-3. in a temporary directory next to OUT, group by group: the group's tensors are read from
-   the base and every expert, checked for NaN/Inf, merged in one compiled call
-   (:func:`swudi_jax.model.merger.merge_group`) and streamed into the output checkpoint;
-4. base's non-weight files (config.json, tokenizer files, ...), the resolved config and a
-   model card are added, and the directory is renamed to OUT.
+3. OUT is checked (:func:`swudi_jax.checkpoint.io.output.check_output_target`: never empty, ``.``,
+   the working directory, a parent of the config or of an input), locked, and a temporary
+   directory is made next to OUT (:class:`swudi_jax.checkpoint.io.output.OutputSlot`); the base's
+   side files are checked (:mod:`swudi_jax.checkpoint.io.side_files`);
+4. in that temporary directory, group by group: the group's tensors are read from the base
+   and every expert, checked for NaN/Inf on the host, merged in one compiled call
+   (:func:`swudi_jax.model.merger.merge_group`), checked finite on the device in their output dtype
+   (:func:`swudi_jax.checkpoint.output_checks.checked_outputs`: the compiled layer functions cannot
+   raise on traced values, so this is where non-finite results are caught, naming the
+   tensor and the method) and streamed into the output checkpoint;
+5. the base's side files (an allow-list: config, tokenizer, sentence-transformers modules),
+   the config (checkpoint paths as written in it) and a model card are added, and the
+   directory is moved to OUT if OUT is still what the run saw at the start.
 
-Any failure or interrupt before the rename removes the temporary directory: OUT is either
-absent (or, with ``force``, its previous content) or complete. Inputs are only read.
+Every file read from a model folder resolves inside it (:mod:`swudi_jax.checkpoint.io.confine`). Any
+failure or interrupt before the move removes the temporary directory: OUT is either absent
+(or, with ``force``, its previous content) or complete. Inputs are only read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +39,16 @@ from typing import Any
 
 import jax
 import numpy as np
+import yaml
 
 from swudi_jax.checkpoint import io as ckio
-from swudi_jax.checkpoint.config import MergeConfig, load_config, numpy_dtype
-from swudi_jax.checkpoint.io.atomic import atomic_directory, check_output_free
+from swudi_jax.checkpoint import mergekit_config as mk
+from swudi_jax.checkpoint.config import MergeConfig, load_config, numpy_dtype, tensor_resolver
+from swudi_jax.checkpoint.io.output import OutputSlot, check_output_target
+from swudi_jax.checkpoint.io.reader import naming_file
+from swudi_jax.checkpoint.io.side_files import copy_side_files, plan_side_files
 from swudi_jax.checkpoint.io.sources import ModelSource
+from swudi_jax.checkpoint.output_checks import checked_outputs
 from swudi_jax.maths.validation import non_finite
 from swudi_jax.methods import registry
 from swudi_jax.model.flat import mismatch
@@ -43,8 +57,6 @@ from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, merge_group, prepare
 
 PAPER = "https://arxiv.org/abs/2606.07289"
 CONFIG_NAME = "merge_config.yaml"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".npz", ".gguf")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "flax_model.msgpack.index.json")
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,8 @@ class MergePlan:
                    f"({', '.join(f'{v} {k}' for k, v in counts.items())}); method {method}, layout {self.layout}, "
                    f"{self.in_format} -> {self.out_format}, largest group {self.largest_group_bytes():,} bytes "
                    f"x {len(self.config.models) + 1} models")
-        return "\n".join(lines + ["", summary])
+        notes = [f"note: {n}" for n in self.config.notes]
+        return "\n".join(lines + ["", summary] + notes)
 
     def largest_group_bytes(self) -> int:
         return max((sum(p.nbytes for p in g) for g in self.groups), default=0)
@@ -95,10 +108,22 @@ def _signature(reader: ckio.CheckpointReader) -> dict[str, tuple]:
     return {key: reader.shape_dtype(key) for key in reader.keys()}
 
 
+def _floating(dtype) -> bool:
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
 def _check_same_tensors(base: ckio.CheckpointReader, experts: Sequence[ckio.CheckpointReader]) -> None:
+    """Same names and shapes; dtypes equal unless both floating (a bf16 expert with a float32
+    base is cast to the compute dtype, as mergekit does)."""
     want = _signature(base)
     for expert in experts:
-        found = mismatch(want, _signature(expert))
+        got_signature = _signature(expert)
+        found = mismatch(want, got_signature, dtypes=False)
+        if found is None:
+            found = mismatch({k: v for k, v in want.items() if not (_floating(v[1]) and _floating(got_signature[k][1]))},
+                             {k: v for k, v in got_signature.items()
+                              if not (_floating(v[1]) and _floating(want[k][1]))})
         if found is None:
             continue
         if found.kind == "paths":
@@ -165,6 +190,7 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
             layout = "torch" if base.format == "safetensors" else "flax"
     out_format = base.format if config.out_format == "auto" else config.out_format
     plans = config.leaf_rules(layout).plan_tree(_signature(base))
+    mk.check_layer_range(config.layer_range, base.keys(), f"config {config.source}: `slices`")
     _check_grams(config, plans, grams)
     groups = group_plans(plans, max_group_bytes, copies=len(experts) + 2)
     out_dtypes = {}
@@ -175,10 +201,9 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
 
 
 def _compute(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
-    if dtype != "float64":
-        return arrays
-    return {k: a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16" else a
-            for k, a in arrays.items()}
+    """Floating arrays cast to the compute dtype (mixed-dtype inputs meet in it); others as read."""
+    target = numpy_dtype(dtype)
+    return {k: a.astype(target, copy=False) if _floating(a.dtype) else a for k, a in arrays.items()}
 
 
 def _model_chunks(plan: MergePlan, base, experts, progress: bool):
@@ -205,35 +230,66 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="group", file=sys.stderr, leave=False)
 
 
-def _copy_side_files(base_path: Path, out: Path) -> list[str]:
-    """Copy the base directory's non-weight files (config.json, tokenizer files, ...) to ``out``."""
-    if not base_path.is_dir() or ckio.detect_format(base_path) != "safetensors":
-        return []
-    copied = []
-    for item in sorted(base_path.iterdir()):
-        if item.is_file() and item.suffix not in WEIGHT_SUFFIXES and item.name not in WEIGHT_INDEXES \
-                and item.name not in ("README.md", CONFIG_NAME) and not item.name.startswith("."):
-            shutil.copy2(item, out / item.name)
-            copied.append(item.name)
+def _library_name(side_files: Sequence[str], out_format: str) -> str:
+    """The Hub's ``library_name``: what loads the folder (sentence-transformers, transformers, else swudi_jax)."""
+    if "modules.json" in side_files or "config_sentence_transformers.json" in side_files:
+        return "sentence-transformers"
+    if out_format == "safetensors" and "config.json" in side_files:
+        return "transformers"
+    return "swudi_jax"
+
+
+def _finish_side_files(config: MergeConfig, out: Path, copy_tokenizer: bool, copied: Sequence[str]) -> list[str]:
+    """mergekit's output files: the tokenizer (``tokenizer_source``, ``--no-copy-tokenizer``), the
+    chat template, config.json's ``torch_dtype`` for ``out_dtype``. Returns the side files now in ``out``."""
+    copied = list(copied)
+    if not copy_tokenizer:
+        for item in mk.tokenizer_files(out):
+            item.unlink()
+        copied = [c for c in copied if c not in mk.TOKENIZER_FILES]
+    elif config.tokenizer_source is not None:
+        names = mk.copy_tokenizer(config.tokenizer_source, out, "tokenizer_source")
+        copied = [c for c in copied if c not in mk.TOKENIZER_FILES] + names
+    if config.chat_template is not None:
+        folders = [s.main for s in config.sources[1:]]
+        mk.write_chat_template(out, mk.resolve_chat_template(config.chat_template, folders, "chat_template"))
+        copied += [] if "tokenizer_config.json" in copied else ["tokenizer_config.json"]
+    if config.out_dtype is not None:
+        mk.set_torch_dtype(out, config.out_dtype)
     return copied
 
 
-def model_card(plan: MergePlan, scale: float) -> str:
-    """README.md for the merged checkpoint: what was merged, how, and where the method comes from."""
+def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) -> str:
+    """README.md for the merged checkpoint: what was merged, how, and where the method comes from.
+
+    YAML front matter (``base_model`` as the config wrote it, ``library_name``, ``tags``);
+    checkpoint paths appear as the config wrote them, never as absolute paths of this machine.
+    """
     c = plan.config
+    given = c.to_dict(as_given=True)
     method = registry.get_method(c.merge_method)
-    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in c.to_dict()["parameters"].items()) or "| (none) | |"
-    experts = "\n".join(f"  - `{p}`" for p in c.models)
+    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in given["parameters"].items()) or "| (none) | |"
+    experts = "\n".join(f"  - `{p}`" for p in given["models"])
     counts = {k: sum(p.kind == k for p in plan.plans) for k in ("linear", "mean", "keep", "passthrough")}
+    notes = "".join(f"\n- {n}" for n in c.notes)
+    notes += "".join(f"\n- per-tensor `{k}`: `{v}`" for k, v in c.tensor_parameters.items())
+    notes += "".join(f"\n- models[{i}] parameters: `{dict(p)}`" for i, p in enumerate(c.model_parameters) if p)
+    notes += "\n" if notes else ""
+    if method.operand == "models":
+        formula = "θ = merge(θ1, …, θN), on the models' weights" + (" (with the base θ0)" if "base" in method.inputs else "")
+    else:
+        formula = f"θ = θ0 + s · merge(τ1, …, τN),\nτi = θi − θ0, with s = {scale:g}."
+    base = f"`{(c.given or {}).get('base_model') or c.base_model}`" if c.has_base else \
+        "none (the tensor layout and side files come from the first model)"
+    front = yaml.safe_dump({"base_model": given["base_model"], "library_name": _library_name(side_files, plan.out_format),
+                            "tags": ["merge", "swudi_jax", c.merge_method]}, sort_keys=False, default_flow_style=None)
     return f"""---
-tags: [merge, swudi_jax, {c.merge_method}]
----
+{front}---
 # Merged model ({c.merge_method})
 
-Made with swudi_jax `swudi-merge`: θ = θ0 + s · merge(τ1, …, τN),
-τi = θi − θ0, with s = {scale:g}.
+Made with swudi_jax `swudi-merge`: {formula}
 
-- **Base model:** `{c.base_model}`
+- **Base model:** {base}
 - **Experts ({len(c.models)}):**
 {experts}
 - **Method:** `{c.merge_method}` ({method.kind}); source: {method.source}
@@ -244,8 +300,9 @@ Made with swudi_jax `swudi-merge`: θ = θ0 + s · merge(τ1, …, τN),
 | parameter | value |
 |---|---|
 {params}
-
-The full resolved config is in `{CONFIG_NAME}` (re-run with `swudi-merge {CONFIG_NAME} OUT`).
+{notes}
+The full resolved config is in `{CONFIG_NAME}`, checkpoint paths as the original config wrote them (relative
+ones are relative to that config's folder: re-run from there with `swudi-merge {CONFIG_NAME} OUT`).
 
 SWUDI paper: arXiv 2606.07289, {PAPER}.
 """
@@ -253,65 +310,88 @@ SWUDI paper: arXiv 2606.07289, {PAPER}.
 
 def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                       dry_run: bool = False, progress: bool = True,
-                      max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES) -> Path:
+                      max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES, copy_tokenizer: bool = True) -> Path:
     """Merge the checkpoints a config names into ``out``, streaming one tensor group at a time.
 
     Args:
       config: a :class:`MergeConfig` or the path of a YAML config.
-      out: the output directory (absent or empty, unless ``force``).
-      force: replace an existing ``out`` (only once the new one is complete).
+      out: the output directory (absent or empty, unless ``force``); never empty, ``.``, the
+        working directory, a parent of the config or of an input (:mod:`swudi_jax.checkpoint.io.output`).
+      force: replace an existing ``out`` (only once the new one is complete, and only if it is
+        still what the run saw at the start).
       dry_run: validate everything and print the plan; nothing is read beyond headers, nothing written.
       progress: show a progress bar over tensor groups (stderr).
       max_group_bytes: cap on (N + 2) × a group's tensor bytes held at once.
+      copy_tokenizer: copy the tokenizer files (the base's, or ``tokenizer_source``'s) to ``out``.
     Returns:
       ``out`` as a Path.
     Raises:
-      ValueError (``ConfigError``, ``CheckpointError``) naming the file and tensor, before
-      any output is in place.
+      ValueError (``ConfigError``, ``CheckpointError``, ``OutputError``, ``NonFiniteOutput``)
+      naming the file and tensor, before any output is in place; OSError naming the file
+      being written (disk full, file-size limit).
     """
     config = config if isinstance(config, MergeConfig) else load_config(config)
-    out = check_output_free(out, force=force)
     inputs = [p for s in config.sources for p in (s.path, s.adapter) if p is not None]
-    for source in (config.base_model, *config.models, *inputs):
-        if out.resolve() == source or source in out.resolve().parents or out.resolve() in source.parents:
-            raise ValueError(f"output {out} overlaps the input checkpoint {source}")
-    x64 = config.dtype == "float64"
-    if x64:
+    out = check_output_target(out, protected=[config.source, config.base_model, *config.models, *inputs, config.grams,
+                                              config.tokenizer_source], force=force)
+    method = registry.get_method(config.merge_method)
+    work = method.work_dtype(config.dtype)
+    if work == "float64":
         jax.config.update("jax_enable_x64", True)
-    with _opened(config) as (base, experts, grams):
+    if dry_run:
+        with _opened(config) as (base, experts, grams):
+            print(plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes).describe())
+        return out
+    with OutputSlot(out, force=force) as slot, _opened(config) as (base, experts, grams):
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
-        if dry_run:
-            print(plan.describe())
-            return out
-        method = registry.get_method(config.merge_method)
+        side_files = plan_side_files(config.base_model)
         options = method.resolve(config.parameters)
         scale = config.scale if config.scale is not None else method.scale(options)
         options = prepare_options(method, options, _model_chunks(plan, base, experts, progress))
         metadata = getattr(base, "metadata", None) or None
         entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
-        with atomic_directory(out, force=force) as tmp:
-            target = ckio.weights_path(tmp, plan.out_format)
-            writer = ckio.open_writer(target, plan.out_format, entries, shard_size=config.out_shard_size,
-                                      metadata=metadata)
-            try:
+        shard_size = config.out_shard_size
+        if config.out_shard_unit == "parameters":  # mergekit's count of parameters per shard, in bytes
+            shard_size *= max((np.dtype(d).itemsize for d in plan.out_dtypes.values()), default=4)
+        resolver = tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
+        same_as_base = [config.has_base and method.base != "joins"] * len(experts)  # a joining base is an input
+        tmp = slot.tmp
+        target = ckio.weights_path(tmp, plan.out_format)
+        writer = ckio.open_writer(target, plan.out_format, entries, shard_size=shard_size,
+                                  metadata=metadata)
+        try:
+            with naming_file(target):
                 for group in _progress(plan.groups, progress, "merging"):
                     keys = [p.path for p in group]
-                    base_arrays = _compute(_read_group(base, keys), config.dtype)
-                    expert_arrays = [_compute(_read_group(e, keys), config.dtype) for e in experts]
+                    base_arrays = _compute(_read_group(base, keys), work)
+                    expert_arrays = [_compute(_read_group(e, keys), work) for e in experts]
+                    for i, arrays in enumerate(expert_arrays):
+                        same_as_base[i] = same_as_base[i] and all(np.array_equal(arrays[k], base_arrays[k]) for k in keys)
                     group_grams = None
                     if grams is not None and group[0].kind == "linear":
-                        group_grams = grams.read_many(keys)
+                        group_grams = _read_group(grams, keys)
                     merged = merge_group(list(group), base_arrays, expert_arrays, method, scale,
-                                         options, group_grams, config.multi_device)
+                                         options, group_grams, config.multi_device, resolver, work,
+                                         config.has_base)
                     del base_arrays, expert_arrays
+                    merged = checked_outputs(merged, {k: plan.out_dtypes[k] for k in keys}, config.merge_method)
                     for key in keys:
-                        writer.write(key, np.asarray(merged[key]).astype(plan.out_dtypes[key], copy=False))
+                        writer.write(key, merged[key])
                     del merged
-            except BaseException:
-                writer.abort()
-                raise
+        except BaseException:
+            writer.abort()
+            raise
+        with naming_file(target):
             writer.close()
-            _copy_side_files(config.base_model, tmp)
-            (tmp / CONFIG_NAME).write_text(config.to_yaml())
-            (tmp / "README.md").write_text(model_card(plan, scale))
+        for i, same in enumerate(same_as_base):
+            if same:
+                warnings.warn(f"models[{i}] ({config.models[i]}) equals the base model in every tensor: its task "
+                              "vector is zero", stacklevel=2)
+        copied = copy_side_files(config.base_model, tmp, side_files)
+        copied = _finish_side_files(config, tmp, copy_tokenizer, copied)
+        with naming_file(tmp / CONFIG_NAME):
+            (tmp / CONFIG_NAME).write_text(config.to_yaml(as_given=True))
+        with naming_file(tmp / "README.md"):
+            (tmp / "README.md").write_text(model_card(plan, scale, copied))
+        slot.publish()
     return out

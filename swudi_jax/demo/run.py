@@ -65,7 +65,7 @@ FULL = DemoConfig()
 QUICK = DemoConfig(features=(64, 64, 32), n_tasks=4, pretrain_steps=300, finetune_steps=150,
                    learning_rate=1e-3, head_learning_rate=1e-2)
 """A tiny configuration for tests (``swudi-demo --quick``)."""
-QUICK_METHODS = ("task_arithmetic", "ties", "swudi")
+QUICK_METHODS = ("task_arithmetic_paper", "ties_paper", "swudi")
 """The methods ``--quick`` merges with unless ``--methods`` is given."""
 
 
@@ -142,7 +142,8 @@ def run_demo(config: DemoConfig = FULL, methods: Sequence[str] | None = None, *,
 
     Args:
       config: sizes and schedules (:data:`FULL` or :data:`QUICK`).
-      methods: registered method names to merge with; None means every registered method.
+      methods: registered method names to merge with; None means the project's own methods
+        (:data:`~swudi_jax.methods.registry.PROJECT_NAMES`; mergekit's need per-model settings).
         Task arithmetic also gets a row at scale 1 (the plain sum of task vectors), where
         interference shows.
       log: a callable for progress lines, or None.
@@ -151,7 +152,7 @@ def run_demo(config: DemoConfig = FULL, methods: Sequence[str] | None = None, *,
       ...}], "experts_distinct", "problems", "seconds"}``; accuracies are fractions in [0, 1].
     """
     log = log or (lambda message: None)
-    methods = list(registry.available_methods() if methods is None else methods)
+    methods = list(sorted(registry.PROJECT_NAMES) if methods is None else methods)
     for name in methods:
         registry.get_method(name)  # an unknown name fails here, before any training
     start = time.perf_counter()
@@ -172,8 +173,8 @@ def run_demo(config: DemoConfig = FULL, methods: Sequence[str] | None = None, *,
         log("capturing calibration Grams for the data methods")
         grams = calibration_grams(setup)
     runs = [(m, m, None) for m in methods]
-    if "task_arithmetic" in methods:
-        runs.insert(methods.index("task_arithmetic") + 1, ("task_arithmetic (scale 1)", "task_arithmetic", 1.0))
+    if "task_arithmetic_paper" in methods:
+        runs.insert(methods.index("task_arithmetic_paper") + 1, ("task_arithmetic_paper (scale 1)", "task_arithmetic_paper", 1.0))
     for label, method, scale in runs:
         log(f"merging with {label}")
         tic = time.perf_counter()
@@ -233,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny model, {QUICK.n_tasks} tasks, few steps, methods {', '.join(QUICK_METHODS)}")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
-                        help="methods to merge with (default: every registered method)")
+                        help="methods to merge with (default: the project's own methods)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and training")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)

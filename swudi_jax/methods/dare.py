@@ -84,7 +84,7 @@ def _validate(options: Mapping[str, Any]) -> None:
     check_choice(options["then"], "then", THEN)
 
 
-def _leaf_keys(options: Mapping[str, Any], path: str, layer: int) -> dict[str, jax.Array]:
+def _leaf_keys(options: Mapping[str, Any], path: str, layer: int, shape: tuple[int, ...] = ()) -> dict[str, jax.Array]:
     return {"key": leaf_key(int(options["seed"]), path, layer)}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Mapping
 
-from swudi_jax.methods import average, dare, output_space, regmean, swudi, task_arithmetic, ties, wudi
+from swudi_jax.methods import average, dare, mergekit, output_space, regmean, swudi, task_arithmetic, ties, wudi
 from swudi_jax.methods.spec import KINDS, MethodSpec, SpectralFilter
 
 BUILTIN_METHODS: tuple[MethodSpec, ...] = (
@@ -25,7 +25,18 @@ BUILTIN_METHODS: tuple[MethodSpec, ...] = (
     dare.DARE,
     regmean.REGMEAN,
     output_space.OUTPUT_SPACE,
+    *mergekit.MERGEKIT_METHODS,
 )
+"""The project's methods (``task_arithmetic_paper`` and ``ties_paper`` are the papers' own
+defaults: λ = 0.3, and a whole-model trim at density 0.2) and mergekit's, by mergekit's names
+and with mergekit's semantics (``task_arithmetic``, ``ties``, ``linear``, ...): one name, one
+meaning, whatever the config's dialect."""
+
+MERGEKIT_NAMES: tuple[str, ...] = tuple(spec.name for spec in mergekit.MERGEKIT_METHODS)
+"""mergekit's methods, by mergekit's names and with its semantics."""
+
+PROJECT_NAMES: tuple[str, ...] = tuple(spec.name for spec in BUILTIN_METHODS if spec.name not in MERGEKIT_NAMES)
+"""The project's own methods (the demo and the benchmarks run these at their defaults)."""
 
 DEFAULT_METHOD = swudi.SWUDI.name
 """What ``merge`` and the scale paths run when no method is named."""
@@ -93,7 +104,9 @@ __all__ = [
     "BUILTIN_METHODS",
     "DEFAULT_METHOD",
     "KINDS",
+    "MERGEKIT_NAMES",
     "MergeMethod",
+    "PROJECT_NAMES",
     "MethodSpec",
     "available_methods",
     "default_scale",

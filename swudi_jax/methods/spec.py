@@ -15,19 +15,37 @@ Kinds, by the leaves the method merges (every other floating leaf gets the mean 
 - ``"data"``: ``fn(tau, grams, **options)``, a linear method that also takes the layer's
   per-task input Grams (N, n, n).
 
-The merged weight is ``base + scale · fn(tau)``.
+The merged weight is ``base + scale · fn(tau)``. A method whose ``operand`` is "models"
+(mergekit's linear, slerp, karcher, model_stock, ...) takes the models' weights instead:
+``fn(models, **options)`` on the stack θi (N, ...), plus ``base=θ0`` when ``"base"`` is one
+of its ``inputs``, and returns the merged weight itself (no scale).
+
+Per-expert and per-tensor options: options named in ``per_expert`` (mergekit's per-model
+``weight``, ``density``, ...) take one value per expert, and options named in
+``tensor_options`` may take a different value for each tensor (mergekit's conditional
+``filter:`` lists and layer gradients). The merger resolves both per tensor and feeds them
+to ``fn`` as arrays — (N,) per expert, () otherwise — vmapped with the layers of a group, so
+one compiled call still serves a whole group whatever the values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 KINDS = ("linear", "elementwise", "data")
+OPERANDS = ("task_vectors", "models")
+BASE_ROLES = ("required", "optional", "joins", "unused")
+"""How a method uses the base model: "required" (task vectors need it), "optional" (with a
+base the method interpolates task vectors, without it the weights), "joins" (mergekit's
+linear and karcher: a configured base is one more input model, not a reference), "unused"."""
+COMPUTE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 TaskVectorChunks = Callable[[], Iterable[Any]]
 """A zero-argument callable returning a fresh iterable of task-vector stacks (N, ...), one per
@@ -82,11 +100,23 @@ class MethodSpec:
       prepare: whole-model preparation: ``prepare(options)`` is None when nothing is needed,
         else a :data:`Preparation` the merger runs over every merged leaf first (TIES's
         whole-model trim).
-      leaf_inputs: ``leaf_inputs(options, path, layer) -> {name: array}``: per-leaf extra
-        inputs (DARE's PRNG keys), stacked and vmapped with the leaves of a group.
+      leaf_inputs: ``leaf_inputs(options, path, layer, shape) -> {name: array}``: per-leaf
+        extra inputs (DARE's PRNG keys, exact rank windows), stacked and vmapped with the
+        leaves of a group; ``options`` hold that tensor's values of the varying options
+        (per-expert ones as (N,) NumPy arrays) and ``shape`` is one layer's (maths) shape.
       spectral_filter: for filtered spectral estimators, ``options -> SpectralFilter``, so
         the sharded and LoRA paths run the same filter.
       aliases: other names the registry accepts for this method.
+      per_expert: options taking one value per expert (a scalar is broadcast); the merger
+        feeds each as an (N,) array per tensor.
+      tensor_options: scalar options that may vary per tensor; fed as () arrays per tensor.
+        (Every ``per_expert`` option may vary per tensor too.)
+      operand: "task_vectors" (``fn(tau)`` → merged task vector) or "models" (``fn(models)``
+        → merged weight, see the module docstring).
+      base: how the method uses the base model, one of :data:`BASE_ROLES`.
+      n_experts: (fewest, most or None) experts besides the base the method takes.
+      compute_dtypes: the dtypes the method is defined in; a merge asked to compute in
+        another runs in float32 (float64 stays float64).
     """
 
     name: str
@@ -99,17 +129,43 @@ class MethodSpec:
     array_options: tuple[str, ...] = ()
     inputs: tuple[str, ...] = ()
     prepare: Callable[[Mapping[str, Any]], Preparation | None] | None = None
-    leaf_inputs: Callable[[Mapping[str, Any], str, int], Mapping[str, Any]] | None = None
+    leaf_inputs: Callable[[Mapping[str, Any], str, int, tuple[int, ...]], Mapping[str, Any]] | None = None
     spectral_filter: Callable[[Mapping[str, Any]], SpectralFilter] | None = None
     aliases: tuple[str, ...] = field(default=())
+    per_expert: tuple[str, ...] = ()
+    tensor_options: tuple[str, ...] = ()
+    operand: str = "task_vectors"
+    base: str = "required"
+    n_experts: tuple[int, int | None] = (2, None)
+    compute_dtypes: tuple[str, ...] = ("float32", "float64")
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.operand not in OPERANDS:
+            raise ValueError(f"method {self.name!r}: operand must be one of {OPERANDS}, got {self.operand!r}")
+        if self.base not in BASE_ROLES:
+            raise ValueError(f"method {self.name!r}: base must be one of {BASE_ROLES}, got {self.base!r}")
+        bad = sorted(set(self.compute_dtypes) - set(COMPUTE_DTYPES))
+        if bad:
+            raise ValueError(f"method {self.name!r}: compute_dtypes {bad} not in {COMPUTE_DTYPES}")
         if not callable(self.fn):
             raise ValueError(f"method {self.name!r}: fn must be callable, got {self.fn!r}")
         if self.defaults is None:
             object.__setattr__(self, "defaults", keyword_defaults(self.fn, exclude=self.inputs))
+        unknown = sorted(set(self.per_expert + self.tensor_options) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"method {self.name!r}: per_expert/tensor_options {unknown} are not options of it")
+
+    @property
+    def varying(self) -> tuple[str, ...]:
+        """The options that may take a value per tensor (per-expert ones first)."""
+        return self.per_expert + tuple(o for o in self.tensor_options if o not in self.per_expert)
+
+    def work_dtype(self, requested: str) -> str:
+        """The dtype this method computes in when ``requested`` is asked for: ``requested``
+        where the method is defined in it, else float32 (spectral methods in bf16, ...)."""
+        return requested if requested in self.compute_dtypes else "float32"
 
     def resolve(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The defaults overridden by ``options``, validated.
@@ -153,4 +209,29 @@ def keyword_defaults(fn: Callable, exclude: tuple[str, ...] = ()) -> dict[str, A
     return dict(_signature_defaults(fn, tuple(exclude)))
 
 
-__all__ = ["KINDS", "MethodSpec", "Preparation", "SpectralFilter", "TaskVectorChunks", "keyword_defaults"]
+def expert_weighted(spec: MethodSpec, default: float = 1.0) -> MethodSpec:
+    """``spec`` with a per-expert option ``weight`` scaling each task vector first:
+    ``fn(τ; weight=w) = spec.fn(w1·τ1, …, wN·τN)`` (w scalar or (N,), default 1 = unchanged).
+
+    This is mergekit's per-model ``weight`` for methods that have none of their own (SWUDI,
+    WUDI, ...): an expert with weight 0.5 enters the merge with half its task vector.
+    """
+    if spec.kind == "data" or spec.operand != "task_vectors" or "weight" in spec.defaults:
+        raise ValueError(f"method {spec.name!r}: expert_weighted takes a task-vector method without a weight option")
+    fn = spec.fn
+
+    def weighted(tau, *, weight=default, **options):
+        tau = jnp.asarray(tau)
+        w = jnp.broadcast_to(jnp.asarray(weight, tau.dtype), (tau.shape[0],))
+        return fn(tau * w.reshape((-1,) + (1,) * (tau.ndim - 1)), **options)
+
+    functools.update_wrapper(weighted, fn)
+    signature = inspect.signature(fn)
+    extra = inspect.Parameter("weight", inspect.Parameter.KEYWORD_ONLY, default=default)
+    weighted.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
+    weighted.__doc__ = (fn.__doc__ or "") + "\n\n    weight: per-expert scale of the task vectors (mergekit's per-model weight).\n"
+    return dataclasses.replace(spec, fn=weighted, defaults={**spec.defaults, "weight": default},
+                               per_expert=spec.per_expert + ("weight",))
+
+
+__all__ = ["BASE_ROLES", "COMPUTE_DTYPES", "KINDS", "OPERANDS", "MethodSpec", "Preparation", "SpectralFilter", "TaskVectorChunks", "expert_weighted", "keyword_defaults"]

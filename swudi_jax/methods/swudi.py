@@ -34,7 +34,7 @@ from swudi_jax.maths.spectral import INIT_MODES, Spectrum, anchor, filtered_merg
 from swudi_jax.maths.spectral import interference_operator, normal_equation, right_hand_side, spectrum
 from swudi_jax.maths.spectral import task_weights, with_mean_fallback
 from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors
-from swudi_jax.methods.spec import MethodSpec, SpectralFilter
+from swudi_jax.methods.spec import MethodSpec, SpectralFilter, expert_weighted
 
 SOURCE = "Wei et al., Closed-Form Spectral Regularization for Multi-Task Model Merging (arXiv 2606.07289)"
 
@@ -283,9 +283,9 @@ def _pinv_spectral_filter(options: Mapping[str, Any]) -> SpectralFilter:
     return SpectralFilter(lambda lam, shape: filters.identity()(lam), "sum", lambda n: None)
 
 
-SWUDI = MethodSpec("swudi", swudi, "linear", source=SOURCE, validate=_validate_swudi,
-                   spectral_filter=_swudi_spectral_filter)
-SWUDI_A = MethodSpec("swudi_a", swudi_a, "linear", source=SOURCE, validate=_validate_swudi_a,
-                     spectral_filter=_swudi_a_spectral_filter)
-PINV = MethodSpec("pinv", pinv_merge, "linear", source=SOURCE + " (the h ≡ 1 closed form θ* = D C⁺)",
-                  validate=_validate_pinv, spectral_filter=_pinv_spectral_filter)
+SWUDI = expert_weighted(MethodSpec("swudi", swudi, "linear", source=SOURCE, validate=_validate_swudi,
+                                   spectral_filter=_swudi_spectral_filter))
+SWUDI_A = expert_weighted(MethodSpec("swudi_a", swudi_a, "linear", source=SOURCE, validate=_validate_swudi_a,
+                                     spectral_filter=_swudi_a_spectral_filter))
+PINV = expert_weighted(MethodSpec("pinv", pinv_merge, "linear", source=SOURCE + " (the h ≡ 1 closed form θ* = D C⁺)",
+                                  validate=_validate_pinv, spectral_filter=_pinv_spectral_filter))

@@ -2,7 +2,7 @@
 
 Source: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023). λ = 0.3 is the
 common default. The layer function returns Σi τi; λ is the merge scale, so
-``merge(..., method="task_arithmetic")`` gives θ0 + 0.3 Σi τi and ``scale=λ`` sets another.
+``merge(..., method="task_arithmetic_paper")`` gives θ0 + 0.3 Σi τi and ``scale=λ`` sets another.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def task_arithmetic(tau: jax.Array) -> jax.Array:
 
 
 TASK_ARITHMETIC = MethodSpec(
-    name="task_arithmetic",
+    name="task_arithmetic_paper",
     fn=task_arithmetic,
     kind="elementwise",
     default_scale=DEFAULT_LAMBDA,

@@ -168,7 +168,7 @@ def _model_trim(options: Mapping[str, Any]) -> Preparation | None:
 
 
 TIES = MethodSpec(
-    name="ties",
+    name="ties_paper",
     fn=ties,
     kind="elementwise",
     source="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",

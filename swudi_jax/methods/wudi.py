@@ -33,7 +33,7 @@ from swudi_jax.maths.spectral import (
     wudi_loss,
 )
 from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors
-from swudi_jax.methods.spec import MethodSpec
+from swudi_jax.methods.spec import MethodSpec, expert_weighted
 
 GRADIENTS = ("reference", "gram")
 DEFAULT_LEARNING_RATE = 1e-5
@@ -148,5 +148,6 @@ def _validate(options: Mapping[str, Any]) -> None:
     check_choice(options["init"], "init", INIT_MODES)
 
 
-WUDI = MethodSpec("wudi", wudi, "linear", validate=_validate,
-                  source="Cheng et al., Whoever Started the Interference Should End It, ICML 2025 (arXiv 2503.08099)")
+WUDI = expert_weighted(MethodSpec(
+    "wudi", wudi, "linear", validate=_validate,
+    source="Cheng et al., Whoever Started the Interference Should End It, ICML 2025 (arXiv 2503.08099)"))

@@ -38,13 +38,25 @@ MULTI_DEVICE = (True, False, "auto")
 # ----------------------------------------------------------------------------- models
 
 
-def check_models(base_flat: Mapping[str, Any], expert_flats: Sequence[Mapping[str, Any]]) -> None:
-    """Same paths, shapes and dtypes in every model; at least two experts; no NaN/Inf.
+def check_expert_count(method: MethodSpec, n: int) -> None:
+    """The method's expert count bounds (:attr:`MethodSpec.n_experts`), as a ValueError."""
+    low, high = method.n_experts
+    if n < low or (high is not None and n > high):
+        want = f"exactly {low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
+        raise ValueError(f"merging needs {want} experts, got {n} (method {method.name!r}; the base is not counted)")
+
+
+def check_models(base_flat: Mapping[str, Any], expert_flats: Sequence[Mapping[str, Any]],
+                 method: MethodSpec | None = None) -> None:
+    """Same paths, shapes and dtypes in every model; the method's expert count (at least two
+    without a method); no NaN/Inf.
 
     Raises:
       ValueError naming the expert, the parameter path and what differs.
     """
-    if len(expert_flats) < 2:
+    if method is not None:
+        check_expert_count(method, len(expert_flats))
+    elif len(expert_flats) < 2:
         raise ValueError(f"merging needs at least 2 experts, got {len(expert_flats)}")
     check_compatible(signature(base_flat), [signature(f) for f in expert_flats],
                      [f"expert {i}" for i in range(len(expert_flats))], "the base")
@@ -140,25 +152,54 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def _group_fn(method: MethodSpec, apply_method: bool, static: tuple, array_names: tuple, array_axes: tuple):
+def work_dtype(method: MethodSpec, dtype: Any, base_dtype: Any) -> jnp.dtype:
+    """The dtype a group computes in: with ``dtype`` None, float32 (float64 for float64
+    inputs); else ``dtype`` where the method is defined in it
+    (:meth:`MethodSpec.work_dtype`), float32 otherwise."""
+    if dtype is None:
+        return compute_dtype(base_dtype)
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(method.work_dtype(str(jnp.dtype(dtype)))))
+
+
+def _rounded(x: jax.Array) -> jax.Array:
+    """x rounded to its own dtype: a half-precision difference is computed in float32 by XLA
+    and may keep that excess precision in later fused operations; PyTorch (mergekit) rounds
+    each operation's result, so the task vectors are rounded explicitly."""
+    if x.dtype in (jnp.bfloat16, jnp.float16):
+        info = jnp.finfo(x.dtype)
+        return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return x
+
+
+def _group_fn(method: MethodSpec, apply_method: bool, static: tuple, array_names: tuple, array_axes: tuple,
+              work: Any = None, has_base: bool = True):
     """The jit-compiled (base, experts, scale, *arrays) → merged weights of one group."""
-    cache_key = (method.name, id(method.fn), apply_method, static, array_names, array_axes)
+    cache_key = (method.name, id(method.fn), apply_method, static, array_names, array_axes, str(work), has_base)
     if cache_key in _COMPILED:
         return _COMPILED[cache_key]
     static_options = dict(static)
+    on_models = method.operand == "models"
+    base_kw = on_models and "base" in method.inputs
 
-    def one(tau, *arrays):
-        return method.fn(tau, **static_options, **dict(zip(array_names, arrays)))
+    def one(x, base_w, *arrays):
+        extra = {"base": base_w if has_base else None} if base_kw else {}
+        return method.fn(x, **static_options, **extra, **dict(zip(array_names, arrays)))
 
     def run(base, experts, scale, *arrays):
-        work = compute_dtype(base.dtype)
-        base_w = base.astype(work)
-        tau = experts.astype(work) - base_w[:, None]
+        dtype = compute_dtype(base.dtype) if work is None else work
+        base_w = base.astype(dtype)
+        models = experts.astype(dtype)
+        if apply_method and on_models:  # the method returns the merged weights themselves
+            merged = jax.vmap(one, in_axes=(0, 0, *array_axes))(models, base_w, *arrays)
+            return merged.astype(base.dtype)
+        tau = _rounded(models - base_w[:, None])
         if apply_method:
-            merged = jax.vmap(one, in_axes=(0, *array_axes))(tau, *arrays)
-        else:
+            merged = jax.vmap(one, in_axes=(0, 0, *array_axes))(tau, base_w, *arrays)
+        else:  # the mean task vector, of the weighted ones when the method has per-expert weights
+            if array_names == ("weight",):
+                tau = tau * arrays[0].astype(dtype).reshape(arrays[0].shape + (1,) * (tau.ndim - 2))
             merged = jnp.mean(tau, axis=1)
-        return (base_w + jnp.asarray(scale, work) * merged.astype(work)).astype(base.dtype)
+        return (base_w + jnp.asarray(scale, dtype) * merged.astype(dtype)).astype(base.dtype)
 
     _COMPILED[cache_key] = jax.jit(run)
     return _COMPILED[cache_key]
@@ -176,14 +217,20 @@ def _use_multi_device(multi_device: bool | str, method: MethodSpec, layer_shape:
     return multi_device is True or should_shard(layer_shape, jax.device_count())
 
 
-def _merge_layers_sharded(base, experts, method: MethodSpec, scale: float, opts: Mapping[str, Any]) -> jax.Array:
-    """θ0 + s·merge_sharded(τ) for each layer of a (G, N, m, n) stack, rows over all devices."""
+def _merge_layers_sharded(base, experts, method: MethodSpec, scale: float, opts: Mapping[str, Any],
+                          weights: Sequence[Any] | None = None) -> jax.Array:
+    """θ0 + s·merge_sharded(wi·τi) for each layer of a (G, N, m, n) stack, rows over all devices
+    (``weights``: the per-expert weights of each layer, (N,) each, or None)."""
     mesh = make_row_mesh()
     work = compute_dtype(base.dtype)
+    opts = {k: v for k, v in opts.items() if k not in method.varying}
     layers = []
     for g in range(experts.shape[0]):
         base_g = base[g].astype(work)
-        merged = merge_sharded(experts[g].astype(work) - base_g[None], mesh, method.name, **opts)
+        tau = experts[g].astype(work) - base_g[None]
+        if weights is not None:
+            tau = tau * jnp.asarray(weights[g], work)[:, None, None]
+        merged = merge_sharded(tau, mesh, method.name, **opts)
         layers.append((base_g + scale * merged.astype(work)).astype(base.dtype))
     return jnp.stack(layers)
 
@@ -241,22 +288,71 @@ def _stack_grams(plans: Sequence[LeafPlan], grams: Mapping[str, Any] | None, n_e
     return jnp.concatenate(stacked, axis=0)
 
 
+TensorOptions = Callable[[str, "int | None"], Mapping[str, Any]]
+"""``tensor_options(path, layer)`` → {option: value} for one tensor (``layer``: the index in a
+scanned stack, None for an unstacked leaf): the per-tensor values of the method's
+:attr:`~MethodSpec.varying` options (mergekit's filters and gradients); options it leaves
+out take the merge's value."""
+
+
+def _per_expert(value: Any, n: int, name: str, where: str) -> np.ndarray:
+    arr = np.asarray(value, np.float64)
+    if arr.ndim == 0:
+        return np.full((n,), arr)
+    if arr.shape != (n,):
+        raise ValueError(f"{where}: option {name!r} takes one value per expert ({n}), got {np.asarray(value).tolist()}")
+    return arr
+
+
+def layer_options(method: MethodSpec, opts: Mapping[str, Any], plans: Sequence[LeafPlan], n_experts: int,
+                  tensor_options: TensorOptions | None = None) -> list[dict[str, Any]]:
+    """Each layer's resolved options: ``opts`` with its varying options replaced by the
+    tensor's values (per-expert ones as (N,) float64 arrays), one dict per layer of the group."""
+    out = []
+    for p in plans:
+        for layer in range(p.layers):
+            values = dict(opts)
+            if tensor_options is not None:
+                override = tensor_options(p.path, layer if p.layers > 1 else None) or {}
+                unknown = sorted(set(override) - set(method.varying))
+                if unknown:
+                    raise ValueError(f"{p.path!r}: option(s) {unknown} of method {method.name!r} cannot vary "
+                                     f"per tensor; those that can: {list(method.varying) or 'none'}")
+                values.update(override)
+            for name in method.per_expert:
+                values[name] = _per_expert(values[name], n_experts, name, repr(p.path))
+            out.append(values)
+    return out
+
+
 def _group_inputs(method: MethodSpec, opts: Mapping[str, Any], plans: Sequence[LeafPlan],
-                  grams: Mapping[str, Any] | None, n_experts: int) -> tuple[list, list, list]:
+                  grams: Mapping[str, Any] | None, n_experts: int,
+                  tensor_options: TensorOptions | None = None) -> tuple[list, list, list]:
     """The arrays fed to the method beside the task vectors: (arrays, names, vmap axes).
 
-    Grams for data methods and the spec's per-leaf inputs have one entry per layer of the
-    group (vmapped); array options are shared by the whole group.
+    Grams for data methods, the varying options (per-expert (N,), per-tensor ()) and the
+    spec's per-leaf inputs have one entry per layer of the group (vmapped); array options
+    are shared by the whole group.
     """
     arrays, names, axes = [], [], []
     if method.kind == "data":
         arrays.append(_stack_grams(plans, grams, n_experts))
         names.append("grams")
         axes.append(0)
+    per_layer = layer_options(method, opts, plans, n_experts, tensor_options)
+    for name in method.varying:
+        if opts.get(name) is None and all(v.get(name) is None for v in per_layer):
+            continue
+        arrays.append(jnp.asarray(np.stack([np.asarray(v[name], np.float64) for v in per_layer]), jnp.float32))
+        names.append(name)
+        axes.append(0)
     if method.leaf_inputs is not None:
-        per_layer = [method.leaf_inputs(opts, p.path, layer) for p in plans for layer in range(p.layers)]
-        for name in per_layer[0]:
-            arrays.append(jnp.stack([jnp.asarray(inputs[name]) for inputs in per_layer]))
+        shapes = [p.maths_shape if p.kind == "linear" else p.shape for p in plans for _ in range(p.layers)]
+        layers = [(p.path, layer) for p in plans for layer in range(p.layers)]
+        inputs = [method.leaf_inputs(v, path, layer, tuple(shape))
+                  for v, (path, layer), shape in zip(per_layer, layers, shapes)]
+        for name in inputs[0]:
+            arrays.append(jnp.stack([jnp.asarray(i[name]) for i in inputs]))
             names.append(name)
             axes.append(0)
     for name in method.array_options:
@@ -276,6 +372,9 @@ def merge_group(
     options: Mapping[str, Any] | None = None,
     grams: Mapping[str, Any] | None = None,
     multi_device: bool | str = "auto",
+    tensor_options: TensorOptions | None = None,
+    dtype: Any = None,
+    has_base: bool = True,
 ) -> dict[str, jax.Array]:
     """Merge one group of leaves (one group key) in one compiled call.
 
@@ -294,6 +393,11 @@ def merge_group(
         each layer with its rows split over all devices
         (:func:`swudi_jax.scale.sharding.merge_sharded`), False never, "auto" when more than
         one device exists and a layer's task vectors reach ``sharding.DEFAULT_SHARD_BYTES``.
+      tensor_options: per-tensor values of the method's varying options (:data:`TensorOptions`).
+      dtype: the compute dtype asked for (None: float32, float64 for float64 inputs); a method
+        not defined in it computes in float32 (:func:`work_dtype`).
+      has_base: False when the merge has no base model (methods whose ``base`` is "optional"
+        or "joins"); ``base_arrays`` then only give the shapes and dtypes (pass any model's).
     Returns:
       {path: merged array} with the base's shapes and dtypes.
     """
@@ -307,8 +411,9 @@ def merge_group(
     kind = plans[0].kind
     if kind in ("keep", "passthrough"):
         return {p.path: base_arrays[p.path] for p in plans}
-    if len(expert_arrays) < 2:
-        raise ValueError(f"merging needs at least 2 experts, got {len(expert_arrays)}")
+    check_expert_count(method, len(expert_arrays))
+    if not has_base and method.base in ("required",):
+        raise ValueError(f"method {method.name!r} needs a base model")
     preparation = method.preparation(opts)
     if preparation is not None:
         raise ValueError(f"method {method.name!r}: {preparation.what}; merge() and merge_checkpoints() run this "
@@ -316,12 +421,22 @@ def merge_group(
     apply_method = kind == "linear" or method.kind == "elementwise"
     base, experts = _stack_group(plans, base_arrays, expert_arrays)
     if kind == "linear" and _use_multi_device(multi_device, method, experts.shape[1:]):
-        merged = _merge_layers_sharded(base, experts, method, scale, opts)
+        weights = None
+        if "weight" in method.per_expert:
+            weights = [v["weight"] for v in layer_options(method, opts, plans, len(expert_arrays), tensor_options)]
+        merged = _merge_layers_sharded(base, experts, method, scale, opts, weights)
     else:
-        arrays, names, axes = _group_inputs(method, opts, plans, grams, len(expert_arrays)) if apply_method \
-            else ([], [], [])
-        static = {k: v for k, v in opts.items() if not (k in method.array_options and v is not None)}
-        fn = _group_fn(method, apply_method, _hashable(static), tuple(names), tuple(axes))
+        if apply_method:
+            arrays, names, axes = _group_inputs(method, opts, plans, grams, len(expert_arrays), tensor_options)
+        elif "weight" in method.per_expert:  # other leaves: the mean of the weighted task vectors
+            per_layer = layer_options(method, opts, plans, len(expert_arrays), tensor_options)
+            arrays, names, axes = [jnp.asarray(np.stack([v["weight"] for v in per_layer]), jnp.float32)], ["weight"], [0]
+        else:
+            arrays, names, axes = [], [], []
+        static = {k: v for k, v in opts.items()
+                  if not (k in method.array_options and v is not None) and k not in names}
+        work = work_dtype(method, dtype, base.dtype)
+        fn = _group_fn(method, apply_method, _hashable(static), tuple(names), tuple(axes), work, has_base)
         merged = fn(base, experts, scale, *arrays)
     return _unstack_group(plans, merged)
 
@@ -347,6 +462,8 @@ def merge(
     grams: Mapping[str, Any] | None = None,
     max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES,
     multi_device: bool | str = "auto",
+    tensor_options: TensorOptions | None = None,
+    dtype: Any = None,
     **options: Any,
 ) -> Any:
     """Merge fine-tuned experts of one base model: θ = θ0 + s · merge(τ1, …, τN).
@@ -370,6 +487,10 @@ def merge(
       grams: {path: (N, n, n)} per-task input Grams for data methods.
       max_group_bytes: cap on the stacked bytes of one compiled call.
       multi_device: split big layers' rows over all devices (see :func:`merge_group`).
+      tensor_options: per-tensor values of the method's varying options, ``(path, layer) ->
+        {option: value}`` (see :func:`merge_group`); per-expert options such as ``weight``
+        may also be given once as a list of N values.
+      dtype: the compute dtype (None: float32, float64 for float64 inputs; see :func:`merge_group`).
       **options: the method's options (e.g. ``time``, ``rank_ratio`` for SWUDI;
         ``density``, ``trim`` for TIES; ``drop``, ``seed`` for DARE).
     Returns:
@@ -391,7 +512,7 @@ def merge(
         raise ValueError("give the leaf rules either as rules= or as keywords (layout=, exclude=, ...), not both")
     base_flat, treedef = flatten(base, "base")
     expert_flats = _expert_flats(experts)
-    check_models(base_flat, expert_flats)
+    check_models(base_flat, expert_flats, method)
     plans = rules.plan_tree({p: (leaf.shape, leaf.dtype) for p, leaf in base_flat.items()})
     if method.kind == "data":
         for plan in plans:
@@ -400,17 +521,22 @@ def merge(
     opts = prepare_options(method, opts, model_task_vector_chunks(plans, base_flat, expert_flats))
     merged: dict[str, Any] = {}
     for group in group_plans(plans, max_group_bytes, copies=len(expert_flats) + 1):
-        merged.update(merge_group(group, base_flat, expert_flats, method, scale, opts, grams, multi_device))
+        merged.update(merge_group(group, base_flat, expert_flats, method, scale, opts, grams, multi_device,
+                                  tensor_options, dtype))
     return unflatten(treedef, merged, base_flat)
 
 
 __all__ = [
     "DEFAULT_MAX_GROUP_BYTES",
+    "TensorOptions",
+    "check_expert_count",
     "check_models",
+    "layer_options",
     "merge",
     "merge_group",
     "model_task_vector_chunks",
     "plan_tree",
     "prepare_options",
     "task_vectors",
+    "work_dtype",
 ]

@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from swudi_jax.checkpoint.io.reader import naming_file
+
 
 def fsync_dir(path: Path) -> None:
     """Flush a directory entry (after a rename) where the platform allows it."""
@@ -34,9 +36,28 @@ def fsync_tree(root: Path) -> None:
     """fsync every file below ``root`` and the directories themselves."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
+            with naming_file(os.path.join(dirpath, name)), open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(Path(dirpath))
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc where possible, so it is never changed, even briefly)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_dir_mode() -> int:
+    """0777 & ~umask: the mode ``mkdir`` gives (0755 under umask 022; ``mkdtemp`` gives 0700)."""
+    return 0o777 & ~current_umask()
 
 
 def is_nonempty_dir(path: Path) -> bool:
@@ -86,6 +107,7 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        os.chmod(tmp, default_dir_mode())
         yield tmp
         fsync_tree(tmp)
         old = None

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from flax import serialization
 
-from swudi_jax.model.flat import flatten, nest
+from swudi_jax.checkpoint.io import confine
 from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError
+from swudi_jax.model.flat import flatten, nest
 
 SEP = "/"
 
@@ -30,6 +31,7 @@ class MsgpackReader(BaseReader):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
+        confine.checked_file(self.path, "msgpack file")
         try:
             tree = serialization.msgpack_restore(self.path.read_bytes())
         except Exception as exc:  # noqa: BLE001 - msgpack raises many types; re-raised with the file

@@ -16,6 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from swudi_jax.checkpoint.io import confine
 from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError
 
 DTYPES_KEY = "__dtypes__"
@@ -41,6 +42,7 @@ class NpzReader(BaseReader):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
+        confine.checked_file(self.path, "npz file")
         try:
             self._npz = np.load(self.path, allow_pickle=False)
             members = {name.removesuffix(".npy"): name for name in self._npz.zip.namelist()}

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from swudi_jax.checkpoint.io import orbax_layout
+from swudi_jax.checkpoint.io import confine, orbax_layout
 from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError
 from swudi_jax.model.flat import flatten, nest
 
@@ -63,6 +63,7 @@ class OrbaxReader(BaseReader):
     def __init__(self, path: str | os.PathLike, *, step: int | None = None, item: str | None = None):
         super().__init__(path)
         self._dir = orbax_layout.locate(self.path, step=step, item=item)
+        confine.check_tree(self.path)  # orbax opens the files itself: every link must stay inside
         try:
             tree = _tree_metadata(self._dir.absolute())
         except Exception as exc:  # noqa: BLE001 - orbax/tensorstore raise many types

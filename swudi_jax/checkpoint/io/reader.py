@@ -8,8 +8,9 @@ tensors asked for (where the format allows it), as NumPy arrays with their store
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -85,6 +86,17 @@ class BaseReader:
                 f"but the header says {dtype}{list(shape)}"
             )
         return array
+
+
+@contextlib.contextmanager
+def naming_file(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OSError that names no file (ENOSPC, EFBIG from ``write``) with ``path`` as its file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, f"{exc.strerror or exc} while writing", str(path)) from None
 
 
 def write_all(writer, arrays: Mapping[str, np.ndarray]) -> None:

@@ -23,7 +23,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError, ShapeDtype
+from swudi_jax.checkpoint.io import confine
+from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError, ShapeDtype, naming_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -46,24 +47,43 @@ def is_safetensors(path: Path) -> bool:
     return path.is_dir() and ((path / INDEX_NAME).is_file() or any(path.glob("*.safetensors")))
 
 
+def read_weight_map(index: Path, root: Path) -> dict[str, str]:
+    """The ``weight_map`` of an index: tensor name -> plain shard file name (checked, nothing else opened)."""
+    confine.confined_file(index, root, "safetensors index")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({type(exc).__name__}: {exc})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: `weight_map` must be a mapping of tensor name to shard file, "
+                              f"got a {type(weight_map).__name__}")
+    for key, name in weight_map.items():
+        confine.plain_name(name, f"{index}: weight_map", key)
+    return weight_map
+
+
 def shard_files(path: Path) -> list[Path]:
-    """The weight files of a checkpoint path, from its index when there is one."""
-    if path.is_file():
-        return [path]
+    """The weight files of a checkpoint path, from its index when there is one.
+
+    Every file is checked to resolve inside the model folder (:mod:`swudi_jax.checkpoint.io.confine`)
+    and to be a regular file before it is returned; index entries must be plain names.
+    """
+    if not path.is_dir():
+        return [confine.checked_file(path, "safetensors file")]
+    root = confine.model_root(path)
     index = path / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
-        names = list(dict.fromkeys(weight_map.values()))
+    if index.is_file() or index.is_symlink():
+        names = list(dict.fromkeys(read_weight_map(index, root).values()))
         missing = [name for name in names if not (path / name).is_file()]
         if missing:
             raise CheckpointError(f"{index}: lists shard(s) that do not exist: {missing}")
-        return [path / name for name in names]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no .safetensors files and no {INDEX_NAME}")
+        files = [path / name for name in names]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no .safetensors files and no {INDEX_NAME}")
+    for file in files:
+        confine.confined_file(file, root, "safetensors shard")
     return files
 
 
@@ -97,7 +117,7 @@ class SafetensorsReader(BaseReader):
         index = self.path / INDEX_NAME
         if not self.path.is_dir() or not index.is_file():
             return
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_weight_map(index, confine.model_root(self.path))
         for key, name in weight_map.items():
             if self._file_of.get(key) != self.path / name:
                 raise CheckpointError(f"{index}: tensor {key!r} is listed in {name} but not found there")
@@ -181,10 +201,11 @@ class SafetensorsWriter:
             raw, offsets = _header(shard, metadata)
             f = open(name, "wb")
             self._files.append(f)
-            f.write(struct.pack("<Q", len(raw)) + raw)
             data_start = 8 + len(raw)
             size = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for s, d in shard.values())
-            f.truncate(data_start + size)
+            with naming_file(name):
+                f.write(struct.pack("<Q", len(raw)) + raw)
+                f.truncate(data_start + size)
             self._total += size
             for key, entry in shard.items():
                 self._where[key] = (f, data_start + offsets[key], entry)
@@ -199,25 +220,31 @@ class SafetensorsWriter:
         array = np.asarray(array)
         if tuple(array.shape) != shape or array.dtype != dtype:
             raise CheckpointError(f"{self.path}: tensor {key!r} is {array.dtype}{list(array.shape)}, planned {dtype}{list(shape)}")
-        f.seek(offset)
-        f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        with naming_file(f.name):
+            f.seek(offset)
+            f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
         self._pending.discard(key)
 
     def close(self) -> None:
         """Flush and close every shard and write the index; raise if a tensor was never written."""
         for f in self._files:
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+            with naming_file(f.name):
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
         self._files = []
         if self._pending:
             raise CheckpointError(f"{self.path}: {len(self._pending)} tensor(s) never written, e.g. {sorted(self._pending)[:3]}")
         if self._index is not None:
             index = {"metadata": {"total_size": self._total}, "weight_map": self._weight_map}
-            self._index.write_text(json.dumps(index, indent=2) + "\n")
+            with naming_file(self._index):
+                self._index.write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
         for f in self._files:
-            f.close()
+            try:
+                f.close()
+            except OSError:  # a full disk can fail the final flush too; the files are removed anyway
+                pass
         self._files = []
 

@@ -1,0 +1,259 @@
+"""mergekit's methods by mergekit's names, options and semantics: one MethodSpec each.
+
+The maths are in :mod:`swudi_jax.methods.mergekit_family` (the task-arithmetic family,
+linear, sce), :mod:`swudi_jax.methods.interpolation` (slerp, nuslerp, multislerp, karcher,
+model_stock, nearswap) and :mod:`swudi_jax.methods.mergekit_selective` (ram, ramplus_tl,
+arcee_fusion); this module only states, per method, what the merger needs: the option
+names as mergekit spells them (``lambda`` is ``lam`` here, a Python keyword; configs accept
+both), which options are per model (``weight``, ``density``, ``gamma``, ``epsilon``) and
+which may vary per tensor, whether the method reads task vectors or the models' weights, how
+it uses the base model, how many models it takes, and the dtypes it is defined in.
+
+Differences from mergekit, all additive: a per-model ``weight`` left out is 1 (mergekit
+requires it); the random sparsifiers (dare_*, della*) draw from ``seed`` (mergekit draws from
+torch's global generator, which cannot be reproduced here); ``int8_mask`` is accepted and has
+no effect (in mergekit it only stores the sign-consensus mask as int8 to save memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from swudi_jax.maths.validation import check_number
+from swudi_jax.methods import interpolation as ip
+from swudi_jax.methods import mergekit_family as mf
+from swudi_jax.methods import mergekit_selective as msel
+from swudi_jax.methods import sparsify as sp
+from swudi_jax.methods.dare import leaf_key
+from swudi_jax.methods.spec import COMPUTE_DTYPES, MethodSpec
+
+MERGEKIT = "mergekit 0.1.5 semantics (arcee-ai/mergekit, merge_methods/); "
+ANY_DTYPE = COMPUTE_DTYPES
+"""The family computes in the merge's dtype, rounding per operation as mergekit's PyTorch code."""
+
+
+def _need(value: Any, name: str, method: str) -> Any:
+    if value is None:
+        raise ValueError(f"method {method!r} needs the option {name!r} (mergekit has no default for it)")
+    return value
+
+
+def _windows(kind: str):
+    """leaf_inputs giving the ranked sparsifier's exact (N, 2) rank windows from the host values."""
+
+    def inputs(options: Mapping[str, Any], path: str, layer: int, shape: tuple[int, ...]) -> dict[str, Any]:
+        size = int(np.prod(shape)) if shape else 1
+        return {"windows": sp.rank_windows(kind, options["density"], size, options.get("gamma", 0.0))}
+
+    return inputs
+
+
+def _keys(options: Mapping[str, Any], path: str, layer: int, shape: tuple[int, ...]) -> dict[str, Any]:
+    return {"key": leaf_key(int(options["seed"]), path, layer)}
+
+
+def _check_seed(options: Mapping[str, Any]) -> None:
+    check_number(options["seed"], "seed", low=0, integer=True)
+
+
+# ----------------------------------------------------------------------------- the task-vector family
+
+
+def task_arithmetic(tau, *, weight=1.0, normalize=False, lam=1.0):
+    """M = λ Σ wi τi (/ Σ wi with ``normalize``); θ = θ0 + M."""
+    return mf.task_arithmetic(tau, weight, normalize=normalize, lam=lam)
+
+
+def ties(tau, *, weight=1.0, density=1.0, normalize=True, rescale=False, lam=1.0, int8_mask=False, windows=None):
+    """Per-tensor magnitude trim to ``density``, sign election by mass, weighted disjoint mean."""
+    return mf.ties(tau, weight, density=density, normalize=normalize, rescale=rescale, lam=lam, windows=windows)
+
+
+def dare_ties(tau, *, weight=1.0, density=1.0, normalize=False, rescale=True, lam=1.0, int8_mask=False, seed=0,
+              key=None):
+    """Random keep with probability ``density`` (rescaled), sign election, weighted sum."""
+    return mf.dare_ties(tau, weight, density=density, normalize=normalize, rescale=rescale, lam=lam, key=key)
+
+
+def dare_linear(tau, *, weight=1.0, density=1.0, normalize=False, rescale=True, lam=1.0, int8_mask=False, seed=0,
+                key=None):
+    """Random keep with probability ``density`` (rescaled), weighted sum."""
+    return mf.dare_linear(tau, weight, density=density, normalize=normalize, rescale=rescale, lam=lam, key=key)
+
+
+def breadcrumbs(tau, *, weight=1.0, density=1.0, gamma=0.01, normalize=False, rescale=False, lam=1.0,
+                int8_mask=False, windows=None):
+    """Drop the largest γ and the smallest entries (keep ``density``), weighted sum."""
+    return mf.breadcrumbs(tau, weight, density=density, gamma=gamma, normalize=normalize, rescale=rescale, lam=lam,
+                          windows=windows)
+
+
+def breadcrumbs_ties(tau, *, weight=1.0, density=1.0, gamma=0.01, normalize=False, rescale=False, lam=1.0,
+                     int8_mask=False, windows=None):
+    """Breadcrumbs' sparsifier with TIES's sign election."""
+    return mf.breadcrumbs_ties(tau, weight, density=density, gamma=gamma, normalize=normalize, rescale=rescale,
+                               lam=lam, windows=windows)
+
+
+def della(tau, *, weight=1.0, density=1.0, epsilon=0.15, normalize=True, rescale=True, lam=1.0, int8_mask=False,
+          seed=0, key=None):
+    """MAGPRUNE (rank-dependent keep probabilities around ``density`` ± ε), sign election."""
+    return mf.della(tau, weight, density=density, epsilon=epsilon, normalize=normalize, rescale=rescale, lam=lam,
+                    key=key)
+
+
+def della_linear(tau, *, weight=1.0, density=1.0, epsilon=0.15, normalize=False, rescale=True, lam=1.0,
+                 int8_mask=False, seed=0, key=None):
+    """MAGPRUNE, then the weighted sum."""
+    return mf.della_linear(tau, weight, density=density, epsilon=epsilon, normalize=normalize, rescale=rescale,
+                           lam=lam, key=key)
+
+
+def sce(tau, *, select_topk=1.0, int8_mask=False):
+    """Select by variance, calculate energy weights, erase sign conflicts."""
+    return mf.sce(tau, select_topk=select_topk)
+
+
+def ram(tau, *, epsilon=1e-5):
+    """Reinforced Agent Merging: unique entries kept, shared ones averaged."""
+    return msel.ram(tau, epsilon=epsilon)
+
+
+def ramplus_tl(tau, *, r=0.1, alpha=0.2, epsilon=1e-5):
+    """RAM+ (tensor-local): unique entries scaled by 1 + r·clip(ρi, 0, α)."""
+    return msel.ramplus_tl(tau, r=r, alpha=alpha, epsilon=epsilon)
+
+
+# ----------------------------------------------------------------------------- on the models' weights
+
+
+def linear(models, *, weight=1.0, normalize=True):
+    """Σ wi θi (/ Σ wi): model soups."""
+    return mf.linear(models, weight, normalize=normalize)
+
+
+def slerp(models, base=None, *, t=None):
+    """Spherical interpolation from the base (t = 0) to the one other model (t = 1)."""
+    return ip.slerp(base, models[0], _need(t, "t", "slerp"))
+
+
+def nuslerp(models, base=None, *, weight=1.0, nuslerp_row_wise=False, nuslerp_flatten=True):
+    """slerp of two models (or their task vectors, with a base) at t = w2 / (w1 + w2)."""
+    return ip.nuslerp(models, weight, base, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
+
+
+def multislerp(models, base=None, *, weight=1.0, normalize_weights=True, eps=1e-8):
+    """Barycentric interpolation on the sphere of N models (or task vectors, with a base)."""
+    return ip.multislerp(models, weight, base, normalize_weights=normalize_weights, eps=eps)
+
+
+def karcher(models, *, max_iter=10, tol=1e-5):
+    """The Karcher mean of the inputs' directions times their mean norm."""
+    return ip.karcher(models, None, max_iter=max_iter, tol=tol)
+
+
+def model_stock(models, base=None, *, filter_wise=False):
+    """θ = t·mean(θi) + (1 − t)·θ0, t from the experts' mean pairwise task-vector cosine."""
+    return ip.model_stock(base, models, filter_wise=filter_wise)
+
+
+def nearswap(models, base=None, *, t=None):
+    """The other model's value where it lies within t of the base's."""
+    return ip.nearswap(base, models[0], _need(t, "t", "nearswap"))
+
+
+def arcee_fusion(models, base=None, *, seed=0, key=None):
+    """The base plus the other model's most important changes (importance = |Δ|·KL)."""
+    return msel.arcee_fusion(base, models[0], key=key)
+
+
+def passthrough(models, *, scale=None):
+    """The one input model's tensor (times ``scale`` if given)."""
+    return mf.passthrough(models[0], scale)
+
+
+def _check_select(options: Mapping[str, Any]) -> None:
+    check_number(options["select_topk"], "select_topk", low=0.0, high=1.0)
+
+
+def _check_t(options: Mapping[str, Any]) -> None:
+    if options["t"] is not None:
+        check_number(options["t"], "t")
+
+
+def _family(name, fn, source, *, per_expert=("weight",), tensor=("lam",), leaf=None, validate=None, inputs=()):
+    return MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, per_expert=per_expert,
+                      tensor_options=tensor, leaf_inputs=leaf, validate=validate, inputs=inputs,
+                      compute_dtypes=ANY_DTYPE, n_experts=(1, None))
+
+
+TA = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)"
+TIES_SRC = "Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)"
+DARE_SRC = "Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)"
+BREAD = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)"
+DELLA_SRC = "Deep et al., DELLA-Merging (arXiv 2406.11617)"
+
+TASK_ARITHMETIC = _family("task_arithmetic", task_arithmetic, TA)
+TIES = _family("ties", ties, TIES_SRC, per_expert=("weight", "density"), leaf=_windows("magnitude"),
+               inputs=("windows",))
+DARE_TIES = _family("dare_ties", dare_ties, DARE_SRC + " with TIES sign election", per_expert=("weight", "density"),
+                    leaf=_keys, validate=_check_seed, inputs=("key",))
+DARE_LINEAR = _family("dare_linear", dare_linear, DARE_SRC, per_expert=("weight", "density"), leaf=_keys,
+                      validate=_check_seed, inputs=("key",))
+BREADCRUMBS = _family("breadcrumbs", breadcrumbs, BREAD, per_expert=("weight", "density", "gamma"),
+                      leaf=_windows("magnitude_outliers"), inputs=("windows",))
+BREADCRUMBS_TIES = _family("breadcrumbs_ties", breadcrumbs_ties, BREAD + " with TIES sign election",
+                           per_expert=("weight", "density", "gamma"), leaf=_windows("magnitude_outliers"),
+                           inputs=("windows",))
+DELLA = _family("della", della, DELLA_SRC, per_expert=("weight", "density", "epsilon"), leaf=_keys,
+                validate=_check_seed, inputs=("key",))
+DELLA_LINEAR = _family("della_linear", della_linear, DELLA_SRC + " without sign election",
+                       per_expert=("weight", "density", "epsilon"), leaf=_keys, validate=_check_seed,
+                       inputs=("key",))
+SCE = _family("sce", sce, "Wan et al., FuseChat (SCE), arXiv 2408.07990", per_expert=(), tensor=("select_topk",),
+              validate=_check_select)
+RAM = _family("ram", ram, "Reinforced Agent Merging", per_expert=(), tensor=("epsilon",))
+RAMPLUS_TL = _family("ramplus_tl", ramplus_tl, "Reinforced Agent Merging+ (tensor-local)", per_expert=(),
+                     tensor=("r", "alpha", "epsilon"))
+
+
+def _on_models(name, fn, source, *, base, n_experts, per_expert=(), tensor=(), validate=None, leaf=None,
+               inputs=("base",)):
+    return MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, operand="models", base=base,
+                      n_experts=n_experts, per_expert=per_expert, tensor_options=tensor, validate=validate,
+                      leaf_inputs=leaf, inputs=inputs, compute_dtypes=("float32", "float64"))
+
+
+LINEAR = _on_models("linear", linear, "Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)", base="joins",
+                    n_experts=(1, None), per_expert=("weight",), inputs=())
+SLERP = _on_models("slerp", slerp, "spherical linear interpolation (Shoemake 1985)", base="required",
+                   n_experts=(1, 1), tensor=("t",), validate=_check_t)
+NUSLERP = _on_models("nuslerp", nuslerp, "slerp at t = w2/(w1 + w2), of task vectors when a base is given",
+                     base="optional", n_experts=(2, 2), per_expert=("weight",))
+MULTISLERP = _on_models("multislerp", multislerp, "barycentric slerp of N models (Goddard 2024)", base="optional",
+                        n_experts=(1, None), per_expert=("weight",))
+KARCHER = _on_models("karcher", karcher, "the Karcher (Riemannian) mean on the sphere", base="joins",
+                     n_experts=(1, None), inputs=())
+MODEL_STOCK = _on_models("model_stock", model_stock, "Jang et al., Model Stock, ECCV 2024 (arXiv 2403.19522)",
+                         base="required", n_experts=(2, None))
+NEARSWAP = _on_models("nearswap", nearswap, "take the other model's value where it is near the base's",
+                      base="required", n_experts=(1, 1), tensor=("t",), validate=_check_t)
+ARCEE_FUSION = _on_models("arcee_fusion", arcee_fusion, "Arcee Fusion (importance = |Δ|·KL, IQR threshold)",
+                          base="required", n_experts=(1, 1), leaf=_keys, inputs=("base", "key"))
+PASSTHROUGH = _on_models("passthrough", passthrough, "the one input model's tensor, unchanged", base="unused",
+                         n_experts=(1, 1), tensor=("scale",), inputs=())
+
+MERGEKIT_METHODS: tuple[MethodSpec, ...] = (
+    LINEAR, TASK_ARITHMETIC, TIES, DARE_TIES, DARE_LINEAR, BREADCRUMBS, BREADCRUMBS_TIES, DELLA, DELLA_LINEAR,
+    SCE, RAM, RAMPLUS_TL, SLERP, NUSLERP, MULTISLERP, KARCHER, MODEL_STOCK, NEARSWAP, ARCEE_FUSION, PASSTHROUGH,
+)
+"""Every mergekit method here, by mergekit's name."""
+
+OPTION_ALIASES = {"lambda": "lam"}
+"""mergekit option names spelled differently here (``lambda`` is a Python keyword)."""
+
+
+__all__ = ["MERGEKIT_METHODS", "OPTION_ALIASES"] + [s.name.upper() for s in MERGEKIT_METHODS]

@@ -1,0 +1,129 @@
+"""mergekit's selection-based methods: ``ram``, ``ramplus_tl``, ``arcee_fusion`` (layer level, JAX).
+
+As mergekit 0.1.5 computes them (``merge_methods/ram.py``, ``arcee_fusion.py``; read, not
+copied):
+
+- ram (Reinforced Agent Merging, arXiv 2601.13572): an entry of τi counts when |τi| > ε
+  (default 1e-5); with c = #{i : |τi| > ε} per entry, entries touched by one model keep
+  that model's value and shared ones are averaged over the models that touch them:
+  M = Σi [|τi| > ε] τi (1[c = 1] + 1[c > 1]/c).
+- ramplus_tl (RAM+, tensor-local): model i's unique entries are scaled by
+  λi = 1 + r·clip(ρi, 0, α), ρi = #(its shared entries) / max(#(its unique entries), ε);
+  defaults r = 0.1, α = 0.2, ε = 1e-5.
+- arcee_fusion (two models, base required): importance = |θ1 − θ0| · KL(p‖q) with
+  p = softmax(θ1) + 1e-8, q = softmax(θ0) + 1e-8 along the last axis (one KL per row);
+  threshold = median + 1.5·(Q3 − Q1) of the importances, each quantile the sorted value at
+  index ⌊q·(n − 1)⌋; θ = θ0 + (θ1 − θ0)·[importance ≥ threshold]. mergekit estimates the
+  quantiles from 1,000,000 entries drawn with replacement when a tensor is larger; here a
+  PRNG key draws them (mergekit's torch draws cannot be reproduced), and tensors up to that
+  size are exact.
+
+dtypes: computed in float32 (float64 for float64 inputs) and rounded to the inputs' dtype.
+RAM rounds its shared-entry average and sum as mergekit's bf16/float16 path does (bit-exact
+on the cross-check); mergekit's RAM+ promotes to float32 through its λ and returns float32,
+rounded here once; arcee_fusion's softmax and KL run in float32, where mergekit runs them
+in the merge dtype, so a half-precision merge can move the threshold.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from swudi_jax.methods.sparsify import rounder, work_dtype
+
+QUANTILE_SAMPLE_SIZE = 1_000_000
+
+
+@partial(jax.jit, static_argnames=("plus",))
+def _ram(tau, epsilon, r, alpha, *, plus):
+    work = work_dtype(tau.dtype)
+    n = tau.shape[0]
+    x = tau.reshape(n, -1).astype(work)
+    touched = jnp.abs(x) > epsilon
+    count = jnp.sum(touched, axis=0)
+    unique, shared = count == 1, count > 1
+    x = jnp.where(touched, x, 0)
+    scale = jnp.ones((n, 1), work)
+    if plus:
+        n_shared = jnp.sum(touched & shared, axis=1).astype(work)
+        n_unique = jnp.sum(touched & unique, axis=1).astype(work)
+        rho = n_shared / jnp.maximum(n_unique, epsilon)
+        scale = (1 + r * jnp.clip(rho, 0, alpha))[:, None]
+    # the shared entries' division happens in the merge dtype in mergekit (bf16: rounded);
+    # plain RAM's sum too, while RAM+'s float32 λ promotes the rest to float32
+    rnd = rounder(tau.dtype)
+    parts = jnp.where(unique, x * scale, 0) + jnp.where(shared, rnd(x / jnp.maximum(count, 1)), 0)
+    merged = jnp.sum(parts, axis=0)
+    merged = merged if plus else rnd(merged)
+    return merged.reshape(tau.shape[1:]).astype(tau.dtype)
+
+
+def ram(tau: jax.Array, *, epsilon: Any = 1e-5) -> jax.Array:
+    """mergekit ``ram`` of one tensor: the merged task vector M (the weight is θ0 + M).
+
+    Args:
+      tau: task vectors (N, ...). epsilon: the "touched" threshold on |τi| (default 1e-5).
+    """
+    return _ram(tau, jnp.asarray(epsilon, jnp.float32), jnp.float32(0), jnp.float32(0), plus=False)
+
+
+def ramplus_tl(tau: jax.Array, *, r: Any = 0.1, alpha: Any = 0.2, epsilon: Any = 1e-5) -> jax.Array:
+    """mergekit ``ramplus_tl`` of one tensor: RAM with each model's unique entries scaled by λi."""
+    return _ram(tau, jnp.asarray(epsilon, jnp.float32), jnp.asarray(r, jnp.float32),
+                jnp.asarray(alpha, jnp.float32), plus=True)
+
+
+@jax.jit
+def _importance(base, other):
+    work = work_dtype(base.dtype)
+    b, o = base.astype(work), other.astype(work)
+    p = jax.nn.softmax(o, axis=-1) + 1e-8
+    q = jax.nn.softmax(b, axis=-1) + 1e-8
+    kl = jnp.sum(p * jnp.log(p / q), axis=-1, keepdims=True)
+    return jnp.abs(o - b) * kl
+
+
+@jax.jit
+def _fuse(base, other, importance, sample):
+    s = jnp.sort(sample)
+    last = s.shape[0] - 1
+    q1, med, q3 = s[int(0.25 * last)], s[int(0.5 * last)], s[int(0.75 * last)]
+    threshold = med + 1.5 * (q3 - q1)
+    work = importance.dtype
+    b, o = base.astype(work), other.astype(work)
+    return (b + (o - b) * (importance >= threshold)).astype(base.dtype)
+
+
+def arcee_fusion(base: jax.Array, other: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+    """mergekit ``arcee_fusion`` of one tensor: θ0 plus θ1's most important changes.
+
+    Args:
+      base: θ0. other: θ1, the one other model (same shape).
+      key: PRNG key for the quantile sample of tensors above 1,000,000 entries (required
+        only for those).
+    """
+    if tuple(base.shape) != tuple(other.shape):
+        raise ValueError(f"base and other must have one shape, got {tuple(base.shape)} and {tuple(other.shape)}")
+    importance = _importance(base, other)
+    flat = importance.reshape(-1)
+    if flat.shape[0] > QUANTILE_SAMPLE_SIZE:
+        if key is None:
+            raise ValueError(f"arcee_fusion samples {QUANTILE_SAMPLE_SIZE} importances of a tensor this size "
+                             f"({flat.shape[0]} entries): give a PRNG key")
+        flat = flat[jax.random.randint(key, (QUANTILE_SAMPLE_SIZE,), 0, flat.shape[0])]
+    return _fuse(base, other, importance, flat)
+
+
+METHODS: dict[str, dict[str, Any]] = {
+    "ram": {"fn": ram, "inputs": "task_vectors", "base": "required", "params": {"epsilon": ("global", 1e-5)}},
+    "ramplus_tl": {"fn": ramplus_tl, "inputs": "task_vectors", "base": "required",
+                   "params": {"r": ("global", 0.1), "alpha": ("global", 0.2), "epsilon": ("global", 1e-5)}},
+    "arcee_fusion": {"fn": arcee_fusion, "inputs": "base and one model", "base": "required", "params": {}},
+}
+"""mergekit's parameters per method: name → (scope, default)."""
+
+__all__ = ["METHODS", "arcee_fusion", "ram", "ramplus_tl"]

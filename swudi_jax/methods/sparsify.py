@@ -1,0 +1,352 @@
+"""Sparsifiers of a task-vector stack, one model at a time, as mergekit defines them.
+
+Each sparsifier keeps a subset of one task vector τi's entries (per tensor, never over the
+whole model) and optionally rescales the survivors. With per-model parameters d (density),
+γ (gamma) and ε (epsilon), D entries per tensor, magnitudes |τi| ranked in float32:
+
+- ``magnitude`` (TIES trim, Yadav et al. 2023): keep the k = max(1, ⌊d·D⌋) largest |τi|.
+- ``magnitude_outliers`` (Model Breadcrumbs, Davari & Belilovsky 2023, arXiv 2312.06795):
+  sort |τi| ascending, drop the n_top = ⌊γ·D⌋ largest and the smallest, keep the
+  ⌊d·D⌋ entries at ascending positions [n_bot, n_bot + ⌊d·D⌋), n_bot = max(0, D − ⌊d·D⌋ − n_top)
+  (fewer outliers are dropped when d + γ > 1; d < 1/D keeps nothing).
+- ``random`` (DARE, Yu et al. 2024, arXiv 2311.03099): keep each entry with probability d.
+- ``della_magprune`` (DELLA, Deep et al. 2024, arXiv 2406.11617): keep each entry with
+  probability p = (d − ε) + 2ε·(r − 1)/(n − 1), r ∈ 1..n its ascending-magnitude rank
+  along axis 1 (a 1-D tensor is one row of n; n = 1 gives p = d − ε); needs 0 < d ± ε < 1.
+- ``variance_topk_mask`` (SCE's "select", Wan et al. 2024, arXiv 2408.07990): one mask for
+  all models, the k = ⌊d·#{var ≠ 0}⌋ entries of largest variance across models.
+
+d ≥ 1 returns τi unchanged; d ≤ 0 returns zeros. Ties in magnitude are broken by flat index
+(first wins in each sort direction; mergekit's torch sort leaves that order unspecified).
+
+Rescaling of the survivors m ⊙ τi (mergekit 0.1.5 ``rescale: true`` means "l1"):
+``"l1"``/``"l2"``/``"linf"`` multiply by ‖τi‖/‖m ⊙ τi‖ in that norm unless either norm is
+< 1e-7; ``"keep_prob"`` divides each survivor by its keep probability (the DARE and DELLA
+papers' 1/(1 − p_drop), and older mergekit's DARE rescale; random sparsifiers only).
+
+Random masks are ``u < p`` with u uniform in [0, 1) of the stack's shape: drawn from
+``key`` (``jax.random.uniform(key, tau.shape, float32)``, so deterministic given the key)
+or passed as ``uniforms`` (tests feed one source to two implementations).
+
+Counts such as ⌊d·D⌋ follow mergekit's float64 arithmetic exactly when ``density`` and
+``gamma`` are concrete (host) arrays: :func:`rank_windows` computes them on the host (a float32 parameter is read as its shortest
+decimal form, 0.7f → 0.7, the value the user wrote). Under
+an outer ``jit``/``vmap`` they are computed in float32, which differs only where d·D lies
+within float32 rounding of an integer (e.g. 0.29·100); pass ``windows`` from
+:func:`rank_windows` to keep them exact there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from swudi_jax.maths.validation import is_concrete
+
+SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
+RESCALES = ("l1", "l2", "linf", "keep_prob")
+RESCALE_EPS = 1e-7
+_RANKED = ("magnitude", "magnitude_outliers")
+
+
+def per_model(value: Any, n: int, name: str) -> jax.Array | np.ndarray:
+    """A scalar or (n,) per-model parameter as an (n,) array (host values stay NumPy float64)."""
+    if is_concrete(value):
+        arr = np.asarray(value)
+        if arr.dtype != np.float64 and jnp.issubdtype(arr.dtype, jnp.floating):
+            # A float32 0.7 stands for the decimal 0.7: read each value by its shortest
+            # decimal form, so that counts like int(0.7 · 40) = 28 match mergekit's floats.
+            arr = np.array([float(np.format_float_positional(np.float32(v), unique=True)) for v in arr.ravel()],
+                           np.float64).reshape(arr.shape)
+        arr = arr.astype(np.float64)
+    else:
+        arr = jnp.asarray(value, jnp.float32)
+    if arr.ndim == 0:
+        return (np.full if isinstance(arr, np.ndarray) else jnp.full)((n,), arr)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must be a scalar or one value per model, shape ({n},); got shape {arr.shape}")
+    return arr
+
+
+def _host(x: Any) -> np.ndarray | None:
+    """x as a NumPy float64 array when it is concrete, else None."""
+    if not is_concrete(x):
+        return None
+    return np.asarray(x, np.float64)
+
+
+def rank_windows(method: str, density: Any, size: int, gamma: Any = 0.0) -> np.ndarray:
+    """Per model, the kept window [lo, hi) of magnitude ranks, with mergekit's float64 counts.
+
+    ``magnitude`` ranks descending (window [0, max(1, ⌊d·D⌋))); ``magnitude_outliers`` ranks
+    ascending (window [n_bot, n_bot + ⌊d·D⌋)). d ≥ 1 keeps [0, D); d ≤ 0 keeps nothing.
+
+    Args:
+      method: "magnitude" or "magnitude_outliers".
+      density: (N,) or scalar, on the host. gamma: the same, for "magnitude_outliers".
+      size: D, the entries per model in the tensor.
+    Returns:
+      int32 (N, 2).
+    """
+    if method not in _RANKED:
+        raise ValueError(f"method must be one of {_RANKED} for rank windows, got {method!r}")
+    d = np.atleast_1d(np.asarray(density, np.float64))
+    g = np.broadcast_to(np.asarray(gamma, np.float64), d.shape)
+    out = np.zeros((d.size, 2), np.int64)
+    for i, (di, gi) in enumerate(zip(d, g)):
+        if di >= 1:
+            out[i] = (0, size)
+        elif di <= 0:
+            out[i] = (0, 0)
+        elif method == "magnitude":
+            out[i] = (0, max(1, int(di * size)))
+        else:
+            target, n_top = int(di * size), int(gi * size)
+            n_bot = max(0, size - target - n_top)
+            out[i] = (n_bot, n_bot + target)
+    return out.astype(np.int32)
+
+
+def _traced_windows(method: str, density: jax.Array, size: int, gamma: jax.Array) -> jax.Array:
+    """:func:`rank_windows` in float32 inside a trace."""
+    d = density.astype(jnp.float32)
+    target = jnp.floor(d * size).astype(jnp.int32)
+    if method == "magnitude":
+        lo, hi = jnp.zeros_like(target), jnp.maximum(1, target)
+    else:
+        n_top = jnp.floor(gamma.astype(jnp.float32) * size).astype(jnp.int32)
+        lo = jnp.maximum(0, size - target - n_top)
+        hi = lo + target
+    lo = jnp.where(d >= 1, 0, jnp.where(d <= 0, 0, lo))
+    hi = jnp.where(d >= 1, size, jnp.where(d <= 0, 0, hi))
+    return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
+
+
+def ranks(mag: jax.Array, descending: bool) -> jax.Array:
+    """Each entry's 0-based position in the stable sort of ``mag`` along the last axis."""
+    keys = -mag if descending else mag
+    order = jnp.argsort(keys, axis=-1, stable=True)
+    return jnp.argsort(order, axis=-1, stable=True)
+
+
+def work_dtype(dtype) -> Any:
+    """float64 for float64 tensors, else float32: where the arithmetic is carried out."""
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def rounder(dtype) -> Callable[[jax.Array], jax.Array]:
+    """Round work-dtype values to ``dtype``'s precision (identity for float32/float64).
+
+    PyTorch computes each bf16/float16 operation in float32 and rounds its result; XLA may
+    keep excess precision between fused operations, so the rounding is made explicit with
+    ``lax.reduce_precision`` wherever mergekit's result depends on it.
+    """
+    if dtype in (jnp.bfloat16, jnp.float16):
+        info = jnp.finfo(dtype)
+        return lambda x: jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return lambda x: x
+
+
+def _rescale(x: jax.Array, kept: jax.Array, keep_prob: jax.Array | None, norm: str | None,
+             rnd: Callable) -> jax.Array:
+    """One model's survivors ``kept`` (= mask ⊙ x, work dtype) rescaled by ``norm``."""
+    if norm is None:
+        return kept
+    if norm == "keep_prob":
+        return rnd(kept / jnp.where(keep_prob > 0, keep_prob, 1))
+    if norm == "l1":
+        before, after = rnd(jnp.sum(jnp.abs(x))), rnd(jnp.sum(jnp.abs(kept)))
+    elif norm == "l2":
+        before, after = rnd(jnp.sqrt(jnp.sum(jnp.square(x)))), rnd(jnp.sqrt(jnp.sum(jnp.square(kept))))
+    else:
+        before, after = jnp.max(jnp.abs(x)), jnp.max(jnp.abs(kept))
+    small = (before < RESCALE_EPS) | (after < RESCALE_EPS)
+    ratio = rnd(before / jnp.where(small, 1, after))
+    return jnp.where(small, kept, rnd(kept * ratio))
+
+
+def _della_keep_prob(x: jax.Array, density: jax.Array, epsilon: jax.Array, rndp: Callable) -> jax.Array:
+    """DELLA's per-entry keep probability, ranked along axis 1 (1-D: one row).
+
+    Operation by operation as mergekit: (rank + 1), (r − min r)/(max r − min r), then
+    (d − ε) + (r̂·2)·ε, each rounded by ``rndp`` (to bf16 for bf16 tensors, as mergekit's
+    bf16 path computes them, d − ε included; float32 otherwise).
+    """
+    rows = x.reshape(1, -1) if x.ndim < 2 else x
+    moved = jnp.moveaxis(jnp.abs(rows).astype(jnp.float32), 1, -1)
+    n = moved.shape[-1]
+    r = rndp(rndp(ranks(moved, descending=False).astype(jnp.float32)) + 1)
+    lo, hi = jnp.min(r, axis=-1, keepdims=True), jnp.max(r, axis=-1, keepdims=True)
+    if n > 1:
+        norm_rank = jnp.clip(rndp(rndp(r - lo) / rndp(hi - lo)), 0, 1)
+    else:
+        norm_rank = jnp.zeros_like(r)
+    # PyTorch's bf16 add rounds a Python scalar operand to bf16 first (its multiply does not)
+    p = rndp(rndp(density - epsilon) + rndp(rndp(norm_rank * 2) * epsilon))
+    return jnp.moveaxis(p, -1, 1).reshape(x.shape)
+
+
+def _sparsify_one(x, density, gamma, epsilon, window, u, *, method: str, rescale: str | None):
+    """One model's tensor x (any shape) sparsified; the scalars are this model's parameters."""
+    rnd = rounder(x.dtype)
+    rndp = rounder(jnp.bfloat16) if x.dtype == jnp.bfloat16 else (lambda v: v)
+    xw = x.astype(work_dtype(x.dtype))
+    zero = jnp.zeros_like(xw)
+    if method in _RANKED:
+        mag = jnp.abs(x).reshape(-1).astype(jnp.float32)
+        r = ranks(mag, descending=(method == "magnitude")).reshape(x.shape)
+        keep = (r >= window[0]) & (r < window[1])
+        prob = None
+    elif method == "random":
+        prob = rndp(density.astype(jnp.float32))
+        keep = u < prob
+    else:
+        prob = _della_keep_prob(x, density.astype(jnp.float32), epsilon.astype(jnp.float32), rndp)
+        keep = u < prob
+    # mergekit's random sparsifiers work in float32 for float16 tensors (PyTorch's CPU path)
+    # and round once at the end; everything else rescales in the tensor's dtype
+    rescale_rnd = (lambda v: v) if (method not in _RANKED and x.dtype == jnp.float16) else rnd
+    out = _rescale(xw, jnp.where(keep, xw, zero), prob, rescale, rescale_rnd)
+    if method not in _RANKED:  # ranked methods: the window alone decides (d >= 1 keeps [0, D))
+        out = jnp.where(density >= 1, xw, jnp.where(density <= 0, zero, out))
+    return out.astype(x.dtype)
+
+
+@partial(jax.jit, static_argnames=("method", "rescale"))
+def _sparsify_core(tau, density, gamma, epsilon, windows, uniforms, *, method, rescale):
+    fn = partial(_sparsify_one, method=method, rescale=rescale)
+    return jax.vmap(fn)(tau, density, gamma, epsilon, windows, uniforms)
+
+
+def check_rescale(rescale: bool | str | None) -> str | None:
+    """mergekit's ``rescale`` flag (True → "l1") or a norm name, as a norm name or None."""
+    if rescale is True:
+        return "l1"
+    if rescale is False or rescale is None:
+        return None
+    if rescale not in RESCALES:
+        raise ValueError(f"rescale must be true, false or one of {list(RESCALES)}, got {rescale!r}")
+    return rescale
+
+
+def draw_uniforms(key: jax.Array | None, shape: tuple[int, ...], uniforms: Any = None) -> jax.Array:
+    """The uniforms in [0, 1) behind a random mask: ``uniforms`` if given, else from ``key``."""
+    if uniforms is not None:
+        uniforms = jnp.asarray(uniforms, jnp.float32)
+        if uniforms.shape != tuple(shape):
+            raise ValueError(f"uniforms must have the task vectors' shape {tuple(shape)}, got {uniforms.shape}")
+        return uniforms
+    if key is None:
+        raise ValueError("a random sparsifier needs a PRNG key (key=jax.random.key(seed)) or uniforms")
+    return jax.random.uniform(key, tuple(shape), jnp.float32)
+
+
+def check_sparsify_params(method: str, density: Any, gamma: Any, epsilon: Any) -> None:
+    """Concrete (host) parameters checked as mergekit does; traced ones are trusted."""
+    d = _host(density)
+    if d is not None and not np.all(np.isfinite(d)):
+        raise ValueError(f"density must be finite, got {d.tolist()}")
+    if d is not None and np.any(d < 0):
+        raise ValueError(f"density must be >= 0, got {d.tolist()}")
+    g = _host(gamma)
+    if method == "magnitude_outliers" and g is not None and (np.any(g < 0) or np.any(g > 1)):
+        raise ValueError(f"gamma must lie in [0, 1], got {g.tolist()}")
+    e = _host(epsilon)
+    if method == "della_magprune" and d is not None and e is not None:
+        active = (d > 0) & (d < 1)
+        bad = active & ((d + e >= 1) | (d - e <= 0))
+        if np.any(bad):
+            raise ValueError(
+                f"epsilon must be chosen such that density ± epsilon lies in (0, 1) "
+                f"(models {np.flatnonzero(bad).tolist()}: density {d[bad].tolist()}, epsilon {e[bad].tolist()})"
+            )
+
+
+def sparsify(
+    tau: jax.Array,
+    method: str,
+    density: Any,
+    *,
+    gamma: Any = 0.0,
+    epsilon: Any = 0.0,
+    rescale: bool | str | None = None,
+    key: jax.Array | None = None,
+    uniforms: Any = None,
+    windows: Any = None,
+) -> jax.Array:
+    """Sparsify each model's task vector of one tensor (see the module docstring).
+
+    Args:
+      tau: task vectors (N, ...) of one tensor.
+      method: one of :data:`SPARSIFIERS`.
+      density: d, a scalar or (N,) per-model array. gamma, epsilon: likewise, for
+        "magnitude_outliers" and "della_magprune".
+      rescale: True ("l1", mergekit), False/None, or one of :data:`RESCALES`.
+      key: PRNG key for "random" and "della_magprune" (or give ``uniforms`` (N, ...)).
+      windows: optional int (N, 2) from :func:`rank_windows` for the ranked sparsifiers; when
+        given it alone decides what is kept (``density`` and ``gamma`` are then unused).
+    Returns:
+      (N, ...) in ``tau``'s dtype.
+    """
+    if method not in SPARSIFIERS:
+        raise ValueError(f"sparsification method must be one of {list(SPARSIFIERS)}, got {method!r}")
+    norm = check_rescale(rescale)
+    if norm == "keep_prob" and method in _RANKED:
+        raise ValueError(f"rescale='keep_prob' applies to random sparsifiers, not {method!r}")
+    n, size = tau.shape[0], math.prod(tau.shape[1:])
+    density = per_model(density, n, "density")
+    gamma = per_model(gamma, n, "gamma")
+    epsilon = per_model(epsilon, n, "epsilon")
+    check_sparsify_params(method, density, gamma, epsilon)
+    if method in _RANKED:
+        if windows is None:
+            if isinstance(density, np.ndarray) and isinstance(gamma, np.ndarray):
+                windows = rank_windows(method, density, size, gamma)
+            else:
+                windows = _traced_windows(method, jnp.asarray(density), size, jnp.asarray(gamma))
+        uniforms = jnp.zeros((n,), jnp.float32)
+    else:
+        windows = jnp.zeros((n, 2), jnp.int32)
+        uniforms = draw_uniforms(key, tau.shape, uniforms)
+    return _sparsify_core(
+        tau, jnp.asarray(density, jnp.float32), jnp.asarray(gamma, jnp.float32),
+        jnp.asarray(epsilon, jnp.float32), jnp.asarray(windows, jnp.int32), uniforms,
+        method=method, rescale=norm,
+    )
+
+
+def variance_topk_mask(tau: jax.Array, density: Any, rnd: Callable | None = None) -> jax.Array:
+    """SCE's selection mask (...,): the ⌊d·#{var ≠ 0}⌋ entries of largest variance over models.
+
+    var is the population variance over axis 0 (rounded by ``rnd`` to the storage
+    precision, as mergekit's bf16 path has it); d ≥ 1 keeps everything, d ≤ 0 nothing. The
+    count is data-dependent, so it is computed in float32 in the graph.
+    """
+    var = (rnd or (lambda v: v))(jnp.var(tau, axis=0))
+    flat = jnp.abs(var).reshape(-1).astype(jnp.float32)
+    d = jnp.asarray(density, jnp.float32)
+    k = jnp.floor(jnp.sum(var != 0).astype(jnp.float32) * d).astype(jnp.int32)
+    keep = ranks(flat, descending=True) < k
+    keep = jnp.where(d >= 1, True, jnp.where(d <= 0, False, keep))
+    return keep.reshape(var.shape)
+
+
+__all__ = [
+    "RESCALES",
+    "SPARSIFIERS",
+    "check_rescale",
+    "draw_uniforms",
+    "per_model",
+    "rank_windows",
+    "ranks",
+    "rounder",
+    "sparsify",
+    "variance_topk_mask",
+    "work_dtype",
+]
