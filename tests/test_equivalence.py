@@ -109,7 +109,7 @@ def test_reference_and_gram_gradients_give_the_same_iterates(optimizer):
         tau = tau64(6, (4, 6, 10))
         ref_form = sj.wudi_gd(tau, optimizer=optimizer, steps=25, gradient="reference")
         gram_form = sj.wudi_gd(tau, optimizer=optimizer, steps=25, gradient="gram")
-        assert rel_err(ref_form, gram_form) <= 1e-10
+        assert rel_err(ref_form, gram_form) <= 1e-12
 
 
 def test_gram_gradient_is_the_autodiff_gradient_of_the_wudi_loss():
@@ -158,7 +158,9 @@ def test_hard_swudi_with_k_equals_swudi_a_forced_to_k(shape, k, rule):
         forced = dict(rank_rule=rule, min_rank=k, max_rank_ratio=k / shape[2])
         assert int(sj.swudi_a_rank(tau, **forced)) == k
         assert rel_err(sj.swudi_a(tau, **forced), hard) <= 1e-12
-        assert rel_err(hard, ref.filtered_estimator(tau, ref.top_k(ref.clamped_spectrum(tau)[0], k))) <= 1e-6
+        clamped = k > min(shape[0] * shape[1], shape[2])  # K > rank C: directions at the clamp
+        assert rel_err(hard, ref.filtered_estimator(tau, ref.top_k(ref.clamped_spectrum(tau)[0], k))) \
+            <= (1e-6 if clamped else 1e-11)
 
 
 # ------------------------------------------------------ equality with the NumPy transcription
@@ -168,21 +170,24 @@ def test_hard_swudi_with_k_equals_swudi_a_forced_to_k(shape, k, rule):
 def test_smooth_filter_estimators_equal_the_numpy_float64_transcription(shape, init):
     with jax.enable_x64(True):
         tau = tau64(sum(shape), shape)
-        assert rel_err(sj.swudi(tau, init=init), ref.swudi(tau, init=init)) <= 1e-9
+        # h/λ reaches t = 1300 on small λ and scales the rounding with it (~1e-13)
+        assert rel_err(sj.swudi(tau, init=init), ref.swudi(tau, init=init)) <= 1e-11
         lam = ref.clamped_spectrum(tau)[0]
         assert rel_err(sj.spectral_merge(tau, filters.tikhonov(0.05), init=init),
-                       ref.filtered_estimator(tau, ref.tikhonov(lam, 0.05), init)) <= 1e-9
+                       ref.filtered_estimator(tau, ref.tikhonov(lam, 0.05), init)) <= 1e-12
 
 
 @pytest.mark.parametrize("shape", SHAPE_LIST)
 def test_hard_filter_estimators_equal_the_numpy_float64_transcription(shape):
-    # hard filters keep directions at the 1e-8 clamp, where C⁺ amplifies rounding: 1e-6
+    # where C is rank-deficient the pseudo-inverse keeps directions at the 1e-8 clamp, where C⁺
+    # amplifies rounding: 1e-6 there; SWUDI-A's K stays within rank C on these inputs
     with jax.enable_x64(True):
         tau = tau64(sum(shape), shape)
-        assert rel_err(sj.pinv_merge(tau), ref.pinv(tau)) <= 1e-6
+        rank_deficient = shape[0] * shape[1] < shape[2]
+        assert rel_err(sj.pinv_merge(tau), ref.pinv(tau)) <= (1e-6 if rank_deficient else 1e-11)
         for rule in RULES if shape == SHAPE_LIST[0] else ["participation_sqrt", "gavish_donoho"]:
             assert int(sj.swudi_a_rank(tau, rank_rule=rule)) == ref.swudi_a_rank(tau, rule), rule
-            assert rel_err(sj.swudi_a(tau, rank_rule=rule), ref.swudi_a(tau, rule)) <= 1e-6, rule
+            assert rel_err(sj.swudi_a(tau, rank_rule=rule), ref.swudi_a(tau, rule)) <= 1e-11, rule
 
 
 @pytest.mark.parametrize("init", ["sum", "mean", "zero"])
@@ -212,7 +217,7 @@ def test_vmapped_stack_of_layers_equals_a_python_loop():
             batched = jax.jit(jax.vmap(call))(stack)
             assert batched.shape == (3, 6, 10) and batched.dtype == jnp.float64
             for layer in range(3):
-                assert rel_err(batched[layer], call(stack[layer])) <= 1e-9, name
+                assert rel_err(batched[layer], call(stack[layer])) <= 1e-12, name
 
 
 # ---------------------------------------------------------- degenerate input, dtypes, purity
@@ -233,7 +238,7 @@ def test_one_zero_task_vector_among_others_is_not_an_error():
     tau[1] = 0.0
     with jax.enable_x64(True):
         t64 = tau.astype(np.float64)
-        assert rel_err(sj.swudi(t64), ref.swudi(t64)) <= 1e-9
+        assert rel_err(sj.swudi(t64), ref.swudi(t64)) <= 1e-11  # t = 1300 scales rounding, as above
     assert np.all(np.isfinite(sj.swudi_a(tau)))
 
 
@@ -285,8 +290,8 @@ def test_gradient_flow_study_finds_sgd_on_the_landweber_filter_and_adam_off_it(t
     rows = study.main(["--out", str(tmp_path), "--steps", "8", "--eta", "0.1", "--shapes", "3x2x8", *plot])
     (row,) = rows
     assert (row["N"], row["m"], row["n"], row["rank_C"]) == (3, 2, 8, 6)
-    assert row["sgd_vs_landweber_rel_err"] < 1e-10
-    assert row["sgd_filter_vs_landweber_max_abs"] < 1e-10
+    assert row["sgd_vs_landweber_rel_err"] < 1e-12
+    assert row["sgd_filter_vs_landweber_max_abs"] < 1e-12
     assert row["sgd_non_filter_fraction"] < 1e-20   # SGD's iterates are filtered estimators
     assert row["adam_non_filter_fraction"] > 1e-4   # Adam's are not
     assert 0 < row["sgd_vs_exponential_rel_err"] < 0.1

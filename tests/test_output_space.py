@@ -54,8 +54,8 @@ def test_per_row_closed_form_equals_brute_force_least_squares():
     with jax.enable_x64(True):
         merged, rho = output_space_qp(tau, grams, weights=weights, ridge=0.0)
         expected = brute_force_diagonal_qp(tau, xs, weights)
-        np.testing.assert_allclose(np.asarray(merged), expected, rtol=1e-10, atol=1e-10)
-        assert float(rho) == pytest.approx(direct_rho(expected, tau, xs, weights), abs=1e-10)
+        np.testing.assert_allclose(np.asarray(merged), expected, rtol=1e-12, atol=1e-12)
+        assert float(rho) == pytest.approx(direct_rho(expected, tau, xs, weights), abs=1e-12)
 
 
 def test_rho_lies_in_unit_interval_and_equals_one_minus_optimal_loss_over_energy():
@@ -67,11 +67,11 @@ def test_rho_lies_in_unit_interval_and_equals_one_minus_optimal_loss_over_energy
             loss = sum(np.sum(((optimum - t) @ x) ** 2) for t, x in zip(tau, xs))
             energy = sum(np.sum((t @ x) ** 2) for t, x in zip(tau, xs))
             assert 0.0 <= float(rho) <= 1.0
-            assert float(rho) == pytest.approx(1.0 - loss / energy, abs=1e-10)
+            assert float(rho) == pytest.approx(1.0 - loss / energy, abs=1e-12)
             # ... which is also Σi b_iᵀ a_i / E at the exact solution.
             systems = row_systems(jnp.asarray(tau), jnp.asarray(grams), jnp.ones(3))
             coeffs = np.linalg.solve(np.asarray(systems.h), np.asarray(systems.b)[..., None])[..., 0]
-            assert float(rho) == pytest.approx(float(np.sum(np.asarray(systems.b) * coeffs) / systems.energy), abs=1e-10)
+            assert float(rho) == pytest.approx(float(np.sum(np.asarray(systems.b) * coeffs) / systems.energy), abs=1e-12)
 
 
 def test_task_arithmetic_and_averaging_are_feasible_points_the_score_reproduces():
@@ -80,7 +80,7 @@ def test_task_arithmetic_and_averaging_are_feasible_points_the_score_reproduces(
         _, rho_qp = output_space_qp(tau, grams, ridge=0.0)
         for delta in (0.3 * tau.sum(0), tau.mean(0), tau.sum(0)):
             score = float(residual_energy_score(delta, tau, grams))
-            assert score == pytest.approx(direct_rho(delta, tau, xs), abs=1e-10)
+            assert score == pytest.approx(direct_rho(delta, tau, xs), abs=1e-12)
             assert score <= float(rho_qp) + 1e-12
 
 
@@ -101,7 +101,7 @@ def test_rotated_basis_rho_is_the_score_of_its_merge_and_bounded_by_regmean():
         unconstrained = float(residual_energy_score(regmean(tau, grams, alpha=1.0), tau, grams))
         for basis in ("energy", q):
             merged, rho = output_space_qp(tau, grams, basis=basis, ridge=0.0)
-            assert float(rho) == pytest.approx(direct_rho(np.asarray(merged), tau, xs), abs=1e-10)
+            assert float(rho) == pytest.approx(direct_rho(np.asarray(merged), tau, xs), abs=1e-12)
             assert 0.0 <= float(rho) <= unconstrained + 1e-12
 
 

@@ -25,7 +25,7 @@ def test_task_vector_form_equals_the_weight_space_formula():
         merged_tau = np.asarray(regmean(experts - base, grams, alpha=0.95))
     scaled = [0.95 * g + 0.05 * np.diag(np.diag(g)) for g in grams]
     weight = sum(w @ g for w, g in zip(experts, scaled)) @ np.linalg.inv(sum(scaled))
-    np.testing.assert_allclose(base + merged_tau, weight, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(base + merged_tau, weight, rtol=1e-12, atol=1e-12)
 
 
 def test_alpha_scales_only_the_off_diagonal_entries():
@@ -44,7 +44,7 @@ def test_alpha_one_is_the_least_squares_fit_of_every_task_output():
     target = np.concatenate([(t @ x).T for t, x in zip(tau, xs)])
     expected = np.linalg.lstsq(design, target, rcond=None)[0].T
     with jax.enable_x64(True):
-        np.testing.assert_allclose(np.asarray(regmean(tau, grams, alpha=1.0)), expected, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(np.asarray(regmean(tau, grams, alpha=1.0)), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_regmean_rho_is_at_least_the_diagonal_qp_rho():

@@ -312,7 +312,8 @@ def test_float64_models_merge_in_float64_when_x64_is_enabled(tmp_path):
         for n in names:
             want = g["model/swudi_t1300_r0.65/" + n]
             assert merged[n].dtype == np.float64, merged[n].dtype
-            assert np.linalg.norm(merged[n] - want) / np.linalg.norm(want) <= 5e-5, n
+            # the golden model is the reference's float32 output: agreement stops at its rounding (~3e-8)
+            assert np.linalg.norm(merged[n] - want) / np.linalg.norm(want) <= 1e-6, n
         print("ok")
     """) % str(Path(__file__).parent / "data" / "golden.npz")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
