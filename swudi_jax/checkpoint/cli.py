@@ -81,11 +81,25 @@ def _interrupt(signum, frame):
     raise Interrupted(signum)
 
 
+def _redeliver_swallowed(unraisable) -> None:
+    """An :class:`Interrupted` raised while Python ran a callback that cannot propagate it (a
+    garbage-collection hook such as XLA's) is only printed and dropped: deliver the signal
+    again, so that it lands in the main thread's own code and stops the run."""
+    if isinstance(unraisable.exc_value, Interrupted):
+        signum = unraisable.exc_value.signum
+        # a timer's SIGALRM, 10 ms on, raises it again once this hook has returned
+        signal.signal(signal.SIGALRM, lambda *_: _interrupt(signum, None))
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # a kill cleans up like Ctrl-C; a signal the caller ignores (nohup: SIGHUP) stays ignored
     previous = {signum: signal.signal(signum, _interrupt) for signum in HANDLED_SIGNALS
                 if signal.getsignal(signum) is not signal.SIG_IGN}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed
     try:
         from swudi_jax.checkpoint.compile_cache import enable_compile_cache
         from swudi_jax.checkpoint.pipeline import merge_checkpoints
@@ -117,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"swudi-merge: error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        sys.unraisablehook = previous_hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if not args.dry_run:

@@ -207,14 +207,14 @@ def merge_sharded(tau: Any, mesh: Mesh, method: str = DEFAULT_METHOD, *, solver:
             stacklevel=2,
         )
     run_mesh = auto_mesh(mesh)
-    if isinstance(tau, jax.Array) and padded_rows == m and not tau.sharding.is_equivalent_to(
-            row_sharding(run_mesh), tau.ndim):
+    placed = isinstance(tau, jax.Array) and is_concrete(tau)  # a traced tau (merge_sharded under jit) is placed by jit
+    if placed and padded_rows == m and not tau.sharding.is_equivalent_to(row_sharding(run_mesh), tau.ndim):
         tau = jax.device_put(tau, row_sharding(run_mesh))  # e.g. placed on an Explicit mesh
-    elif isinstance(tau, jax.Array) and padded_rows != m and getattr(tau.sharding, "mesh", run_mesh) != run_mesh:
+    elif placed and padded_rows != m and getattr(tau.sharding, "mesh", run_mesh) != run_mesh:
         tau = jax.device_put(tau, NamedSharding(run_mesh, PartitionSpec()))
     fn = _sharded_fn(run_mesh, spec.name, tuple(sorted(resolved.items())), tuple(tau.shape), padded_rows, solver, n_top)
     out = fn(tau)
-    if run_mesh is not mesh:  # the caller's own mesh (same devices, same layout: no copy)
+    if run_mesh is not mesh and is_concrete(out):  # the caller's own mesh (same devices, same layout: no copy)
         out = jax.device_put(out, NamedSharding(mesh, out.sharding.spec))
     return out
 
