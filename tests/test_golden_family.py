@@ -321,3 +321,55 @@ def test_eigenvalue_only_family_options_run_on_the_sharded_and_lora_paths(method
     dense = getattr(sj, method)(tau, solver="full", **options)
     assert rel_err(merge_sharded(tau, make_row_mesh(), method, **options), dense) <= 1e-5
     assert rel_err(sj.merge_lora(factors, method, **options), dense) <= 1e-4
+
+
+# ------------------------------------------------- 5. the alignment pass through the stage layout
+
+
+def test_the_alignment_pass_reads_linear_leaves_in_maths_layout():
+    """SWUDI's prepare hook asks for the linear leaves' maths-layout stacks: a scanned Flax stack
+    comes as (layers, N, m, n) with m the outputs, and bias / norm leaves are not read."""
+    from swudi_jax.model import merger
+
+    rng = np.random.default_rng(3)
+    base = {"blocks": {"kernel": rng.normal(size=(2, 6, 4)).astype(np.float32),
+                       "bias": rng.normal(size=(2, 4)).astype(np.float32)}}
+    experts = [jax.tree_util.tree_map(lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32), base)
+               for _ in range(3)]
+    base_flat = sj.model.flat.flatten(base)[0]
+    plans = merger.plan_tree({k: (v.shape, v.dtype) for k, v in base_flat.items()}, layout="flax",
+                             scan_patterns=("blocks/*",))
+    expert_flats = [sj.model.flat.flatten(e)[0] for e in experts]
+    chunks = merger.model_task_vector_chunks(plans, base_flat, expert_flats)
+    stacks = list(chunks("linear_maths"))
+    assert [s.shape for s in stacks] == [(2, 3, 4, 6)]  # (layers, N, m = outputs, n = inputs)
+    tau = np.stack([e["blocks"]["kernel"] - base["blocks"]["kernel"] for e in experts], axis=1)  # (L, N, in, out)
+    np.testing.assert_allclose(np.asarray(stacks[0]), np.swapaxes(tau, -1, -2), rtol=0, atol=0)
+    assert len(list(chunks("merged"))) == 2 and len(list(chunks())) == 2
+    spec = sj.get_method("swudi")
+    prep = spec.preparation(spec.resolve({"alignment": 0.5}))
+    assert prep.leaves == "linear_maths"
+    want = swudi_family.alignment_reference(
+        [swudi_family.layer_lambda_max(np.swapaxes(tau[layer], -1, -2)) for layer in range(2)])
+    got = merger.prepare_options(spec, spec.resolve({"alignment": 0.5}), chunks)["alignment_reference"]
+    assert got == pytest.approx(want, rel=1e-6)
+    assert spec.preparation(spec.resolve({"alignment": 0.5, "alignment_reference": got})) is None
+
+
+def test_swudi_merge_runs_the_alignment_pass_from_disk(tmp_path):
+    import yaml
+
+    from swudi_jax.checkpoint import io as ckio
+
+    entry = ENTRIES["model/swudi_alignment_0.5"]
+    base, experts, names = case_models("model")
+    ckio.save(tmp_path / "base.safetensors", base)
+    for i, expert in enumerate(experts):
+        ckio.save(tmp_path / f"e{i}.safetensors", expert)
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump({
+        "base_model": "base.safetensors", "models": [f"e{i}.safetensors" for i in range(len(experts))],
+        "merge_method": "swudi", "parameters": entry["options"], "layout": "torch"}))
+    out = sj.merge_checkpoints(tmp_path / "merge.yaml", tmp_path / "out", progress=False)
+    got = ckio.load(ckio.weights_path(out, "safetensors"))
+    for name in names:
+        assert rel_err(got[name] - base[name], _Z[f"model/{entry['output']}/{name}"] - base[name]) <= entry["tolerance"]
