@@ -22,10 +22,10 @@ from conftest import random_task_vectors
 
 import swudi_jax as sj
 from swudi_jax.maths import filters, rank_rules_family
+from swudi_jax.maths.spectral import task_weights
 from swudi_jax.methods import iwudi as iwudi_mod
 from swudi_jax.methods import optmerge as optmerge_mod
 from swudi_jax.methods import swudi_family
-from swudi_jax.maths.spectral import task_weights
 
 GOLDEN_FAMILY = Path(__file__).resolve().parent / "data" / "golden_family.npz"
 _Z = np.load(GOLDEN_FAMILY)

@@ -31,7 +31,9 @@ def test_unknown_option_error_names_it_and_the_known_options():
 
 
 def test_resolved_options_are_defaults_overridden_by_the_user():
-    from swudi_jax.methods.swudi_family import SWUDI_OPTIONS  # the family's options, off by default (issue 11)
+    from swudi_jax.methods.swudi_family import (
+        SWUDI_OPTIONS,  # the family's options, off by default (issue 11)
+    )
 
     assert registry.resolve_options("swudi", {"time": 300.0}) == {"time": 300.0, "rank_ratio": 0.65, "init": "sum", "solver": "auto",
                                                                  **SWUDI_OPTIONS, "weight": 1.0}
