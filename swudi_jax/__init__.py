@@ -21,6 +21,8 @@ from swudi_jax.maths.spectral import (
     wudi_loss,
 )
 from swudi_jax.methods import registry
+from swudi_jax.methods.iwudi import iwudi
+from swudi_jax.methods.optmerge import optmerge, optmerge_closed_form
 from swudi_jax.methods.output_space import output_space_qp, residual_energy_score
 from swudi_jax.methods.registry import MergeMethod, available_methods, get_method, register
 from swudi_jax.methods.spec import MethodSpec
@@ -69,6 +71,7 @@ __all__ = [
     "filters",
     "get_method",
     "interference_operator",
+    "iwudi",
     "io",
     "layout",
     "lora",
@@ -82,6 +85,8 @@ __all__ = [
     "merge_lora",
     "merge_sharded",
     "normal_equation",
+    "optmerge",
+    "optmerge_closed_form",
     "output_space_qp",
     "pinv_merge",
     "plan_tree",

@@ -26,9 +26,15 @@ from swudi_jax.model import layout, merger
 from swudi_jax.scale import sharding
 
 DEFAULTS = {
-    "swudi": ({"time": 1300.0, "rank_ratio": 0.65, "init": "sum", "solver": "auto", "weight": 1.0}, 1.0),
+    "swudi": ({"time": 1300.0, "rank_ratio": 0.65, "init": "sum", "solver": "auto", "tikhonov_alpha": 0.0,
+               "output_time": None, "consensus_power": 0.0, "consensus_floor": 0.0, "gamma": 1.0,
+               "filter": "exponential", "alignment": 0.0, "alignment_reference": None, "weight": 1.0}, 1.0),
     "swudi_a": ({"rank_rule": "participation_sqrt", "min_rank": 1, "max_rank_ratio": 1.0, "init": "sum",
-                 "solver": "auto", "weight": 1.0}, 1.0),
+                 "solver": "auto", "rank_scale": 1.0, "filter": "none", "time": 1e6, "wiener_scale": 1.0,
+                 "wiener_power": 2.0, "wiener_floor": "tail_mean", "weight": 1.0}, 1.0),
+    "iwudi": ({"filter": "exponential", "time": 300.0, "alpha": 1e-2, "steps": 150, "eta_ratio": 0.9, "init": "sum",
+               "solver": "auto", "weight": 1.0}, 1.0),
+    "optmerge": ({"rank_ratio": None, "steps": 300, "learning_rate": 1e-5, "weight": 1.0}, 1.0),
     "pinv": ({"solver": "auto", "weight": 1.0}, 1.0),
     "wudi": ({"steps": 300, "learning_rate": 1e-5, "gradient": "gram", "init": "sum", "weight": 1.0}, 1.0),
     "task_arithmetic_paper": ({}, 0.3),
@@ -119,7 +125,9 @@ def test_public_layer_functions_outside_the_registry():
     assert keyword_defaults(sj.output_space_qp) == {"weights": None, **output_space_options, "layer": "layer"}
     assert {k: keyword_defaults(output_space.qp_merge)[k] for k in output_space_options} == output_space_options
     assert keyword_defaults(sj.regmean) == {"alpha": 0.95, "weights": None, "ridge": 0.0, "layer": "layer"}
-    assert keyword_defaults(sj.swudi_a_rank) == {"rank_rule": "participation_sqrt", "min_rank": 1, "max_rank_ratio": 1.0}
+    assert keyword_defaults(sj.swudi_a_rank) == {"rank_rule": "participation_sqrt", "min_rank": 1, "max_rank_ratio": 1.0,
+                                                 "rank_scale": 1.0, "init": "sum"}
+    assert keyword_defaults(sj.optmerge_closed_form) == {"rank_ratio": None}
     assert keyword_defaults(sj.spectral_merge) == {"init": "sum", "solver": "auto"}
     assert keyword_defaults(sj.ties_model_thresholds) == {"density": 0.2}
     assert keyword_defaults(dare.drop_and_rescale) == {"rescale": True}

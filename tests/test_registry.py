@@ -31,8 +31,12 @@ def test_unknown_option_error_names_it_and_the_known_options():
 
 
 def test_resolved_options_are_defaults_overridden_by_the_user():
+    from swudi_jax.methods.swudi_family import (
+        SWUDI_OPTIONS,  # the family's options, off by default (issue 11)
+    )
+
     assert registry.resolve_options("swudi", {"time": 300.0}) == {"time": 300.0, "rank_ratio": 0.65, "init": "sum", "solver": "auto",
-                                                                 "weight": 1.0}
+                                                                 **SWUDI_OPTIONS, "weight": 1.0}
     assert registry.resolve_options("wudi")["learning_rate"] == 1e-5
     assert registry.resolve_options("dare") == {"drop": 0.9, "rescale": True, "seed": 0, "then": "task_arithmetic"}
     assert registry.resolve_options("ties_paper")["density"] == 0.2 and registry.resolve_options("ties_paper")["trim"] == "model"

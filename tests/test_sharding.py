@@ -40,7 +40,7 @@ def test_subprocess_sees_eight_devices(eight_devices):
     ("swudi_f32", 1e-5), ("swudi_a_entropy_f32", 1e-5), ("swudi_a_gavish_donoho_f32", 1e-5),
     ("swudi_presharded_f32", 1e-5), ("swudi_4_devices_f32", 1e-5), ("swudi_uneven_rows_f32", 1e-5),
     ("pinv_f64", 1e-10), ("swudi_a_participation_sqrt_f64", 1e-12), ("swudi_init_zero_f64", 1e-12),
-    ("swudi_topk_f64", 1e-12),
+    ("swudi_topk_f64", 1e-12), ("swudi_family_f32", 1e-5), ("swudi_a_family_f32", 1e-5),
 ])
 def test_sharded_merge_equals_single_device_merge(eight_devices, case, tol):
     result = eight_devices["cases"][case]

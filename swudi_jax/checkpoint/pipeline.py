@@ -53,7 +53,7 @@ from swudi_jax.maths.validation import non_finite
 from swudi_jax.methods import registry
 from swudi_jax.model.flat import mismatch
 from swudi_jax.model.layout import LeafPlan, group_plans, infer_layout
-from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, merge_group, prepare_options
+from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, chunk_plans, chunk_stack, merge_group, prepare_options
 
 PAPER = "https://arxiv.org/abs/2606.07289"
 CONFIG_NAME = "merge_config.yaml"
@@ -207,17 +207,18 @@ def _compute(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]
 
 
 def _model_chunks(plan: MergePlan, base, experts, progress: bool):
-    """The merged tensors' task-vector stacks (N, ...) in float32, read group by group from disk."""
-    merged = [[p for p in g if p.kind in ("linear", "mean")] for g in plan.groups]
+    """``chunks(leaves)``: the selected tensors' task-vector stacks in float32, read group by
+    group from disk (``leaves``: see :data:`~swudi_jax.methods.spec.CHUNK_LEAVES`)."""
 
-    def chunks():
-        for group in _progress([g for g in merged if g], progress, "whole-model pass"):
+    def chunks(leaves: str = "merged"):
+        selected = [chunk_plans(g, leaves) for g in plan.groups]
+        for group in _progress([g for g in selected if g], progress, "whole-model pass"):
             keys = [p.path for p in group]
             base_arrays = _read_group(base, keys)
             expert_arrays = [_read_group(e, keys) for e in experts]
-            for key in keys:
-                b = base_arrays[key].astype(np.float32)
-                yield np.stack([e[key].astype(np.float32) - b for e in expert_arrays])
+            for leaf in group:
+                b = base_arrays[leaf.path].astype(np.float32)
+                yield chunk_stack(leaf, np.stack([e[leaf.path].astype(np.float32) - b for e in expert_arrays]), leaves)
 
     return chunks
 

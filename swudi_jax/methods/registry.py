@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Mapping
 
-from swudi_jax.methods import average, dare, mergekit, output_space, regmean, swudi, task_arithmetic, ties, wudi
+from swudi_jax.methods import average, dare, iwudi, mergekit, optmerge, output_space, regmean, swudi, task_arithmetic, ties, wudi
 from swudi_jax.methods.spec import KINDS, MethodSpec, SpectralFilter
 
 BUILTIN_METHODS: tuple[MethodSpec, ...] = (
@@ -19,6 +19,8 @@ BUILTIN_METHODS: tuple[MethodSpec, ...] = (
     swudi.SWUDI_A,
     swudi.PINV,
     wudi.WUDI,
+    iwudi.IWUDI,
+    optmerge.OPTMERGE,
     task_arithmetic.TASK_ARITHMETIC,
     average.AVERAGE,
     ties.TIES,

@@ -48,8 +48,18 @@ linear and karcher: a configured base is one more input model, not a reference),
 COMPUTE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 TaskVectorChunks = Callable[[], Iterable[Any]]
-"""A zero-argument callable returning a fresh iterable of task-vector stacks (N, ...), one per
-merged leaf (whole-model preparation may iterate it more than once)."""
+"""A zero-argument callable returning a fresh iterable of task-vector stacks, one per leaf of
+the selection the :class:`Preparation` asked for (whole-model preparation may iterate it more
+than once)."""
+
+CHUNK_LEAVES = ("merged", "linear_maths")
+"""What a whole-model pass reads (:attr:`Preparation.leaves`): "merged", every merged leaf's
+(linear and mean) task-vector stack (N, *leaf shape) in the model's own layout;
+"linear_maths", the linear leaves' stacks in maths layout (layers, N, m, n)."""
+
+ChunkSource = Callable[[str], Iterable[Any]]
+"""What a merger offers a whole-model pass: ``source(leaves)`` (one of :data:`CHUNK_LEAVES`) →
+a fresh iterable of task-vector stacks."""
 
 
 
@@ -59,10 +69,12 @@ class Preparation(NamedTuple):
     Attributes:
       what: what the pass computes, for error messages (e.g. "trim='model' needs ...").
       run: task-vector chunks → the options to add.
+      leaves: which stacks ``run`` reads, one of :data:`CHUNK_LEAVES` (default "merged").
     """
 
     what: str
     run: Callable[[TaskVectorChunks], Mapping[str, Any]]
+    leaves: str = "merged"
 
 
 class SpectralFilter(NamedTuple):
@@ -234,4 +246,4 @@ def expert_weighted(spec: MethodSpec, default: float = 1.0) -> MethodSpec:
                                per_expert=spec.per_expert + ("weight",))
 
 
-__all__ = ["BASE_ROLES", "COMPUTE_DTYPES", "KINDS", "OPERANDS", "MethodSpec", "Preparation", "SpectralFilter", "TaskVectorChunks", "expert_weighted", "keyword_defaults"]
+__all__ = ["BASE_ROLES", "CHUNK_LEAVES", "COMPUTE_DTYPES", "ChunkSource", "KINDS", "OPERANDS", "MethodSpec", "Preparation", "SpectralFilter", "TaskVectorChunks", "expert_weighted", "keyword_defaults"]

@@ -28,13 +28,14 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from swudi_jax.maths import filters, solvers
+from swudi_jax.maths import filters, rank_rules_family, solvers
 from swudi_jax.maths.linalg import compute_dtype
 from swudi_jax.maths.spectral import INIT_MODES, Spectrum, anchor, filtered_merge, filtered_solution
 from swudi_jax.maths.spectral import interference_operator, normal_equation, right_hand_side, spectrum
 from swudi_jax.maths.spectral import task_weights, with_mean_fallback
 from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors
-from swudi_jax.methods.spec import MethodSpec, SpectralFilter, expert_weighted
+from swudi_jax.methods import swudi_family
+from swudi_jax.methods.spec import MethodSpec, Preparation, SpectralFilter, expert_weighted
 
 SOURCE = "Wei et al., Closed-Form Spectral Regularization for Multi-Task Model Merging (arXiv 2606.07289)"
 
@@ -109,7 +110,9 @@ def _swudi(tau, time, rank_ratio, init, solver):
 
 
 def swudi(tau, *, time: float = 1300.0, rank_ratio: float = 0.65, init: str = "sum",
-          solver: str = "auto") -> jax.Array:
+          solver: str = "auto", tikhonov_alpha: float = 0.0, output_time: float | None = None,
+          consensus_power: float = 0.0, consensus_floor: float = 0.0, gamma: float = 1.0,
+          filter: str = "exponential", alignment: float = 0.0, alignment_reference=None) -> jax.Array:
     """SWUDI: h(λ) = (1 − exp(−λ t)) on the K = ⌈r·n⌉ largest eigenvalues, 0 elsewhere.
 
     Defaults are the paper's vision preset (t = 1300, r = 0.65); for LLM full-parameter
@@ -121,17 +124,34 @@ def swudi(tau, *, time: float = 1300.0, rank_ratio: float = 0.65, init: str = "s
       rank_ratio: r ∈ (0, 1], the kept fraction of directions.
       init: anchor θ0: "sum", "mean" or "zero".
       solver: "auto", "full", "lowrank" or "topk" (see the module docstring).
+      tikhonov_alpha, output_time, consensus_power, consensus_floor, gamma, filter, alignment,
+        alignment_reference: the reference's further options (defaults: off), see
+        :mod:`swudi_jax.methods.swudi_family`: h = (1 − e^{−λ t_ℓ})^γ · λ/(λ + α) on the top K
+        (h = 1 there for filter="none"), times the consensus weight f + (1 − f)c_k^p; the
+        output-side filter with time t_E; t_ℓ = t·(λ̄_max/λ_max,ℓ)^ρ with ρ = ``alignment``
+        and λ̄_max = ``alignment_reference`` (whole-model; ``merge`` computes it).
     Returns:
       The merged task vector (m, n).
     """
     tau = check_task_vectors(tau)
-    _validate_swudi({"time": time, "rank_ratio": rank_ratio, "init": init, "solver": solver})
+    extra = dict(tikhonov_alpha=tikhonov_alpha, output_time=output_time, consensus_power=consensus_power,
+                 consensus_floor=consensus_floor, gamma=gamma, filter=filter, alignment=alignment,
+                 alignment_reference=alignment_reference)
+    _validate_swudi({"time": time, "rank_ratio": rank_ratio, "init": init, "solver": solver, **extra})
     top = filters.rank_from_ratio(float(rank_ratio), tau.shape[-1])
-    return _swudi(tau, float(time), float(rank_ratio), init, resolve_solver(solver, tau.shape, top))
+    solver = resolve_solver(solver, tau.shape, top)
+    if swudi_family.swudi_uses_defaults(extra):
+        return _swudi(tau, float(time), float(rank_ratio), init, solver)
+    if float(alignment) > 0.0 and filter == "exponential" and alignment_reference is None:
+        raise ValueError("alignment > 0 needs alignment_reference (λ̄_max, the geometric mean of every merged "
+                         "layer's λ_max: swudi_family.alignment_reference_from_stacks); swudi_jax.merge computes it")
+    return swudi_family.swudi_family_layer(
+        tau, alignment_reference, time=float(time), rank_ratio=float(rank_ratio), init=init, solver=solver,
+        **swudi_family.swudi_float_options(extra))
 
 
 def _check_rank_options(rank_rule: str, min_rank: int, max_rank_ratio: float) -> None:
-    filters.get_rank_rule(rank_rule)
+    rank_rules_family.parse_rank_rule(rank_rule)
     check_number(min_rank, "min_rank", low=1, integer=True)
     check_number(max_rank_ratio, "max_rank_ratio", low=0.0, high=1.0, low_open=True)
 
@@ -188,6 +208,12 @@ def swudi_a(
     max_rank_ratio: float = 1.0,
     init: str = "sum",
     solver: str = "auto",
+    rank_scale: float = 1.0,
+    filter: str = "none",
+    time: float = 1e6,
+    wiener_scale: float = 1.0,
+    wiener_power: float = 2.0,
+    wiener_floor: str = "tail_mean",
 ) -> jax.Array:
     """SWUDI-A: the hard filter h = 1[top K_ℓ] with K_ℓ picked per layer by a rank rule.
 
@@ -203,12 +229,27 @@ def swudi_a(
       solver: "auto", "full", "lowrank" or "topk"; "topk" only with the rank rules
         computable from traces (participation, stable_rank), on K_max = round(max_rank_ratio·n)
         eigenpairs, so it pays off only for a small ``max_rank_ratio``.
+      rank_scale, filter, time, wiener_scale, wiener_power, wiener_floor: the reference's
+        further options (see :mod:`swudi_jax.maths.rank_rules_family`, which also holds the other
+        rank rules: entropy_sq, cumvar_<f>, none, participation_sqrt_c2(_half),
+        participation_sqrt_plus, d_aware_*, loss_elbow(_<f>), loss_residual_<f>,
+        wudi_risk(_<ρ>)). A new rule or a non-default option needs the whole spectrum:
+        solver "full" or "lowrank" ("auto" picks between them).
     Returns:
       The merged task vector (m, n).
     """
     tau = check_task_vectors(tau)
-    _validate_swudi_a({"rank_rule": rank_rule, "min_rank": min_rank, "max_rank_ratio": max_rank_ratio,
-                       "init": init, "solver": solver})
+    extra = dict(rank_rule=rank_rule, rank_scale=rank_scale, filter=filter, time=time, wiener_scale=wiener_scale,
+                 wiener_power=wiener_power, wiener_floor=wiener_floor)
+    _validate_swudi_a({"min_rank": min_rank, "max_rank_ratio": max_rank_ratio, "init": init, "solver": solver, **extra})
+    if not swudi_family.swudi_a_uses_defaults(extra):
+        if solver == "topk":
+            raise ValueError(f"solver='topk' is not available for rank_rule={rank_rule!r} with filter={filter!r}, "
+                             f"rank_scale={rank_scale!r}: they need the whole spectrum (use 'auto', 'full' or 'lowrank')")
+        solver = resolve_solver(solver, tau.shape, None)
+        return swudi_family.swudi_a_family_layer(
+            tau, rank_rule=rank_rule, min_rank=int(min_rank), max_rank_ratio=float(max_rank_ratio), init=init,
+            solver=solver, **swudi_family.swudi_a_float_options(extra))
     top = swudi_a_top_count(rank_rule, int(min_rank), float(max_rank_ratio), tau.shape[-1])
     solver = resolve_solver(solver, tau.shape, top)
     return _swudi_a(tau, rank_rule, int(min_rank), float(max_rank_ratio), init, solver)
@@ -224,12 +265,20 @@ def _adaptive_rank(tau, rank_rule, min_rank, max_rank_ratio):
 
 
 def swudi_a_rank(
-    tau, *, rank_rule: str = "participation_sqrt", min_rank: int = 1, max_rank_ratio: float = 1.0
+    tau, *, rank_rule: str = "participation_sqrt", min_rank: int = 1, max_rank_ratio: float = 1.0,
+    rank_scale: float = 1.0, init: str = "sum",
 ) -> jax.Array:
-    """The K that :func:`swudi_a` keeps for this layer (an int32 scalar)."""
+    """The K that :func:`swudi_a` keeps for this layer (an int32 scalar); ``init`` matters
+    only for the WUDI-loss rules (they read θ0)."""
     tau = check_task_vectors(tau)
     _check_rank_options(rank_rule, min_rank, max_rank_ratio)
-    return _adaptive_rank(tau, rank_rule, int(min_rank), float(max_rank_ratio))
+    check_number(rank_scale, "rank_scale", low=0.0, low_open=True)
+    _check_init(init)
+    if rank_rule in filters.RANK_RULES and float(rank_scale) == 1.0:
+        return _adaptive_rank(tau, rank_rule, int(min_rank), float(max_rank_ratio))
+    return swudi_family.swudi_a_family_rank(tau, rank_rule=rank_rule, min_rank=int(min_rank),
+                                            max_rank_ratio=float(max_rank_ratio), rank_scale=float(rank_scale),
+                                            init=init)
 
 
 @functools.partial(jax.jit, static_argnames=("solver",))
@@ -255,12 +304,14 @@ def _validate_swudi(options: Mapping[str, Any]) -> None:
     check_number(options["rank_ratio"], "rank_ratio", low=0.0, high=1.0, low_open=True)
     _check_init(options["init"])
     check_choice(options["solver"], "solver", solvers.SOLVERS)
+    swudi_family.check_swudi_options(options)
 
 
 def _validate_swudi_a(options: Mapping[str, Any]) -> None:
     _check_rank_options(options["rank_rule"], options["min_rank"], options["max_rank_ratio"])
     _check_init(options["init"])
     check_choice(options["solver"], "solver", solvers.SOLVERS)
+    swudi_family.check_swudi_a_options(options)
 
 
 def _validate_pinv(options: Mapping[str, Any]) -> None:
@@ -269,12 +320,17 @@ def _validate_pinv(options: Mapping[str, Any]) -> None:
 
 def _swudi_spectral_filter(options: Mapping[str, Any]) -> SpectralFilter:
     time, ratio = float(options["time"]), float(options["rank_ratio"])
+    if not swudi_family.swudi_uses_defaults(options):  # the family's eigenvalue-only options
+        return SpectralFilter(swudi_family.spectral_filter("swudi", options), options["init"],
+                              lambda n: filters.rank_from_ratio(ratio, n))
     h = swudi_filter(time, ratio)
     return SpectralFilter(lambda lam, shape: h(lam), options["init"], lambda n: filters.rank_from_ratio(ratio, n))
 
 
 def _swudi_a_spectral_filter(options: Mapping[str, Any]) -> SpectralFilter:
     rule, min_rank, max_ratio = options["rank_rule"], int(options["min_rank"]), float(options["max_rank_ratio"])
+    if not swudi_family.swudi_a_uses_defaults(options):  # the family's rules and in-subspace filters
+        return SpectralFilter(swudi_family.spectral_filter("swudi_a", options), options["init"], lambda n: None)
     # K comes from the whole spectrum here (the single-device top-K path reads it from traces)
     return SpectralFilter(rank_filter(rule, min_rank, max_ratio), options["init"], lambda n: None)
 
@@ -283,8 +339,19 @@ def _pinv_spectral_filter(options: Mapping[str, Any]) -> SpectralFilter:
     return SpectralFilter(lambda lam, shape: filters.identity()(lam), "sum", lambda n: None)
 
 
+def _swudi_prepare(options: Mapping[str, Any]) -> Preparation | None:
+    """SWUDI's alignment (ρ > 0 without a given λ̄_max): the whole-model first pass computing
+    λ̄_max, the geometric mean of λ_max over every merged linear layer."""
+    if not swudi_family.needs_alignment_reference("swudi", options):
+        return None
+    return Preparation("alignment > 0 needs alignment_reference, λ̄_max over every merged linear layer",
+                       lambda chunks: {"alignment_reference": swudi_family.alignment_reference_from_stacks(chunks())},
+                       leaves="linear_maths")
+
+
 SWUDI = expert_weighted(MethodSpec("swudi", swudi, "linear", source=SOURCE, validate=_validate_swudi,
-                                   spectral_filter=_swudi_spectral_filter))
+                                   spectral_filter=_swudi_spectral_filter, array_options=("alignment_reference",),
+                                   prepare=_swudi_prepare))
 SWUDI_A = expert_weighted(MethodSpec("swudi_a", swudi_a, "linear", source=SOURCE, validate=_validate_swudi_a,
                                      spectral_filter=_swudi_a_spectral_filter))
 PINV = expert_weighted(MethodSpec("pinv", pinv_merge, "linear", source=SOURCE + " (the h ≡ 1 closed form θ* = D C⁺)",

@@ -16,6 +16,7 @@ layers run with their rows split over several devices).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -23,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from swudi_jax.maths.linalg import compute_dtype
-from swudi_jax.maths.validation import check_finite, check_number
+from swudi_jax.maths.validation import check_choice, check_finite, check_number
 from swudi_jax.methods.registry import DEFAULT_METHOD, get_method
-from swudi_jax.methods.spec import MethodSpec, TaskVectorChunks
+from swudi_jax.methods.spec import CHUNK_LEAVES, ChunkSource, MethodSpec
 from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
 from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, from_maths, group_plans, to_maths
 from swudi_jax.scale.sharding import make_row_mesh, merge_sharded, should_shard
@@ -115,27 +116,41 @@ def plan_tree(
     return rules.plan_tree(flat_shapes_dtypes)
 
 
+def chunk_plans(plans: Sequence[LeafPlan], leaves: str) -> list[LeafPlan]:
+    """The plans whose stacks a whole-model pass reading ``leaves`` (:data:`CHUNK_LEAVES`) sees."""
+    check_choice(leaves, "leaves", CHUNK_LEAVES)
+    kinds = ("linear", "mean") if leaves == "merged" else ("linear",)
+    return [p for p in plans if p.kind in kinds]
+
+
+def chunk_stack(plan: LeafPlan, stack: np.ndarray, leaves: str) -> Any:
+    """One leaf's task-vector stack (N, *shape) as the selection ``leaves`` gives it: as is for
+    "merged", (layers, N, m, n) maths layout for "linear_maths"."""
+    return to_maths(plan, stack) if leaves == "linear_maths" else stack
+
+
 def model_task_vector_chunks(
     plans: Sequence[LeafPlan], base_flat: Mapping[str, Any], expert_flats: Sequence[Mapping[str, Any]]
-) -> TaskVectorChunks:
-    """A callable yielding each merged leaf's task-vector stack (N, ...) in float32, one at a time."""
-    merged = [p.path for p in plans if p.kind in ("linear", "mean")]
+) -> ChunkSource:
+    """``chunks(leaves="merged")``: yields each selected leaf's task-vector stack in float32, one
+    at a time (``leaves``: see :data:`~swudi_jax.methods.spec.CHUNK_LEAVES`)."""
 
-    def chunks():
-        for path in merged:
-            base = np.asarray(base_flat[path], np.float32)
-            yield np.stack([np.asarray(e[path], np.float32) - base for e in expert_flats])
+    def chunks(leaves: str = "merged"):
+        for plan in chunk_plans(plans, leaves):
+            base = np.asarray(base_flat[plan.path], np.float32)
+            yield chunk_stack(plan, np.stack([np.asarray(e[plan.path], np.float32) - base for e in expert_flats]), leaves)
 
     return chunks
 
 
-def prepare_options(method: str | MethodSpec, options: Mapping[str, Any], chunks: TaskVectorChunks) -> dict[str, Any]:
-    """The resolved options plus what the method's whole-model pass (if it needs one) adds."""
+def prepare_options(method: str | MethodSpec, options: Mapping[str, Any], chunks: ChunkSource) -> dict[str, Any]:
+    """The resolved options plus what the method's whole-model pass (if it needs one) adds;
+    ``chunks(leaves)`` gives the stacks the pass asks for (:attr:`Preparation.leaves`)."""
     method = get_method(method)
     options = dict(options)
     preparation = method.preparation(options)
     if preparation is not None:
-        options.update(preparation.run(chunks))
+        options.update(preparation.run(functools.partial(chunks, preparation.leaves)))
     return options
 
 
@@ -210,11 +225,23 @@ def _check_multi_device(multi_device: Any) -> None:
         raise ValueError(f"multi_device must be True, False or 'auto', got {multi_device!r}")
 
 
-def _use_multi_device(multi_device: bool | str, method: MethodSpec, layer_shape: tuple[int, ...]) -> bool:
+def _use_multi_device(multi_device: bool | str, method: MethodSpec, layer_shape: tuple[int, ...],
+                      opts: Mapping[str, Any] | None = None) -> bool:
+    """True runs the row-sharded path; "auto" takes it for big layers when the method's
+    spectral filter accepts these options (else the dense path, which takes every option)."""
     _check_multi_device(multi_device)
     if method.spectral_filter is None or multi_device is False:
         return False
-    return multi_device is True or should_shard(layer_shape, jax.device_count())
+    if multi_device is True:
+        return True
+    if not should_shard(layer_shape, jax.device_count()):
+        return False
+    if opts is not None:
+        try:
+            method.spectral_filter({k: v for k, v in opts.items() if k not in method.varying})
+        except ValueError:  # options only the dense layer path runs
+            return False
+    return True
 
 
 def _merge_layers_sharded(base, experts, method: MethodSpec, scale: float, opts: Mapping[str, Any],
@@ -420,7 +447,7 @@ def merge_group(
                          f"pass, merge_group() takes its result in options (prepare_options())")
     apply_method = kind == "linear" or method.kind == "elementwise"
     base, experts = _stack_group(plans, base_arrays, expert_arrays)
-    if kind == "linear" and _use_multi_device(multi_device, method, experts.shape[1:]):
+    if kind == "linear" and _use_multi_device(multi_device, method, experts.shape[1:], opts):
         weights = None
         if "weight" in method.per_expert:
             weights = [v["weight"] for v in layer_options(method, opts, plans, len(expert_arrays), tensor_options)]
@@ -534,6 +561,8 @@ __all__ = [
     "layer_options",
     "merge",
     "merge_group",
+    "chunk_plans",
+    "chunk_stack",
     "model_task_vector_chunks",
     "plan_tree",
     "prepare_options",
