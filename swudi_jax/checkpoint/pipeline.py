@@ -5,7 +5,7 @@ The steps, each finished before the next begins:
 1. the config is validated (:mod:`swudi_jax.checkpoint.config`) and every checkpoint is opened (headers
    and metadata only); key sets, shapes and dtypes are compared across base and experts;
 2. every tensor is classified and grouped (:func:`swudi_jax.model.merger.plan_tree`,
-   :func:`swudi_jax.model.layout.group_plans`; a group's stacked bytes stay under
+   :func:`swudi_jax.model.batching.compile_groups`; a group's stacked bytes stay under
    ``max_group_size``);
 3. in a temporary directory next to OUT, group by group: the group's tensors are read from
    the base and every expert, checked for NaN/Inf, merged in one compiled call
@@ -38,8 +38,10 @@ from swudi_jax.checkpoint.io.sources import ModelSource
 from swudi_jax.maths.validation import non_finite
 from swudi_jax.methods import registry
 from swudi_jax.model.flat import mismatch
-from swudi_jax.model.layout import LeafPlan, group_plans, infer_layout
+from swudi_jax.model.layout import LeafPlan, infer_layout
+from swudi_jax.model.batching import compile_groups, padded_sizes
 from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, merge_group, prepare_options
+from swudi_jax.checkpoint.stream import run_overlapped, run_sequential
 
 PAPER = "https://arxiv.org/abs/2606.07289"
 CONFIG_NAME = "merge_config.yaml"
@@ -166,7 +168,8 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
     out_format = base.format if config.out_format == "auto" else config.out_format
     plans = config.leaf_rules(layout).plan_tree(_signature(base))
     _check_grams(config, plans, grams)
-    groups = group_plans(plans, max_group_bytes, copies=len(experts) + 2)
+    elementwise = registry.get_method(config.merge_method).kind == "elementwise"
+    groups = compile_groups(plans, max_group_bytes, copies=len(experts) + 2, elementwise=elementwise)
     out_dtypes = {}
     for p in plans:
         floating = p.kind != "passthrough"
@@ -253,7 +256,8 @@ SWUDI paper: arXiv 2606.07289, {PAPER}.
 
 def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                       dry_run: bool = False, progress: bool = True,
-                      max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES) -> Path:
+                      max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES, overlap: bool = True,
+                      timings: dict | None = None) -> Path:
     """Merge the checkpoints a config names into ``out``, streaming one tensor group at a time.
 
     Args:
@@ -262,7 +266,11 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
       force: replace an existing ``out`` (only once the new one is complete).
       dry_run: validate everything and print the plan; nothing is read beyond headers, nothing written.
       progress: show a progress bar over tensor groups (stderr).
-      max_group_bytes: cap on (N + 2) × a group's tensor bytes held at once.
+      max_group_bytes: cap on (N + 2) × a group's tensor bytes; one group is held at once, two
+        with ``overlap``.
+      overlap: read the next group and write the previous one while this one merges
+        (:mod:`swudi_jax.checkpoint.stream`; same results as ``overlap=False``, at most 2 groups held).
+      timings: if a dict, filled with the merge loop's busy seconds per stage and its wall time.
     Returns:
       ``out`` as a Path.
     Raises:
@@ -294,19 +302,29 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
             writer = ckio.open_writer(target, plan.out_format, entries, shard_size=config.out_shard_size,
                                       metadata=metadata)
             try:
-                for group in _progress(plan.groups, progress, "merging"):
-                    keys = [p.path for p in group]
-                    base_arrays = _compute(_read_group(base, keys), config.dtype)
-                    expert_arrays = [_compute(_read_group(e, keys), config.dtype) for e in experts]
+                sizes = padded_sizes(plan.groups, method.kind == "elementwise")
+
+                def read(g):
+                    keys = [p.path for p in plan.groups[g]]
                     group_grams = None
-                    if grams is not None and group[0].kind == "linear":
+                    if grams is not None and plan.groups[g][0].kind == "linear":
                         group_grams = grams.read_many(keys)
-                    merged = merge_group(list(group), base_arrays, expert_arrays, method, scale,
-                                         options, group_grams, config.multi_device)
-                    del base_arrays, expert_arrays
-                    for key in keys:
+                    return (_compute(_read_group(base, keys), config.dtype),
+                            [_compute(_read_group(e, keys), config.dtype) for e in experts], group_grams)
+
+                def compute(g, arrays):
+                    return merge_group(list(plan.groups[g]), *arrays[:2], method, scale, options, arrays[2],
+                                       config.multi_device, pad_to=sizes[g], host_output=True)
+
+                def write(g, merged):
+                    for key in (p.path for p in plan.groups[g]):
                         writer.write(key, np.asarray(merged[key]).astype(plan.out_dtypes[key], copy=False))
-                    del merged
+
+                loop = run_overlapped if overlap else run_sequential
+                split = loop(range(len(plan.groups)), read, compute, write,
+                             progress=lambda items: _progress(items, progress, "merging"))
+                if timings is not None:
+                    timings.update(split.as_dict())
             except BaseException:
                 writer.abort()
                 raise
