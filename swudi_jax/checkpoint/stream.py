@@ -159,7 +159,7 @@ def run_overlapped(items: Sequence[Any], read: Callable, compute: Callable, writ
             result = compute(item, data)
             del data
             times.compute_s += time.perf_counter() - t
-            if not acquire(write_slot):  # the previous result is written (or the writer failed)
+            if not acquire(write_slot) or write_error:  # the previous result is written (or the writer failed)
                 raise write_error[0]
             outputs.put((item, result))
             del result
