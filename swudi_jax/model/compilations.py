@@ -7,7 +7,7 @@ counts compilations, independent of timing::
 
     with CompileCounter() as compiles:
         swudi_jax.merge(base, experts)
-    compiles.count, compiles.names   # 4, ['run', 'run', 'run', 'run']
+    compiles.count, compiles.by_name()   # e.g. 7, {'jit(run)': 7}: one per shape group
 """
 
 from __future__ import annotations
