@@ -41,6 +41,8 @@ import json, sys, time
 t0 = time.perf_counter()
 from swudi_jax.checkpoint.pipeline import merge_checkpoints
 import_s = time.perf_counter() - t0
+import swudi_jax
+tree = swudi_jax.__file__
 try:
     from swudi_jax.model.compilations import CompileCounter
 except ImportError:
@@ -55,7 +57,7 @@ except TypeError:  # a checkout without the timings keyword
     merge_checkpoints(sys.argv[1], sys.argv[2], progress=False)
 if counter:
     counter.__exit__()
-report = {"import_s": import_s, "merge_checkpoints_s": time.perf_counter() - start, **timings,
+report = {"swudi_jax": tree, "import_s": import_s, "merge_checkpoints_s": time.perf_counter() - start, **timings,
           "compiles": counter.count if counter else None, "compiled": counter.by_name() if counter else None}
 open(sys.argv[3], "w").write(json.dumps(report))
 """
@@ -93,7 +95,7 @@ def run_cli(tree: Path, config: Path, out: Path, env: dict) -> dict:
     load = os.getloadavg()[0]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", WRAPPER, sys.executable, "-m", "swudi_jax.checkpoint.cli", str(config),
-                           str(out), "--no-progress"], env=env, capture_output=True, text=True)
+                           str(out), "--no-progress"], env=env, capture_output=True, text=True, cwd=tree)
     wall = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f"swudi-merge failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -107,7 +109,7 @@ def run_split(tree: Path, config: Path, out: Path, env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     result = out.with_suffix(".json")
     done = subprocess.run([sys.executable, "-c", SPLIT, str(config), str(out), str(result)],
-                          env={**env, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
+                          env={**env, "PYTHONPATH": str(tree)}, capture_output=True, text=True, cwd=tree)
     if done.returncode:
         raise RuntimeError(f"split run failed ({done.returncode}):\n{done.stderr[-2000:]}")
     shutil.rmtree(out, ignore_errors=True)

@@ -353,7 +353,7 @@ def merge_group(
     sharded = kind == "linear" and _use_multi_device(multi_device, method, (len(expert_arrays), *plans[0].maths_shape))
     host = None if sharded else host_group(plans, base_arrays, expert_arrays)
     if host is not None:  # NumPy layout transforms, one transfer each way, one executable per key
-        base, experts = stack_host(plans, *host, flat, size)
+        base, experts = jax.device_put(stack_host(plans, *host, flat, size))  # the host stacks are freed here
     elif flat:
         base, experts = _stack_flat(plans, base_arrays, expert_arrays, size)
     else:
