@@ -155,6 +155,15 @@ def _from_maths_np(plan: LeafPlan, merged: np.ndarray) -> np.ndarray:
     return x[0] if plan.scan_axis is None else np.moveaxis(x, 0, plan.scan_axis)
 
 
+def _aligned(shape: tuple[int, ...], dtype: Any, zero: bool = False) -> np.ndarray:
+    """An uninitialised (or zeroed) array whose data starts on a 64-byte boundary: JAX's CPU
+    client then adopts it without a copy (``jax.device_put``), so the stack exists once."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = (np.zeros if zero else np.empty)(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def stack_host(plans: Sequence[LeafPlan], base: Mapping[str, np.ndarray], experts: Sequence[Mapping[str, np.ndarray]],
                flat: bool, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(base (size, ...), experts (size, N, ...)) in one contiguous buffer each.
@@ -166,8 +175,8 @@ def stack_host(plans: Sequence[LeafPlan], base: Mapping[str, np.ndarray], expert
     n = len(experts)
     dtype = base[plans[0].path].dtype
     if flat:
-        b_out = np.zeros((1, size), dtype)
-        e_out = np.zeros((1, n, size), dtype)
+        b_out = _aligned((1, size), dtype, zero=True)
+        e_out = _aligned((1, n, size), dtype, zero=True)
         start = 0
         for p in plans:
             count = math.prod(p.shape)
@@ -177,8 +186,8 @@ def stack_host(plans: Sequence[LeafPlan], base: Mapping[str, np.ndarray], expert
             start += count
         return b_out, e_out
     inner = plans[0].maths_shape if plans[0].kind == "linear" else tuple(plans[0].shape)
-    b_out = np.empty((size, *inner), dtype)
-    e_out = np.empty((size, n, *inner), dtype)
+    b_out = _aligned((size, *inner), dtype)
+    e_out = _aligned((size, n, *inner), dtype)
     start = 0
     for p in plans:
         layers = p.layers if p.kind == "linear" else 1
