@@ -15,6 +15,8 @@ writes JSON (default ``benchmarks/results/streaming_memory.json``).
 
     python benchmarks/streaming_memory.py                # 4 experts x ~200 MB, swudi
     python benchmarks/streaming_memory.py --smoke        # tiny, seconds
+    python benchmarks/streaming_memory.py --split --model-mb 200 --group-mb 96 --no-in-memory \
+        --json benchmarks/results/streaming_split.json   # read / compute floors vs the overlapped pipeline
 """
 
 from __future__ import annotations
@@ -99,6 +101,90 @@ RUNTIME = (
 )
 
 
+SPLIT = r"""
+import json, sys, time
+t0 = time.perf_counter()
+mode, config_path, out, cap, result = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+from swudi_jax.checkpoint.config import load_config
+from swudi_jax.checkpoint import pipeline
+from swudi_jax.methods import registry
+from swudi_jax.model.batching import padded_sizes
+config = load_config(config_path)
+report = {"mode": mode, "import_s": time.perf_counter() - t0}
+start, cpu = time.perf_counter(), time.process_time()
+if mode in ("read", "compute"):
+    method = registry.get_method(config.merge_method)
+    options = method.resolve(config.parameters)
+    scale = config.scale if config.scale is not None else method.scale(options)
+    with pipeline._opened(config) as (base, experts, grams):
+        plan = pipeline.plan_merge(config, base, experts, grams, max_group_bytes=cap)
+        sizes = padded_sizes(plan.groups, method.kind == "elementwise")
+        resolver = pipeline.tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
+        busy = 0.0
+        for group, size in zip(plan.groups, sizes):
+            keys = [p.path for p in group]
+            t = time.perf_counter()
+            arrays = pipeline._read_group(base, keys), [pipeline._read_group(e, keys) for e in experts]
+            if mode == "read":
+                busy += time.perf_counter() - t
+                continue
+            t = time.perf_counter()
+            pipeline.merge_group(list(group), *arrays, method, scale, options, None, config.multi_device,
+                                 resolver, method.work_dtype(config.dtype), config.has_base,
+                                 pad_to=size, host_output=True)
+            busy += time.perf_counter() - t
+    report["busy_s"] = busy
+else:
+    timings = {}
+    pipeline.merge_checkpoints(config, out, progress=False, max_group_bytes=cap, overlap=mode == "overlapped",
+                               timings=timings)
+    report.update(timings)
+report["total_s"] = time.perf_counter() - start
+report["cpu_s"] = time.process_time() - cpu
+open(result, "w").write(json.dumps(report))
+"""
+
+
+def split(config: Path, work: Path, cap: int, env: dict, runs: int = 1) -> dict:
+    """The time split in one invocation: the read floor (reading every tensor of every model once,
+    with the pipeline's finite check), the compute floor (merging every group from memory,
+    compilation included), the overlapped pipeline's wall time and the sequential one's, each in
+    a fresh process on the same files (page cache warm for all: they were just written)."""
+    rows: dict = {}
+    for _ in range(runs):  # the modes interleaved, so that a drifting load hits them alike; best of the runs
+        for mode in ("read", "compute", "overlapped", "sequential"):
+            out, result = work / f"split_{mode}", work / f"split_{mode}.json"
+            shutil.rmtree(out, ignore_errors=True)
+            rss, wall = measure([sys.executable, "-c", SPLIT, mode, str(config), str(out), str(cap), str(result)], env)
+            row = json.loads(result.read_text()) | {"peak_rss_bytes": rss, "process_wall_s": wall}
+            shutil.rmtree(out, ignore_errors=True)
+            if mode not in rows or row["total_s"] < rows[mode]["total_s"]:
+                rows[mode] = row
+    floor = max(rows["read"]["busy_s"], rows["compute"]["busy_s"])
+    rows["ratio_overlapped"] = rows["overlapped"]["wall_s"] / floor
+    rows["ratio_sequential"] = rows["sequential"]["wall_s"] / floor
+    return rows
+
+
+def print_split(rows: dict) -> None:
+    read, compute = rows["read"]["busy_s"], rows["compute"]["busy_s"]
+    print(f"\ntime split (--split), group cap {rows['cap_mb']:g} MB, load average before {rows['load_before']}, "
+          f"after {rows['load_after']}:\n")
+    print("| run | wall (s) | read busy (s) | compute busy (s) | write busy (s) | process CPU (s) | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| read floor | {read:.1f} | {read:.1f} | | | {rows['read']['cpu_s']:.1f} | "
+          f"{rows['read']['peak_rss_bytes'] / MB:.0f} |")
+    print(f"| compute floor | {compute:.1f} | | {compute:.1f} | | {rows['compute']['cpu_s']:.1f} | "
+          f"{rows['compute']['peak_rss_bytes'] / MB:.0f} |")
+    for mode in ("overlapped", "sequential"):
+        r = rows[mode]
+        print(f"| {mode} | {r['wall_s']:.1f} | {r['read_s']:.1f} | {r['compute_s']:.1f} | {r['write_s']:.1f} | "
+              f"{r['cpu_s']:.1f} | {r['peak_rss_bytes'] / MB:.0f} |")
+    print(f"\nwall / max(read floor, compute floor): overlapped {rows['ratio_overlapped']:.2f}, "
+          f"sequential {rows['ratio_sequential']:.2f} (the loop's wall; process start and imports excluded: "
+          f"imports {rows['overlapped']['import_s']:.1f} s)")
+
+
 def measure(command: list[str], env: dict) -> tuple[int, float]:
     """Run ``command`` under WRAPPER; its peak RSS in bytes (``ru_maxrss`` from wait4) and wall seconds."""
     start = time.perf_counter()
@@ -123,6 +209,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the checkpoints (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "streaming_memory.json")
     parser.add_argument("--no-in-memory", action="store_true", help="skip the in-memory comparison run")
+    parser.add_argument("--split", action="store_true",
+                        help="time split instead of memory: read floor, compute floor, overlapped and sequential "
+                             "pipeline wall times, at the first --group-mb (writes --json)")
+    parser.add_argument("--runs", type=int, default=1, help="--split: best of this many runs per row")
     args = parser.parse_args(argv)
     if args.smoke:
         args.experts, args.model_mb, args.hidden, args.shard_mb, args.group_mb = 2, 0.05, 32, 0.02, [0.02]
@@ -143,6 +233,21 @@ def main(argv: list[str] | None = None) -> dict:
             f"base_model: {paths[0]}\nmodels: [{', '.join(str(p) for p in paths[1:])}]\n"
             f"merge_method: {args.method}\nout_shard_size: {int(args.shard_mb * MB)}\n"
         )
+        if args.split:
+            cap = int(args.group_mb[0] * MB)
+            load_before = os.getloadavg()[0]
+            rows = split(config, work, cap, env, args.runs)
+            rows.update(cap_mb=args.group_mb[0], load_before=round(load_before, 1), load_after=round(os.getloadavg()[0], 1))
+            result = {"method": args.method, "experts": args.experts, "dtype": args.dtype, "hidden": args.hidden,
+                      "layers": layers, "tensors": len(shapes), "model_bytes": model_bytes, "smoke": args.smoke,
+                      "cpu_count": os.cpu_count(), "split": rows}
+            print(f"\nstreaming split: {args.method}, {args.experts} experts x {model_bytes / MB:.1f} MB "
+                  f"({len(shapes)} tensors, {args.dtype})")
+            print_split(rows)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"wrote {args.json}")
+            return result
         rows = []
         rss, wall = measure([sys.executable, "-c", RUNTIME, args.method], env)
         rows.append({"run": "runtime", "group_bytes": 0, "peak_rss_bytes": rss, "wall_s": wall})

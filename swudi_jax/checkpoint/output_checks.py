@@ -9,8 +9,8 @@ square to 1e28 and beyond in float32). The checks are therefore outside the comp
 
 - the inputs, on the host, as each group is read (``checkpoint_merge._read_group``);
 - the outputs, here: :func:`checked_outputs` casts each merged floating tensor of a group to
-  its output dtype on the device (so an overflow of the cast, e.g. to float16, is caught
-  too), reduces it to one "all finite" flag there, and fetches only the flags. A tensor
+  its output dtype (in NumPy for results already on the host, else on the device; so an overflow
+  of the cast, e.g. to float16, is caught too), reduces it to one "all finite" flag there, and fetches only the flags. A tensor
   with NaN/Inf stops the run with a ValueError naming it and the method; only then is that
   one tensor copied to the host to count and locate the bad values.
 """
@@ -58,12 +58,26 @@ def checked_outputs(merged: Mapping[str, object], dtypes: Mapping[str, np.dtype]
         flags = np.asarray(jax.device_get(jnp.stack([_all_finite(v) for v in on_device.values()])))
         for (key, value), ok in zip(on_device.items(), flags):
             if not ok:
-                host = np.asarray(value).astype(np.float32)
-                bad = ~np.isfinite(host)
-                first = tuple(int(i) for i in np.argwhere(bad)[0])
-                raise NonFiniteOutput(
-                    f"merged tensor {key!r} ({method}) has {int(bad.sum())} non-finite value(s) (NaN/Inf) out of "
-                    f"{bad.size}, first at index {first}, in {value.dtype}; the inputs were checked finite, so the "
-                    "merge overflowed (task vectors too large for the compute dtype? try dtype: float64, a smaller "
-                    "scale, or another method); nothing was written")
-    return {key: np.asarray(on_device.get(key, merged[key])).astype(dtypes[key], copy=False) for key in merged}
+                _refuse(key, value, method)
+    out = {}
+    for key, value in merged.items():
+        if key not in on_device and isinstance(value, np.ndarray) and _floating(value.dtype) and _floating(dtypes[key]):
+            # a host result (merge_group(host_output=True)): cast and checked in NumPy (no per-shape compilation)
+            with np.errstate(over="ignore", invalid="ignore"):
+                out[key] = value.astype(dtypes[key], copy=False)
+            if not np.isfinite(out[key]).all():
+                _refuse(key, out[key], method)
+        else:
+            out[key] = np.asarray(on_device.get(key, value)).astype(dtypes[key], copy=False)
+    return out
+
+
+def _refuse(key: str, value, method: str) -> None:
+    host = np.asarray(value).astype(np.float32)
+    bad = ~np.isfinite(host)
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise NonFiniteOutput(
+        f"merged tensor {key!r} ({method}) has {int(bad.sum())} non-finite value(s) (NaN/Inf) out of "
+        f"{bad.size}, first at index {first}, in {value.dtype}; the inputs were checked finite, so the "
+        "merge overflowed (task vectors too large for the compute dtype? try dtype: float64, a smaller "
+        "scale, or another method); nothing was written")

@@ -5,18 +5,20 @@ The steps, each finished before the next begins:
 1. the config is validated (:mod:`swudi_jax.checkpoint.config`) and every checkpoint is opened (headers
    and metadata only); key sets, shapes and dtypes are compared across base and experts;
 2. every tensor is classified and grouped (:func:`swudi_jax.model.merger.plan_tree`,
-   :func:`swudi_jax.model.layout.group_plans`; a group's stacked bytes stay under
+   :func:`swudi_jax.model.batching.compile_groups`; a group's stacked bytes stay under
    ``max_group_size``);
 3. OUT is checked (:func:`swudi_jax.checkpoint.io.output.check_output_target`: never empty, ``.``,
    the working directory, a parent of the config or of an input), locked, and a temporary
    directory is made next to OUT (:class:`swudi_jax.checkpoint.io.output.OutputSlot`); the base's
    side files are checked (:mod:`swudi_jax.checkpoint.io.side_files`);
-4. in that temporary directory, group by group: the group's tensors are read from the base
-   and every expert, checked for NaN/Inf on the host, merged in one compiled call
-   (:func:`swudi_jax.model.merger.merge_group`), checked finite on the device in their output dtype
+4. in that temporary directory, group by group, overlapped (:mod:`swudi_jax.checkpoint.stream`:
+   the next group is read and the previous one written while this one merges): the group's
+   tensors are read from the base and every expert, checked for NaN/Inf on the host, merged in
+   one compiled call per shape group (:func:`swudi_jax.model.merger.merge_group`, chunks padded to
+   one size), checked finite on the host in their output dtype
    (:func:`swudi_jax.checkpoint.output_checks.checked_outputs`: the compiled layer functions cannot
    raise on traced values, so this is where non-finite results are caught, naming the
-   tensor and the method) and streamed into the output checkpoint;
+   tensor and the method) and streamed into the output checkpoint by the write-behind thread;
 5. the base's side files (an allow-list: config, tokenizer, sentence-transformers modules),
    the config (checkpoint paths as written in it) and a model card are added, and the
    directory is moved to OUT if OUT is still what the run saw at the start.
@@ -49,10 +51,12 @@ from swudi_jax.checkpoint.io.reader import naming_file
 from swudi_jax.checkpoint.io.side_files import copy_side_files, plan_side_files
 from swudi_jax.checkpoint.io.sources import ModelSource
 from swudi_jax.checkpoint.output_checks import checked_outputs
+from swudi_jax.checkpoint.stream import run_overlapped, run_sequential
 from swudi_jax.maths.validation import non_finite
 from swudi_jax.methods import registry
+from swudi_jax.model.batching import compile_groups, padded_sizes
 from swudi_jax.model.flat import mismatch
-from swudi_jax.model.layout import LeafPlan, group_plans, infer_layout
+from swudi_jax.model.layout import LeafPlan, infer_layout
 from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, chunk_plans, chunk_stack, merge_group, prepare_options
 
 PAPER = "https://arxiv.org/abs/2606.07289"
@@ -192,7 +196,8 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
     plans = config.leaf_rules(layout).plan_tree(_signature(base))
     mk.check_layer_range(config.layer_range, base.keys(), f"config {config.source}: `slices`")
     _check_grams(config, plans, grams)
-    groups = group_plans(plans, max_group_bytes, copies=len(experts) + 2)
+    elementwise = registry.get_method(config.merge_method).kind == "elementwise"
+    groups = compile_groups(plans, max_group_bytes, copies=len(experts) + 2, elementwise=elementwise)
     out_dtypes = {}
     for p in plans:
         floating = p.kind != "passthrough"
@@ -311,7 +316,8 @@ SWUDI paper: arXiv 2606.07289, {PAPER}.
 
 def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                       dry_run: bool = False, progress: bool = True,
-                      max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES, copy_tokenizer: bool = True) -> Path:
+                      max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES, copy_tokenizer: bool = True,
+                      overlap: bool = True, timings: dict | None = None) -> Path:
     """Merge the checkpoints a config names into ``out``, streaming one tensor group at a time.
 
     Args:
@@ -322,8 +328,12 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         still what the run saw at the start).
       dry_run: validate everything and print the plan; nothing is read beyond headers, nothing written.
       progress: show a progress bar over tensor groups (stderr).
-      max_group_bytes: cap on (N + 2) × a group's tensor bytes held at once.
+      max_group_bytes: cap on (N + 2) × a group's tensor bytes; one group is held at once, two
+        with ``overlap``.
       copy_tokenizer: copy the tokenizer files (the base's, or ``tokenizer_source``'s) to ``out``.
+      overlap: read the next group and write the previous one while this one merges
+        (:mod:`swudi_jax.checkpoint.stream`; same results as ``overlap=False``, at most 2 groups held).
+      timings: if a dict, filled with the merge loop's busy seconds per stage and its wall time.
     Returns:
       ``out`` as a Path.
     Raises:
@@ -360,25 +370,37 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         target = ckio.weights_path(tmp, plan.out_format)
         writer = ckio.open_writer(target, plan.out_format, entries, shard_size=shard_size,
                                   metadata=metadata)
-        try:
+        sizes = padded_sizes(plan.groups, method.kind == "elementwise")
+
+        def read(g):  # the prefetch thread: inputs read and checked finite on the host
+            keys = [p.path for p in plan.groups[g]]
+            base_arrays = _compute(_read_group(base, keys), work)
+            expert_arrays = [_compute(_read_group(e, keys), work) for e in experts]
+            for i, arrays in enumerate(expert_arrays):
+                same_as_base[i] = same_as_base[i] and all(np.array_equal(arrays[k], base_arrays[k]) for k in keys)
+            group_grams = None
+            if grams is not None and plan.groups[g][0].kind == "linear":
+                group_grams = _read_group(grams, keys)
+            return base_arrays, expert_arrays, group_grams
+
+        def compute(g, arrays):  # the caller's thread: one compiled call, results checked finite
+            group = list(plan.groups[g])
+            merged = merge_group(group, arrays[0], arrays[1], method, scale, options, arrays[2],
+                                 config.multi_device, resolver, work, config.has_base,
+                                 pad_to=sizes[g], host_output=True)
+            return checked_outputs(merged, {p.path: plan.out_dtypes[p.path] for p in group}, config.merge_method)
+
+        def write(g, merged):  # the write-behind thread, in group order
             with naming_file(target):
-                for group in _progress(plan.groups, progress, "merging"):
-                    keys = [p.path for p in group]
-                    base_arrays = _compute(_read_group(base, keys), work)
-                    expert_arrays = [_compute(_read_group(e, keys), work) for e in experts]
-                    for i, arrays in enumerate(expert_arrays):
-                        same_as_base[i] = same_as_base[i] and all(np.array_equal(arrays[k], base_arrays[k]) for k in keys)
-                    group_grams = None
-                    if grams is not None and group[0].kind == "linear":
-                        group_grams = _read_group(grams, keys)
-                    merged = merge_group(list(group), base_arrays, expert_arrays, method, scale,
-                                         options, group_grams, config.multi_device, resolver, work,
-                                         config.has_base)
-                    del base_arrays, expert_arrays
-                    merged = checked_outputs(merged, {k: plan.out_dtypes[k] for k in keys}, config.merge_method)
-                    for key in keys:
-                        writer.write(key, merged[key])
-                    del merged
+                for key in (p.path for p in plan.groups[g]):
+                    writer.write(key, merged[key])
+
+        try:
+            loop = run_overlapped if overlap else run_sequential
+            split = loop(range(len(plan.groups)), read, compute, write,
+                         progress=lambda items: _progress(items, progress, "merging"))
+            if timings is not None:
+                timings.update(split.as_dict())
         except BaseException:
             writer.abort()
             raise

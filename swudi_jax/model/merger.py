@@ -17,6 +17,7 @@ layers run with their rows split over several devices).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -27,8 +28,10 @@ from swudi_jax.maths.linalg import compute_dtype
 from swudi_jax.maths.validation import check_choice, check_finite, check_number
 from swudi_jax.methods.registry import DEFAULT_METHOD, get_method
 from swudi_jax.methods.spec import CHUNK_LEAVES, ChunkSource, MethodSpec
+from swudi_jax.model.batching import (compile_groups, compile_key, group_size, host_array, host_group, is_flat,
+                                      pad_layers, padded_sizes, stack_host, unstack_host)
 from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
-from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, from_maths, group_plans, to_maths
+from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, from_maths, to_maths
 from swudi_jax.scale.sharding import make_row_mesh, merge_sharded, should_shard
 
 DEFAULT_MAX_GROUP_BYTES = 1 << 30
@@ -63,7 +66,8 @@ def check_models(base_flat: Mapping[str, Any], expert_flats: Sequence[Mapping[st
                      [f"expert {i}" for i in range(len(expert_flats))], "the base")
     for who, flat in [("base", base_flat)] + [(f"expert {i}", f) for i, f in enumerate(expert_flats)]:
         for path, leaf in flat.items():
-            check_finite(leaf, f"{who}: parameter {path!r}")
+            host = host_array(leaf)  # on the host: checked in NumPy, no per-shape compilation
+            check_finite(leaf if host is None else host, f"{who}: parameter {path!r}")
 
 
 def _expert_flats(experts: Any) -> list[dict[str, Any]]:
@@ -212,7 +216,8 @@ def _group_fn(method: MethodSpec, apply_method: bool, static: tuple, array_names
             merged = jax.vmap(one, in_axes=(0, 0, *array_axes))(tau, base_w, *arrays)
         else:  # the mean task vector, of the weighted ones when the method has per-expert weights
             if array_names == ("weight",):
-                tau = tau * arrays[0].astype(dtype).reshape(arrays[0].shape + (1,) * (tau.ndim - 2))
+                w = arrays[0].astype(dtype)  # (G, N) per layer, or (1, N, size) per element of a flat group
+                tau = tau * w.reshape(w.shape + (1,) * (tau.ndim - w.ndim))
             merged = jnp.mean(tau, axis=1)
         return (base_w + jnp.asarray(scale, dtype) * merged.astype(dtype)).astype(base.dtype)
 
@@ -299,6 +304,43 @@ def _unstack_group(plans: Sequence[LeafPlan], merged: jnp.ndarray) -> dict[str, 
     return out
 
 
+def _stack_flat(plans: Sequence[LeafPlan], base_arrays: Mapping[str, Any],
+                expert_arrays: Sequence[Mapping[str, Any]], size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Device arrays of a flat mean group: (1, size) and (1, N, size), raveled, concatenated, zero-padded."""
+    def row(arrays):
+        flat = jnp.concatenate([jnp.ravel(jnp.asarray(arrays[p.path])) for p in plans])
+        return jnp.pad(flat, (0, size - flat.shape[0]))
+    return row(base_arrays)[None], jnp.stack([row(e) for e in expert_arrays])[None]
+
+
+def _unstack_flat(plans: Sequence[LeafPlan], merged: jnp.ndarray) -> dict[str, jax.Array]:
+    out, start = {}, 0
+    for p in plans:
+        count = math.prod(p.shape)
+        out[p.path] = merged[0, start:start + count].reshape(p.shape)
+        start += count
+    return out
+
+
+def _flat_weights(plans: Sequence[LeafPlan], per_layer: Sequence[Mapping[str, Any]], n_experts: int,
+                  size: int) -> np.ndarray:
+    """The per-expert weights of a flat mean group as (1, N, size) float32: each leaf's (N,)
+    weights repeated over its elements, zero over the padding (whose task vectors are zero)."""
+    out = np.zeros((1, n_experts, size), np.float32)
+    start, layer = 0, 0
+    for p in plans:
+        count = math.prod(p.shape)
+        w = np.stack([np.asarray(v["weight"], np.float32) for v in per_layer[layer:layer + p.layers]], axis=1)
+        if p.scan_axis is not None:  # (N, layers) along the leaf's layer axis
+            w = w.reshape((n_experts,) + tuple(p.layers if a == p.scan_axis else 1 for a in range(len(p.shape))))
+        else:
+            w = w.reshape((n_experts,) + (1,) * len(p.shape))
+        out[0, :, start:start + count] = np.broadcast_to(w, (n_experts, *p.shape)).reshape(n_experts, count)
+        start += count
+        layer += p.layers
+    return out
+
+
 def _stack_grams(plans: Sequence[LeafPlan], grams: Mapping[str, Any] | None, n_experts: int) -> jnp.ndarray:
     stacked = []
     for plan in plans:
@@ -370,7 +412,7 @@ def _group_inputs(method: MethodSpec, opts: Mapping[str, Any], plans: Sequence[L
     for name in method.varying:
         if opts.get(name) is None and all(v.get(name) is None for v in per_layer):
             continue
-        arrays.append(jnp.asarray(np.stack([np.asarray(v[name], np.float64) for v in per_layer]), jnp.float32))
+        arrays.append(np.stack([np.asarray(v[name], np.float64) for v in per_layer]).astype(np.float32))
         names.append(name)
         axes.append(0)
     if method.leaf_inputs is not None:
@@ -402,6 +444,9 @@ def merge_group(
     tensor_options: TensorOptions | None = None,
     dtype: Any = None,
     has_base: bool = True,
+    *,
+    pad_to: int | None = None,
+    host_output: bool = False,
 ) -> dict[str, jax.Array]:
     """Merge one group of leaves (one group key) in one compiled call.
 
@@ -425,6 +470,17 @@ def merge_group(
         not defined in it computes in float32 (:func:`work_dtype`).
       has_base: False when the merge has no base model (methods whose ``base`` is "optional"
         or "joins"); ``base_arrays`` then only give the shapes and dtypes (pass any model's).
+      pad_to: pad the stacked axis to this size (:func:`swudi_jax.model.batching.padded_sizes`)
+        so that every chunk of one group reuses one compiled executable; per-layer inputs
+        (grams, per-tensor option values, leaf inputs) are padded like the layers, repeating
+        the last layer's values.
+      host_output: return NumPy arrays (the checkpoint writer's input) instead of JAX arrays.
+
+    Mean leaves under a method that is not elementwise may have several shapes (one dtype):
+    they merge as one flat vector (:func:`swudi_jax.model.batching.compile_groups`); per-expert
+    weights then enter as one (1, N, size) array, each leaf's weights repeated over its
+    elements (zero over the padding). Arrays on the host are stacked and unstacked in NumPy
+    (:mod:`swudi_jax.model.batching`).
     Returns:
       {path: merged array} with the base's shapes and dtypes.
     """
@@ -433,9 +489,12 @@ def merge_group(
     scale = method.scale(opts) if scale is None else scale
     if not plans:
         return {}
-    if len({p.group for p in plans}) != 1:
-        raise ValueError(f"merge_group takes plans of one group key, got {sorted({p.group for p in plans})}")
     kind = plans[0].kind
+    apply_method = kind == "linear" or method.kind == "elementwise"
+    flat = is_flat(plans, apply_method)
+    keys = {compile_key([p], False) for p in plans} if flat else {p.group for p in plans}
+    if len(keys) != 1:
+        raise ValueError(f"merge_group takes plans of one group key, got {sorted({p.group for p in plans})}")
     if kind in ("keep", "passthrough"):
         return {p.path: base_arrays[p.path] for p in plans}
     check_expert_count(method, len(expert_arrays))
@@ -445,9 +504,18 @@ def merge_group(
     if preparation is not None:
         raise ValueError(f"method {method.name!r}: {preparation.what}; merge() and merge_checkpoints() run this "
                          f"pass, merge_group() takes its result in options (prepare_options())")
-    apply_method = kind == "linear" or method.kind == "elementwise"
-    base, experts = _stack_group(plans, base_arrays, expert_arrays)
-    if kind == "linear" and _use_multi_device(multi_device, method, experts.shape[1:], opts):
+    elementwise = method.kind == "elementwise"
+    size = max(pad_to or 0, group_size(plans, elementwise))
+    sharded = kind == "linear" and _use_multi_device(multi_device, method, (len(expert_arrays), *plans[0].maths_shape),
+                                                     opts)
+    host = None if sharded else host_group(plans, base_arrays, expert_arrays)
+    if host is not None:  # NumPy layout transforms, one transfer each way, one executable per key
+        base, experts = jax.device_put(stack_host(plans, *host, flat, size))  # the host stacks are freed here
+    elif flat:
+        base, experts = _stack_flat(plans, base_arrays, expert_arrays, size)
+    else:
+        base, experts = _stack_group(plans, base_arrays, expert_arrays)
+    if sharded:
         weights = None
         if "weight" in method.per_expert:
             weights = [v["weight"] for v in layer_options(method, opts, plans, len(expert_arrays), tensor_options)]
@@ -455,17 +523,28 @@ def merge_group(
     else:
         if apply_method:
             arrays, names, axes = _group_inputs(method, opts, plans, grams, len(expert_arrays), tensor_options)
+            arrays = [pad_layers(a, size) if ax == 0 else a for a, ax in zip(arrays, axes)]
         elif "weight" in method.per_expert:  # other leaves: the mean of the weighted task vectors
             per_layer = layer_options(method, opts, plans, len(expert_arrays), tensor_options)
-            arrays, names, axes = [jnp.asarray(np.stack([v["weight"] for v in per_layer]), jnp.float32)], ["weight"], [0]
+            if flat:
+                arrays = [_flat_weights(plans, per_layer, len(expert_arrays), size)]
+            else:
+                arrays = [pad_layers(np.stack([v["weight"] for v in per_layer]).astype(np.float32), size)]
+            names, axes = ["weight"], [0]
         else:
             arrays, names, axes = [], [], []
+        if host is None and not flat:
+            base, experts = pad_layers(base, size), pad_layers(experts, size)
         static = {k: v for k, v in opts.items()
                   if not (k in method.array_options and v is not None) and k not in names}
         work = work_dtype(method, dtype, base.dtype)
         fn = _group_fn(method, apply_method, _hashable(static), tuple(names), tuple(axes), work, has_base)
         merged = fn(base, experts, scale, *arrays)
-    return _unstack_group(plans, merged)
+    if host is not None:
+        out = unstack_host(plans, np.asarray(merged), flat)
+        return out if host_output else {k: jax.device_put(v) for k, v in out.items()}  # no per-shape compile
+    out = _unstack_flat(plans, merged) if flat else _unstack_group(plans, merged)
+    return {k: np.asarray(v) for k, v in out.items()} if host_output else out
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -547,9 +626,11 @@ def merge(
                 _stack_grams([plan], grams, len(expert_flats))
     opts = prepare_options(method, opts, model_task_vector_chunks(plans, base_flat, expert_flats))
     merged: dict[str, Any] = {}
-    for group in group_plans(plans, max_group_bytes, copies=len(expert_flats) + 1):
+    elementwise = method.kind == "elementwise"
+    groups = compile_groups(plans, max_group_bytes, copies=len(expert_flats) + 1, elementwise=elementwise)
+    for group, size in zip(groups, padded_sizes(groups, elementwise)):
         merged.update(merge_group(group, base_flat, expert_flats, method, scale, opts, grams, multi_device,
-                                  tensor_options, dtype))
+                                  tensor_options, dtype, pad_to=size))
     return unflatten(treedef, merged, base_flat)
 
 

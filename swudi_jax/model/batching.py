@@ -1,0 +1,240 @@
+"""Few compiled calls per model: how leaves are batched into groups, and host-side stacking.
+
+A compiled group call is keyed by its input shapes, so every distinct shape costs one XLA
+compilation. Two rules keep that to one compilation per shape group:
+
+- **Flat means.** For methods that are not elementwise, every non-linear floating leaf
+  (biases, norms, embeddings) gets the mean task vector, an elementwise formula
+  ``θ0 + s · mean_i(θi − θ0)`` that does not care about shapes: such leaves are bucketed by
+  dtype, raveled and concatenated into one flat vector per chunk, so all biases and norms of
+  a model merge in one call instead of one per shape.
+- **Equal chunks.** A group cut into chunks (``max_group_bytes``) is cut into chunks of equal
+  leaf count where the leaves are the same size, and every chunk is padded to the largest
+  chunk of its key (:func:`padded_sizes`: layers of a linear group, repeating the chunk's last
+  layer; elements of a flat group, with zeros), so every chunk of one group has the same
+  shapes and reuses one executable. Padded entries are dropped from the result.
+
+When a group's arrays are on the host (NumPy, read from disk, or JAX arrays on the CPU
+backend) the layout transforms (:func:`swudi_jax.model.layout.to_maths`, ``from_maths``) are
+done in NumPy: one contiguous stack goes to the device, one result comes back, and no eager
+JAX operation (each of which is a small compilation per shape) runs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from swudi_jax.model.layout import LeafPlan, group_plans
+
+# ----------------------------------------------------------------------------- grouping
+
+
+def is_flat(plans: Sequence[LeafPlan], apply_method: bool) -> bool:
+    """True when the group merges as one flat vector (mean leaves under a non-elementwise method)."""
+    return not apply_method and bool(plans) and all(p.kind == "mean" for p in plans)
+
+
+def compile_key(plans: Sequence[LeafPlan], elementwise: bool) -> tuple:
+    """The key chunks share an executable under: ("flat", dtype) for flat means, else the group key."""
+    if plans[0].kind == "mean" and not elementwise:
+        return ("flat", np.dtype(plans[0].dtype).name)
+    return plans[0].group
+
+
+def group_size(plans: Sequence[LeafPlan], elementwise: bool) -> int:
+    """A chunk's size along its stacked axis: elements of a flat group, else layers."""
+    if plans[0].kind == "mean" and not elementwise:
+        return sum(math.prod(p.shape) for p in plans)
+    return sum(p.layers for p in plans)
+
+
+def _balanced(chunks: list[list[LeafPlan]]) -> list[list[LeafPlan]]:
+    """Greedy byte chunks of one key recut into chunks of (nearly) equal leaf count, when all
+    leaves are the same size (so no chunk grows past the largest greedy chunk)."""
+    if len(chunks) < 2:
+        return chunks
+    plans = [p for c in chunks for p in c]
+    if len({p.nbytes for p in plans}) != 1:
+        return chunks
+    per = -(-len(plans) // len(chunks))
+    return [plans[i:i + per] for i in range(0, len(plans), per)]
+
+
+def compile_groups(plans: Iterable[LeafPlan], max_group_bytes: int | None = None, *, copies: int = 1,
+                   elementwise: bool = False) -> list[list[LeafPlan]]:
+    """The groups to merge, one compiled call each (compare :func:`~swudi_jax.model.layout.group_plans`).
+
+    Mean leaves of one dtype form one group (chunked by ``copies × bytes ≤ max_group_bytes``)
+    unless the method is ``elementwise`` (then it is applied leaf shape by leaf shape); the
+    other keys are chunked as by ``group_plans``, then evened out. Every plan lands in exactly
+    one group; groups keep the first-seen order of their keys.
+    """
+    plans = list(plans)
+    by_key: dict[tuple, list[LeafPlan]] = {}
+    for p in plans:
+        by_key.setdefault(compile_key([p], elementwise), []).append(p)
+    groups: list[list[LeafPlan]] = []
+    for key, members in by_key.items():
+        if key[0] == "flat":
+            sizes, chunks = 0, [[]]
+            for p in members:
+                cost = copies * p.nbytes
+                if max_group_bytes is not None and chunks[-1] and sizes + cost > max_group_bytes:
+                    chunks.append([])
+                    sizes = 0
+                chunks[-1].append(p)
+                sizes += cost
+            groups.extend(chunks)
+        else:
+            groups.extend(_balanced(group_plans(members, max_group_bytes, copies=copies)))
+    return groups
+
+
+def padded_sizes(groups: Sequence[Sequence[LeafPlan]], elementwise: bool) -> list[int]:
+    """For each group, the size its chunk is padded to: the largest chunk of its compile key."""
+    keys = [compile_key(g, elementwise) if g else None for g in groups]
+    largest: dict[Any, int] = {}
+    for key, g in zip(keys, groups):
+        if g:
+            largest[key] = max(largest.get(key, 0), group_size(g, elementwise))
+    return [largest[k] if k is not None else 0 for k in keys]
+
+
+# ----------------------------------------------------------------------------- host stacking
+
+
+def host_array(x: Any) -> np.ndarray | None:
+    """``x`` as a NumPy array without a copy when it already lives on the host (a NumPy array,
+    or a JAX array on CPU devices); None for device arrays (GPU, TPU)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        try:
+            if all(d.platform == "cpu" for d in x.devices()):
+                return np.asarray(x)
+        except Exception:  # noqa: BLE001 - a deleted or abstract array: not on the host
+            return None
+    return None
+
+
+def host_group(plans: Sequence[LeafPlan], base_arrays: Mapping[str, Any],
+               expert_arrays: Sequence[Mapping[str, Any]]) -> tuple[dict, list[dict]] | None:
+    """The group's arrays as NumPy views, or None if any of them is on an accelerator."""
+    base, experts = {}, [{} for _ in expert_arrays]
+    for p in plans:
+        b = host_array(base_arrays[p.path])
+        if b is None:
+            return None
+        base[p.path] = b
+        for out, arrays in zip(experts, expert_arrays):
+            e = host_array(arrays[p.path])
+            if e is None:
+                return None
+            out[p.path] = e
+    return base, experts
+
+
+def _to_maths_np(plan: LeafPlan, x: np.ndarray) -> np.ndarray:
+    """NumPy :func:`~swudi_jax.model.layout.to_maths` of one model's leaf: shape → (layers, m, n)."""
+    x = np.moveaxis(x, plan.scan_axis, 0) if plan.scan_axis is not None else x[None]
+    if plan.transpose:
+        n_in = math.prod(x.shape[1:1 + plan.input_axes])
+        x = np.swapaxes(x.reshape(x.shape[0], n_in, -1), -1, -2)
+    return x.reshape(x.shape[0], *plan.maths_shape)
+
+
+def _from_maths_np(plan: LeafPlan, merged: np.ndarray) -> np.ndarray:
+    """NumPy :func:`~swudi_jax.model.layout.from_maths`: (layers, m, n) → the leaf's shape."""
+    inner = plan.shape if plan.scan_axis is None else plan.shape[:plan.scan_axis] + plan.shape[plan.scan_axis + 1:]
+    x = np.swapaxes(merged, -1, -2) if plan.transpose else merged
+    x = x.reshape(plan.layers, *inner)
+    return x[0] if plan.scan_axis is None else np.moveaxis(x, 0, plan.scan_axis)
+
+
+def _aligned(shape: tuple[int, ...], dtype: Any, zero: bool = False) -> np.ndarray:
+    """An uninitialised (or zeroed) array whose data starts on a 64-byte boundary: JAX's CPU
+    client then adopts it without a copy (``jax.device_put``), so the stack exists once."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = (np.zeros if zero else np.empty)(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def stack_host(plans: Sequence[LeafPlan], base: Mapping[str, np.ndarray], experts: Sequence[Mapping[str, np.ndarray]],
+               flat: bool, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(base (size, ...), experts (size, N, ...)) in one contiguous buffer each.
+
+    Linear (and per-shape mean) leaves: one entry per layer in maths layout, the last entry
+    repeated up to ``size``; flat means: (1, L) and (1, N, L), raveled leaves concatenated and
+    zero-padded to ``size`` elements.
+    """
+    n = len(experts)
+    dtype = base[plans[0].path].dtype
+    if flat:
+        b_out = _aligned((1, size), dtype, zero=True)
+        e_out = _aligned((1, n, size), dtype, zero=True)
+        start = 0
+        for p in plans:
+            count = math.prod(p.shape)
+            b_out[0, start:start + count] = base[p.path].reshape(-1)
+            for i, e in enumerate(experts):
+                e_out[0, i, start:start + count] = e[p.path].reshape(-1)
+            start += count
+        return b_out, e_out
+    inner = plans[0].maths_shape if plans[0].kind == "linear" else tuple(plans[0].shape)
+    b_out = _aligned((size, *inner), dtype)
+    e_out = _aligned((size, n, *inner), dtype)
+    start = 0
+    for p in plans:
+        layers = p.layers if p.kind == "linear" else 1
+        convert = (lambda x: _to_maths_np(p, x)) if p.kind == "linear" else (lambda x: x[None])
+        b_out[start:start + layers] = convert(base[p.path])
+        for i, e in enumerate(experts):
+            e_out[start:start + layers, i] = convert(e[p.path])
+        start += layers
+    if start < size:
+        b_out[start:] = b_out[start - 1]
+        e_out[start:] = e_out[start - 1]
+    return b_out, e_out
+
+
+def unstack_host(plans: Sequence[LeafPlan], merged: np.ndarray, flat: bool) -> dict[str, np.ndarray]:
+    """The inverse of :func:`stack_host` on the merged (size, ...) result (views where possible)."""
+    out, start = {}, 0
+    for p in plans:
+        if flat:
+            count = math.prod(p.shape)
+            out[p.path] = merged[0, start:start + count].reshape(p.shape)
+            start += count
+        elif p.kind == "linear":
+            out[p.path] = _from_maths_np(p, merged[start:start + p.layers])
+            start += p.layers
+        else:
+            out[p.path] = merged[start]
+            start += 1
+    return out
+
+
+def pad_layers(array: Any, size: int) -> Any:
+    """A per-layer input (G, ...) padded to ``size`` entries by repeating its last entry."""
+    if array.shape[0] >= size:
+        return array
+    xp = np if isinstance(array, np.ndarray) else jax.numpy
+    return xp.concatenate([array, xp.repeat(array[-1:], size - array.shape[0], axis=0)])
+
+
+__all__ = [
+    "compile_groups",
+    "compile_key",
+    "group_size",
+    "host_array",
+    "host_group",
+    "is_flat",
+    "padded_sizes",
+    "stack_host",
+    "unstack_host",
+]
