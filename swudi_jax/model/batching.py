@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-from swudi_jax.model.layout import LeafPlan, group_plans
+from swudi_jax.model.layout import LeafPlan, from_maths, group_plans
 
 # ----------------------------------------------------------------------------- grouping
 
@@ -147,14 +147,6 @@ def _to_maths_np(plan: LeafPlan, x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], *plan.maths_shape)
 
 
-def _from_maths_np(plan: LeafPlan, merged: np.ndarray) -> np.ndarray:
-    """NumPy :func:`~swudi_jax.model.layout.from_maths`: (layers, m, n) → the leaf's shape."""
-    inner = plan.shape if plan.scan_axis is None else plan.shape[:plan.scan_axis] + plan.shape[plan.scan_axis + 1:]
-    x = np.swapaxes(merged, -1, -2) if plan.transpose else merged
-    x = x.reshape(plan.layers, *inner)
-    return x[0] if plan.scan_axis is None else np.moveaxis(x, 0, plan.scan_axis)
-
-
 def _aligned(shape: tuple[int, ...], dtype: Any, zero: bool = False) -> np.ndarray:
     """An uninitialised (or zeroed) array whose data starts on a 64-byte boundary: JAX's CPU
     client then adopts it without a copy (``jax.device_put``), so the stack exists once."""
@@ -202,8 +194,10 @@ def stack_host(plans: Sequence[LeafPlan], base: Mapping[str, np.ndarray], expert
     return b_out, e_out
 
 
-def unstack_host(plans: Sequence[LeafPlan], merged: np.ndarray, flat: bool) -> dict[str, np.ndarray]:
-    """The inverse of :func:`stack_host` on the merged (size, ...) result (views where possible)."""
+def unstack_group(plans: Sequence[LeafPlan], merged: Any, flat: bool) -> dict[str, Any]:
+    """The inverse of :func:`stack_host` (and of the merger's device stacking) on the merged
+    (size, ...) result: NumPy arrays stay on the host as views where possible, JAX arrays on
+    their device."""
     out, start = {}, 0
     for p in plans:
         if flat:
@@ -211,7 +205,7 @@ def unstack_host(plans: Sequence[LeafPlan], merged: np.ndarray, flat: bool) -> d
             out[p.path] = merged[0, start:start + count].reshape(p.shape)
             start += count
         elif p.kind == "linear":
-            out[p.path] = _from_maths_np(p, merged[start:start + p.layers])
+            out[p.path] = from_maths(p, merged[start:start + p.layers])
             start += p.layers
         else:
             out[p.path] = merged[start]
@@ -236,5 +230,5 @@ __all__ = [
     "is_flat",
     "padded_sizes",
     "stack_host",
-    "unstack_host",
+    "unstack_group",
 ]

@@ -293,15 +293,17 @@ def to_maths(plan: LeafPlan, stacked: jnp.ndarray) -> jnp.ndarray:
     return jnp.swapaxes(x.reshape(*lead, *plan.maths_shape), 0, 1)
 
 
-def from_maths(plan: LeafPlan, merged: jnp.ndarray) -> jnp.ndarray:
-    """Merged maths matrices (layers, m, n) → the leaf's shape (inverse of :func:`to_maths`)."""
-    x = jnp.asarray(merged)
+def from_maths(plan: LeafPlan, merged: Any) -> Any:
+    """Merged maths matrices (layers, m, n) → the leaf's shape (inverse of :func:`to_maths`);
+    a NumPy array stays on the host (views where possible), anything else becomes a JAX array."""
+    xp = np if isinstance(merged, np.ndarray) else jnp
+    x = xp.asarray(merged)
     inner = plan.shape if plan.scan_axis is None else (
         plan.shape[:plan.scan_axis] + plan.shape[plan.scan_axis + 1:])
     if plan.transpose:
-        x = jnp.swapaxes(x, -1, -2)
+        x = xp.swapaxes(x, -1, -2)
     x = x.reshape(plan.layers, *inner)
-    return x[0] if plan.scan_axis is None else jnp.moveaxis(x, 0, plan.scan_axis)
+    return x[0] if plan.scan_axis is None else xp.moveaxis(x, 0, plan.scan_axis)
 
 
 def group_plans(

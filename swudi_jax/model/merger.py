@@ -29,9 +29,9 @@ from swudi_jax.maths.validation import check_choice, check_finite, check_number
 from swudi_jax.methods.registry import DEFAULT_METHOD, get_method
 from swudi_jax.methods.spec import CHUNK_LEAVES, ChunkSource, MethodSpec
 from swudi_jax.model.batching import (compile_groups, compile_key, group_size, host_array, host_group, is_flat,
-                                      pad_layers, padded_sizes, stack_host, unstack_host)
+                                      pad_layers, padded_sizes, stack_host, unstack_group)
 from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
-from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, from_maths, to_maths
+from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, to_maths
 from swudi_jax.scale.sharding import make_row_mesh, merge_sharded, should_shard
 
 DEFAULT_MAX_GROUP_BYTES = 1 << 30
@@ -291,19 +291,6 @@ def _stack_group(plans: Sequence[LeafPlan], base_arrays: Mapping[str, Any],
     return jnp.asarray(_stack([base_arrays[p.path] for p in plans])), experts
 
 
-def _unstack_group(plans: Sequence[LeafPlan], merged: jnp.ndarray) -> dict[str, jax.Array]:
-    """The inverse of :func:`_stack_group` on the merged (G, ...) stack."""
-    out, start = {}, 0
-    for p in plans:
-        if p.kind == "linear":
-            out[p.path] = from_maths(p, merged[start:start + p.layers])
-            start += p.layers
-        else:
-            out[p.path] = merged[start]
-            start += 1
-    return out
-
-
 def _stack_flat(plans: Sequence[LeafPlan], base_arrays: Mapping[str, Any],
                 expert_arrays: Sequence[Mapping[str, Any]], size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Device arrays of a flat mean group: (1, size) and (1, N, size), raveled, concatenated, zero-padded."""
@@ -311,15 +298,6 @@ def _stack_flat(plans: Sequence[LeafPlan], base_arrays: Mapping[str, Any],
         flat = jnp.concatenate([jnp.ravel(jnp.asarray(arrays[p.path])) for p in plans])
         return jnp.pad(flat, (0, size - flat.shape[0]))
     return row(base_arrays)[None], jnp.stack([row(e) for e in expert_arrays])[None]
-
-
-def _unstack_flat(plans: Sequence[LeafPlan], merged: jnp.ndarray) -> dict[str, jax.Array]:
-    out, start = {}, 0
-    for p in plans:
-        count = math.prod(p.shape)
-        out[p.path] = merged[0, start:start + count].reshape(p.shape)
-        start += count
-    return out
 
 
 def _flat_weights(plans: Sequence[LeafPlan], per_layer: Sequence[Mapping[str, Any]], n_experts: int,
@@ -541,9 +519,9 @@ def merge_group(
         fn = _group_fn(method, apply_method, _hashable(static), tuple(names), tuple(axes), work, has_base)
         merged = fn(base, experts, scale, *arrays)
     if host is not None:
-        out = unstack_host(plans, np.asarray(merged), flat)
+        out = unstack_group(plans, np.asarray(merged), flat)
         return out if host_output else {k: jax.device_put(v) for k, v in out.items()}  # no per-shape compile
-    out = _unstack_flat(plans, merged) if flat else _unstack_group(plans, merged)
+    out = unstack_group(plans, merged, flat)
     return {k: np.asarray(v) for k, v in out.items()} if host_output else out
 
 
