@@ -27,7 +27,9 @@ libraries load; XLA's CPU client uses the machine's cores):
 Per workload: the first call in the process (JAX: tracing and XLA compilation included;
 torch: its first call), then ``--repeats`` warm calls of each side, interleaved, medians.
 The persistent compilation cache is left off (``SWUDI_JAX_COMPILE_CACHE`` is not read by
-the API), so "first call" is a cold compile. The two results must agree (max relative
+the API), so "first call" is a cold compile; ``--compile-cache DIR`` turns it on in DIR (as
+``swudi-merge`` does by default), and a second run with the same DIR measures the first call
+of a user's second run of the same shapes (the JSON records the entries found at start). The two results must agree (max relative
 Frobenius difference over tensors; float32 rounding, and the eigh of two LAPACKs).
 
     python -m benchmarks.vs_torch                # both workloads (a few minutes on 2 cores)
@@ -259,6 +261,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny shapes (a tiny BERT-shaped dict, tiny block): seconds")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--compile-cache", type=Path, default=None,
+                   help="turn on JAX's persistent compilation cache in this folder (swudi-merge's default); "
+                        "run twice with one folder: the second run's first call is a user's second run")
     args = p.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     bad = sorted(set(args.workloads) - {"minilm", "vit_block"})
@@ -281,6 +286,12 @@ def main(argv=None) -> dict:
 
     from benchmarks import _measure
 
+    cache_entries = None
+    if args.compile_cache is not None:
+        import swudi_jax as sj
+
+        sj.enable_compile_cache(args.compile_cache)
+        cache_entries = sum(1 for _ in args.compile_cache.iterdir())
     machine = _measure.machine_info()
     machine["torch"] = torch.__version__
     print(f"vs_torch: {'quick' if args.quick else 'full'} run, {args.threads} threads each, "
@@ -298,7 +309,9 @@ def main(argv=None) -> dict:
     print("\n" + table, flush=True)
     payload = {"benchmark": "vs_torch", "command": "python -m benchmarks.vs_torch " + " ".join(
         argv if argv is not None else sys.argv[1:]), "quick": args.quick, "threads": args.threads,
-        "jax_backend": jax.default_backend(), "machine": machine, "rows": rows, "table": table,
+        "jax_backend": jax.default_backend(), "machine": machine,
+        "compile_cache": None if args.compile_cache is None else {"folder": str(args.compile_cache),
+                                                                  "entries_at_start": cache_entries}, "rows": rows, "table": table,
         "targets": {"warm_ratio": "<= 0.6", "first_ratio": "<= 1.0"}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2))

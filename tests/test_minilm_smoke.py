@@ -10,6 +10,7 @@ every test that needs one skips with the pip command that provides it:
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -110,5 +111,38 @@ def test_finetune_merge_and_score_two_tasks_end_to_end(tmp_path):
     for key in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.5.output.dense.bias"):
         np.testing.assert_allclose(merged[key], base[key] + deltas[0][key] + deltas[1][key], atol=1e-6)
 
+    # The validation sweep: points scored on "val"; with confirm, the defaults (and each
+    # option's validation winner, if any) on "test", next to the test SE of the defaults.
+    from benchmarks.minilm import sweep
+
+    swept = sweep.sweep(cache, tmp_path / "sweep", "swudi", [{}, {"rank_ratio": 1.0}], [None], confirm=True,
+                        log=lambda s: None)
+    assert sorted(map(str, (r["parameters"] for r in swept["results"]))) == ["{'rank_ratio': 1.0}", "{}"]
+    assert swept["test"][0]["parameters"] == {} and len(swept["test"]) in (1, 2)
+    assert all(0.0 <= a <= 1.0 for row in swept["test"] for a in row["acc"].values())
+    assert json.loads((tmp_path / "sweep" / "sweep_swudi.json").read_text())["selection_split"] == "val"
+
     with pytest.raises(CacheMismatchError, match="refusing"):
         prepare_cache(cache, ["bbc"], config, {"bbc": specs["bbc"]}, log=lambda s: None)
+
+
+def test_sweep_points_winners_and_standard_error():
+    """The sweep's grid modes, the per-option validation winners and the test SE formula."""
+    from benchmarks.minilm import sweep
+
+    grid = sweep.parse_grid(["gamma=0.5,2", "rank_rule=cumvar_0.9"])
+    assert grid == {"gamma": [0.5, 2], "rank_rule": ["cumvar_0.9"]}
+    point = sweep.parse_point("filter=exponential time=1300")
+    assert sweep.grid_points(grid, axes=True, points=[point]) == [
+        {}, {"gamma": 0.5}, {"gamma": 2}, {"rank_rule": "cumvar_0.9"}, {"filter": "exponential", "time": 1300}]
+    assert sweep.grid_points(grid, axes=False) == [{"gamma": 0.5, "rank_rule": "cumvar_0.9"},
+                                                   {"gamma": 2, "rank_rule": "cumvar_0.9"}]
+    rows = [{"parameters": {}, "scale": None, "mean_acc": 0.80},
+            {"parameters": {"gamma": 2}, "scale": None, "mean_acc": 0.81},
+            {"parameters": {"gamma": 0.5}, "scale": None, "mean_acc": 0.82},
+            {"parameters": {"rank_rule": "none"}, "scale": None, "mean_acc": 0.70}]
+    assert [r["parameters"] for r in sweep.option_winners(rows)] == [{"gamma": 0.5}]
+    se = sweep.mean_acc_se({"a": 0.8, "b": 0.7}, {"a": 1000, "b": 1000})
+    assert np.isclose(se, np.sqrt(0.8 * 0.2 / 1000 + 0.7 * 0.3 / 1000) / 2)
+    with pytest.raises(ValueError, match="name=value"):
+        sweep.parse_point("gamma")
