@@ -190,6 +190,20 @@ def _rounded(x: jax.Array) -> jax.Array:
     return x
 
 
+def over_layers(fn, array_axes: tuple):
+    """``fn`` over the leading (layer) axis of (x, base, *arrays): ``jax.vmap``, or for a group of
+    one layer a plain call (XLA CPU runs a batch of one 10–15% slower than the unbatched op)."""
+    batched = jax.vmap(fn, in_axes=(0, 0, *array_axes))
+
+    def run(x, base, *arrays):
+        if x.shape[0] != 1:
+            return batched(x, base, *arrays)
+        single = [a if ax is None else jnp.take(a, 0, axis=ax) for a, ax in zip(arrays, array_axes)]
+        return fn(x[0], base[0], *single)[None]
+
+    return run
+
+
 def _group_fn(method: MethodSpec, apply_method: bool, static: tuple, array_names: tuple, array_axes: tuple,
               work: Any = None, has_base: bool = True):
     """The jit-compiled (base, experts, scale, *arrays) → merged weights of one group."""
@@ -209,11 +223,10 @@ def _group_fn(method: MethodSpec, apply_method: bool, static: tuple, array_names
         base_w = base.astype(dtype)
         models = experts.astype(dtype)
         if apply_method and on_models:  # the method returns the merged weights themselves
-            merged = jax.vmap(one, in_axes=(0, 0, *array_axes))(models, base_w, *arrays)
-            return merged.astype(base.dtype)
+            return over_layers(one, array_axes)(models, base_w, *arrays).astype(base.dtype)
         tau = _rounded(models - base_w[:, None])
         if apply_method:
-            merged = jax.vmap(one, in_axes=(0, 0, *array_axes))(tau, base_w, *arrays)
+            merged = over_layers(one, array_axes)(tau, base_w, *arrays)
         else:  # the mean task vector, of the weighted ones when the method has per-expert weights
             if array_names == ("weight",):
                 w = arrays[0].astype(dtype)  # (G, N) per layer, or (1, N, size) per element of a flat group
