@@ -101,6 +101,10 @@ def test_finetune_merge_and_score_two_tasks_end_to_end(tmp_path):
         assert np.isclose(row["mean_normalised_acc"], np.mean([row["acc"][t] / expert[t] for t in tasks]))
         assert row["merge_wall_s"] > 0 and row["merge_peak_rss_mib"] > 0
     assert (tmp_path / "out" / "minilm.json").is_file() and (tmp_path / "out" / "minilm.png").is_file()
+    logs = []  # --resume keeps a finished row instead of merging it again
+    again = run.benchmark(cache, tmp_path / "out", ["swudi"], resume=True, log=logs.append)
+    assert any("[swudi] kept from" in line for line in logs) and not any("merging" in line for line in logs)
+    assert again["rows"]["swudi"]["acc"] == report["rows"]["swudi"]["acc"]
 
     # The user path itself: swudi-merge's task arithmetic at scale 1 is base + Σ task vectors.
     merge_cfg = {"base_model": str(bert.model_dir() / "model.safetensors"), "layout": "torch",

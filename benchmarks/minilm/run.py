@@ -2,6 +2,7 @@
 
     python -m benchmarks.minilm.finetune            # once: fine-tune and cache the experts
     python -m benchmarks.minilm.run [--methods ...] # merge, evaluate, write JSON + PNG + table
+    python -m benchmarks.minilm.run --resume        # an interrupted run: merge only the missing rows
 
 For each method the experts' ``model.safetensors`` files go through the real user path: a
 YAML config and the ``swudi-merge CONFIG OUT`` command in a child process (its wall time and
@@ -182,9 +183,11 @@ def merge_and_score(setup: Setup, merge_cfg: dict, data: dict, workdir: Path, na
 
 
 def benchmark(cache: Path, out_dir: Path, methods: list[str], calib: int = 256,
-              specs: dict[str, TaskSpec | None] | None = None, log=print) -> dict:
+              specs: dict[str, TaskSpec | None] | None = None, log=print, resume: bool = False) -> dict:
     """Merge with each of ``methods`` (registry names or ``EXTRA_RUNS`` keys), score on the test
-    splits, and write ``minilm.json`` (after every method), ``minilm.png`` and the table."""
+    splits, and write ``minilm.json`` (after every method), ``minilm.png`` and the table.
+    ``resume`` keeps the rows of ``methods`` already in ``out_dir/minilm.json`` (made from the
+    same cache, tasks and calibration size) instead of merging them again."""
     from swudi_jax.methods import registry
 
     setup = load_setup(cache, specs, log)
@@ -200,14 +203,25 @@ def benchmark(cache: Path, out_dir: Path, methods: list[str], calib: int = 256,
     report = {"tasks": order, "finetune": dataclasses.asdict(setup.config), "calib_examples": calib,
               "test_sizes": {t: int(len(test[t][2])) for t in order}, "expert_metrics": setup.metrics,
               "rows": rows}
+    if resume and (out_dir / "minilm.json").is_file():
+        previous = json.loads((out_dir / "minilm.json").read_text())
+        setup_keys = [k for k in report if k != "rows"]
+        same = {k: previous.get(k) for k in setup_keys} == json.loads(json.dumps({k: report[k] for k in setup_keys}))
+        if not same:
+            raise ValueError(f"--resume: {out_dir / 'minilm.json'} was made from another cache, task set or "
+                             f"calibration size; remove it or choose another --out")
+        rows.update({k: v for k, v in previous["rows"].items() if k in methods})
     for name in methods:
         method, scale = EXTRA_RUNS.get(name, (name, None))
         log(f"[{name}] merging with swudi-merge ...")
         parameters = RUN_PARAMETERS.get(method, {})
+        if name in rows:
+            log(f"[{name}] kept from {out_dir / 'minilm.json'}")
+            continue
         row = merge_and_score(setup, setup.merge_config(method, scale, parameters, calib), test, workdir, name)
+        options = dict(registry.resolve_options(method, parameters))
         row.update(summarise(row["acc"], expert_acc),
-                   scale=registry.get_method(method).default_scale if scale is None else scale,
-                   options=dict(registry.resolve_options(method, parameters)))
+                   scale=registry.get_method(method).scale(options) if scale is None else scale, options=options)
         rows[name] = row
         log(f"[{name}] mean acc {row['mean_acc']:.4f}  normalised {row['mean_normalised_acc']:.4f}  "
             f"merge {row['merge_wall_s']:.1f}s {row['merge_peak_rss_mib']:.0f} MiB")
@@ -277,9 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     own = [m for m in known if m in registry.PROJECT_NAMES or m in EXTRA_RUNS]  # mergekit's: by --methods
     parser.add_argument("--methods", nargs="+", default=first + [m for m in own if m not in first], choices=known)
     parser.add_argument("--calib", type=int, default=256, help="examples per task for the data methods' Grams")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of an interrupted run's minilm.json (same cache) and merge the rest")
     args = parser.parse_args(argv)
     try:
-        benchmark(args.cache, args.out, args.methods, args.calib, log=lambda s: print(s, flush=True))
+        benchmark(args.cache, args.out, args.methods, args.calib, log=lambda s: print(s, flush=True),
+                  resume=args.resume)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

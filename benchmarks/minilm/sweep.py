@@ -114,7 +114,8 @@ def sweep(cache: Path, out_dir: Path, method: str, points: list[dict], scales: l
         sizes = {t: len(labels) for t, (_, _, labels) in test.items()}
         expert_test = {t: setup.metrics[t]["expert_test_acc"] for t in setup.tasks}
         default = merge_and_score(setup, setup.merge_config(method, None, {}), test, workdir, f"sweep_{method}")
-        default.update(summarise(default["acc"], expert_test), parameters={})
+        default.update(summarise(default["acc"], expert_test), parameters={},
+                       val_mean_acc=next(r["mean_acc"] for r in report["results"] if r["parameters"] == {}))
         se = mean_acc_se(default["acc"], sizes)
         report["test"].append(default)
         for winner in option_winners(report["results"]):
