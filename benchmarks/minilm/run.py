@@ -213,11 +213,11 @@ def benchmark(cache: Path, out_dir: Path, methods: list[str], calib: int = 256,
         rows.update({k: v for k, v in previous["rows"].items() if k in methods})
     for name in methods:
         method, scale = EXTRA_RUNS.get(name, (name, None))
-        log(f"[{name}] merging with swudi-merge ...")
-        parameters = RUN_PARAMETERS.get(method, {})
         if name in rows:
             log(f"[{name}] kept from {out_dir / 'minilm.json'}")
             continue
+        log(f"[{name}] merging with swudi-merge ...")
+        parameters = RUN_PARAMETERS.get(method, {})
         row = merge_and_score(setup, setup.merge_config(method, scale, parameters, calib), test, workdir, name)
         options = dict(registry.resolve_options(method, parameters))
         row.update(summarise(row["acc"], expert_acc),
