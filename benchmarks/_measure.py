@@ -11,6 +11,7 @@
   so each method's peak memory is its own, untouched by what ran before it.
 - :func:`machine_info` records what the numbers were measured on: cores, load, BLAS
   (through threadpoolctl when installed), library versions, ``OPENBLAS_*``/``XLA_FLAGS``.
+- :func:`write_json` writes a benchmark's result file atomically (temporary name, then rename).
 """
 
 from __future__ import annotations
@@ -95,6 +96,17 @@ def peak_rss_since_reset_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    """Write ``payload`` as indented JSON to ``path`` (folders created), through ``<name>.tmp`` and a
+    rename, so an interrupted run never leaves a half-written result."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def emit_result(result: dict) -> None:

@@ -26,13 +26,14 @@ Prints a table and writes JSON (default ``benchmarks/results/layer_floor.json``)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks._measure import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "layer_floor.json"
@@ -193,8 +194,7 @@ def main(argv=None) -> dict:
                "load_average_start": load, "load_average_end": list(os.getloadavg()), "result": result}
     print(format_table(result))
     print(f"load average {load[0]:.1f} → {payload['load_average_end'][0]:.1f} on {os.cpu_count()} cores")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2))
+    write_json(args.out, payload)
     print(f"wrote {args.out}")
     return payload
 

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: python benchmarks/...
+from _measure import write_json  # noqa: E402
+
 WRAPPER = (
     "import os, subprocess, sys\n"
     "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
@@ -152,8 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         parts = ", ".join(f"{k} {s[k]:.1f} s" for k in ("import_s", "merge_checkpoints_s", "read_s", "compute_s",
                                                         "write_s", "wall_s") if k in s)
         print(f"\nsplit {tree}: {parts}; compilations {s.get('compiles')} {s.get('compiled')}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     print(f"wrote {args.json}")
     return result
 

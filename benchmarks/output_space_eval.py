@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import numpy as np
 from scipy import stats
 
 import swudi_jax
+from benchmarks._measure import write_json
 from swudi_jax.methods import registry
 from swudi_jax.demo import FULL, QUICK, evaluate, train_experts
 
@@ -158,10 +158,7 @@ def main(argv=None) -> None:
     result = run(QUICK if args.quick else FULL, args.calib, args.batch, args.seed)
     table = format_table(result)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**result, "table": table}, indent=2))
-    tmp.replace(args.out)
+    write_json(args.out, {**result, "table": table})
     print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
 
 

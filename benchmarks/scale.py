@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._measure import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "scale.json"
 
@@ -252,10 +254,7 @@ def main(argv=None) -> dict:
                "jax": jax.__version__, "cpu_count": os.cpu_count(), "results": rows}
     print()
     print(format_table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(args.out)
+    write_json(args.out, payload)
     print(f"\nJSON: {args.out}")
     return payload
 

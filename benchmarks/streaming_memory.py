@@ -33,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: python benchmarks/...
+from _measure import write_json  # noqa: E402
+
 MB = 1 << 20
 
 
@@ -244,8 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\nstreaming split: {args.method}, {args.experts} experts x {model_bytes / MB:.1f} MB "
                   f"({len(shapes)} tensors, {args.dtype})")
             print_split(rows)
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            write_json(args.json, result)
             print(f"wrote {args.json}")
             return result
         rows = []
@@ -293,8 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {row['run']:<16} | {row['group_bytes'] / MB:>17.1f} | {row['peak_rss_bytes'] / MB:>13.1f} | "
               f"{row['above_runtime_bytes'] / MB:>18.1f} | {row['wall_s']:>8.1f} |")
     print("\nheld at once: (N + 2) x the largest group's tensor bytes (streamed), or (N + 2) x the model (in memory)")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     print(f"wrote {args.json}")
     return result
 

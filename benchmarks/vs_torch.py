@@ -41,7 +41,6 @@ Prints a table and writes JSON (default ``benchmarks/results/vs_torch.json``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -311,10 +310,9 @@ def main(argv=None) -> dict:
         argv if argv is not None else sys.argv[1:]), "quick": args.quick, "threads": args.threads,
         "jax_backend": jax.default_backend(), "machine": machine,
         "compile_cache": None if args.compile_cache is None else {"folder": str(args.compile_cache),
-                                                                  "entries_at_start": cache_entries}, "rows": rows, "table": table,
-        "targets": {"warm_ratio": "<= 0.6", "first_ratio": "<= 1.0"}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2))
+                                                                  "entries_at_start": cache_entries},
+        "rows": rows, "table": table, "targets": {"warm_ratio": "<= 0.6", "first_ratio": "<= 1.0"}}
+    _measure.write_json(args.out, payload)
     print(f"wrote {args.out}", flush=True)
     return payload
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from benchmarks._measure import write_json
 from benchmarks.minilm import bert
 from benchmarks.minilm.data import TaskSpec, load_task
 from benchmarks.minilm.finetune import DEFAULT_CACHE, FinetuneConfig, prepare_cache, save_safetensors
@@ -225,16 +226,10 @@ def benchmark(cache: Path, out_dir: Path, methods: list[str], calib: int = 256,
         rows[name] = row
         log(f"[{name}] mean acc {row['mean_acc']:.4f}  normalised {row['mean_normalised_acc']:.4f}  "
             f"merge {row['merge_wall_s']:.1f}s {row['merge_peak_rss_mib']:.0f} MiB")
-        _write_json(out_dir / "minilm.json", report)
+        write_json(out_dir / "minilm.json", report)
     print(markdown_table(report))
     plot(report, out_dir / "minilm.png")
     return report
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 def markdown_table(report: dict) -> str:

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from benchmarks.minilm.finetune import DEFAULT_CACHE
-from benchmarks.minilm.run import DEFAULT_OUT, _write_json, load_setup, merge_and_score, summarise
+from benchmarks._measure import write_json
+from benchmarks.minilm.run import DEFAULT_OUT, load_setup, merge_and_score, summarise
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -107,7 +108,7 @@ def sweep(cache: Path, out_dir: Path, method: str, points: list[dict], scales: l
             log(f"[{method}] {params} scale={scale}: val mean {row['mean_acc']:.4f} "
                 f"normalised {row['mean_normalised_acc']:.4f}")
             report["sweep_wall_s"] = time.perf_counter() - start
-            _write_json(out_dir / f"sweep_{method}.json", report)
+            write_json(out_dir / f"sweep_{method}.json", report)
     report["results"].sort(key=lambda r: -r["mean_acc"])
     if confirm and any(r["parameters"] == {} for r in report["results"]):
         test = setup.split("test")
@@ -129,7 +130,7 @@ def sweep(cache: Path, out_dir: Path, method: str, points: list[dict], scales: l
             log(f"[{method}] test {winner['parameters']}: {row['mean_acc']:.4f} vs defaults "
                 f"{default['mean_acc']:.4f} (SE {se:.4f})")
         report["sweep_wall_s"] = time.perf_counter() - start
-    _write_json(out_dir / f"sweep_{method}.json", report)
+    write_json(out_dir / f"sweep_{method}.json", report)
     return report
 
 
