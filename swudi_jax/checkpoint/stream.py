@@ -13,7 +13,7 @@ through a slot of depth 1:
 
 With a group cap G (``max_group_bytes``: (N + 2) × a group's bytes) the data held at once is
 at most 2 × G: the sequential loop holds G. Results are produced by the same calls in the
-same order as the sequential loop (``sequential=True``), so they are bit-identical.
+same order as the sequential loop (:func:`run_sequential`), so they are bit-identical.
 
 Any exception in a stage (or KeyboardInterrupt in the caller) stops the other stages: the
 prefetch thread stops before its next read, the writer before its next write, both are
@@ -24,16 +24,16 @@ runs after every stage has stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 _DONE = object()
 
 
-@dataclass
+@dataclasses.dataclass
 class StageTimes:
     """Busy seconds of each stage and the wall time of the whole run."""
 
@@ -43,11 +43,9 @@ class StageTimes:
     wall_s: float = 0.0
     items: int = 0
     overlapped: bool = True
-    waits: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"read_s": self.read_s, "compute_s": self.compute_s, "write_s": self.write_s,
-                "wall_s": self.wall_s, "items": self.items, "overlapped": self.overlapped}
+        return dataclasses.asdict(self)
 
 
 class _Failed:
