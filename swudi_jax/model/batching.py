@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-from swudi_jax.model.layout import LeafPlan, from_maths, group_plans
+from swudi_jax.model.layout import LeafPlan, chunk_by_bytes, from_maths, group_plans
 
 # ----------------------------------------------------------------------------- grouping
 
@@ -80,15 +80,7 @@ def compile_groups(plans: Iterable[LeafPlan], max_group_bytes: int | None = None
     groups: list[list[LeafPlan]] = []
     for key, members in by_key.items():
         if key[0] == "flat":
-            sizes, chunks = 0, [[]]
-            for p in members:
-                cost = copies * p.nbytes
-                if max_group_bytes is not None and chunks[-1] and sizes + cost > max_group_bytes:
-                    chunks.append([])
-                    sizes = 0
-                chunks[-1].append(p)
-                sizes += cost
-            groups.extend(chunks)
+            groups.extend(chunk_by_bytes(members, max_group_bytes, copies=copies))
         else:
             groups.extend(_balanced(group_plans(members, max_group_bytes, copies=copies)))
     return groups

@@ -315,17 +315,26 @@ def group_plans(
     ``copies × Σ leaf bytes`` stays ≤ ``max_group_bytes`` (a leaf larger than that is a
     chunk of its own); pass ``copies = N + 1`` to count the base and N experts.
     """
-    by_key: dict[tuple, list[list[LeafPlan]]] = {}
-    sizes: dict[tuple, int] = {}
+    by_key: dict[tuple, list[LeafPlan]] = {}
     for plan in plans:
-        chunks = by_key.setdefault(plan.group, [[]])
+        by_key.setdefault(plan.group, []).append(plan)
+    return [chunk for members in by_key.values() for chunk in chunk_by_bytes(members, max_group_bytes, copies=copies)]
+
+
+def chunk_by_bytes(plans: Sequence[LeafPlan], max_group_bytes: int | None = None, *,
+                   copies: int = 1) -> list[list[LeafPlan]]:
+    """``plans`` cut, in order, into greedy chunks with ``copies × Σ leaf bytes ≤ max_group_bytes``
+    (a leaf larger than that is a chunk of its own; None: one chunk)."""
+    chunks: list[list[LeafPlan]] = [[]]
+    size = 0
+    for plan in plans:
         cost = copies * plan.nbytes
-        if max_group_bytes is not None and chunks[-1] and sizes[plan.group] + cost > max_group_bytes:
+        if max_group_bytes is not None and chunks[-1] and size + cost > max_group_bytes:
             chunks.append([])
-            sizes[plan.group] = 0
+            size = 0
         chunks[-1].append(plan)
-        sizes[plan.group] = sizes.get(plan.group, 0) + cost
-    return [chunk for chunks in by_key.values() for chunk in chunks]
+        size += cost
+    return chunks
 
 
 __all__ = [
@@ -336,6 +345,7 @@ __all__ = [
     "LeafPlan",
     "LeafRules",
     "WUDI_VIT_SCOPE",
+    "chunk_by_bytes",
     "from_maths",
     "group_plans",
     "infer_layout",
