@@ -24,8 +24,8 @@ from swudi_jax.methods import registry
 from swudi_jax.methods.iwudi import iwudi
 from swudi_jax.methods.optmerge import optmerge, optmerge_closed_form
 from swudi_jax.methods.output_space import output_space_qp, residual_energy_score
-from swudi_jax.methods.registry import MergeMethod, available_methods, get_method, register
-from swudi_jax.methods.spec import MethodSpec
+from swudi_jax.methods.registry import MergeMethod, available_methods, get_method, register, resolve
+from swudi_jax.methods.spec import MethodSpec, Resolved
 from swudi_jax.methods.regmean import regmean
 from swudi_jax.methods.swudi import (
     LLM_PRESET,
@@ -63,6 +63,7 @@ __all__ = [
     "MergeConfig",
     "MergeMethod",
     "MethodSpec",
+    "Resolved",
     "VISION_PRESET",
     "available_methods",
     "enable_compile_cache",
@@ -94,6 +95,7 @@ __all__ = [
     "regmean",
     "registry",
     "residual_energy_score",
+    "resolve",
     "right_hand_side",
     "sequential",
     "sharding",

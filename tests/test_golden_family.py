@@ -351,7 +351,7 @@ def test_the_alignment_pass_reads_linear_leaves_in_maths_layout():
     assert prep.leaves == "linear_maths"
     want = swudi_family.alignment_reference(
         [swudi_family.layer_lambda_max(np.swapaxes(tau[layer], -1, -2)) for layer in range(2)])
-    got = merger.prepare_options(spec, spec.resolve({"alignment": 0.5}), chunks)["alignment_reference"]
+    got = merger.prepare(spec.bind({"alignment": 0.5}), chunks).options["alignment_reference"]
     assert got == pytest.approx(want, rel=1e-6)
     assert spec.preparation(spec.resolve({"alignment": 0.5, "alignment_reference": got})) is None
 

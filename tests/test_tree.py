@@ -164,7 +164,7 @@ def test_merge_group_merges_a_streamed_group_like_merge(golden_model):
     plans = plan_tree({k: (v.shape, v.dtype) for k, v in base.items()}, layout="torch", method="swudi")
     out = {}
     for group in group_plans(plans, 1 << 20, copies=5):
-        out.update(merge_group(group, base, experts, "swudi", None, {}))
+        out.update(merge_group(group, base, experts, sj.resolve("swudi")))
     for name in NAMES:
         assert rel_err(out[name], want[name]) <= 5e-5
 
@@ -291,7 +291,8 @@ def test_unknown_method_option_or_scale_is_refused_before_compute(small):
         sj.merge(base, experts, scale=float("nan"))
     with pytest.raises(ValueError, match="trim='model' needs"):
         plans = plan_tree({"k": ((2, 2), np.float32)}, layout="torch")
-        merge_group(plans, {"k": np.zeros((2, 2), np.float32)}, [{"k": np.ones((2, 2), np.float32)}] * 2, "ties_paper")
+        merge_group(plans, {"k": np.zeros((2, 2), np.float32)}, [{"k": np.ones((2, 2), np.float32)}] * 2,
+                    sj.resolve("ties_paper"))
 
 
 def test_float64_models_merge_in_float64_when_x64_is_enabled(tmp_path):

@@ -57,7 +57,7 @@ from swudi_jax.methods import registry
 from swudi_jax.model.batching import compile_groups, padded_sizes
 from swudi_jax.model.flat import mismatch
 from swudi_jax.model.layout import LeafPlan, infer_layout
-from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, chunk_plans, chunk_stack, merge_group, prepare_options
+from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, chunk_plans, chunk_stack, merge_group, prepare
 
 PAPER = "https://arxiv.org/abs/2606.07289"
 CONFIG_NAME = "merge_config.yaml"
@@ -356,9 +356,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     with OutputSlot(out, force=force) as slot, _opened(config) as (base, experts, grams):
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
         side_files = plan_side_files(config.base_model)
-        options = method.resolve(config.parameters)
-        scale = config.scale if config.scale is not None else method.scale(options)
-        options = prepare_options(method, options, _model_chunks(plan, base, experts, progress))
+        resolved = prepare(method.bind(config.parameters, config.scale), _model_chunks(plan, base, experts, progress))
         metadata = getattr(base, "metadata", None) or None
         entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
         shard_size = config.out_shard_size
@@ -385,7 +383,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
 
         def compute(g, arrays):  # the caller's thread: one compiled call, results checked finite
             group = list(plan.groups[g])
-            merged = merge_group(group, arrays[0], arrays[1], method, scale, options, arrays[2],
+            merged = merge_group(group, arrays[0], arrays[1], resolved, arrays[2],
                                  config.multi_device, resolver, work, config.has_base,
                                  pad_to=sizes[g], host_output=True)
             return checked_outputs(merged, {p.path: plan.out_dtypes[p.path] for p in group}, config.merge_method)
@@ -415,6 +413,6 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         with naming_file(tmp / CONFIG_NAME):
             (tmp / CONFIG_NAME).write_text(config.to_yaml(as_given=True))
         with naming_file(tmp / "README.md"):
-            (tmp / "README.md").write_text(model_card(plan, scale, copied))
+            (tmp / "README.md").write_text(model_card(plan, resolved.scale, copied))
         slot.publish()
     return out

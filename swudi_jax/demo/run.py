@@ -153,8 +153,7 @@ def run_demo(config: DemoConfig = FULL, methods: Sequence[str] | None = None, *,
     """
     log = log or (lambda message: None)
     methods = list(sorted(registry.PROJECT_NAMES) if methods is None else methods)
-    for name in methods:
-        registry.get_method(name)  # an unknown name fails here, before any training
+    resolved = {name: registry.resolve(name) for name in methods}  # an unknown name fails here, before training
     start = time.perf_counter()
     setup = train_experts(config, log=log)
     names = [t.name for t in setup.tasks]
@@ -169,7 +168,7 @@ def run_demo(config: DemoConfig = FULL, methods: Sequence[str] | None = None, *,
     rows += [_row(f"expert {name}", "expert", matrix[i], reference) for i, name in enumerate(names)]
 
     grams = None
-    if any(registry.get_method(m).kind == "data" for m in methods):
+    if any(r.spec.kind == "data" for r in resolved.values()):
         log("capturing calibration Grams for the data methods")
         grams = calibration_grams(setup)
     runs = [(m, m, None) for m in methods]
@@ -178,13 +177,12 @@ def run_demo(config: DemoConfig = FULL, methods: Sequence[str] | None = None, *,
     for label, method, scale in runs:
         log(f"merging with {label}")
         tic = time.perf_counter()
-        kind = registry.get_method(method).kind
-        merged = merge(setup.base, setup.experts, method, scale=scale,
-                       grams=grams if kind == "data" else None)
+        run = resolved[method] if scale is None else registry.resolve(method, scale=scale)
+        merged = merge(setup.base, setup.experts, run, grams=grams if run.spec.kind == "data" else None)
         seconds = time.perf_counter() - tic
         accuracy = evaluate(setup.model, merged, setup.heads, setup.tasks)
         rows.append(_row(label, "merged", accuracy, reference, method=method,
-                         scale=registry.default_scale(method) if scale is None else scale,
+                         scale=run.scale,
                          merge_seconds=seconds))
     return {"config": dataclasses.asdict(config), "tasks": names, "rows": rows,
             "experts_distinct": not problems, "problems": problems,

@@ -12,7 +12,7 @@ import difflib
 from typing import Any, Mapping
 
 from swudi_jax.methods import average, dare, iwudi, mergekit, optmerge, output_space, regmean, swudi, task_arithmetic, ties, wudi
-from swudi_jax.methods.spec import KINDS, MethodSpec, SpectralFilter
+from swudi_jax.methods.spec import KINDS, MethodSpec, Resolved, SpectralFilter
 
 BUILTIN_METHODS: tuple[MethodSpec, ...] = (
     swudi.SWUDI,
@@ -72,6 +72,23 @@ def get_method(name: str | MethodSpec) -> MethodSpec:
     raise ValueError(f"unknown merge method {name!r}{hint}; known methods: {sorted(_METHODS)}")
 
 
+def resolve(method: str | MethodSpec | Resolved = DEFAULT_METHOD, options: Mapping[str, Any] | None = None,
+            scale: float | None = None) -> Resolved:
+    """The boundary's one resolution: a name (or alias) or spec and the user's options → a
+    :class:`~swudi_jax.methods.spec.Resolved` (spec, validated options, scale). A ``Resolved``
+    is returned as it is (it was resolved already); giving options or a scale with it is an error.
+
+    Raises:
+      ValueError: an unknown method (with the closest name) or option, an invalid value.
+    """
+    if isinstance(method, Resolved):
+        if options or scale is not None:
+            raise ValueError(f"method {method.spec.name!r} is already resolved (a Resolved value): give its options "
+                             f"and scale when resolving it, not again here ({sorted(options or {})}, scale={scale})")
+        return method
+    return get_method(method).bind(options, scale)
+
+
 def resolve_options(name: str | MethodSpec, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The method's defaults overridden by ``options``, validated (:meth:`MethodSpec.resolve`)."""
     return get_method(name).resolve(options)
@@ -79,24 +96,21 @@ def resolve_options(name: str | MethodSpec, options: Mapping[str, Any] | None = 
 
 def default_scale(name: str | MethodSpec, options: Mapping[str, Any] | None = None) -> float:
     """The scale ``merge(..., scale=None)`` uses for this method and these options."""
-    method = get_method(name)
-    return method.scale(method.resolve(options))
+    return resolve(name, options).scale
 
 
-def spectral_method(name: str | MethodSpec, options: Mapping[str, Any] | None = None
-                    ) -> tuple[MethodSpec, dict[str, Any], SpectralFilter]:
-    """A filtered spectral method, its resolved options and its filter (for the paths that run
-    the estimator by other means: rows over devices, LoRA factors).
+def spectral(resolved: Resolved) -> SpectralFilter:
+    """The filter of a filtered spectral method, for the paths that run the estimator by other
+    means (rows over devices, LoRA factors).
 
     Raises:
-      ValueError: the method is not a filtered spectral estimator, or a bad option.
+      ValueError: the method is not a filtered spectral estimator, or its options are ones only
+        the dense layer function runs.
     """
-    method = get_method(name)
-    if method.spectral_filter is None:
+    if resolved.spec.spectral_filter is None:
         names = sorted(n for n, m in _METHODS.items() if m.spectral_filter is not None)
-        raise ValueError(f"method {method.name!r} is not a filtered spectral estimator; this path runs {names}")
-    resolved = method.resolve(options)
-    return method, resolved, method.spectral_filter(resolved)
+        raise ValueError(f"method {resolved.spec.name!r} is not a filtered spectral estimator; this path runs {names}")
+    return resolved.spec.spectral_filter(dict(resolved.options))
 
 
 MergeMethod = MethodSpec
@@ -110,10 +124,12 @@ __all__ = [
     "MergeMethod",
     "PROJECT_NAMES",
     "MethodSpec",
+    "Resolved",
     "available_methods",
     "default_scale",
     "get_method",
     "register",
+    "resolve",
     "resolve_options",
-    "spectral_method",
+    "spectral",
 ]

@@ -33,7 +33,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
@@ -92,9 +94,9 @@ class SpectralFilter(NamedTuple):
     top: Callable[[int], int | None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MethodSpec:
-    """One merging method.
+    """One merging method (compared and hashed by identity: a spec is a compile-cache key).
 
     Attributes:
       name: the registry key (``merge(..., method=name)``, ``merge_method:`` in configs).
@@ -207,6 +209,49 @@ class MethodSpec:
         """The whole-model pass these resolved options need, or None."""
         return None if self.prepare is None else self.prepare(resolved)
 
+    def bind(self, options: Mapping[str, Any] | None = None, scale: float | None = None) -> "Resolved":
+        """This method with ``options`` resolved (:meth:`resolve`) and its scale decided: the
+        value every stage below the boundary receives.
+
+        Args:
+          options: the user's options (defaults fill the rest).
+          scale: s in ``base + s · merged``; None takes :meth:`scale` of the resolved options.
+        Raises:
+          ValueError: an unknown or invalid option, or a scale that is not a finite number.
+        """
+        resolved = self.resolve(options)
+        if scale is None:
+            scale = self.scale(resolved)
+        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        return Resolved(self, MappingProxyType(resolved), float(scale))
+
+
+class Resolved(NamedTuple):
+    """A merge method resolved once at the boundary (``merge()``, the config parser, the public
+    layer entry points) and passed down unchanged, as optax passes its ``GradientTransformation``:
+    nothing below the boundary looks a method up by name or re-validates its options.
+
+    Attributes:
+      spec: the :class:`MethodSpec` (registered or not).
+      options: every option of the method, validated (a read-only mapping).
+      scale: s in ``base + s · merged task vector`` (the method's default when none was given).
+    """
+
+    spec: MethodSpec
+    options: Mapping[str, Any]
+    scale: float
+
+    def with_options(self, extra: Mapping[str, Any]) -> "Resolved":
+        """The same method with ``extra`` added to its options (a whole-model pass's results,
+        or the options left after a path takes some of them out)."""
+        return self._replace(options=MappingProxyType({**self.options, **extra}))
+
+    def without(self, names: Iterable[str]) -> "Resolved":
+        """The same method without the options in ``names``."""
+        names = set(names)
+        return self._replace(options=MappingProxyType({k: v for k, v in self.options.items() if k not in names}))
+
 
 @functools.lru_cache(maxsize=None)
 def _signature_defaults(fn: Callable, exclude: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
@@ -246,4 +291,4 @@ def expert_weighted(spec: MethodSpec, default: float = 1.0) -> MethodSpec:
                                per_expert=spec.per_expert + ("weight",))
 
 
-__all__ = ["BASE_ROLES", "CHUNK_LEAVES", "COMPUTE_DTYPES", "ChunkSource", "KINDS", "OPERANDS", "MethodSpec", "Preparation", "SpectralFilter", "TaskVectorChunks", "expert_weighted", "keyword_defaults"]
+__all__ = ["BASE_ROLES", "CHUNK_LEAVES", "COMPUTE_DTYPES", "ChunkSource", "KINDS", "OPERANDS", "MethodSpec", "Preparation", "Resolved", "SpectralFilter", "TaskVectorChunks", "expert_weighted", "keyword_defaults"]

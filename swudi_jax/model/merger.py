@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from swudi_jax.maths.linalg import compute_dtype
-from swudi_jax.maths.validation import check_choice, check_finite, check_number
-from swudi_jax.methods.registry import DEFAULT_METHOD, get_method
-from swudi_jax.methods.spec import CHUNK_LEAVES, ChunkSource, MethodSpec
+from swudi_jax.maths.validation import check_choice, check_finite
+from swudi_jax.methods.registry import DEFAULT_METHOD, resolve
+from swudi_jax.methods.spec import CHUNK_LEAVES, ChunkSource, MethodSpec, Resolved
 from swudi_jax.model.batching import (compile_groups, compile_key, group_size, host_array, host_group, is_flat,
                                       pad_layers, padded_sizes, stack_host, unstack_group)
 from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
@@ -100,7 +100,7 @@ def plan_tree(
     flat_shapes_dtypes: Mapping[str, tuple[Sequence[int], Any]],
     rules: LeafRules | None = None,
     *,
-    method: str | MethodSpec | None = None,
+    method: str | MethodSpec | Resolved | None = None,
     **rule_options: Any,
 ) -> list[LeafPlan]:
     """One :class:`LeafPlan` per path of ``{path: (shape, dtype)}``, in the given order.
@@ -112,7 +112,7 @@ def plan_tree(
       method: if given, checked to be a known method.
     """
     if method is not None:
-        get_method(method)
+        resolve(method)
     if rules is None:
         rules = LeafRules(**rule_options)
     elif rule_options:
@@ -147,15 +147,13 @@ def model_task_vector_chunks(
     return chunks
 
 
-def prepare_options(method: str | MethodSpec, options: Mapping[str, Any], chunks: ChunkSource) -> dict[str, Any]:
-    """The resolved options plus what the method's whole-model pass (if it needs one) adds;
-    ``chunks(leaves)`` gives the stacks the pass asks for (:attr:`Preparation.leaves`)."""
-    method = get_method(method)
-    options = dict(options)
-    preparation = method.preparation(options)
-    if preparation is not None:
-        options.update(preparation.run(functools.partial(chunks, preparation.leaves)))
-    return options
+def prepare(resolved: Resolved, chunks: ChunkSource) -> Resolved:
+    """``resolved`` with what the method's whole-model pass adds to its options (unchanged when
+    it needs none); ``chunks(leaves)`` gives the stacks the pass asks for (:attr:`Preparation.leaves`)."""
+    preparation = resolved.spec.preparation(resolved.options)
+    if preparation is None:
+        return resolved
+    return resolved.with_options(preparation.run(functools.partial(chunks, preparation.leaves)))
 
 
 # ----------------------------------------------------------------------------- one group
@@ -207,7 +205,7 @@ def over_layers(fn, array_axes: tuple):
 def _group_fn(method: MethodSpec, apply_method: bool, static: tuple, array_names: tuple, array_axes: tuple,
               work: Any = None, has_base: bool = True):
     """The jit-compiled (base, experts, scale, *arrays) → merged weights of one group."""
-    cache_key = (method.name, id(method.fn), apply_method, static, array_names, array_axes, str(work), has_base)
+    cache_key = (method, apply_method, static, array_names, array_axes, str(work), has_base)
     if cache_key in _COMPILED:
         return _COMPILED[cache_key]
     static_options = dict(static)
@@ -243,40 +241,38 @@ def _check_multi_device(multi_device: Any) -> None:
         raise ValueError(f"multi_device must be True, False or 'auto', got {multi_device!r}")
 
 
-def _use_multi_device(multi_device: bool | str, method: MethodSpec, layer_shape: tuple[int, ...],
-                      opts: Mapping[str, Any] | None = None) -> bool:
+def _use_multi_device(multi_device: bool | str, resolved: Resolved, layer_shape: tuple[int, ...]) -> bool:
     """True runs the row-sharded path; "auto" takes it for big layers when the method's
     spectral filter accepts these options (else the dense path, which takes every option)."""
     _check_multi_device(multi_device)
+    method = resolved.spec
     if method.spectral_filter is None or multi_device is False:
         return False
     if multi_device is True:
         return True
     if not should_shard(layer_shape, jax.device_count()):
         return False
-    if opts is not None:
-        try:
-            method.spectral_filter({k: v for k, v in opts.items() if k not in method.varying})
-        except ValueError:  # options only the dense layer path runs
-            return False
+    try:
+        method.spectral_filter({k: v for k, v in resolved.options.items() if k not in method.varying})
+    except ValueError:  # options only the dense layer path runs
+        return False
     return True
 
 
-def _merge_layers_sharded(base, experts, method: MethodSpec, scale: float, opts: Mapping[str, Any],
-                          weights: Sequence[Any] | None = None) -> jax.Array:
+def _merge_layers_sharded(base, experts, resolved: Resolved, weights: Sequence[Any] | None = None) -> jax.Array:
     """θ0 + s·merge_sharded(wi·τi) for each layer of a (G, N, m, n) stack, rows over all devices
     (``weights``: the per-expert weights of each layer, (N,) each, or None)."""
     mesh = make_row_mesh()
     work = compute_dtype(base.dtype)
-    opts = {k: v for k, v in opts.items() if k not in method.varying}
+    whole = resolved.without(resolved.spec.varying)
     layers = []
     for g in range(experts.shape[0]):
         base_g = base[g].astype(work)
         tau = experts[g].astype(work) - base_g[None]
         if weights is not None:
             tau = tau * jnp.asarray(weights[g], work)[:, None, None]
-        merged = merge_sharded(tau, mesh, method.name, **opts)
-        layers.append((base_g + scale * merged.astype(work)).astype(base.dtype))
+        merged = merge_sharded(tau, mesh, whole)
+        layers.append((base_g + resolved.scale * merged.astype(work)).astype(base.dtype))
     return jnp.stack(layers)
 
 
@@ -364,10 +360,11 @@ def _per_expert(value: Any, n: int, name: str, where: str) -> np.ndarray:
     return arr
 
 
-def layer_options(method: MethodSpec, opts: Mapping[str, Any], plans: Sequence[LeafPlan], n_experts: int,
+def layer_options(resolved: Resolved, plans: Sequence[LeafPlan], n_experts: int,
                   tensor_options: TensorOptions | None = None) -> list[dict[str, Any]]:
-    """Each layer's resolved options: ``opts`` with its varying options replaced by the
-    tensor's values (per-expert ones as (N,) float64 arrays), one dict per layer of the group."""
+    """Each layer's resolved options: ``resolved.options`` with its varying options replaced by
+    the tensor's values (per-expert ones as (N,) float64 arrays), one dict per layer of the group."""
+    method, opts = resolved.spec, resolved.options
     out = []
     for p in plans:
         for layer in range(p.layers):
@@ -385,8 +382,7 @@ def layer_options(method: MethodSpec, opts: Mapping[str, Any], plans: Sequence[L
     return out
 
 
-def _group_inputs(method: MethodSpec, opts: Mapping[str, Any], plans: Sequence[LeafPlan],
-                  grams: Mapping[str, Any] | None, n_experts: int,
+def _group_inputs(resolved: Resolved, plans: Sequence[LeafPlan], grams: Mapping[str, Any] | None, n_experts: int,
                   tensor_options: TensorOptions | None = None) -> tuple[list, list, list]:
     """The arrays fed to the method beside the task vectors: (arrays, names, vmap axes).
 
@@ -394,12 +390,13 @@ def _group_inputs(method: MethodSpec, opts: Mapping[str, Any], plans: Sequence[L
     spec's per-leaf inputs have one entry per layer of the group (vmapped); array options
     are shared by the whole group.
     """
+    method, opts = resolved.spec, resolved.options
     arrays, names, axes = [], [], []
     if method.kind == "data":
         arrays.append(_stack_grams(plans, grams, n_experts))
         names.append("grams")
         axes.append(0)
-    per_layer = layer_options(method, opts, plans, n_experts, tensor_options)
+    per_layer = layer_options(resolved, plans, n_experts, tensor_options)
     for name in method.varying:
         if opts.get(name) is None and all(v.get(name) is None for v in per_layer):
             continue
@@ -423,13 +420,66 @@ def _group_inputs(method: MethodSpec, opts: Mapping[str, Any], plans: Sequence[L
     return arrays, names, axes
 
 
+def _check_group(plans: Sequence[LeafPlan], flat: bool) -> None:
+    keys = {compile_key([p], False) for p in plans} if flat else {p.group for p in plans}
+    if len(keys) != 1:
+        raise ValueError(f"merge_group takes plans of one group key, got {sorted({p.group for p in plans})}")
+
+
+def _check_method_for_group(resolved: Resolved, n_experts: int, has_base: bool) -> None:
+    method = resolved.spec
+    check_expert_count(method, n_experts)
+    if not has_base and method.base == "required":
+        raise ValueError(f"method {method.name!r} needs a base model")
+    preparation = method.preparation(resolved.options)
+    if preparation is not None:
+        raise ValueError(f"method {method.name!r}: {preparation.what}; merge() and merge_checkpoints() run this "
+                         f"pass, merge_group() takes the Resolved value it returns (prepare())")
+
+
+def _stacked(plans, base_arrays, expert_arrays, host, flat: bool, size: int) -> tuple[Any, Any]:
+    """The group's (base, experts) stacks on the device (see :func:`merge_group`)."""
+    if host is not None:  # NumPy layout transforms, one transfer each way, one executable per key
+        return jax.device_put(stack_host(plans, *host, flat, size))  # the host stacks are freed here
+    if flat:
+        return _stack_flat(plans, base_arrays, expert_arrays, size)
+    base, experts = _stack_group(plans, base_arrays, expert_arrays)
+    return pad_layers(base, size), pad_layers(experts, size)
+
+
+def _mean_inputs(resolved: Resolved, plans, n_experts: int, flat: bool, size: int,
+                 tensor_options: TensorOptions | None) -> tuple[list, list, list]:
+    """The inputs of a group the method does not merge itself: the per-expert weights of the
+    mean task vector when the method has a ``weight`` option, else none."""
+    if "weight" not in resolved.spec.per_expert:
+        return [], [], []
+    per_layer = layer_options(resolved, plans, n_experts, tensor_options)
+    if flat:
+        return [_flat_weights(plans, per_layer, n_experts, size)], ["weight"], [0]
+    return [pad_layers(np.stack([v["weight"] for v in per_layer]).astype(np.float32), size)], ["weight"], [0]
+
+
+def _run_group(resolved: Resolved, plans, base, experts, apply_method: bool, flat: bool, size: int,
+               grams, tensor_options, dtype, has_base: bool):
+    """One compiled call: the method (or the mean task vector) over the stacked group."""
+    method, n_experts = resolved.spec, experts.shape[1]
+    if apply_method:
+        arrays, names, axes = _group_inputs(resolved, plans, grams, n_experts, tensor_options)
+        arrays = [pad_layers(a, size) if ax == 0 else a for a, ax in zip(arrays, axes)]
+    else:
+        arrays, names, axes = _mean_inputs(resolved, plans, n_experts, flat, size, tensor_options)
+    static = {k: v for k, v in resolved.options.items()
+              if not (k in method.array_options and v is not None) and k not in names}
+    work = work_dtype(method, dtype, base.dtype)
+    fn = _group_fn(method, apply_method, _hashable(static), tuple(names), tuple(axes), work, has_base)
+    return fn(base, experts, resolved.scale, *arrays)
+
+
 def merge_group(
     plans: Sequence[LeafPlan],
     base_arrays: Mapping[str, Any],
     expert_arrays: Sequence[Mapping[str, Any]],
-    method: str | MethodSpec = DEFAULT_METHOD,
-    scale: float | None = None,
-    options: Mapping[str, Any] | None = None,
+    resolved: Resolved,
     grams: Mapping[str, Any] | None = None,
     multi_device: bool | str = "auto",
     tensor_options: TensorOptions | None = None,
@@ -444,13 +494,13 @@ def merge_group(
     Linear weights are stacked in maths layout (G, N, m, n) and the method runs under
     ``jax.vmap``; other floating leaves get the mean task vector (or the method itself when
     it is elementwise); "keep" and "passthrough" leaves return the base array. A method's
-    whole-model pass (:meth:`MethodSpec.preparation`) must have run first
-    (:func:`prepare_options`): its results are in ``options``.
+    whole-model pass (:meth:`MethodSpec.preparation`) must have run first (:func:`prepare`).
 
     Args:
       plans: the group's plans (from :func:`swudi_jax.model.layout.group_plans`).
       base_arrays: {path: base array}; expert_arrays: one such dict per expert.
-      method, scale, options: the merge method, its scale (None: its default) and options.
+      resolved: the method, its options and scale, resolved at the boundary
+        (:func:`swudi_jax.methods.registry.resolve`, then :func:`prepare`).
       grams: {path: (N, n, n)} input Grams, for "data" methods.
       multi_device: for methods with a spectral filter (swudi, swudi_a, pinv): True merges
         each layer with its rows split over all devices
@@ -475,62 +525,30 @@ def merge_group(
     Returns:
       {path: merged array} with the base's shapes and dtypes.
     """
-    method = get_method(method)
-    opts = method.resolve(options)
-    scale = method.scale(opts) if scale is None else scale
+    if not isinstance(resolved, Resolved):
+        raise ValueError(f"merge_group takes a resolved method (swudi_jax.methods.registry.resolve(name, options, "
+                         f"scale)), got {type(resolved).__name__}")
     if not plans:
         return {}
-    kind = plans[0].kind
+    kind, method = plans[0].kind, resolved.spec
     apply_method = kind == "linear" or method.kind == "elementwise"
     flat = is_flat(plans, apply_method)
-    keys = {compile_key([p], False) for p in plans} if flat else {p.group for p in plans}
-    if len(keys) != 1:
-        raise ValueError(f"merge_group takes plans of one group key, got {sorted({p.group for p in plans})}")
+    _check_group(plans, flat)
     if kind in ("keep", "passthrough"):
         return {p.path: base_arrays[p.path] for p in plans}
-    check_expert_count(method, len(expert_arrays))
-    if not has_base and method.base in ("required",):
-        raise ValueError(f"method {method.name!r} needs a base model")
-    preparation = method.preparation(opts)
-    if preparation is not None:
-        raise ValueError(f"method {method.name!r}: {preparation.what}; merge() and merge_checkpoints() run this "
-                         f"pass, merge_group() takes its result in options (prepare_options())")
-    elementwise = method.kind == "elementwise"
-    size = max(pad_to or 0, group_size(plans, elementwise))
-    sharded = kind == "linear" and _use_multi_device(multi_device, method, (len(expert_arrays), *plans[0].maths_shape),
-                                                     opts)
+    _check_method_for_group(resolved, len(expert_arrays), has_base)
+    size = max(pad_to or 0, group_size(plans, method.kind == "elementwise"))
+    sharded = kind == "linear" and _use_multi_device(multi_device, resolved, (len(expert_arrays), *plans[0].maths_shape))
     host = None if sharded else host_group(plans, base_arrays, expert_arrays)
-    if host is not None:  # NumPy layout transforms, one transfer each way, one executable per key
-        base, experts = jax.device_put(stack_host(plans, *host, flat, size))  # the host stacks are freed here
-    elif flat:
-        base, experts = _stack_flat(plans, base_arrays, expert_arrays, size)
-    else:
-        base, experts = _stack_group(plans, base_arrays, expert_arrays)
+    base, experts = _stacked(plans, base_arrays, expert_arrays, host, flat, 0 if sharded else size)
     if sharded:
         weights = None
         if "weight" in method.per_expert:
-            weights = [v["weight"] for v in layer_options(method, opts, plans, len(expert_arrays), tensor_options)]
-        merged = _merge_layers_sharded(base, experts, method, scale, opts, weights)
+            weights = [v["weight"] for v in layer_options(resolved, plans, len(expert_arrays), tensor_options)]
+        merged = _merge_layers_sharded(base, experts, resolved, weights)
     else:
-        if apply_method:
-            arrays, names, axes = _group_inputs(method, opts, plans, grams, len(expert_arrays), tensor_options)
-            arrays = [pad_layers(a, size) if ax == 0 else a for a, ax in zip(arrays, axes)]
-        elif "weight" in method.per_expert:  # other leaves: the mean of the weighted task vectors
-            per_layer = layer_options(method, opts, plans, len(expert_arrays), tensor_options)
-            if flat:
-                arrays = [_flat_weights(plans, per_layer, len(expert_arrays), size)]
-            else:
-                arrays = [pad_layers(np.stack([v["weight"] for v in per_layer]).astype(np.float32), size)]
-            names, axes = ["weight"], [0]
-        else:
-            arrays, names, axes = [], [], []
-        if host is None and not flat:
-            base, experts = pad_layers(base, size), pad_layers(experts, size)
-        static = {k: v for k, v in opts.items()
-                  if not (k in method.array_options and v is not None) and k not in names}
-        work = work_dtype(method, dtype, base.dtype)
-        fn = _group_fn(method, apply_method, _hashable(static), tuple(names), tuple(axes), work, has_base)
-        merged = fn(base, experts, scale, *arrays)
+        merged = _run_group(resolved, plans, base, experts, apply_method, flat, size, grams, tensor_options, dtype,
+                            has_base)
     if host is not None:
         out = unstack_group(plans, np.asarray(merged), flat)
         return out if host_output else {k: jax.device_put(v) for k, v in out.items()}  # no per-shape compile
@@ -541,10 +559,18 @@ def merge_group(
 # ----------------------------------------------------------------------------- whole model
 
 
+def _leaf_rules(rules: LeafRules | None, structural: Mapping[str, Any]) -> LeafRules:
+    if rules is None:
+        return LeafRules(**structural)
+    if LeafRules(**structural) != LeafRules():
+        raise ValueError("give the leaf rules either as rules= or as keywords (layout=, exclude=, ...), not both")
+    return rules
+
+
 def merge(
     base: Any,
     experts: Sequence[Any],
-    method: str | MethodSpec = DEFAULT_METHOD,
+    method: str | MethodSpec | Resolved = DEFAULT_METHOD,
     *,
     scale: float | None = None,
     rules: LeafRules | None = None,
@@ -574,8 +600,10 @@ def merge(
       base: the pre-trained parameters, any pytree of arrays (Flax Linen params, NNX state
         as a pure dict, a flat dict of dotted names).
       experts: a list of ≥ 2 pytrees with the same paths, shapes and dtypes.
-      method: a registered method name (:func:`swudi_jax.methods.registry.available_methods`).
-      scale: s; None means the method's default (0.3 task arithmetic, 1 the others).
+      method: a registered method name (:func:`swudi_jax.methods.registry.available_methods`),
+        a :class:`MethodSpec` (registered or not), or a :class:`Resolved` value.
+      scale: s; None means the method's default (``task_arithmetic_paper`` 0.3; mergekit's
+        ``task_arithmetic`` and the others 1).
       rules: the structural rules as one :class:`LeafRules` value, or give them as the
         keywords ``layout`` ("flax": kernels (in, out); "torch": HF weights (out, in);
         "auto": from the leaf names), ``include``, ``exclude``, ``head_patterns``,
@@ -596,32 +624,26 @@ def merge(
       ValueError, before any compute, for an unknown method or option, fewer than two
       experts, differing paths, shapes or dtypes, NaN/Inf, or missing Grams.
     """
-    method = get_method(method)
-    opts = method.resolve(options)
-    if scale is not None:
-        check_number(scale, "scale")
+    resolved = resolve(method, options, scale)
     _check_multi_device(multi_device)
-    structural = dict(layout=layout, include=include, exclude=exclude, head_patterns=head_patterns,
-                      input_axes=input_axes, scan_patterns=scan_patterns, scan_axis=scan_axis, others=others)
-    if rules is None:
-        rules = LeafRules(**structural)
-    elif LeafRules(**structural) != LeafRules():
-        raise ValueError("give the leaf rules either as rules= or as keywords (layout=, exclude=, ...), not both")
+    rules = _leaf_rules(rules, dict(layout=layout, include=include, exclude=exclude, head_patterns=head_patterns,
+                                    input_axes=input_axes, scan_patterns=scan_patterns, scan_axis=scan_axis,
+                                    others=others))
     base_flat, treedef = flatten(base, "base")
     expert_flats = _expert_flats(experts)
-    check_models(base_flat, expert_flats, method)
+    check_models(base_flat, expert_flats, resolved.spec)
     plans = rules.plan_tree({p: (leaf.shape, leaf.dtype) for p, leaf in base_flat.items()})
-    if method.kind == "data":
+    if resolved.spec.kind == "data":
         for plan in plans:
             if plan.kind == "linear":
                 _stack_grams([plan], grams, len(expert_flats))
-    opts = prepare_options(method, opts, model_task_vector_chunks(plans, base_flat, expert_flats))
+    resolved = prepare(resolved, model_task_vector_chunks(plans, base_flat, expert_flats))
     merged: dict[str, Any] = {}
-    elementwise = method.kind == "elementwise"
+    elementwise = resolved.spec.kind == "elementwise"
     groups = compile_groups(plans, max_group_bytes, copies=len(expert_flats) + 1, elementwise=elementwise)
     for group, size in zip(groups, padded_sizes(groups, elementwise)):
-        merged.update(merge_group(group, base_flat, expert_flats, method, scale, opts, grams, multi_device,
-                                  tensor_options, dtype, pad_to=size))
+        merged.update(merge_group(group, base_flat, expert_flats, resolved, grams, multi_device, tensor_options,
+                                  dtype, pad_to=size))
     return unflatten(treedef, merged, base_flat)
 
 
@@ -637,7 +659,7 @@ __all__ = [
     "chunk_stack",
     "model_task_vector_chunks",
     "plan_tree",
-    "prepare_options",
+    "prepare",
     "task_vectors",
     "work_dtype",
 ]

@@ -32,7 +32,8 @@ from swudi_jax.maths import solvers
 from swudi_jax.maths.linalg import HIGHEST, compute_dtype
 from swudi_jax.maths.spectral import NORM_FLOOR, Spectrum, filtered_estimate, filtered_merge
 from swudi_jax.maths.validation import as_float_array, check_finite
-from swudi_jax.methods.registry import DEFAULT_METHOD, spectral_method
+from swudi_jax.methods.registry import DEFAULT_METHOD, resolve, spectral
+from swudi_jax.methods.spec import MethodSpec, Resolved
 
 
 def check_lora_factors(factors: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -88,9 +89,9 @@ def _anchor_scale(init: str, n_tasks: int) -> float:
     return {"sum": 1.0, "mean": 1.0 / n_tasks, "zero": 0.0}[init]
 
 
-@functools.partial(jax.jit, static_argnames=("method", "options"))
-def _merge_factors(b, a, method, options):
-    _, _, spectral_filter = spectral_method(method, dict(options))
+@functools.partial(jax.jit, static_argnames=("spec", "options"))
+def _merge_factors(b, a, spec: MethodSpec, options: tuple):
+    spectral_filter = spec.spectral_filter(dict(options))
     init = spectral_filter.init
     out_dtype = b.dtype
     b, a = b.astype(compute_dtype(b.dtype)), a.astype(compute_dtype(a.dtype))
@@ -118,13 +119,14 @@ def _merge_factors(b, a, method, options):
     return theta.astype(out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "options"))
-def _merge_dense(b, a, method, options):
-    _, _, spectral_filter = spectral_method(method, dict(options))
+@functools.partial(jax.jit, static_argnames=("spec", "options"))
+def _merge_dense(b, a, spec: MethodSpec, options: tuple):
+    spectral_filter = spec.spectral_filter(dict(options))
     return filtered_merge(lora_deltas(b, a), spectral_filter.make_h, spectral_filter.init, "full")
 
 
-def merge_lora(factors: Sequence[tuple[Any, Any]], method: str = DEFAULT_METHOD, **options) -> jax.Array:
+def merge_lora(factors: Sequence[tuple[Any, Any]], method: str | MethodSpec | Resolved = DEFAULT_METHOD,
+               **options) -> jax.Array:
     """Merge LoRA experts given as factor pairs, with a spectral method, from the factors.
 
     Equal, to float rounding, to ``method`` applied to the dense stack τi = Bi Ai, but costs
@@ -134,18 +136,20 @@ def merge_lora(factors: Sequence[tuple[Any, Any]], method: str = DEFAULT_METHOD,
       factors: ``[(B1, A1), ..., (BN, AN)]``, Bi (m × ri) and Ai (ri × n) in maths layout
         (PEFT's ``lora_B.weight`` and ``lora_A.weight``; fold LoRA's α/r scale into B).
         Ranks may differ between experts.
-      method: a method with a spectral filter (swudi, swudi_a, pinv).
+      method: a method with a spectral filter (swudi, swudi_a, pinv, iwudi), by name, as a
+        spec, or already resolved (:func:`swudi_jax.methods.registry.resolve`; then no options).
       **options: the method's options (``time``, ``rank_ratio``, ``init``; ``rank_rule``,
         ``min_rank``, ``max_rank_ratio``, ``init``).
     Returns:
       The merged task vector (m, n) in the factors' dtype.
     """
-    spec, resolved, _ = spectral_method(method, options)  # validates the options before any compute
+    resolved = resolve(method, options)  # validates the options before any compute
+    spectral(resolved)  # a method with a filter, and options it runs
     b, a = check_lora_factors(factors)
-    method, frozen = spec.name, tuple(sorted(resolved.items()))
+    frozen = tuple(sorted(resolved.options.items()))
     if b.shape[0] * b.shape[2] > a.shape[2]:
-        return _merge_dense(b, a, method, frozen)
-    return _merge_factors(b, a, method, frozen)
+        return _merge_dense(b, a, resolved.spec, frozen)
+    return _merge_factors(b, a, resolved.spec, frozen)
 
 
 __all__ = ["check_lora_factors", "lora_deltas", "merge_lora"]

@@ -70,7 +70,8 @@ from swudi_jax.maths.spectral import (
     task_mean,
     weighted_rows,
 )
-from swudi_jax.methods.registry import DEFAULT_METHOD, spectral_method
+from swudi_jax.methods.registry import DEFAULT_METHOD, resolve, spectral
+from swudi_jax.methods.spec import MethodSpec, Resolved
 from swudi_jax.maths.validation import as_float_array, check_choice, check_finite, is_concrete
 
 ROW_AXIS = "rows"
@@ -133,8 +134,8 @@ def _local_merge(tau_rows, make_h, init, shape, solver, n_top):
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_fn(mesh, method, options, shape, padded_rows, solver, n_top):
-    _, _, spectral_filter = spectral_method(method, dict(options))
+def _sharded_fn(mesh, spec: MethodSpec, options: tuple, shape, padded_rows, solver, n_top):
+    spectral_filter = spec.spectral_filter(dict(options))
     local = functools.partial(_local_merge, make_h=spectral_filter.make_h, init=spectral_filter.init, shape=shape[1:],
                               solver=solver, n_top=n_top)
     mapped = jax.shard_map(local, mesh=mesh, in_specs=PartitionSpec(None, ROW_AXIS, None),
@@ -165,7 +166,7 @@ def _sharded_solver(solver: str, method: str, top: int | None, shape: tuple[int,
     return solver, (top if solver == "topk" else None)
 
 
-def merge_sharded(tau: Any, mesh: Mesh, method: str = DEFAULT_METHOD, *, solver: str = "auto", **options) -> jax.Array:
+def merge_sharded(tau: Any, mesh: Mesh, method: str | MethodSpec | Resolved = DEFAULT_METHOD, **options) -> jax.Array:
     """Run a spectral layer method with ``tau``'s output rows split over ``mesh``.
 
     Same result as the single-device method to float rounding (the sums over rows are
@@ -177,19 +178,21 @@ def merge_sharded(tau: Any, mesh: Mesh, method: str = DEFAULT_METHOD, *, solver:
         already row-sharded global ``jax.Array`` (multi-host: see the module docstring).
       mesh: a 1-D mesh with axis ``"rows"``: :func:`make_row_mesh` or
         ``jax.make_mesh((k,), ("rows",))`` (Auto or Explicit axis).
-      method: a method with a spectral filter (swudi, swudi_a, pinv).
-      solver: "auto", "full", "lowrank" (N·m ≤ n: C's non-zero eigenpairs from the
-        all-gathered rows' N·m × N·m Gram, m counted with padding rows) or "topk" (top-K
-        subspace iteration on the replicated C, for SWUDI); "auto" picks "lowrank" when
-        N·m < n, else "topk" when n ≥ 1024 and K ≤ n/10, else "full".
-      **options: the method's options (as :func:`swudi_jax.swudi` etc., without ``solver``).
+      method: a method with a spectral filter (swudi, swudi_a, pinv, iwudi), by name, as a
+        spec, or already resolved (:func:`swudi_jax.methods.registry.resolve`; then no options).
+      **options: the method's options (as :func:`swudi_jax.swudi` etc.). Its ``solver`` here is
+        "auto", "full", "lowrank" (N·m ≤ n: C's non-zero eigenpairs from the all-gathered
+        rows' N·m × N·m Gram, m counted with padding rows) or "topk" (top-K subspace iteration
+        on the replicated C, for SWUDI); "auto" picks "lowrank" when N·m < n, else "topk" when
+        n ≥ 1024 and K ≤ n/10, else "full".
     Returns:
       The merged task vector (m, n), sharded by rows over ``mesh`` when the mesh size divides
       m; otherwise computed on zero-padded rows and returned replicated, with a warning.
     """
     if not isinstance(mesh, Mesh) or ROW_AXIS not in mesh.axis_names or len(mesh.axis_names) != 1:
         raise ValueError(f"mesh must be a 1-D jax.sharding.Mesh with axis {ROW_AXIS!r} (make_row_mesh()), got {mesh!r}")
-    spec, resolved, spectral_filter = spectral_method(method, options)
+    resolved = resolve(method, options)
+    spectral_filter = spectral(resolved)
     tau = as_float_array(tau, "tau")
     if tau.ndim != 3 or tau.shape[0] < 2 or 0 in tau.shape:
         raise ValueError(f"tau must have shape (N >= 2, m, n) in maths layout, got shape {tuple(tau.shape)}")
@@ -198,7 +201,7 @@ def merge_sharded(tau: Any, mesh: Mesh, method: str = DEFAULT_METHOD, *, solver:
     n_dev = mesh.shape[ROW_AXIS]
     m = tau.shape[1]
     padded_rows = -(-m // n_dev) * n_dev
-    solver, n_top = _sharded_solver(solver, spec.name, spectral_filter.top(tau.shape[2]),
+    solver, n_top = _sharded_solver(resolved.options["solver"], resolved.spec.name, spectral_filter.top(tau.shape[2]),
                                     (tau.shape[0], padded_rows, tau.shape[2]))
     if padded_rows != m:
         warnings.warn(
@@ -212,7 +215,8 @@ def merge_sharded(tau: Any, mesh: Mesh, method: str = DEFAULT_METHOD, *, solver:
         tau = jax.device_put(tau, row_sharding(run_mesh))  # e.g. placed on an Explicit mesh
     elif placed and padded_rows != m and getattr(tau.sharding, "mesh", run_mesh) != run_mesh:
         tau = jax.device_put(tau, NamedSharding(run_mesh, PartitionSpec()))
-    fn = _sharded_fn(run_mesh, spec.name, tuple(sorted(resolved.items())), tuple(tau.shape), padded_rows, solver, n_top)
+    options = tuple(sorted(resolved.options.items()))
+    fn = _sharded_fn(run_mesh, resolved.spec, options, tuple(tau.shape), padded_rows, solver, n_top)
     out = fn(tau)
     if run_mesh is not mesh and is_concrete(out):  # the caller's own mesh (same devices, same layout: no copy)
         out = jax.device_put(out, NamedSharding(mesh, out.sharding.spec))
