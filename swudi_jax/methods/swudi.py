@@ -35,7 +35,7 @@ from swudi_jax.maths.spectral import interference_operator, normal_equation, rig
 from swudi_jax.maths.spectral import task_weights, with_mean_fallback
 from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors
 from swudi_jax.methods import swudi_family
-from swudi_jax.methods.spec import MethodSpec, Preparation, SpectralFilter, expert_weighted
+from swudi_jax.methods.spec import MethodSpec, Preparation, SpectralFilter, expert_weighted, keyword_defaults
 
 SOURCE = "Wei et al., Closed-Form Spectral Regularization for Multi-Task Model Merging (arXiv 2606.07289)"
 
@@ -140,7 +140,7 @@ def swudi(tau, *, time: float = 1300.0, rank_ratio: float = 0.65, init: str = "s
     _validate_swudi({"time": time, "rank_ratio": rank_ratio, "init": init, "solver": solver, **extra})
     top = filters.rank_from_ratio(float(rank_ratio), tau.shape[-1])
     solver = resolve_solver(solver, tau.shape, top)
-    if swudi_family.swudi_uses_defaults(extra):
+    if _paper_swudi(extra):
         return _swudi(tau, float(time), float(rank_ratio), init, solver)
     if float(alignment) > 0.0 and filter == "exponential" and alignment_reference is None:
         raise ValueError("alignment > 0 needs alignment_reference (λ̄_max, the geometric mean of every merged "
@@ -148,6 +148,17 @@ def swudi(tau, *, time: float = 1300.0, rank_ratio: float = 0.65, init: str = "s
     return swudi_family.swudi_family_layer(
         tau, alignment_reference, time=float(time), rank_ratio=float(rank_ratio), init=init, solver=solver,
         **swudi_family.swudi_float_options(extra))
+
+
+PAPER_OPTIONS = ("time", "rank_ratio", "init", "solver")
+"""SWUDI's options in the paper; the others (:mod:`~swudi_jax.methods.swudi_family`'s) are off at their defaults."""
+
+
+def _paper_swudi(opts: Mapping[str, Any]) -> bool:
+    """True when every further option of :func:`swudi` is at its signature's default (the
+    paper's SWUDI); ``alignment_reference`` matters only with ``alignment`` > 0."""
+    further = keyword_defaults(swudi, exclude=PAPER_OPTIONS + ("alignment_reference",))
+    return all(swudi_family.is_default_value(opts[k], v) for k, v in further.items())
 
 
 def _check_rank_options(rank_rule: str, min_rank: int, max_rank_ratio: float) -> None:
@@ -320,7 +331,7 @@ def _validate_pinv(options: Mapping[str, Any]) -> None:
 
 def _swudi_spectral_filter(options: Mapping[str, Any]) -> SpectralFilter:
     time, ratio = float(options["time"]), float(options["rank_ratio"])
-    if not swudi_family.swudi_uses_defaults(options):  # the family's eigenvalue-only options
+    if not _paper_swudi(options):  # the family's eigenvalue-only options
         return SpectralFilter(swudi_family.spectral_filter("swudi", options), options["init"],
                               lambda n: filters.rank_from_ratio(ratio, n))
     h = swudi_filter(time, ratio)
