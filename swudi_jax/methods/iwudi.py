@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from swudi_jax.maths import filters, solvers
 from swudi_jax.maths.spectral import INIT_MODES, filtered_merge
 from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors
+from swudi_jax.methods.results import finite_result
 from swudi_jax.methods.spec import MethodSpec, SpectralFilter, expert_weighted
 
 IWUDI_FILTERS = ("exponential", "tikhonov", "landweber")
@@ -105,7 +106,8 @@ def iwudi(
     from swudi_jax.methods.swudi import resolve_solver
 
     solver = resolve_solver(solver, tau.shape, None)
-    return _iwudi(tau, filter, float(time), float(alpha), int(steps), float(eta_ratio), init, solver)
+    merged = _iwudi(tau, filter, float(time), float(alpha), int(steps), float(eta_ratio), init, solver)
+    return finite_result(merged, tau, "iwudi")
 
 
 def _iwudi_spectral_filter(options: Mapping[str, Any]) -> SpectralFilter:

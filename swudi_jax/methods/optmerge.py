@@ -44,6 +44,7 @@ from swudi_jax.maths.spectral import (
     with_mean_fallback,
 )
 from swudi_jax.maths.validation import check_number, check_task_vectors
+from swudi_jax.methods.results import finite_result
 from swudi_jax.methods.spec import MethodSpec, expert_weighted
 
 SOURCE = ("OptMerge (per-task SVD-truncated WUDI, ICLR 2026), as the SWUDI authors' reference code "
@@ -135,7 +136,7 @@ def optmerge(tau, *, rank_ratio: float | None = None, steps: int = 300, learning
     tau = check_task_vectors(tau)
     check_optmerge_options({"rank_ratio": rank_ratio, "steps": steps, "learning_rate": learning_rate})
     rank = optmerge_rank(tau.shape, rank_ratio)
-    return _optmerge(tau, rank, int(steps), float(learning_rate))
+    return finite_result(_optmerge(tau, rank, int(steps), float(learning_rate)), tau, "optmerge")
 
 
 @functools.partial(jax.jit, static_argnames=("rank",))
@@ -155,7 +156,7 @@ def optmerge_closed_form(tau, *, rank_ratio: float | None = None) -> jax.Array:
     (300 Adam steps at lr 1e-5 stop far from it); offered for analysis."""
     tau = check_task_vectors(tau)
     check_optmerge_options({"rank_ratio": rank_ratio, "steps": 0, "learning_rate": 1.0})
-    return _optmerge_closed_form(tau, optmerge_rank(tau.shape, rank_ratio))
+    return finite_result(_optmerge_closed_form(tau, optmerge_rank(tau.shape, rank_ratio)), tau, "optmerge_closed_form")
 
 
 OPTMERGE = expert_weighted(MethodSpec("optmerge", optmerge, "linear", source=SOURCE,
