@@ -290,9 +290,12 @@ def test_alignment_without_a_reference_is_refused_at_the_layer():
 
 def test_family_defaults_keep_the_paper_methods_bit_identical():
     tau = layer_tau("g")
-    np.testing.assert_array_equal(np.asarray(sj.swudi(tau, **swudi_family.SWUDI_OPTIONS)), np.asarray(sj.swudi(tau)))
-    np.testing.assert_array_equal(np.asarray(sj.swudi_a(tau, **swudi_family.SWUDI_A_OPTIONS)),
-                                  np.asarray(sj.swudi_a(tau)))
+    swudi_off = dict(tikhonov_alpha=0.0, output_time=None, consensus_power=0.0, consensus_floor=0.0, gamma=1.0,
+                     filter="exponential", alignment=0.0, alignment_reference=None)
+    swudi_a_off = dict(rank_scale=1.0, filter="none", time=1e6, wiener_scale=1.0, wiener_power=2.0,
+                       wiener_floor="tail_mean")
+    np.testing.assert_array_equal(np.asarray(sj.swudi(tau, **swudi_off)), np.asarray(sj.swudi(tau)))
+    np.testing.assert_array_equal(np.asarray(sj.swudi_a(tau, **swudi_a_off)), np.asarray(sj.swudi_a(tau)))
 
 
 def test_the_sharded_path_refuses_what_needs_tau_and_auto_keeps_it_dense():

@@ -236,7 +236,7 @@ def test_bf16_task_arithmetic_rounds_each_operation_as_mergekit(tmp_path):
 def test_per_tensor_values_feed_one_compiled_call_per_group(monkeypatch):
     import dataclasses
 
-    from swudi_jax.methods import mergekit as mk_methods
+    from swudi_jax.methods import mergekit_family as mk_methods
 
     traced = []
 

@@ -87,7 +87,7 @@ def test_ties_family_data_has_sign_conflicts_among_kept_entries():
     conflicts = np.any(np.array(signs) > 0, axis=0) & np.any(np.array(signs) < 0, axis=0)
     assert conflicts.sum() >= 3
     # and the election matters: the disjoint mean differs from the plain mean there
-    merged = np.asarray(mf.ties(jnp.asarray(tau), [1.0] * N, density=DENSITIES)).ravel()
+    merged = np.asarray(mf.ties(jnp.asarray(tau), weight=[1.0] * N, density=DENSITIES)).ravel()
     plain = np.asarray(mf.generalized_task_arithmetic(
         jnp.asarray(tau), [1.0] * N, density=DENSITIES, sparsification="magnitude", normalize=True)).ravel()
     assert np.all(np.abs(merged[conflicts] - plain[conflicts]) > 1e-3)
@@ -103,7 +103,7 @@ def test_count_election_matches_transcription():
 
 def test_sign_election_tie_elects_plus():
     tau = np.array([[1.0, -2.0], [-1.0, 2.0]], np.float32)  # both sums are exactly 0
-    got = np.asarray(mf.ties(jnp.asarray(tau), [1.0, 1.0]))
+    got = np.asarray(mf.ties(jnp.asarray(tau), weight=[1.0, 1.0]))
     np.testing.assert_array_equal(got, [1.0, 2.0])
 
 
@@ -156,11 +156,11 @@ def test_magnitude_ties_keep_the_earlier_entry():
 def test_random_masks_are_deterministic_given_the_key():
     tau = jnp.asarray(conflicting_task_vectors(9))
     k1, k2 = jax.random.key(1), jax.random.key(2)
-    a = np.asarray(mf.dare_ties(tau, WEIGHTS, density=0.5, key=k1))
-    np.testing.assert_array_equal(a, np.asarray(mf.dare_ties(tau, WEIGHTS, density=0.5, key=k1)))
-    assert not np.array_equal(a, np.asarray(mf.dare_ties(tau, WEIGHTS, density=0.5, key=k2)))
+    a = np.asarray(mf.dare_ties(tau, weight=WEIGHTS, density=0.5, key=k1))
+    np.testing.assert_array_equal(a, np.asarray(mf.dare_ties(tau, weight=WEIGHTS, density=0.5, key=k1)))
+    assert not np.array_equal(a, np.asarray(mf.dare_ties(tau, weight=WEIGHTS, density=0.5, key=k2)))
     u = jax.random.uniform(k1, tau.shape, jnp.float32)
-    np.testing.assert_array_equal(a, np.asarray(mf.dare_ties(tau, WEIGHTS, density=0.5, uniforms=u)))
+    np.testing.assert_array_equal(a, np.asarray(mf.dare_ties(tau, weight=WEIGHTS, density=0.5, uniforms=u)))
 
 
 @pytest.mark.parametrize("norm", ["l1", "l2", "linf"])
@@ -192,15 +192,15 @@ def test_della_keep_probability_spans_density_plus_minus_epsilon():
 def test_bad_parameters_are_value_errors():
     tau = jnp.asarray(conflicting_task_vectors(12))
     with pytest.raises(ValueError, match="epsilon"):
-        mf.della(tau, WEIGHTS, density=0.1, epsilon=0.15, key=jax.random.key(0))
+        mf.della(tau, weight=WEIGHTS, density=0.1, epsilon=0.15, key=jax.random.key(0))
     with pytest.raises(ValueError, match="PRNG key"):
-        mf.dare_linear(tau, WEIGHTS, density=0.5)
+        mf.dare_linear(tau, weight=WEIGHTS, density=0.5)
     with pytest.raises(ValueError, match="weight"):
-        mf.ties(tau, [1.0, 1.0], density=0.5)
+        mf.ties(tau, weight=[1.0, 1.0], density=0.5)
     with pytest.raises(ValueError, match="rescale"):
-        mf.ties(tau, WEIGHTS, density=0.5, rescale="l3")
+        mf.ties(tau, weight=WEIGHTS, density=0.5, rescale="l3")
     with pytest.raises(ValueError, match="density"):
-        mf.ties(tau, WEIGHTS, density=-0.5)
+        mf.ties(tau, weight=WEIGHTS, density=-0.5)
 
 
 # ----------------------------------------------------------------------------- vmap, bf16
@@ -213,8 +213,8 @@ def test_vmap_over_stacked_tensors_with_per_tensor_parameters_equals_a_loop():
     dens = jnp.asarray([[0.3, 0.5, 0.7], [0.25, 0.5, 0.75], [0.6, 0.6, 0.6]])
     keys = jax.random.split(jax.random.key(3), g)
     fns = {
-        "ties": lambda t, w, d, k: mf.ties(t, w, density=d),
-        "della": lambda t, w, d, k: mf.della(t, w, density=d, epsilon=0.1, key=k),
+        "ties": lambda t, w, d, k: mf.ties(t, weight=w, density=d),
+        "della": lambda t, w, d, k: mf.della(t, weight=w, density=d, epsilon=0.1, key=k),
     }
     for name, fn in fns.items():
         batched = np.asarray(jax.jit(jax.vmap(fn))(stack, weights, dens, keys))
@@ -222,8 +222,8 @@ def test_vmap_over_stacked_tensors_with_per_tensor_parameters_equals_a_loop():
         np.testing.assert_allclose(batched, looped, rtol=1e-6, atol=1e-7, err_msg=name)
     # exact host counts per tensor (rank_windows) ride along the vmapped axis
     wins = jnp.asarray(np.stack([sp.rank_windows("magnitude", [0.29, 0.5, 0.7], 40) for _ in range(g)]))
-    batched = np.asarray(jax.vmap(lambda t, w, win: mf.ties(t, w, windows=win))(stack, weights, wins))
-    looped = np.stack([np.asarray(mf.ties(stack[i], weights[i], density=[0.29, 0.5, 0.7])) for i in range(g)])
+    batched = np.asarray(jax.vmap(lambda t, w, win: mf.ties(t, weight=w, windows=win))(stack, weights, wins))
+    looped = np.stack([np.asarray(mf.ties(stack[i], weight=weights[i], density=[0.29, 0.5, 0.7])) for i in range(g)])
     np.testing.assert_allclose(batched, looped, rtol=1e-6, atol=1e-7)
     t = jnp.asarray([0.1, 0.5, 0.9])
     batched = np.asarray(jax.vmap(ip.slerp)(stack[:, 0], stack[:, 1], t))

@@ -31,12 +31,10 @@ def test_unknown_option_error_names_it_and_the_known_options():
 
 
 def test_resolved_options_are_defaults_overridden_by_the_user():
-    from swudi_jax.methods.swudi_family import (
-        SWUDI_OPTIONS,  # the family's options, off by default (issue 11)
-    )
-
+    family_off = {"tikhonov_alpha": 0.0, "output_time": None, "consensus_power": 0.0, "consensus_floor": 0.0,
+                  "gamma": 1.0, "filter": "exponential", "alignment": 0.0, "alignment_reference": None}  # issue 11
     assert registry.resolve_options("swudi", {"time": 300.0}) == {"time": 300.0, "rank_ratio": 0.65, "init": "sum", "solver": "auto",
-                                                                 **SWUDI_OPTIONS, "weight": 1.0}
+                                                                 **family_off, "weight": 1.0}
     assert registry.resolve_options("wudi")["learning_rate"] == 1e-5
     assert registry.resolve_options("dare") == {"drop": 0.9, "rescale": True, "seed": 0, "then": "task_arithmetic"}
     assert registry.resolve_options("ties_paper")["density"] == 0.2 and registry.resolve_options("ties_paper")["trim"] == "model"

@@ -49,6 +49,21 @@ def exponential(time: float) -> Filter:
     return h
 
 
+def aligned_exponential(time: float, alignment: float, reference) -> Filter:
+    """The exponential filter at a layer's own time (SWUDI's ``alignment``, derived from the
+    reference's time alignment): h(λ) = 1 − exp(−λ t_ℓ), t_ℓ = t · (λ̄_max / λ_max)^ρ, with
+    λ_max the largest of the (ascending) λ and λ̄_max = ``reference`` (a number or a traced
+    scalar), so layers of larger spectra flow for less time."""
+    _check_nonnegative("time", time)
+    _check_nonnegative("alignment", alignment)
+
+    def h(lam):
+        ref = jnp.asarray(reference, lam.dtype)
+        return -jnp.expm1(-lam * (time * (ref / jnp.maximum(lam[-1], EIG_FLOOR)) ** alignment))
+
+    return h
+
+
 def landweber(step: float, steps: int, *, halved: bool = False) -> Filter:
     """k plain gradient-descent steps of size η on L(θ) = Σ wi‖(θ − τi)τiᵀ‖²:
 

@@ -335,23 +335,4 @@ def nearswap(v0: jax.Array, v1: jax.Array, t: Any) -> jax.Array:
     return _nearswap(v0, v1, _scalar(t, "t"))
 
 
-METHODS: dict[str, dict[str, Any]] = {
-    "slerp": dict(fn=slerp, inputs="base and one model", base="required",
-                  params={"t": ("global", "required")}),
-    "nuslerp": dict(fn=nuslerp, inputs="two models, optional base", base="optional",
-                    params={"weight": ("per-model", "required"), "nuslerp_row_wise": ("global", False),
-                            "nuslerp_flatten": ("global", True)}),
-    "multislerp": dict(fn=multislerp, inputs="models, optional base", base="optional",
-                       params={"weight": ("per-model", "required"), "normalize_weights": ("global", True),
-                               "eps": ("global", 1e-8)}),
-    "karcher": dict(fn=karcher, inputs="models (base_model joins them)", base="an input",
-                    params={"max_iter": ("global", 10), "tol": ("global", 1e-5)}),
-    "model_stock": dict(fn=model_stock, inputs="base and >= 2 models", base="required",
-                        params={"filter_wise": ("global", False)}),
-    "nearswap": dict(fn=nearswap, inputs="base and one model", base="required",
-                     params={"t": ("global", "required")}),
-}
-"""mergekit's parameters per method: name → (scope, default); "required" has no default."""
-
-
-__all__ = ["METHODS", "karcher", "model_stock", "multislerp", "nearswap", "nuslerp", "slerp"]
+__all__ = ["karcher", "model_stock", "multislerp", "nearswap", "nuslerp", "slerp"]

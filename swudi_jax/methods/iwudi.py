@@ -29,25 +29,16 @@ import jax.numpy as jnp
 from swudi_jax.maths import filters, solvers
 from swudi_jax.maths.spectral import INIT_MODES, filtered_merge
 from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors
+from swudi_jax.methods.results import finite_result
 from swudi_jax.methods.spec import MethodSpec, SpectralFilter, expert_weighted
 
 IWUDI_FILTERS = ("exponential", "tikhonov", "landweber")
-IWUDI_DEFAULTS: dict[str, Any] = {
-    "filter": "exponential",
-    "time": 300.0,
-    "alpha": 1e-2,
-    "steps": 150,
-    "eta_ratio": 0.9,
-    "init": "sum",
-    "solver": "auto",
-}
-"""IWUDI's options and the reference's defaults (``iwudi_merge``)."""
 SOURCE = ("Wei et al., Closed-Form Spectral Regularization for Multi-Task Model Merging (arXiv 2606.07289): "
           "IWUDI / SWUDI-soft, the full-rank soft filter")
 
 
 def check_iwudi_options(opts: Mapping[str, Any]) -> None:
-    """ValueError naming the option for any bad value of :data:`IWUDI_DEFAULTS`' keys."""
+    """ValueError naming the option for any bad value of :func:`iwudi`'s options."""
     check_choice(opts["filter"], "filter", IWUDI_FILTERS)
     check_number(opts["time"], "time", low=0.0)
     check_number(opts["alpha"], "alpha", low=0.0)
@@ -60,8 +51,7 @@ def check_iwudi_options(opts: Mapping[str, Any]) -> None:
                          "(use 'auto', 'full' or 'lowrank')")
 
 
-def iwudi_filter(filter: str, *, time: float = 300.0, alpha: float = 1e-2, steps: int = 150,
-                 eta_ratio: float = 0.9):
+def iwudi_filter(filter: str, *, time: float, alpha: float, steps: int, eta_ratio: float):
     """IWUDI's filter factory ``make_h(λ, (m, n))`` on ascending clamped λ (module docstring)."""
     if filter == "exponential":
         h = filters.exponential(time)
@@ -96,7 +86,8 @@ def iwudi(
     init: str = "sum",
     solver: str = "auto",
 ) -> jax.Array:
-    """IWUDI: θ = θ0 − θ0 V diag(h) Vᵀ + D V diag(h/λ) Vᵀ over all n directions.
+    """IWUDI: θ = θ0 − θ0 V diag(h) Vᵀ + D V diag(h/λ) Vᵀ over all n directions; the defaults
+    are the reference's (``iwudi_merge``), and the registry reads them from this signature.
 
     Args:
       tau: task vectors (N, m, n), maths layout, float32 or float64.
@@ -115,7 +106,8 @@ def iwudi(
     from swudi_jax.methods.swudi import resolve_solver
 
     solver = resolve_solver(solver, tau.shape, None)
-    return _iwudi(tau, filter, float(time), float(alpha), int(steps), float(eta_ratio), init, solver)
+    merged = _iwudi(tau, filter, float(time), float(alpha), int(steps), float(eta_ratio), init, solver)
+    return finite_result(merged, tau, "iwudi")
 
 
 def _iwudi_spectral_filter(options: Mapping[str, Any]) -> SpectralFilter:
@@ -124,7 +116,7 @@ def _iwudi_spectral_filter(options: Mapping[str, Any]) -> SpectralFilter:
     return SpectralFilter(make_h, options["init"], lambda n: None)  # non-zero on every direction
 
 
-IWUDI = expert_weighted(MethodSpec("iwudi", iwudi, "linear", defaults=IWUDI_DEFAULTS, source=SOURCE,
+IWUDI = expert_weighted(MethodSpec("iwudi", iwudi, "linear", source=SOURCE,
                                    validate=check_iwudi_options, spectral_filter=_iwudi_spectral_filter))
 
-__all__ = ["IWUDI", "IWUDI_DEFAULTS", "IWUDI_FILTERS", "check_iwudi_options", "iwudi", "iwudi_filter"]
+__all__ = ["IWUDI", "IWUDI_FILTERS", "check_iwudi_options", "iwudi", "iwudi_filter"]

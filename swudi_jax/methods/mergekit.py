@@ -41,90 +41,28 @@ def _need(value: Any, name: str, method: str) -> Any:
     return value
 
 
-def _windows(kind: str):
-    """leaf_inputs giving the ranked sparsifier's exact (N, 2) rank windows from the host values."""
+def _family_inputs(family: mf.TaskArithmetic):
+    """leaf_inputs of a task-arithmetic method: the tensor's own option values checked (per-model
+    and per-tensor ones, which the spec's ``validate`` sees only one by one), then its
+    sparsifier's input: the exact (N, 2) rank windows from the host values, or the PRNG key."""
 
     def inputs(options: Mapping[str, Any], path: str, layer: int, shape: tuple[int, ...]) -> dict[str, Any]:
+        try:
+            family.check(options)
+        except ValueError as exc:
+            raise ValueError(f"{path!r}: {exc}") from None
+        if family.sparsification is None:
+            return {}
+        if family.sparsification in mf.RANDOM:
+            return _keys(options, path, layer, shape)
         size = int(np.prod(shape)) if shape else 1
-        return {"windows": sp.rank_windows(kind, options["density"], size, options.get("gamma", 0.0))}
+        return {"windows": sp.rank_windows(family.sparsification, options["density"], size, options.get("gamma", 0.0))}
 
     return inputs
 
 
 def _keys(options: Mapping[str, Any], path: str, layer: int, shape: tuple[int, ...]) -> dict[str, Any]:
     return {"key": leaf_key(int(options["seed"]), path, layer)}
-
-
-def _check_seed(options: Mapping[str, Any]) -> None:
-    check_number(options["seed"], "seed", low=0, integer=True)
-
-
-# ----------------------------------------------------------------------------- the task-vector family
-
-
-def task_arithmetic(tau, *, weight=1.0, normalize=False, lam=1.0):
-    """M = λ Σ wi τi (/ Σ wi with ``normalize``); θ = θ0 + M."""
-    return mf.task_arithmetic(tau, weight, normalize=normalize, lam=lam)
-
-
-def ties(tau, *, weight=1.0, density=1.0, normalize=True, rescale=False, lam=1.0, int8_mask=False, windows=None):
-    """Per-tensor magnitude trim to ``density``, sign election by mass, weighted disjoint mean."""
-    return mf.ties(tau, weight, density=density, normalize=normalize, rescale=rescale, lam=lam, windows=windows)
-
-
-def dare_ties(tau, *, weight=1.0, density=1.0, normalize=False, rescale=True, lam=1.0, int8_mask=False, seed=0,
-              key=None):
-    """Random keep with probability ``density`` (rescaled), sign election, weighted sum."""
-    return mf.dare_ties(tau, weight, density=density, normalize=normalize, rescale=rescale, lam=lam, key=key)
-
-
-def dare_linear(tau, *, weight=1.0, density=1.0, normalize=False, rescale=True, lam=1.0, int8_mask=False, seed=0,
-                key=None):
-    """Random keep with probability ``density`` (rescaled), weighted sum."""
-    return mf.dare_linear(tau, weight, density=density, normalize=normalize, rescale=rescale, lam=lam, key=key)
-
-
-def breadcrumbs(tau, *, weight=1.0, density=1.0, gamma=0.01, normalize=False, rescale=False, lam=1.0,
-                int8_mask=False, windows=None):
-    """Drop the largest γ and the smallest entries (keep ``density``), weighted sum."""
-    return mf.breadcrumbs(tau, weight, density=density, gamma=gamma, normalize=normalize, rescale=rescale, lam=lam,
-                          windows=windows)
-
-
-def breadcrumbs_ties(tau, *, weight=1.0, density=1.0, gamma=0.01, normalize=False, rescale=False, lam=1.0,
-                     int8_mask=False, windows=None):
-    """Breadcrumbs' sparsifier with TIES's sign election."""
-    return mf.breadcrumbs_ties(tau, weight, density=density, gamma=gamma, normalize=normalize, rescale=rescale,
-                               lam=lam, windows=windows)
-
-
-def della(tau, *, weight=1.0, density=1.0, epsilon=0.15, normalize=True, rescale=True, lam=1.0, int8_mask=False,
-          seed=0, key=None):
-    """MAGPRUNE (rank-dependent keep probabilities around ``density`` ± ε), sign election."""
-    return mf.della(tau, weight, density=density, epsilon=epsilon, normalize=normalize, rescale=rescale, lam=lam,
-                    key=key)
-
-
-def della_linear(tau, *, weight=1.0, density=1.0, epsilon=0.15, normalize=False, rescale=True, lam=1.0,
-                 int8_mask=False, seed=0, key=None):
-    """MAGPRUNE, then the weighted sum."""
-    return mf.della_linear(tau, weight, density=density, epsilon=epsilon, normalize=normalize, rescale=rescale,
-                           lam=lam, key=key)
-
-
-def sce(tau, *, select_topk=1.0, int8_mask=False):
-    """Select by variance, calculate energy weights, erase sign conflicts."""
-    return mf.sce(tau, select_topk=select_topk)
-
-
-def ram(tau, *, epsilon=1e-5):
-    """Reinforced Agent Merging: unique entries kept, shared ones averaged."""
-    return msel.ram(tau, epsilon=epsilon)
-
-
-def ramplus_tl(tau, *, r=0.1, alpha=0.2, epsilon=1e-5):
-    """RAM+ (tensor-local): unique entries scaled by 1 + r·clip(ρi, 0, α)."""
-    return msel.ramplus_tl(tau, r=r, alpha=alpha, epsilon=epsilon)
 
 
 # ----------------------------------------------------------------------------- on the models' weights
@@ -184,9 +122,20 @@ def _check_t(options: Mapping[str, Any]) -> None:
         check_number(options["t"], "t")
 
 
-def _family(name, fn, source, *, per_expert=("weight",), tensor=("lam",), leaf=None, validate=None, inputs=()):
-    return MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, per_expert=per_expert,
-                      tensor_options=tensor, leaf_inputs=leaf, validate=validate, inputs=inputs,
+PER_MODEL = ("weight", "density", "gamma", "epsilon")
+"""mergekit's per-model (tensor) parameters of the task-arithmetic family; ``lambda`` varies per tensor."""
+
+
+def _task_arithmetic(family: mf.TaskArithmetic, source: str) -> MethodSpec:
+    """A task-arithmetic method's spec: every fact of it read from ``family``."""
+    return MethodSpec(family.name, family, "elementwise", source=MERGEKIT + source,
+                      per_expert=tuple(k for k in PER_MODEL if k in family.defaults), tensor_options=("lam",),
+                      leaf_inputs=_family_inputs(family), validate=family.check, inputs=family.inputs,
+                      compute_dtypes=ANY_DTYPE, n_experts=(1, None))
+
+
+def _family(name, fn, source, *, tensor, validate=None):
+    return MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, tensor_options=tensor, validate=validate,
                       compute_dtypes=ANY_DTYPE, n_experts=(1, None))
 
 
@@ -196,27 +145,18 @@ DARE_SRC = "Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 
 BREAD = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)"
 DELLA_SRC = "Deep et al., DELLA-Merging (arXiv 2406.11617)"
 
-TASK_ARITHMETIC = _family("task_arithmetic", task_arithmetic, TA)
-TIES = _family("ties", ties, TIES_SRC, per_expert=("weight", "density"), leaf=_windows("magnitude"),
-               inputs=("windows",))
-DARE_TIES = _family("dare_ties", dare_ties, DARE_SRC + " with TIES sign election", per_expert=("weight", "density"),
-                    leaf=_keys, validate=_check_seed, inputs=("key",))
-DARE_LINEAR = _family("dare_linear", dare_linear, DARE_SRC, per_expert=("weight", "density"), leaf=_keys,
-                      validate=_check_seed, inputs=("key",))
-BREADCRUMBS = _family("breadcrumbs", breadcrumbs, BREAD, per_expert=("weight", "density", "gamma"),
-                      leaf=_windows("magnitude_outliers"), inputs=("windows",))
-BREADCRUMBS_TIES = _family("breadcrumbs_ties", breadcrumbs_ties, BREAD + " with TIES sign election",
-                           per_expert=("weight", "density", "gamma"), leaf=_windows("magnitude_outliers"),
-                           inputs=("windows",))
-DELLA = _family("della", della, DELLA_SRC, per_expert=("weight", "density", "epsilon"), leaf=_keys,
-                validate=_check_seed, inputs=("key",))
-DELLA_LINEAR = _family("della_linear", della_linear, DELLA_SRC + " without sign election",
-                       per_expert=("weight", "density", "epsilon"), leaf=_keys, validate=_check_seed,
-                       inputs=("key",))
-SCE = _family("sce", sce, "Wan et al., FuseChat (SCE), arXiv 2408.07990", per_expert=(), tensor=("select_topk",),
+TASK_ARITHMETIC = _task_arithmetic(mf.task_arithmetic, TA)
+TIES = _task_arithmetic(mf.ties, TIES_SRC)
+DARE_TIES = _task_arithmetic(mf.dare_ties, DARE_SRC + " with TIES sign election")
+DARE_LINEAR = _task_arithmetic(mf.dare_linear, DARE_SRC)
+BREADCRUMBS = _task_arithmetic(mf.breadcrumbs, BREAD)
+BREADCRUMBS_TIES = _task_arithmetic(mf.breadcrumbs_ties, BREAD + " with TIES sign election")
+DELLA = _task_arithmetic(mf.della, DELLA_SRC)
+DELLA_LINEAR = _task_arithmetic(mf.della_linear, DELLA_SRC + " without sign election")
+SCE = _family("sce", mf.sce, "Wan et al., FuseChat (SCE), arXiv 2408.07990", tensor=("select_topk",),
               validate=_check_select)
-RAM = _family("ram", ram, "Reinforced Agent Merging", per_expert=(), tensor=("epsilon",))
-RAMPLUS_TL = _family("ramplus_tl", ramplus_tl, "Reinforced Agent Merging+ (tensor-local)", per_expert=(),
+RAM = _family("ram", msel.ram, "Reinforced Agent Merging", tensor=("epsilon",))
+RAMPLUS_TL = _family("ramplus_tl", msel.ramplus_tl, "Reinforced Agent Merging+ (tensor-local)",
                      tensor=("r", "alpha", "epsilon"))
 
 
@@ -252,8 +192,4 @@ MERGEKIT_METHODS: tuple[MethodSpec, ...] = (
 )
 """Every mergekit method here, by mergekit's name."""
 
-OPTION_ALIASES = {"lambda": "lam"}
-"""mergekit option names spelled differently here (``lambda`` is a Python keyword)."""
-
-
-__all__ = ["MERGEKIT_METHODS", "OPTION_ALIASES"] + [s.name.upper() for s in MERGEKIT_METHODS]
+__all__ = ["MERGEKIT_METHODS", "PER_MODEL"] + [s.name.upper() for s in MERGEKIT_METHODS]

@@ -44,6 +44,9 @@ unstable torch sort picks arbitrarily and we keep the earlier entry.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -53,7 +56,7 @@ import numpy as np
 
 from swudi_jax.methods import consensus as _consensus
 from swudi_jax.methods import sparsify as _sparsify
-from swudi_jax.maths.validation import is_concrete
+from swudi_jax.maths.validation import check_number, is_concrete
 
 SUM_EPS = 1e-8
 
@@ -132,68 +135,146 @@ def generalized_task_arithmetic(
     return _combine(tau, jnp.asarray(weight, jnp.float32), lam, consensus=consensus, normalize=bool(normalize))
 
 
-def task_arithmetic(tau, weight, *, normalize=False, lam=1.0):
-    """mergekit ``task_arithmetic`` (Ilharco et al., arXiv 2212.04089): M = λ Σ wi τi [/ Σ wi]."""
-    return generalized_task_arithmetic(tau, weight, normalize=normalize, lam=lam)
+RANDOM = ("random", "della_magprune")
+"""The sparsifiers that draw (a PRNG key per tensor); the others rank magnitudes (exact windows)."""
+SPARSIFIER_OPTIONS: dict[str, dict[str, float]] = {"magnitude_outliers": {"gamma": 0.01}, "della_magprune": {"epsilon": 0.15}}
+"""A sparsifier's own per-model option and mergekit's default for it."""
+IGNORED = ("int8_mask", "seed")
+"""Options the layer takes and does not read: ``int8_mask`` (mergekit's mask storage dtype) and
+``seed`` (the merger turns it into each tensor's ``key``)."""
 
 
-def ties(tau, weight, *, density=1.0, normalize=True, rescale=False, lam=1.0, windows=None):
-    """mergekit ``ties`` (Yadav et al., arXiv 2306.01708): magnitude trim, sum election, disjoint mean."""
-    return generalized_task_arithmetic(
-        tau, weight, density=density, sparsification="magnitude", consensus="sum",
-        normalize=normalize, rescale=rescale, lam=lam, windows=windows,
-    )
+def _numbers(value: Any, name: str, low: float | None = None, high: float | None = None) -> np.ndarray | None:
+    """A scalar or per-model option as finite host values in [low, high]; None when traced."""
+    if not is_concrete(value):
+        return None
+    try:
+        arr = np.asarray(value)
+    except ValueError:
+        arr = np.asarray(None)
+    if not jnp.issubdtype(arr.dtype, jnp.number) or arr.ndim > 1:
+        raise ValueError(f"{name} must be a number or a list of one number per model, got {value!r}")
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if (low is not None and np.any(arr < low)) or (high is not None and np.any(arr > high)):
+        bounds = f"lie in [{low}, {high}]" if high is not None else f"be >= {low}"
+        raise ValueError(f"{name} must {bounds}, got {value!r}")
+    return arr
 
 
-def dare_ties(tau, weight, *, density=1.0, normalize=False, rescale=True, lam=1.0, key=None, uniforms=None):
-    """mergekit ``dare_ties`` (Yu et al., arXiv 2311.03099): random drop, sum election."""
-    return generalized_task_arithmetic(
-        tau, weight, density=density, sparsification="random", consensus="sum",
-        normalize=normalize, rescale=rescale, lam=lam, key=key, uniforms=uniforms,
-    )
+def _flag(value: Any, name: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
-def dare_linear(tau, weight, *, density=1.0, normalize=False, rescale=True, lam=1.0, key=None, uniforms=None):
-    """mergekit ``dare_linear``: random drop, then the weighted sum."""
-    return generalized_task_arithmetic(
-        tau, weight, density=density, sparsification="random", consensus=None,
-        normalize=normalize, rescale=rescale, lam=lam, key=key, uniforms=uniforms,
-    )
+def _check_epsilon(density: np.ndarray | None, epsilon: np.ndarray | None) -> None:
+    """DELLA's rule (mergekit's ``della_magprune``): where 0 < d < 1, d ± ε lies in (0, 1)."""
+    if density is None or epsilon is None:
+        return
+    try:
+        d, e = np.broadcast_arrays(density, epsilon)
+    except ValueError:
+        raise ValueError(f"density and epsilon must give one value per model each, got {density.tolist()} and "
+                         f"{epsilon.tolist()}") from None
+    _sparsify.check_sparsify_params("della_magprune", np.atleast_1d(d), 0.0, np.atleast_1d(e))
 
 
-def breadcrumbs(tau, weight, *, density=1.0, gamma=0.01, normalize=False, rescale=False, lam=1.0, windows=None):
-    """mergekit ``breadcrumbs`` (Davari & Belilovsky, arXiv 2312.06795): drop outliers and small entries."""
-    return generalized_task_arithmetic(
-        tau, weight, density=density, gamma=gamma, sparsification="magnitude_outliers",
-        consensus=None, normalize=normalize, rescale=rescale, lam=lam, windows=windows,
-    )
+@dataclass(frozen=True)
+class TaskArithmetic:
+    """One method of mergekit's generalized task arithmetic, as mergekit builds eight methods
+    from one class: a sparsifier, a sign consensus and the defaults of ``normalize`` and
+    ``rescale`` (the table in the module docstring). An instance is the method's layer function
+
+        fn(tau, *, weight=1, [density=1, gamma | epsilon,] normalize, [rescale,] lam=1,
+           [int8_mask=False, seed=0,] [windows | key, uniforms]) → M
+
+    whose keyword-only parameters (``__signature__``) are the method's options with
+    mergekit's defaults (:attr:`defaults`, the one place they are written) followed by its
+    per-leaf inputs (:attr:`inputs`). Every option is range-checked (:meth:`check`) before
+    :func:`generalized_task_arithmetic` computes M; traced values (per-tensor values under the
+    merger's ``vmap``) were checked where they entered.
+
+    Attributes:
+      name: mergekit's name of the method.
+      sparsification: None or one of :data:`swudi_jax.methods.sparsify.SPARSIFIERS`.
+      consensus: None or "sum" (TIES's sign election).
+      normalize, rescale: mergekit's defaults of those options (rescale only with a sparsifier).
+    """
+
+    name: str
+    sparsification: str | None
+    consensus: str | None
+    normalize: bool
+    rescale: bool = False
+
+    def __post_init__(self):
+        kw = inspect.Parameter.KEYWORD_ONLY
+        params = [inspect.Parameter("tau", inspect.Parameter.POSITIONAL_ONLY)]
+        params += [inspect.Parameter(k, kw, default=v) for k, v in self.defaults.items()]
+        params += [inspect.Parameter(k, kw, default=None) for k in self.inputs]
+        object.__setattr__(self, "__signature__", inspect.Signature(params))
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The options with mergekit's defaults (``weight`` is 1 where mergekit requires it)."""
+        sparse = self.sparsification is not None
+        options: dict[str, Any] = {"weight": 1.0, **({"density": 1.0} if sparse else {})}
+        options.update(SPARSIFIER_OPTIONS.get(self.sparsification, {}))
+        options.update({"normalize": self.normalize, **({"rescale": self.rescale} if sparse else {}), "lam": 1.0})
+        if sparse:
+            options.update({"int8_mask": False, **({"seed": 0} if self.sparsification in RANDOM else {})})
+        return options
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Per-leaf inputs: exact rank ``windows`` (ranked sparsifiers) or a PRNG ``key`` (random
+        ones; or the ``uniforms`` themselves)."""
+        if self.sparsification is None:
+            return ()
+        return ("key", "uniforms") if self.sparsification in RANDOM else ("windows",)
+
+    def check(self, options: Mapping[str, Any]) -> None:
+        """ValueError naming the option for a value outside mergekit's range: weight and λ
+        finite, density and gamma in [0, 1], DELLA's d ± ε in (0, 1), seed an integer >= 0."""
+        _numbers(options["weight"], "weight")
+        _numbers(options["lam"], "lambda")
+        _flag(options["normalize"], "normalize")
+        if self.sparsification is None:
+            return
+        _flag(options["int8_mask"], "int8_mask")
+        if _sparsify.check_rescale(options["rescale"]) == "keep_prob" and self.sparsification not in RANDOM:
+            raise ValueError(f"rescale='keep_prob' applies to the random sparsifiers, not {self.name!r}")
+        density = _numbers(options["density"], "density", 0.0, 1.0)
+        if "gamma" in options:
+            _numbers(options["gamma"], "gamma", 0.0, 1.0)
+        if "epsilon" in options:
+            _check_epsilon(density, _numbers(options["epsilon"], "epsilon", 0.0))
+        if "seed" in options:
+            check_number(options["seed"], "seed", low=0, integer=True)
+
+    def __call__(self, tau: jax.Array, **kwargs: Any) -> jax.Array:
+        bound = self.__signature__.bind(tau, **kwargs)
+        bound.apply_defaults()
+        options = {k: v for k, v in bound.arguments.items() if k != "tau"}
+        self.check(options)
+        weight = options.pop("weight")
+        return generalized_task_arithmetic(
+            tau, weight, sparsification=self.sparsification, consensus=self.consensus,
+            **{k: v for k, v in options.items() if k not in IGNORED})
 
 
-def breadcrumbs_ties(tau, weight, *, density=1.0, gamma=0.01, normalize=False, rescale=False, lam=1.0,
-                     windows=None):
-    """mergekit ``breadcrumbs_ties``: breadcrumbs' sparsifier with TIES's sum election."""
-    return generalized_task_arithmetic(
-        tau, weight, density=density, gamma=gamma, sparsification="magnitude_outliers",
-        consensus="sum", normalize=normalize, rescale=rescale, lam=lam, windows=windows,
-    )
-
-
-def della(tau, weight, *, density=1.0, epsilon=0.15, normalize=True, rescale=True, lam=1.0, key=None,
-          uniforms=None):
-    """mergekit ``della`` (Deep et al., arXiv 2406.11617): MAGPRUNE drop, sum election."""
-    return generalized_task_arithmetic(
-        tau, weight, density=density, epsilon=epsilon, sparsification="della_magprune",
-        consensus="sum", normalize=normalize, rescale=rescale, lam=lam, key=key, uniforms=uniforms,
-    )
-
-
-def della_linear(tau, weight, *, density=1.0, epsilon=0.15, normalize=False, rescale=True, lam=1.0, key=None,
-                 uniforms=None):
-    """mergekit ``della_linear``: MAGPRUNE drop, then the weighted sum."""
-    return generalized_task_arithmetic(
-        tau, weight, density=density, epsilon=epsilon, sparsification="della_magprune",
-        consensus=None, normalize=normalize, rescale=rescale, lam=lam, key=key, uniforms=uniforms,
-    )
+task_arithmetic = TaskArithmetic("task_arithmetic", None, None, normalize=False)
+ties = TaskArithmetic("ties", "magnitude", "sum", normalize=True, rescale=False)
+dare_ties = TaskArithmetic("dare_ties", "random", "sum", normalize=False, rescale=True)
+dare_linear = TaskArithmetic("dare_linear", "random", None, normalize=False, rescale=True)
+breadcrumbs = TaskArithmetic("breadcrumbs", "magnitude_outliers", None, normalize=False, rescale=False)
+breadcrumbs_ties = TaskArithmetic("breadcrumbs_ties", "magnitude_outliers", "sum", normalize=False, rescale=False)
+della = TaskArithmetic("della", "della_magprune", "sum", normalize=True, rescale=True)
+della_linear = TaskArithmetic("della_linear", "della_magprune", None, normalize=False, rescale=True)
+FAMILY: tuple[TaskArithmetic, ...] = (
+    task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear)
+"""The family, by mergekit's names (the table in the module docstring)."""
 
 
 # ----------------------------------------------------------------------------- others
@@ -245,7 +326,7 @@ def _sce(tau, select_topk):
     return rnd(merged / jnp.maximum(rnd(jnp.sum(erased, axis=0)), 1e-6)).astype(tau.dtype)
 
 
-def sce(tau: jax.Array, *, select_topk: Any = 1.0) -> jax.Array:
+def sce(tau: jax.Array, *, select_topk: Any = 1.0, int8_mask: bool = False) -> jax.Array:
     """mergekit ``sce`` (Wan et al., FuseChat, arXiv 2408.07990): select, calculate, erase.
 
     Select: keep the ⌊select_topk · #{var ≠ 0}⌋ entries of largest variance across models
@@ -255,6 +336,7 @@ def sce(tau: jax.Array, *, select_topk: Any = 1.0) -> jax.Array:
 
     Args:
       tau: τi (N, ...) in the compute dtype. select_topk: in [0, 1], default 1 (keep all).
+      int8_mask: accepted for mergekit's configs; no effect (it only sets mergekit's mask dtype).
     Returns:
       M (...,); the merged weight is θ0 + M.
     """
@@ -270,58 +352,12 @@ def passthrough(model: jax.Array, scale: Any = None) -> jax.Array:
     return (model * jnp.asarray(scale, model.dtype)).astype(model.dtype)
 
 
-# ----------------------------------------------------------------------------- the table
-
-METHODS: dict[str, dict[str, Any]] = {
-    "linear": dict(fn=linear, inputs="weights (base_model joins them)", base="an input",
-                   params={"weight": ("per-model", "required"), "normalize": ("global", True)}),
-    "task_arithmetic": dict(fn=task_arithmetic, inputs="task_vectors", base="required",
-                            params={"weight": ("per-model", "required"), "normalize": ("global", False),
-                                    "lambda": ("global", 1.0)}),
-    "ties": dict(fn=ties, inputs="task_vectors", base="required",
-                 params={"weight": ("per-model", "required"), "density": ("per-model", 1.0),
-                         "normalize": ("global", True), "rescale": ("global", False), "lambda": ("global", 1.0),
-                         "int8_mask": ("global", False)}),
-    "dare_ties": dict(fn=dare_ties, inputs="task_vectors", base="required", random=True,
-                      params={"weight": ("per-model", "required"), "density": ("per-model", 1.0),
-                              "normalize": ("global", False), "rescale": ("global", True),
-                              "lambda": ("global", 1.0), "int8_mask": ("global", False)}),
-    "dare_linear": dict(fn=dare_linear, inputs="task_vectors", base="required", random=True,
-                        params={"weight": ("per-model", "required"), "density": ("per-model", 1.0),
-                                "normalize": ("global", False), "rescale": ("global", True),
-                                "lambda": ("global", 1.0), "int8_mask": ("global", False)}),
-    "breadcrumbs": dict(fn=breadcrumbs, inputs="task_vectors", base="required",
-                        params={"weight": ("per-model", "required"), "density": ("per-model", 1.0),
-                                "gamma": ("per-model", 0.01), "normalize": ("global", False),
-                                "rescale": ("global", False), "lambda": ("global", 1.0),
-                                "int8_mask": ("global", False)}),
-    "breadcrumbs_ties": dict(fn=breadcrumbs_ties, inputs="task_vectors", base="required",
-                             params={"weight": ("per-model", "required"), "density": ("per-model", 1.0),
-                                     "gamma": ("per-model", 0.01), "normalize": ("global", False),
-                                     "rescale": ("global", False), "lambda": ("global", 1.0),
-                                     "int8_mask": ("global", False)}),
-    "della": dict(fn=della, inputs="task_vectors", base="required", random=True,
-                  params={"weight": ("per-model", "required"), "density": ("per-model", 1.0),
-                          "epsilon": ("per-model", 0.15), "normalize": ("global", True),
-                          "rescale": ("global", True), "lambda": ("global", 1.0), "int8_mask": ("global", False)}),
-    "della_linear": dict(fn=della_linear, inputs="task_vectors", base="required", random=True,
-                         params={"weight": ("per-model", "required"), "density": ("per-model", 1.0),
-                                 "epsilon": ("per-model", 0.15), "normalize": ("global", False),
-                                 "rescale": ("global", True), "lambda": ("global", 1.0),
-                                 "int8_mask": ("global", False)}),
-    "sce": dict(fn=sce, inputs="task_vectors", base="required",
-                params={"select_topk": ("global", 1.0), "int8_mask": ("global", False)}),
-    "passthrough": dict(fn=passthrough, inputs="one model", base="ignored",
-                        params={"scale": ("per-model", None)}),
-}
-"""mergekit's parameters per method: name → (scope, default); "required" has no default.
-"inputs" says what the function takes: task vectors τi = θi − θ0 (add θ0 to its result),
-the models' weights θi, or one model's tensor. The interpolation methods are in
-:mod:`swudi_jax.methods.interpolation`."""
-
-
 __all__ = [
-    "METHODS",
+    "FAMILY",
+    "IGNORED",
+    "RANDOM",
+    "SPARSIFIER_OPTIONS",
+    "TaskArithmetic",
     "breadcrumbs",
     "breadcrumbs_ties",
     "dare_linear",

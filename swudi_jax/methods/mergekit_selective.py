@@ -118,12 +118,4 @@ def arcee_fusion(base: jax.Array, other: jax.Array, *, key: jax.Array | None = N
     return _fuse(base, other, importance, flat)
 
 
-METHODS: dict[str, dict[str, Any]] = {
-    "ram": {"fn": ram, "inputs": "task_vectors", "base": "required", "params": {"epsilon": ("global", 1e-5)}},
-    "ramplus_tl": {"fn": ramplus_tl, "inputs": "task_vectors", "base": "required",
-                   "params": {"r": ("global", 0.1), "alpha": ("global", 0.2), "epsilon": ("global", 1e-5)}},
-    "arcee_fusion": {"fn": arcee_fusion, "inputs": "base and one model", "base": "required", "params": {}},
-}
-"""mergekit's parameters per method: name → (scope, default)."""
-
-__all__ = ["METHODS", "arcee_fusion", "ram", "ramplus_tl"]
+__all__ = ["arcee_fusion", "ram", "ramplus_tl"]

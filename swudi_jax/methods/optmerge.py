@@ -44,10 +44,9 @@ from swudi_jax.maths.spectral import (
     with_mean_fallback,
 )
 from swudi_jax.maths.validation import check_number, check_task_vectors
+from swudi_jax.methods.results import finite_result
 from swudi_jax.methods.spec import MethodSpec, expert_weighted
 
-OPTMERGE_DEFAULTS: dict[str, Any] = {"rank_ratio": None, "steps": 300, "learning_rate": 1e-5}
-"""OptMerge's options and the reference's defaults (``wudi_merge_v2``)."""
 SOURCE = ("OptMerge (per-task SVD-truncated WUDI, ICLR 2026), as the SWUDI authors' reference code "
           "implements it (wudi_merge_v2, 'wudi2')")
 
@@ -124,7 +123,8 @@ def _optmerge(tau, rank, steps, learning_rate):
 
 def optmerge(tau, *, rank_ratio: float | None = None, steps: int = 300, learning_rate: float = 1e-5) -> jax.Array:
     """OptMerge: Adam(``learning_rate``) for ``steps`` full-batch steps on
-    L(θ) = Σi wi ‖(θ − Ti) Piᵀ‖²_F from θ0 = Σ τi (module docstring), in one ``lax.scan``.
+    L(θ) = Σi wi ‖(θ − Ti) Piᵀ‖²_F from θ0 = Σ τi (module docstring), in one ``lax.scan``; the
+    defaults are the reference's (``wudi_merge_v2``), and the registry reads them from this signature.
 
     Args:
       tau: task vectors (N, m, n), maths layout, float32 or float64.
@@ -136,7 +136,7 @@ def optmerge(tau, *, rank_ratio: float | None = None, steps: int = 300, learning
     tau = check_task_vectors(tau)
     check_optmerge_options({"rank_ratio": rank_ratio, "steps": steps, "learning_rate": learning_rate})
     rank = optmerge_rank(tau.shape, rank_ratio)
-    return _optmerge(tau, rank, int(steps), float(learning_rate))
+    return finite_result(_optmerge(tau, rank, int(steps), float(learning_rate)), tau, "optmerge")
 
 
 @functools.partial(jax.jit, static_argnames=("rank",))
@@ -156,15 +156,14 @@ def optmerge_closed_form(tau, *, rank_ratio: float | None = None) -> jax.Array:
     (300 Adam steps at lr 1e-5 stop far from it); offered for analysis."""
     tau = check_task_vectors(tau)
     check_optmerge_options({"rank_ratio": rank_ratio, "steps": 0, "learning_rate": 1.0})
-    return _optmerge_closed_form(tau, optmerge_rank(tau.shape, rank_ratio))
+    return finite_result(_optmerge_closed_form(tau, optmerge_rank(tau.shape, rank_ratio)), tau, "optmerge_closed_form")
 
 
-OPTMERGE = expert_weighted(MethodSpec("optmerge", optmerge, "linear", defaults=OPTMERGE_DEFAULTS, source=SOURCE,
+OPTMERGE = expert_weighted(MethodSpec("optmerge", optmerge, "linear", source=SOURCE,
                                       validate=check_optmerge_options, aliases=("wudi2",)))
 
 __all__ = [
     "OPTMERGE",
-    "OPTMERGE_DEFAULTS",
     "OptMergeQuadratic",
     "check_optmerge_options",
     "optmerge",

@@ -35,7 +35,8 @@ from swudi_jax.maths.spectral import interference_operator, normal_equation, rig
 from swudi_jax.maths.spectral import task_weights, with_mean_fallback
 from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors
 from swudi_jax.methods import swudi_family
-from swudi_jax.methods.spec import MethodSpec, Preparation, SpectralFilter, expert_weighted
+from swudi_jax.methods.results import finite_result
+from swudi_jax.methods.spec import MethodSpec, Preparation, SpectralFilter, expert_weighted, keyword_defaults
 
 SOURCE = "Wei et al., Closed-Form Spectral Regularization for Multi-Task Model Merging (arXiv 2606.07289)"
 
@@ -94,7 +95,8 @@ def spectral_merge(tau, filter_fn: filters.Filter, *, init: str = "sum", solver:
     if not callable(filter_fn):
         raise ValueError(f"filter_fn must be a callable h(eigenvalues), got {filter_fn!r}")
     _check_init(init)
-    return _spectral_merge(tau, filter_fn, init, resolve_solver(solver, tau.shape, None))
+    return finite_result(_spectral_merge(tau, filter_fn, init, resolve_solver(solver, tau.shape, None)), tau,
+                         "spectral_merge")
 
 
 def swudi_filter(time: float, rank_ratio: float) -> filters.Filter:
@@ -140,14 +142,26 @@ def swudi(tau, *, time: float = 1300.0, rank_ratio: float = 0.65, init: str = "s
     _validate_swudi({"time": time, "rank_ratio": rank_ratio, "init": init, "solver": solver, **extra})
     top = filters.rank_from_ratio(float(rank_ratio), tau.shape[-1])
     solver = resolve_solver(solver, tau.shape, top)
-    if swudi_family.swudi_uses_defaults(extra):
-        return _swudi(tau, float(time), float(rank_ratio), init, solver)
+    if _paper_swudi(extra):
+        return finite_result(_swudi(tau, float(time), float(rank_ratio), init, solver), tau, "swudi")
     if float(alignment) > 0.0 and filter == "exponential" and alignment_reference is None:
         raise ValueError("alignment > 0 needs alignment_reference (λ̄_max, the geometric mean of every merged "
                          "layer's λ_max: swudi_family.alignment_reference_from_stacks); swudi_jax.merge computes it")
-    return swudi_family.swudi_family_layer(
+    merged = swudi_family.swudi_family_layer(
         tau, alignment_reference, time=float(time), rank_ratio=float(rank_ratio), init=init, solver=solver,
         **swudi_family.swudi_float_options(extra))
+    return finite_result(merged, tau, "swudi")
+
+
+PAPER_OPTIONS = ("time", "rank_ratio", "init", "solver")
+"""SWUDI's options in the paper; the others (:mod:`~swudi_jax.methods.swudi_family`'s) are off at their defaults."""
+
+
+def _paper_swudi(opts: Mapping[str, Any]) -> bool:
+    """True when every further option of :func:`swudi` is at its signature's default (the
+    paper's SWUDI); ``alignment_reference`` matters only with ``alignment`` > 0."""
+    further = keyword_defaults(swudi, exclude=PAPER_OPTIONS + ("alignment_reference",))
+    return all(swudi_family.is_default_value(opts[k], v) for k, v in further.items())
 
 
 def _check_rank_options(rank_rule: str, min_rank: int, max_rank_ratio: float) -> None:
@@ -247,12 +261,13 @@ def swudi_a(
             raise ValueError(f"solver='topk' is not available for rank_rule={rank_rule!r} with filter={filter!r}, "
                              f"rank_scale={rank_scale!r}: they need the whole spectrum (use 'auto', 'full' or 'lowrank')")
         solver = resolve_solver(solver, tau.shape, None)
-        return swudi_family.swudi_a_family_layer(
+        merged = swudi_family.swudi_a_family_layer(
             tau, rank_rule=rank_rule, min_rank=int(min_rank), max_rank_ratio=float(max_rank_ratio), init=init,
             solver=solver, **swudi_family.swudi_a_float_options(extra))
+        return finite_result(merged, tau, "swudi_a")
     top = swudi_a_top_count(rank_rule, int(min_rank), float(max_rank_ratio), tau.shape[-1])
     solver = resolve_solver(solver, tau.shape, top)
-    return _swudi_a(tau, rank_rule, int(min_rank), float(max_rank_ratio), init, solver)
+    return finite_result(_swudi_a(tau, rank_rule, int(min_rank), float(max_rank_ratio), init, solver), tau, "swudi_a")
 
 
 @functools.partial(jax.jit, static_argnames=("rank_rule", "min_rank", "max_rank_ratio"))
@@ -296,7 +311,7 @@ def pinv_merge(tau, *, solver: str = "auto") -> jax.Array:
     """
     tau = check_task_vectors(tau)
     _validate_pinv({"solver": solver})
-    return _pinv(tau, resolve_solver(solver, tau.shape, None))
+    return finite_result(_pinv(tau, resolve_solver(solver, tau.shape, None)), tau, "pinv")
 
 
 def _validate_swudi(options: Mapping[str, Any]) -> None:
@@ -320,7 +335,7 @@ def _validate_pinv(options: Mapping[str, Any]) -> None:
 
 def _swudi_spectral_filter(options: Mapping[str, Any]) -> SpectralFilter:
     time, ratio = float(options["time"]), float(options["rank_ratio"])
-    if not swudi_family.swudi_uses_defaults(options):  # the family's eigenvalue-only options
+    if not _paper_swudi(options):  # the family's eigenvalue-only options
         return SpectralFilter(swudi_family.spectral_filter("swudi", options), options["init"],
                               lambda n: filters.rank_from_ratio(ratio, n))
     h = swudi_filter(time, ratio)

@@ -22,9 +22,10 @@ the estimator θ_h = θ0 − θ0 V diag(h) Vᵀ + D V diag(h/λ) Vᵀ, SWUDI's f
   forms E when N·n < m (E = A Aᵀ, A = [√w1 τ1 … √wN τN] of N·n columns, has rank ≤ N·n).
 
 SWUDI-A's options (rank rules, ``rank_scale``, in-subspace filters) are in
-:mod:`swudi_jax.maths.rank_rules_family`. Option defaults and checks live here (:data:`SWUDI_OPTIONS`,
-:data:`SWUDI_A_OPTIONS`, :func:`check_swudi_options`, :func:`check_swudi_a_options`) and are
-shared by the layer functions and the registry.
+:mod:`swudi_jax.maths.rank_rules_family`. The options' defaults are written once, in the
+signatures of :func:`swudi_jax.methods.swudi.swudi` and :func:`~swudi_jax.methods.swudi.swudi_a`
+(which the registry reads); their checks live here (:func:`check_swudi_options`,
+:func:`check_swudi_a_options`), and every function here takes the options resolved.
 """
 
 from __future__ import annotations
@@ -52,29 +53,6 @@ from swudi_jax.maths.spectral import (
 )
 from swudi_jax.maths.validation import check_choice, check_number, is_concrete
 
-SWUDI_OPTIONS: dict[str, Any] = {
-    "tikhonov_alpha": 0.0,
-    "output_time": None,
-    "consensus_power": 0.0,
-    "consensus_floor": 0.0,
-    "gamma": 1.0,
-    "filter": "exponential",
-    "alignment": 0.0,
-    "alignment_reference": None,
-}
-"""SWUDI's options beyond time / rank_ratio / init / solver, with the defaults that reduce to
-the paper's SWUDI (h = (1 − e^{−λt}) · 1[top K])."""
-
-SWUDI_A_OPTIONS: dict[str, Any] = {
-    "rank_scale": 1.0,
-    "filter": "none",
-    "time": 1e6,
-    "wiener_scale": 1.0,
-    "wiener_power": 2.0,
-    "wiener_floor": "tail_mean",
-}
-"""SWUDI-A's options beyond rank_rule / min_rank / max_rank_ratio / init / solver."""
-
 SWUDI_FILTERS = ("exponential", "none")
 OUTPUT_PATHS = ("auto", "direct", "range")
 
@@ -87,7 +65,8 @@ def _mm(a, b):
 
 
 def check_swudi_options(opts: Mapping[str, Any]) -> None:
-    """ValueError naming the option for a bad value of any key of :data:`SWUDI_OPTIONS`."""
+    """ValueError naming the option for a bad value of one of SWUDI's further options (all of
+    :func:`~swudi_jax.methods.swudi.swudi`'s but time, rank_ratio, init and solver)."""
     check_number(opts["tikhonov_alpha"], "tikhonov_alpha", low=0.0)
     if opts["output_time"] is not None:
         check_number(opts["output_time"], "output_time", low=0.0)
@@ -104,7 +83,7 @@ def check_swudi_options(opts: Mapping[str, Any]) -> None:
 
 
 def check_swudi_a_options(opts: Mapping[str, Any]) -> None:
-    """ValueError naming the option for a bad ``rank_rule`` or key of :data:`SWUDI_A_OPTIONS`."""
+    """ValueError naming the option for a bad ``rank_rule``, ``rank_scale`` or in-subspace filter option."""
     rank_rules_family.parse_rank_rule(opts["rank_rule"])
     check_number(opts["rank_scale"], "rank_scale", low=0.0, low_open=True)
     rank_rules_family.check_subspace_filter_options(
@@ -118,17 +97,6 @@ def is_default_value(value: Any, default: Any) -> bool:
     if hasattr(value, "shape"):
         return False
     return value == default
-
-
-def _is_default(opts: Mapping[str, Any], defaults: Mapping[str, Any]) -> bool:
-    return all(is_default_value(opts.get(k, v), v) for k, v in defaults.items())
-
-
-def swudi_uses_defaults(opts: Mapping[str, Any]) -> bool:
-    """True when SWUDI's extra options change nothing (the paper's SWUDI); alignment = 0 makes
-    ``alignment_reference`` irrelevant."""
-    rest = {k: v for k, v in SWUDI_OPTIONS.items() if k != "alignment_reference"}
-    return _is_default(opts, rest)
 
 
 def swudi_a_uses_defaults(opts: Mapping[str, Any]) -> bool:
@@ -212,8 +180,8 @@ def alignment_reference_from_stacks(stacks: Iterable[Any]) -> float:
 
 def needs_alignment_reference(method_name: str, opts: Mapping[str, Any]) -> bool:
     """True when a whole-model merge must compute λ̄_max (:func:`alignment_reference_from_stacks`) first."""
-    return (method_name == "swudi" and float(opts.get("alignment", 0.0)) > 0.0
-            and opts.get("filter", "exponential") == "exponential" and opts.get("alignment_reference") is None)
+    return (method_name == "swudi" and float(opts["alignment"]) > 0.0 and opts["filter"] == "exponential"
+            and opts["alignment_reference"] is None)
 
 
 def sharded_path_supports(method_name: str, opts: Mapping[str, Any]) -> bool:
@@ -221,35 +189,29 @@ def sharded_path_supports(method_name: str, opts: Mapping[str, Any]) -> bool:
     take these options: not SWUDI's consensus or output side (they read τ), not SWUDI-A's
     D-aware and loss rules (they read D V and θ0 V)."""
     if method_name == "swudi":
-        return float(opts.get("consensus_power", 0.0)) == 0.0 and opts.get("output_time") is None
+        return float(opts["consensus_power"]) == 0.0 and opts["output_time"] is None
     if method_name == "swudi_a":
-        rule = opts.get("rank_rule", "participation_sqrt")
-        return not rank_rules_family.needs_projections(rule)
+        return not rank_rules_family.needs_projections(opts["rank_rule"])
     return True
 
 
-def swudi_h(lam: jnp.ndarray, *, time: float, rank_ratio: float, tikhonov_alpha: float = 0.0, gamma: float = 1.0,
-            filter: str = "exponential", alignment: float = 0.0, alignment_reference=None) -> jnp.ndarray:
-    """SWUDI's filter on the full ascending clamped spectrum λ (length n), without consensus:
-    h = [1 | (1 − e^{−λ t_ℓ})^γ · λ/(λ+α)] · 1[top ⌈r·n⌉], t_ℓ = t (λ̄_max/λ_max)^ρ."""
-    n = lam.shape[-1]
-    if filter == "none":
-        h = jnp.ones_like(lam)
-    else:
-        t = time
-        if alignment > 0.0:
-            if alignment_reference is None:
-                raise ValueError("alignment > 0 needs alignment_reference (λ̄_max, the geometric mean of every "
-                                 "merged layer's λ_max: swudi_family.alignment_reference_from_stacks); "
-                                 "swudi_jax.merge computes it")
-            ref = jnp.asarray(alignment_reference, lam.dtype)
-            t = time * (ref / jnp.maximum(lam[-1], filters.EIG_FLOOR)) ** alignment
-        h = -jnp.expm1(-lam * t)
-        if abs(gamma - 1.0) > 1e-8:
-            h = jnp.clip(h, 0.0, 1.0) ** gamma
+def swudi_h(lam: jnp.ndarray, *, time: float, rank_ratio: float, tikhonov_alpha: float, gamma: float,
+            filter: str, alignment: float, alignment_reference) -> jnp.ndarray:
+    """SWUDI's filter on the full ascending clamped spectrum λ (length n), without consensus, as a
+    product of :mod:`swudi_jax.maths.filters`: h = [1 | (1 − e^{−λ t_ℓ})^γ · λ/(λ+α)] · 1[top ⌈r·n⌉],
+    t_ℓ = t (λ̄_max/λ_max)^ρ (the power for γ ≠ 1, the ridge factor for α > 0 only)."""
+    parts = [filters.identity()]
+    if filter != "none":
+        if alignment > 0.0 and alignment_reference is None:
+            raise ValueError("alignment > 0 needs alignment_reference (λ̄_max, the geometric mean of every "
+                             "merged layer's λ_max: swudi_family.alignment_reference_from_stacks); "
+                             "swudi_jax.merge computes it")
+        flow = (filters.aligned_exponential(time, alignment, alignment_reference) if alignment > 0.0
+                else filters.exponential(time))
+        parts = [flow if abs(gamma - 1.0) <= 1e-8 else filters.power(gamma, flow)]
         if tikhonov_alpha > 0.0:
-            h = h * (lam / (lam + tikhonov_alpha))
-    return h * filters.hard_rank(filters.rank_from_ratio(rank_ratio, n))(lam)
+            parts.append(filters.tikhonov(tikhonov_alpha))
+    return filters.product(*parts, filters.top_ratio(rank_ratio))(lam)
 
 
 def spectral_filter(method_name: str, opts: Mapping[str, Any]):
@@ -265,15 +227,13 @@ def spectral_filter(method_name: str, opts: Mapping[str, Any]):
         if ref is not None:
             ref = float(ref)
         keys = ("tikhonov_alpha", "gamma", "filter", "alignment")
-        extra = {k: (opts.get(k, SWUDI_OPTIONS[k]) if k == "filter" else float(opts.get(k, SWUDI_OPTIONS[k])))
-                 for k in keys}
+        extra = {k: (opts[k] if k == "filter" else float(opts[k])) for k in keys}
         if float(extra["alignment"]) > 0.0 and extra["filter"] == "exponential" and ref is None:
             raise ValueError("alignment > 0 needs alignment_reference (λ̄_max over the merged layers)")
         time, ratio = float(opts["time"]), float(opts["rank_ratio"])
         return lambda lam, shape: swudi_h(lam, time=time, rank_ratio=ratio, alignment_reference=ref, **extra)
-    o = {**SWUDI_A_OPTIONS, **opts}
-    rule, min_rank, max_ratio = o["rank_rule"], int(o["min_rank"]), float(o["max_rank_ratio"])
-    f = swudi_a_float_options(o)
+    rule, min_rank, max_ratio = opts["rank_rule"], int(opts["min_rank"]), float(opts["max_rank_ratio"])
+    f = swudi_a_float_options(opts)
 
     def make_h(lam, shape):
         k = rank_rules_family.family_rank(lam, shape, rule, min_rank=min_rank, max_rank_ratio=max_ratio,
@@ -413,9 +373,7 @@ def swudi_a_float_options(opts: Mapping[str, Any]) -> dict[str, Any]:
 
 __all__ = [
     "OUTPUT_PATHS",
-    "SWUDI_A_OPTIONS",
     "SWUDI_FILTERS",
-    "SWUDI_OPTIONS",
     "alignment_reference",
     "alignment_reference_from_stacks",
     "check_swudi_a_options",
@@ -431,5 +389,5 @@ __all__ = [
     "swudi_a_uses_defaults",
     "swudi_family_layer",
     "swudi_h",
-    "swudi_uses_defaults",
+    "is_default_value",
 ]

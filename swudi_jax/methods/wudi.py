@@ -33,6 +33,7 @@ from swudi_jax.maths.spectral import (
     wudi_loss,
 )
 from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors
+from swudi_jax.methods.results import finite_result
 from swudi_jax.methods.spec import MethodSpec, expert_weighted
 
 GRADIENTS = ("reference", "gram")
@@ -110,7 +111,8 @@ def wudi_gd(
     check_choice(init, "init", INIT_MODES)
     check_choice(gradient, "gradient", GRADIENTS)
     check_number(trajectory_every, "trajectory_every", low=0, integer=True)
-    return _wudi_gd(tau, optimizer, int(steps), init, gradient, int(trajectory_every))
+    out = _wudi_gd(tau, optimizer, int(steps), init, gradient, int(trajectory_every))
+    return out if trajectory_every else finite_result(out, tau, "wudi")
 
 
 def wudi(
