@@ -26,7 +26,6 @@ SINGLE = {
 }
 
 
-
 def layout(result, single):
     """Each addressable shard: its device, row range, shape, and whether it equals those rows."""
     shards = []

@@ -57,7 +57,6 @@ def bert_like(rng, hidden: int = 8, layers: int = 2, vocab: int = 16) -> dict[st
     return out
 
 
-
 def write_config(root: Path, name: str = "merge.yaml", **content) -> Path:
     content = {"base_model": "base", "models": ["e0", "e1"], "merge_method": "task_arithmetic", **content}
     path = root / name
@@ -85,7 +84,6 @@ def make_slow_models(root: Path, method: str = "swudi", n: int = 40) -> None:
     for name, model in [("base", base), *((f"e{i}", e) for i, e in enumerate(experts_of(base, rng, 2)))]:
         ckio.save(root / name, model)
     write_config(root, merge_method=method)
-
 
 
 def leftovers(root: Path) -> list[str]:

@@ -40,7 +40,6 @@ def hf_model(rng, dtype=np.float32) -> dict[str, np.ndarray]:
     return out
 
 
-
 @pytest.fixture
 def on_disk(tmp_path):
     """Base + 3 experts as sharded HF safetensors directories, and a config writer."""
@@ -66,7 +65,6 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
 
 
 def assert_close_trees(got: dict, want: dict, rtol=1e-5, atol=1e-6):

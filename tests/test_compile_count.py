@@ -37,7 +37,6 @@ def bert_like(rng, layers=3, hidden=12, inner=20) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in flat.items()}
 
 
-
 # linear maths shapes (30, 12) embedding, (12, 12) attention, (20, 12) up, (12, 20) down; one flat mean call
 SHAPE_GROUPS = 5
 

@@ -27,8 +27,6 @@ SHAPE_LIST = [(4, 6, 10), (3, 2, 9), (5, 9, 3), (2, 1, 7)]
 A few fixed shapes let the compiled functions be reused across examples and tests."""
 
 
-
-
 def stable_step(tau: np.ndarray, fraction: float) -> float:
     """η = fraction / λ_max, so that |1 − 2ηλ| < 1 on the whole spectrum."""
     return fraction / float(ref.clamped_spectrum(tau)[0].max())

@@ -16,7 +16,6 @@ CASES = ["a", "b", "c", "d"]
 RULES = ["participation_sqrt", "entropy", "participation", "stable_rank", "gavish_donoho"]
 
 
-
 LAYER_CALLS = {
     "swudi_t1300_r0.65": lambda t: sj.swudi(t),
     "swudi_t300_r0.85": lambda t: sj.swudi(t, **sj.LLM_PRESET),

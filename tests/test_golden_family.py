@@ -33,7 +33,6 @@ INDEX = json.loads(bytes(_Z["index.json"]).decode())
 ENTRIES = {f"{e['case']}/{e['output']}": e for e in INDEX}
 
 
-
 def case_models(case: str):
     """(base, experts, names) of one case as flat dicts of PyTorch-layout arrays."""
     names = sorted({k.split("/", 2)[2] for k in _Z.files if k.startswith(f"{case}/base/")})
@@ -92,7 +91,6 @@ def test_exponential_filter_matters_on_case_s_and_g():
 
 
 # ---------------------------------------------------------------- 2. float64 identities
-
 
 
 @pytest.mark.parametrize("shape", [(4, 6, 10), (3, 12, 5)])

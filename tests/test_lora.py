@@ -13,7 +13,6 @@ from swudi_jax.scale.lora import merge_lora
 RULES = ["participation_sqrt", "entropy", "participation", "stable_rank", "gavish_donoho"]
 
 
-
 def lora_experts(seed, ranks=(2, 3, 4), m=24, n=80, dtype=np.float64):
     rng = np.random.default_rng(seed)
     return [(rng.normal(size=(m, r)).astype(dtype), (rng.normal(size=(r, n)) / 10).astype(dtype)) for r in ranks]

@@ -25,7 +25,6 @@ ALL_RULES = ["participation_sqrt", "entropy", "participation", "stable_rank", "g
              "cumulative_variance"]
 
 
-
 def gapped_task_vectors(seed, dtype=np.float64):
     """4 tasks of rank 2 plus weak noise, n = 160: C has 8 large eigenvalues, then a gap."""
     return random_task_vectors(seed, 4, 64, 160, rank=2, noise=0.02, dtype=dtype)

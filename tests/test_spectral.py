@@ -18,7 +18,6 @@ SHAPES = [(4, 6, 10), (3, 12, 5), (3, 2, 9)]
 """m < n, m > n (the other association for D), and N·m < n (C rank-deficient)."""
 
 
-
 @pytest.mark.parametrize("shape", SHAPES)
 def test_interference_operator_rhs_and_anchor_match_their_formulas(shape):
     with jax.enable_x64(True):

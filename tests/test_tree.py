@@ -18,7 +18,6 @@ NAMES = ["embed.weight", "blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.0
          "blocks.0.norm.weight", "lm_head.weight"]
 
 
-
 @pytest.fixture(scope="module")
 def golden_model(golden):
     base = {n: golden[f"model/base/{n}"] for n in NAMES}
