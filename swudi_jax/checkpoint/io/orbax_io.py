@@ -23,14 +23,6 @@ from swudi_jax.model.flat import flatten, nest
 SEP = "/"
 
 
-def checkpoint_dir(path: Path, *, step: int | None = None, item: str | None = None) -> Path | None:
-    """The orbax item directory at ``path`` (an item, a step's chosen item, or a CheckpointManager's
-    latest or chosen step; :func:`swudi_jax.checkpoint.io.orbax_layout.locate`), None if it is none of those."""
-    if orbax_layout.kind(path) is None:
-        return None
-    return orbax_layout.locate(path, step=step, item=item)
-
-
 def is_orbax(path: Path) -> bool:
     return orbax_layout.kind(path) is not None
 
