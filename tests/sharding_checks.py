@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import random_task_vectors  # noqa: E402
+from conftest import random_task_vectors, rel_err  # noqa: E402
 
 import swudi_jax as sj  # noqa: E402
 from swudi_jax.scale.sharding import make_row_mesh, merge_sharded, row_sharding  # noqa: E402
@@ -24,11 +24,6 @@ SINGLE = {
     "swudi_a": lambda t, **o: sj.swudi_a(t, solver="full", **o),
     "pinv": lambda t, **o: sj.pinv_merge(t, solver="full"),
 }
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def layout(result, single):

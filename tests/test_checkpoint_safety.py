@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import experts_of, snapshot
 
 import swudi_jax.checkpoint.pipeline as checkpoint_merge
 from swudi_jax.methods import registry
@@ -56,11 +57,6 @@ def bert_like(rng, hidden: int = 8, layers: int = 2, vocab: int = 16) -> dict[st
     return out
 
 
-def experts_of(base, rng, n: int = 2, size: float = 0.05):
-    return [{k: (v + size * rng.normal(size=v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v.copy()
-             for k, v in base.items()} for _ in range(n)]
-
-
 def write_config(root: Path, name: str = "merge.yaml", **content) -> Path:
     content = {"base_model": "base", "models": ["e0", "e1"], "merge_method": "task_arithmetic", **content}
     path = root / name
@@ -88,11 +84,6 @@ def make_slow_models(root: Path, method: str = "swudi", n: int = 40) -> None:
     for name, model in [("base", base), *((f"e{i}", e) for i, e in enumerate(experts_of(base, rng, 2)))]:
         ckio.save(root / name, model)
     write_config(root, merge_method=method)
-
-
-def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.is_symlink()}
 
 
 def leftovers(root: Path) -> list[str]:

@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import yaml
+from conftest import experts_of, snapshot
 
 import swudi_jax.checkpoint.pipeline as checkpoint_merge
 from swudi_jax.checkpoint import io as ckio
@@ -37,11 +38,6 @@ def hf_model(rng, dtype=np.float32) -> dict[str, np.ndarray]:
     out = {k: v.astype(dtype) for k, v in flat.items()}
     out["model.position_ids"] = np.arange(6, dtype=np.int64)
     return out
-
-
-def experts_of(base, rng, n=3):
-    return [{k: (v + 0.05 * rng.normal(size=v.shape)).astype(v.dtype) if v.dtype.kind == "f" or v.dtype == ml_dtypes.bfloat16
-             else v.copy() for k, v in base.items()} for _ in range(n)]
 
 
 @pytest.fixture
@@ -69,10 +65,6 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def assert_close_trees(got: dict, want: dict, rtol=1e-5, atol=1e-6):

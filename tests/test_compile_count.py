@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from conftest import experts_of
 
 import swudi_jax as sj
 from swudi_jax.checkpoint import io as ckio
@@ -34,10 +35,6 @@ def bert_like(rng, layers=3, hidden=12, inner=20) -> dict[str, np.ndarray]:
             flat[f"{p}.{norm}.weight"] = 1 + 0.1 * rng.normal(size=(hidden,))
             flat[f"{p}.{norm}.bias"] = 0.1 * rng.normal(size=(hidden,))
     return {k: v.astype(np.float32) for k, v in flat.items()}
-
-
-def experts_of(base, rng, n=3):
-    return [{k: (v + 0.05 * rng.normal(size=v.shape)).astype(v.dtype) for k, v in base.items()} for _ in range(n)]
 
 
 # linear maths shapes (30, 12) embedding, (12, 12) attention, (20, 12) up, (12, 20) down; one flat mean call

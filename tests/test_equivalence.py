@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import random_task_vectors
+from conftest import random_task_vectors, rel_err, tau64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,15 +25,6 @@ RULES = sorted(ref.RANK_RULES)
 SHAPE_LIST = [(4, 6, 10), (3, 2, 9), (5, 9, 3), (2, 1, 7)]
 """(N, m, n): C full rank, C rank-deficient (N·m < n), a tall layer, a single output row.
 A few fixed shapes let the compiled functions be reused across examples and tests."""
-
-
-def rel_err(got, want) -> float:
-    want = np.asarray(want, np.float64)
-    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / max(np.linalg.norm(want), 1e-300))
-
-
-def tau64(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
-    return random_task_vectors(seed, *shape, dtype=np.float64)
 
 
 def stable_step(tau: np.ndarray, fraction: float) -> float:

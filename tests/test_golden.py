@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import rel_err
 
 import swudi_jax as sj
 
 CASES = ["a", "b", "c", "d"]
 RULES = ["participation_sqrt", "entropy", "participation", "stable_rank", "gavish_donoho"]
-
-
-def rel_err(got, want):
-    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
 
 LAYER_CALLS = {

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import random_task_vectors
+from conftest import random_task_vectors, rel_err, tau64
 
 import swudi_jax as sj
 from swudi_jax.maths import filters, rank_rules_family
@@ -31,11 +31,6 @@ GOLDEN_FAMILY = Path(__file__).resolve().parent / "data" / "golden_family.npz"
 _Z = np.load(GOLDEN_FAMILY)
 INDEX = json.loads(bytes(_Z["index.json"]).decode())
 ENTRIES = {f"{e['case']}/{e['output']}": e for e in INDEX}
-
-
-def rel_err(got, want) -> float:
-    want = np.asarray(want, np.float64)
-    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / max(np.linalg.norm(want), 1e-300))
 
 
 def case_models(case: str):
@@ -96,10 +91,6 @@ def test_exponential_filter_matters_on_case_s_and_g():
 
 
 # ---------------------------------------------------------------- 2. float64 identities
-
-
-def tau64(seed, shape):
-    return random_task_vectors(seed, *shape, dtype=np.float64)
 
 
 @pytest.mark.parametrize("shape", [(4, 6, 10), (3, 12, 5)])

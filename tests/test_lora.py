@@ -5,16 +5,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from conftest import rel_err
 
 import swudi_jax as sj
 from swudi_jax.scale.lora import merge_lora
 
 RULES = ["participation_sqrt", "entropy", "participation", "stable_rank", "gavish_donoho"]
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def lora_experts(seed, ranks=(2, 3, 4), m=24, n=80, dtype=np.float64):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_task_vectors
+from conftest import random_task_vectors, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,11 +23,6 @@ from swudi_jax.methods.swudi import resolve_solver, swudi_a_top_count
 
 ALL_RULES = ["participation_sqrt", "entropy", "participation", "stable_rank", "gavish_donoho",
              "cumulative_variance"]
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def gapped_task_vectors(seed, dtype=np.float64):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_task_vectors
+from conftest import random_task_vectors, tau64
 
 import numpy_reference as ref
 import swudi_jax as sj
@@ -16,10 +16,6 @@ from swudi_jax.maths.spectral import anchor, normal_equation, task_weights
 
 SHAPES = [(4, 6, 10), (3, 12, 5), (3, 2, 9)]
 """m < n, m > n (the other association for D), and N·m < n (C rank-deficient)."""
-
-
-def tau64(seed, shape):
-    return random_task_vectors(seed, *shape, dtype=np.float64)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err
 
 import swudi_jax as sj
 from swudi_jax.model.layout import group_plans
@@ -15,10 +16,6 @@ from swudi_jax.model.merger import merge_group, plan_tree
 
 NAMES = ["embed.weight", "blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.0.mlp.weight",
          "blocks.0.norm.weight", "lm_head.weight"]
-
-
-def rel_err(got, want):
-    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,6 @@ import numpy as np
 from swudi_jax.checkpoint.io.side_files import copy_side_files, plan_side_files
 
 LAYER_RE = re.compile(r"(?:^|[./])(?:layers|layer|h|blocks|block)[./](\d+)(?=[./]|$)")
-EMBEDDING_RE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings", re.IGNORECASE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
                    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")

@@ -205,6 +205,15 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
     return MergePlan(config, layout, base.format, out_format, tuple(plans), tuple(tuple(g) for g in groups), out_dtypes)
 
 
+def plan_checkpoints(config: MergeConfig | str | os.PathLike, *,
+                     max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES) -> MergePlan:
+    """The plan :func:`merge_checkpoints` follows for ``config`` (what its ``dry_run`` prints):
+    the checkpoints are opened (headers and metadata only), checked and planned, then closed."""
+    config = config if isinstance(config, MergeConfig) else load_config(config)
+    with _opened(config) as (base, experts, grams):
+        return plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
+
+
 def _compute(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
     """Floating arrays cast to the compute dtype (mixed-dtype inputs meet in it); others as read."""
     target = numpy_dtype(dtype)

@@ -76,16 +76,10 @@ def plain_gram_flops(rows: int, n: int) -> int:
     return matmul_flops(n, rows, n)
 
 
-def block_fraction(n: int) -> float:
-    """:func:`gram_flops` over the plain product's flops (→ (b + 1)/(2b) for even blocks)."""
-    return gram_flops(1, n) / plain_gram_flops(1, n) if n else 1.0
-
-
 __all__ = [
     "MAX_BLOCKS",
     "MIN_BLOCK",
     "block_bounds",
-    "block_fraction",
     "gram_blocks",
     "gram_flops",
     "matmul_flops",

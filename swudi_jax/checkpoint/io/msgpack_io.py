@@ -14,7 +14,7 @@ import numpy as np
 from flax import serialization
 
 from swudi_jax.checkpoint.io import confine
-from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError
+from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError, reading_file
 from swudi_jax.model.flat import flatten, nest
 
 SEP = "/"
@@ -32,10 +32,8 @@ class MsgpackReader(BaseReader):
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
         confine.checked_file(self.path, "msgpack file")
-        try:
+        with reading_file(self.path, "msgpack file"):  # msgpack raises many types: any Exception
             tree = serialization.msgpack_restore(self.path.read_bytes())
-        except Exception as exc:  # noqa: BLE001 - msgpack raises many types; re-raised with the file
-            raise CheckpointError(f"{self.path}: unreadable or truncated msgpack file ({type(exc).__name__}: {exc})") from None
         self._arrays = {}
         for key, leaf in flatten(tree)[0].items():
             if not isinstance(leaf, (np.ndarray, np.generic)):

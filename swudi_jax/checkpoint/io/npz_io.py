@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from swudi_jax.checkpoint.io import confine
-from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError
+from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError, reading_file
 
 DTYPES_KEY = "__dtypes__"
 EXTENDED = {np.dtype(t).name: np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)}
@@ -43,7 +43,7 @@ class NpzReader(BaseReader):
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
         confine.checked_file(self.path, "npz file")
-        try:
+        with reading_file(self.path, ".npz file", (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError)):
             self._npz = np.load(self.path, allow_pickle=False)
             members = {name.removesuffix(".npy"): name for name in self._npz.zip.namelist()}
             extended = {}
@@ -60,10 +60,6 @@ class NpzReader(BaseReader):
                 elif dtype.kind == "V":
                     raise CheckpointError(f"{self.path}: tensor {key!r} has an opaque dtype {dtype} (no {DTYPES_KEY} record)")
                 self._entries[key] = (shape, dtype)
-        except CheckpointError:
-            raise
-        except (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError) as exc:
-            raise CheckpointError(f"{self.path}: unreadable or truncated .npz file ({exc})") from None
 
     def read_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
         out = {}

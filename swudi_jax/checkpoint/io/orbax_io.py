@@ -17,18 +17,10 @@ import jax
 import numpy as np
 
 from swudi_jax.checkpoint.io import confine, orbax_layout
-from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError
+from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError, reading_file
 from swudi_jax.model.flat import flatten, nest
 
 SEP = "/"
-
-
-def checkpoint_dir(path: Path, *, step: int | None = None, item: str | None = None) -> Path | None:
-    """The orbax item directory at ``path`` (an item, a step's chosen item, or a CheckpointManager's
-    latest or chosen step; :func:`swudi_jax.checkpoint.io.orbax_layout.locate`), None if it is none of those."""
-    if orbax_layout.kind(path) is None:
-        return None
-    return orbax_layout.locate(path, step=step, item=item)
 
 
 def is_orbax(path: Path) -> bool:
@@ -64,10 +56,8 @@ class OrbaxReader(BaseReader):
         super().__init__(path)
         self._dir = orbax_layout.locate(self.path, step=step, item=item)
         confine.check_tree(self.path)  # orbax opens the files itself: every link must stay inside
-        try:
+        with reading_file(self.path, "orbax checkpoint"):  # orbax/tensorstore raise many types: any Exception
             tree = _tree_metadata(self._dir.absolute())
-        except Exception as exc:  # noqa: BLE001 - orbax/tensorstore raise many types
-            raise CheckpointError(f"{self.path}: unreadable or truncated orbax checkpoint ({type(exc).__name__}: {exc})") from None
         if not isinstance(tree, Mapping) or not tree:
             raise CheckpointError(f"{self.path}: unreadable or truncated orbax checkpoint (no readable tree metadata)")
         if _has_sequence(tree):

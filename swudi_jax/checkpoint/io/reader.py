@@ -99,6 +99,19 @@ def naming_file(path: str | os.PathLike) -> Iterator[None]:
         raise type(exc)(exc.errno, f"{exc.strerror or exc} while writing", str(path)) from None
 
 
+@contextlib.contextmanager
+def reading_file(path: str | os.PathLike, what: str,
+                 errors: tuple[type[Exception], ...] = (Exception,)) -> Iterator[None]:
+    """Re-raise a parser's error (one of ``errors``) as ``CheckpointError`` naming ``path``:
+    "unreadable or truncated {what} ({type}: {message})"; a CheckpointError passes as raised."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except errors as exc:
+        raise CheckpointError(f"{path}: unreadable or truncated {what} ({type(exc).__name__}: {exc})") from None
+
+
 def write_all(writer, arrays: Mapping[str, np.ndarray]) -> None:
     """Feed every array to a streaming writer, then close it; on any failure abort it
     (its partial output removed) and re-raise."""
