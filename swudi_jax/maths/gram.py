@@ -62,8 +62,11 @@ def symmetric_gram(a: jnp.ndarray) -> jnp.ndarray:
             strip = jnp.matmul(a[:, lo:hi].T, a[:, lo:], precision=HIGHEST)  # G[lo:hi, lo:]
             rows.append(jnp.pad(strip, ((0, 0), (lo, 0))))
         g = jnp.concatenate(rows, axis=0)
-    upper = lax.broadcasted_iota(jnp.int32, (n, n), 0) <= lax.broadcasted_iota(jnp.int32, (n, n), 1)
-    return jnp.where(upper, g, g.T)
+    # Lower triangle = strict upper one transposed, added to zeros: exactly the mirror. Not
+    # ``jnp.where(iota_row <= iota_col, g, g.T)``: on jax/jaxlib 0.10.2 XLA CPU compiles that
+    # select-of-a-transpose into a ``copy_select_fusion`` that segfaults (n = 1000, 1024) or
+    # hangs (n = 2048) even as the whole jitted program; n ≤ 768 works. triu + transpose is safe.
+    return jnp.triu(g) + jnp.triu(g, 1).T
 
 
 def matmul_flops(m: int, k: int, n: int) -> int:
