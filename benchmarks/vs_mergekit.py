@@ -110,3 +110,114 @@ def method_configs(root: Path) -> dict[str, dict]:
         "model_stock": {"models": [{"model": m} for m in models], "merge_method": "model_stock", "base_model": base,
                         "dtype": "bfloat16"},
     }
+
+
+def timed_process(argv: list[str], env: dict | None = None) -> dict:
+    """Run ``argv`` to completion; its wall time and peak RSS (``ru_maxrss`` of that child)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{err[-3000:]}")
+    return {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def ordered_bits(x: np.ndarray) -> np.ndarray:
+    """bf16 values as int64 that are consecutive for consecutive bf16 numbers (ulp distance)."""
+    bits = np.asarray(x, ml_dtypes.bfloat16).view(np.uint16).astype(np.int64)
+    return np.where(bits & 0x8000, 0x8000 - bits, bits)
+
+
+def compare(ours: Path, theirs: Path) -> dict:
+    """max |ours − mergekit| over all tensors, and the share of entries > 1 bf16 ulp apart."""
+    a, b = ckio.load(ours), ckio.load(theirs)
+    if set(a) != set(b):
+        return {"same_keys": False, "only_ours": sorted(set(a) - set(b)), "only_mergekit": sorted(set(b) - set(a))}
+    worst, far, total, identical = 0.0, 0, 0, 0
+    for key in a:
+        x, y = np.asarray(a[key]), np.asarray(b[key])
+        worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))))
+        far += int(np.sum(np.abs(ordered_bits(x) - ordered_bits(y)) > 1))
+        total += x.size
+        identical += int(np.array_equal(ordered_bits(x), ordered_bits(y)))
+    return {"same_keys": True, "max_abs_diff": worst, "share_over_1ulp": far / total,
+            "tensors_identical": f"{identical}/{len(a)}"}
+
+
+def commands(method: str, config: Path, root: Path, venv: str | None) -> dict[str, tuple[list[str], dict, Path]]:
+    """Per tool, the command line, environment and output folder of one merge."""
+    ours = root / f"swudi_{method}"
+    runs = {"swudi-merge": ([sys.executable, "-m", "swudi_jax.checkpoint.cli", str(config), str(ours),
+                             "--no-progress", "--no-copy-tokenizer"], dict(os.environ), ours)}
+    if venv:
+        theirs = root / f"mergekit_{method}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        runs["mergekit-yaml"] = ([str(Path(venv) / "bin" / "mergekit-yaml"), str(config), str(theirs),
+                                  "--no-copy-tokenizer", "--allow-crimes"], env, theirs)
+    return runs
+
+
+def bench_method(method: str, config: dict, root: Path, venv: str | None, rounds: int) -> dict:
+    """Alternating runs of both tools on one config; medians and the outputs compared."""
+    path = root / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    runs = commands(method, path, root, venv)
+    samples: dict[str, list[dict]] = {tool: [] for tool in runs}
+    for _ in range(rounds):
+        for tool, (argv, env, out) in runs.items():
+            shutil.rmtree(out, ignore_errors=True)
+            samples[tool].append(timed_process(argv, env))
+    row = {"method": method, "rounds": rounds}
+    for tool, runs_ in samples.items():
+        row[tool] = {"wall_s": statistics.median(r["wall_s"] for r in runs_),
+                     "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in runs_), "samples": runs_}
+    if venv:
+        mk, ours = row["mergekit-yaml"], row["swudi-merge"]
+        row["time_ratio"] = ours["wall_s"] / mk["wall_s"]
+        row["memory_ratio"] = ours["peak_rss_bytes"] / mk["peak_rss_bytes"]
+        row["outputs"] = compare(root / f"swudi_{method}", root / f"mergekit_{method}")
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | mergekit-yaml s | swudi-merge s | time ratio | mergekit MiB | swudi MiB | memory ratio "
+             "| max abs diff | entries > 1 ulp |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours, mk = r["swudi-merge"], r.get("mergekit-yaml")
+        out = r.get("outputs", {})
+        cells = [r["method"], f"{mk['wall_s']:.1f}" if mk else "-", f"{ours['wall_s']:.1f}",
+                 f"{r['time_ratio']:.2f}" if mk else "-", f"{mk['peak_rss_bytes'] / 2**20:.0f}" if mk else "-",
+                 f"{ours['peak_rss_bytes'] / 2**20:.0f}", f"{r['memory_ratio']:.2f}" if mk else "-",
+                 f"{out['max_abs_diff']:.3g}" if "max_abs_diff" in out else "-",
+                 f"{100 * out['share_over_1ulp']:.3g}%" if "share_over_1ulp" in out else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--mergekit-venv", help="a venv holding mergekit (bin/mergekit-yaml); none: swudi only")
+    parser.add_argument("--methods", default="ties,dare_ties,task_arithmetic,linear,slerp,della,breadcrumbs_ties,sce")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULT)
+    args = parser.parse_args(argv)
+    root = args.workdir.resolve()
+    write_fixture(root)
+    configs = method_configs(root)
+    unknown = [m for m in args.methods.split(",") if m not in configs]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: {sorted(configs)}")
+    rows = []
+    for method in args.methods.split(","):
+        rows.append(bench_method(method, configs[method], root, args.mergekit_venv, args.rounds))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+        write_json(args.out, {"machine": machine_info(), "rows": rows})
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
