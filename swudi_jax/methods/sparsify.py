@@ -129,10 +129,80 @@ def _traced_windows(method: str, density: jax.Array, size: int, gamma: jax.Array
 
 
 def ranks(mag: jax.Array, descending: bool) -> jax.Array:
-    """Each entry's 0-based position in the stable sort of ``mag`` along the last axis."""
+    """Each entry's 0-based position in the stable sort of ``mag`` along the last axis.
+
+    One sort; its inverse permutation is scattered (rank[order[p]] = p), not sorted again.
+    """
     keys = -mag if descending else mag
     order = jnp.argsort(keys, axis=-1, stable=True)
-    return jnp.argsort(order, axis=-1, stable=True)
+    rows = order.reshape(-1, order.shape[-1])
+    positions = jnp.broadcast_to(jnp.arange(rows.shape[-1], dtype=order.dtype), rows.shape)
+    inverse = jnp.zeros_like(rows).at[jnp.arange(rows.shape[0])[:, None], rows].set(positions, unique_indices=True)
+    return inverse.reshape(order.shape)
+
+
+def order_keys(mag: jax.Array, descending: bool) -> jax.Array:
+    """int32 keys of magnitudes ``mag`` ≥ 0 (or NaN) that sort as ``mag`` sorts.
+
+    The bits of a non-negative float32 are an int32 that grows with the value, so ascending
+    keys are those bits and descending keys their negatives; NaN, last in either direction
+    as in JAX's sort, is one key above all others (the keys span < 2³¹, so their
+    differences stay in int32). Equal magnitudes get equal keys.
+    """
+    bits = jax.lax.bitcast_convert_type(mag.astype(jnp.float32), jnp.int32)
+    keys = -bits if descending else bits
+    nan_key = 1 if descending else int(np.float32(np.inf).view(np.int32)) + 1
+    return jnp.where(jnp.isnan(mag), nan_key, keys)
+
+
+def _least(count_at: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array,
+           target: jax.Array) -> jax.Array:
+    """The least integer v in [lo, hi] with count_at(v) ≥ target, by bisection.
+
+    ``count_at`` is non-decreasing and count_at(hi) ≥ target; ⌈log2(hi − lo + 1)⌉ counts.
+    """
+    def step(state):
+        low, high = state
+        mid = low + (high - low) // 2
+        ok = count_at(mid) >= target
+        return jnp.where(ok, low, mid + 1), jnp.where(ok, mid, high)
+
+    return jax.lax.while_loop(lambda state: state[0] < state[1], step, (lo, hi))[1]
+
+
+def first_in_order(keys: jax.Array, count: jax.Array) -> jax.Array:
+    """Mask of the ``count`` entries first in the stable ascending sort of the 1-D int32 ``keys``.
+
+    Entry i is kept iff #{j: key_j < key_i} + #{j < i: key_j = key_i} < count (its position in
+    that sort; equal keys in index order), found without sorting: the cut key t is the least
+    v with #{key ≤ v} ≥ count (bisection on v, ≤ 31 counts), every key < t is kept, and of the
+    keys = t the first need = count − #{key < t} by index, their end the least c with
+    #{i < c: key_i = t} ≥ need (bisection on c, skipped when all keys = t are needed).
+    count ≤ 0 keeps nothing, count ≥ D everything.
+    """
+    size = keys.shape[0]
+    count = jnp.clip(jnp.asarray(count, jnp.int32), 0, size)
+    if size == 0:
+        return jnp.zeros((0,), bool)
+    index = jnp.arange(size, dtype=jnp.int32)
+    low, high = jnp.min(keys), jnp.max(keys)
+    cut = _least(lambda v: jnp.sum(keys <= v, dtype=jnp.int32), jnp.where(count > 0, low, high), high, count)
+    below, tied = keys < cut, keys == cut
+    need = count - jnp.sum(below, dtype=jnp.int32)
+    whole = (need == jnp.sum(tied, dtype=jnp.int32)) | (need <= 0)
+    start = jnp.where(whole, jnp.where(need > 0, size, 0), 0)
+    end = _least(lambda c: jnp.sum(tied & (index < c), dtype=jnp.int32), start, jnp.where(whole, start, size), need)
+    return (below | (tied & (index < end))) & (count > 0)
+
+
+def window_mask(mag: jax.Array, window: jax.Array, descending: bool) -> jax.Array:
+    """Entries of the 1-D ``mag`` whose stable-sort position (:func:`ranks`) lies in [lo, hi).
+
+    Equal to ``(ranks(mag, descending) >= lo) & (ranks(mag, descending) < hi)``, computed by
+    :func:`first_in_order` (two selections, no sort); a window starting at 0 needs one.
+    """
+    keys = order_keys(mag, descending)
+    return first_in_order(keys, window[1]) & ~first_in_order(keys, window[0])
 
 
 def work_dtype(dtype) -> Any:
@@ -200,8 +270,7 @@ def _sparsify_one(x, density, gamma, epsilon, window, u, *, method: str, rescale
     zero = jnp.zeros_like(xw)
     if method in _RANKED:
         mag = jnp.abs(x).reshape(-1).astype(jnp.float32)
-        r = ranks(mag, descending=(method == "magnitude")).reshape(x.shape)
-        keep = (r >= window[0]) & (r < window[1])
+        keep = window_mask(mag, window, descending=(method == "magnitude")).reshape(x.shape)
         prob = None
     elif method == "random":
         prob = rndp(density.astype(jnp.float32))
@@ -332,7 +401,7 @@ def variance_topk_mask(tau: jax.Array, density: Any, rnd: Callable | None = None
     flat = jnp.abs(var).reshape(-1).astype(jnp.float32)
     d = jnp.asarray(density, jnp.float32)
     k = jnp.floor(jnp.sum(var != 0).astype(jnp.float32) * d).astype(jnp.int32)
-    keep = ranks(flat, descending=True) < k
+    keep = first_in_order(order_keys(flat, descending=True), k)
     keep = jnp.where(d >= 1, True, jnp.where(d <= 0, False, keep))
     return keep.reshape(var.shape)
 
@@ -342,11 +411,14 @@ __all__ = [
     "SPARSIFIERS",
     "check_rescale",
     "draw_uniforms",
+    "first_in_order",
+    "order_keys",
     "per_model",
     "rank_windows",
     "ranks",
     "rounder",
     "sparsify",
     "variance_topk_mask",
+    "window_mask",
     "work_dtype",
 ]
