@@ -11,7 +11,7 @@ import yaml
 import swudi_jax as sj
 from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint.pipeline import merge_checkpoints
-from swudi_jax.model.batching import compile_groups, padded_sizes, stack_host, unstack_group
+from swudi_jax.model.batching import compile_groups, padded_sizes, stack_group, unstack_group
 from swudi_jax.model.compilations import CompileCounter
 from swudi_jax.model.merger import plan_tree
 
@@ -108,7 +108,7 @@ def test_chunks_of_one_group_are_even_and_padded_to_one_size():
     base = {p.path: rng.normal(size=p.shape).astype(np.float32) for p in plans}
     experts = [{k: v + 1 for k, v in base.items()}, {k: v + 2 for k, v in base.items()}]
     short = min(groups, key=len)
-    b, e = stack_host(short, base, experts, False, 4)
+    b, e = stack_group(short, base, experts, False, 4)
     assert b.shape == (4, 6, 4) and e.shape == (4, 2, 6, 4)
     np.testing.assert_array_equal(b[-1], b[len(short) - 1])  # padding repeats the last real layer
     back = unstack_group(short, b, False)
