@@ -53,7 +53,8 @@ def compute_dtype(*dtypes: Any, requested: Any = None, defined_in: Collection[st
         if defined_in is not None and wanted.name not in defined_in:
             wanted = jnp.dtype(jnp.float32)
     else:
-        wanted = functools.reduce(jnp.promote_types, dtypes, jnp.dtype(jnp.float32))
+        narrow = [jnp.float32 if is_floating(d) and np.dtype(d).itemsize < 4 else d for d in dtypes]  # float8 too
+        wanted = functools.reduce(jnp.promote_types, narrow, jnp.dtype(jnp.float32))
     return np.dtype(jax.dtypes.canonicalize_dtype(wanted)) if canonical else np.dtype(wanted)
 
 
