@@ -12,7 +12,7 @@ from conftest import experts_of
 import swudi_jax as sj
 from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint.pipeline import merge_checkpoints
-from swudi_jax.model.batching import compile_groups, padded_sizes, stack_host, unstack_group
+from swudi_jax.model.batching import compile_groups, padded_sizes, stack_group, unstack_group
 from swudi_jax.model.compilations import CompileCounter
 from swudi_jax.model.merger import plan_tree
 
@@ -105,7 +105,7 @@ def test_chunks_of_one_group_are_even_and_padded_to_one_size():
     base = {p.path: rng.normal(size=p.shape).astype(np.float32) for p in plans}
     experts = [{k: v + 1 for k, v in base.items()}, {k: v + 2 for k, v in base.items()}]
     short = min(groups, key=len)
-    b, e = stack_host(short, base, experts, False, 4)
+    b, e = stack_group(short, base, experts, False, 4)
     assert b.shape == (4, 6, 4) and e.shape == (4, 2, 6, 4)
     np.testing.assert_array_equal(b[-1], b[len(short) - 1])  # padding repeats the last real layer
     back = unstack_group(short, b, False)
@@ -143,3 +143,36 @@ def test_flat_means_take_per_tensor_per_expert_weights_and_padded_chunks_valid_o
     assert set(chunked.by_name()) <= {"jit(run)"}, chunked.by_name()
     for key in base:
         np.testing.assert_allclose(np.asarray(small[key]), np.asarray(got[key]), rtol=2e-5, atol=2e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_host_and_device_stacking_give_the_same_stacks(flat):
+    """stack_group on NumPy arrays (host buffers) and on JAX arrays (device ops) against a NumPy
+    transcription: linear leaves (a transposed Flax kernel, a scanned one) per layer in maths
+    layout, the last layer repeated; flat means raveled, concatenated, zero-padded."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(4)
+    if flat:
+        shapes = {"a/bias": (5,), "a/scale": (2, 3)}
+        plans = plan_tree({k: (s, np.float32) for k, s in shapes.items()}, layout="flax")
+        size = 14
+    else:
+        shapes = {"a/kernel": (3, 4), "scan/kernel": (2, 3, 4)}
+        plans = plan_tree({k: (s, np.float32) for k, s in shapes.items()}, layout="flax", scan_patterns="scan*")
+        size = 5
+    models = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)]
+
+    def reference(m):
+        if flat:
+            row = np.concatenate([m[k].ravel() for k in shapes])
+            return np.pad(row, (0, size - row.size))[None]
+        layers = [m["a/kernel"].T] + [m["scan/kernel"][i].T for i in range(2)]
+        return np.stack(layers + [layers[-1]] * (size - len(layers)))
+
+    want_b = reference(models[0])
+    want_e = np.stack([reference(m) for m in models[1:]], axis=1)
+    for arrays in (models, [{k: jnp.asarray(v) for k, v in m.items()} for m in models]):
+        b, e = stack_group(plans, arrays[0], arrays[1:], flat, size)
+        np.testing.assert_array_equal(np.asarray(b), want_b)
+        np.testing.assert_array_equal(np.asarray(e), want_e)

@@ -149,3 +149,30 @@ def test_layout_is_inferred_from_leaf_names():
         infer_layout(["a/b"])
     plans = plan_tree({"Dense_0/kernel": ((3, 5), F32), "x.weight": ((4, 2), F32)}, layout="auto")
     assert [p.maths_shape for p in plans] == [(5, 3), (4, 2)]
+
+
+def test_to_maths_and_from_maths_keep_numpy_on_the_host_and_agree_with_jax():
+    import jax.numpy as jnp
+
+    plan = plan_leaf("blocks/attn/out/kernel", (3, 2, 4, 5), F32, layout="flax", scan_patterns="blocks*")
+    x = np.random.default_rng(3).normal(size=(2, 3, 2, 4, 5)).astype(F32)  # (N, layers, heads, dim, out)
+    host, device = to_maths(plan, x), to_maths(plan, jnp.asarray(x))
+    assert isinstance(host, np.ndarray) and not isinstance(device, np.ndarray)
+    # reference: layer l of expert i is the (in = heads·dim, out) kernel, transposed to (out, in)
+    want = np.stack([[x[i, l].reshape(8, 5).T for i in range(2)] for l in range(3)])
+    np.testing.assert_array_equal(host, want)
+    np.testing.assert_array_equal(np.asarray(device), want)
+    back = plan.from_maths(host[:, 1])
+    assert isinstance(back, np.ndarray)
+    np.testing.assert_array_equal(back, x[1])
+
+
+def test_auto_layout_takes_the_fallback_only_when_the_names_do_not_tell():
+    from swudi_jax.model.layout import LeafRules
+
+    rules = LeafRules(layout="auto")
+    assert rules.for_paths(["a/b"], fallback="torch").layout == "torch"
+    assert rules.for_paths(["Dense_0/kernel"], fallback="torch").layout == "flax"
+    assert LeafRules(layout="flax").for_paths(["x.weight"], fallback="torch").layout == "flax"
+    with pytest.raises(ValueError, match="cannot infer the layout"):
+        rules.for_paths(["a/b"])

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swudi_jax.maths.linalg import is_floating
+
 
 class NonFiniteOutput(ValueError):
     """A merged tensor holds NaN or Inf."""
@@ -31,10 +33,6 @@ class NonFiniteOutput(ValueError):
 @jax.jit
 def _all_finite(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x))
-
-
-def _floating(dtype) -> bool:
-    return jnp.issubdtype(dtype, jnp.floating)
 
 
 def _narrowed(value: jax.Array, dtype: np.dtype) -> jax.Array:
@@ -53,7 +51,7 @@ def checked_outputs(merged: Mapping[str, object], dtypes: Mapping[str, np.dtype]
       method: the merge method, named in the error.
     """
     on_device = {key: _narrowed(value, np.dtype(dtypes[key])) for key, value in merged.items()
-                 if isinstance(value, jax.Array) and _floating(value.dtype) and _floating(dtypes[key])}
+                 if isinstance(value, jax.Array) and is_floating(value.dtype) and is_floating(dtypes[key])}
     if on_device:
         flags = np.asarray(jax.device_get(jnp.stack([_all_finite(v) for v in on_device.values()])))
         for (key, value), ok in zip(on_device.items(), flags):
@@ -61,7 +59,7 @@ def checked_outputs(merged: Mapping[str, object], dtypes: Mapping[str, np.dtype]
                 _refuse(key, value, method)
     out = {}
     for key, value in merged.items():
-        if key not in on_device and isinstance(value, np.ndarray) and _floating(value.dtype) and _floating(dtypes[key]):
+        if key not in on_device and isinstance(value, np.ndarray) and is_floating(value.dtype) and is_floating(dtypes[key]):
             # a host result (merge_group(host_output=True)): cast and checked in NumPy (no per-shape compilation)
             with np.errstate(over="ignore", invalid="ignore"):
                 out[key] = value.astype(dtypes[key], copy=False)

@@ -52,11 +52,12 @@ from swudi_jax.checkpoint.io.side_files import copy_side_files, plan_side_files
 from swudi_jax.checkpoint.io.sources import ModelSource
 from swudi_jax.checkpoint.output_checks import checked_outputs
 from swudi_jax.checkpoint.stream import run_overlapped, run_sequential
+from swudi_jax.maths.linalg import is_floating
 from swudi_jax.maths.validation import non_finite
 from swudi_jax.methods import registry
 from swudi_jax.model.batching import compile_groups, padded_sizes
 from swudi_jax.model.flat import mismatch
-from swudi_jax.model.layout import LeafPlan, infer_layout
+from swudi_jax.model.layout import LeafPlan
 from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, chunk_plans, chunk_stack, merge_group, prepare
 
 PAPER = "https://arxiv.org/abs/2606.07289"
@@ -112,11 +113,6 @@ def _signature(reader: ckio.CheckpointReader) -> dict[str, tuple]:
     return {key: reader.shape_dtype(key) for key in reader.keys()}
 
 
-def _floating(dtype) -> bool:
-    dtype = np.dtype(dtype)
-    return dtype.kind == "f" or dtype.name == "bfloat16"
-
-
 def _check_same_tensors(base: ckio.CheckpointReader, experts: Sequence[ckio.CheckpointReader]) -> None:
     """Same names and shapes; dtypes equal unless both floating (a bf16 expert with a float32
     base is cast to the compute dtype, as mergekit does)."""
@@ -125,9 +121,9 @@ def _check_same_tensors(base: ckio.CheckpointReader, experts: Sequence[ckio.Chec
         got_signature = _signature(expert)
         found = mismatch(want, got_signature, dtypes=False)
         if found is None:
-            found = mismatch({k: v for k, v in want.items() if not (_floating(v[1]) and _floating(got_signature[k][1]))},
+            found = mismatch({k: v for k, v in want.items() if not (is_floating(v[1]) and is_floating(got_signature[k][1]))},
                              {k: v for k, v in got_signature.items()
-                              if not (_floating(v[1]) and _floating(want[k][1]))})
+                              if not (is_floating(v[1]) and is_floating(want[k][1]))})
         if found is None:
             continue
         if found.kind == "paths":
@@ -186,14 +182,10 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
                grams: ckio.CheckpointReader | None = None, *, max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES) -> MergePlan:
     """Check the checkpoints against each other and decide every tensor's fate (no tensor data is read)."""
     _check_same_tensors(base, experts)
-    layout = config.layout
-    if layout == "auto":  # from the leaf names (kernel: Flax, weight: torch), else from the format
-        try:
-            layout = infer_layout(base.keys())
-        except ValueError:
-            layout = "torch" if base.format == "safetensors" else "flax"
+    # layout "auto": from the leaf names (kernel: Flax, weight: torch), else from the format
+    rules = config.leaf_rules().for_paths(base.keys(), fallback="torch" if base.format == "safetensors" else "flax")
     out_format = base.format if config.out_format == "auto" else config.out_format
-    plans = config.leaf_rules(layout).plan_tree(_signature(base))
+    plans = rules.plan_tree(_signature(base))
     mk.check_layer_range(config.layer_range, base.keys(), f"config {config.source}: `slices`")
     _check_grams(config, plans, grams)
     elementwise = registry.get_method(config.merge_method).kind == "elementwise"
@@ -202,7 +194,7 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
     for p in plans:
         floating = p.kind != "passthrough"
         out_dtypes[p.path] = numpy_dtype(config.out_dtype) if (config.out_dtype and floating) else np.dtype(p.dtype)
-    return MergePlan(config, layout, base.format, out_format, tuple(plans), tuple(tuple(g) for g in groups), out_dtypes)
+    return MergePlan(config, rules.layout, base.format, out_format, tuple(plans), tuple(tuple(g) for g in groups), out_dtypes)
 
 
 def plan_checkpoints(config: MergeConfig | str | os.PathLike, *,
@@ -217,7 +209,7 @@ def plan_checkpoints(config: MergeConfig | str | os.PathLike, *,
 def _compute(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
     """Floating arrays cast to the compute dtype (mixed-dtype inputs meet in it); others as read."""
     target = numpy_dtype(dtype)
-    return {k: a.astype(target, copy=False) if _floating(a.dtype) else a for k, a in arrays.items()}
+    return {k: a.astype(target, copy=False) if is_floating(a.dtype) else a for k, a in arrays.items()}
 
 
 def _model_chunks(plan: MergePlan, base, experts, progress: bool):

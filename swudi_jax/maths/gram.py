@@ -15,9 +15,9 @@ the interference operator and the right-hand side (:mod:`swudi_jax.spectral`).
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax import lax
 
-HIGHEST = lax.Precision.HIGHEST
+from swudi_jax.maths.linalg import HIGHEST
+
 MIN_BLOCK = 512
 """Column blocks are at least this wide: narrower products (and their batched, vmapped form)
 run well below the matmul rate on CPU, so n < 1024 stays one plain product."""

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swudi_jax.maths.linalg import is_floating
+
 
 def is_concrete(x: Any) -> bool:
     """True for arrays whose values can be read on the host (not a tracer under jit/vmap)."""
@@ -27,12 +29,12 @@ def as_float_array(x: Any, name: str) -> jnp.ndarray:
             x = np.asarray(x)
         except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
             raise ValueError(f"{name} must be an array, got {type(x).__name__}") from exc
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if not is_floating(x.dtype):
         raise ValueError(f"{name} must have a floating dtype, got {x.dtype} (shape {tuple(x.shape)})")
     return x
 
 
-def _floating(x: Any) -> Any:
+def _host_view(x: Any) -> Any:
     """A NumPy view isfinite can read: narrow floats (bfloat16, float16, float8) as float32."""
     host = np.asarray(x)
     return host.astype(np.float32) if host.dtype.kind == "V" or host.dtype.itemsize < 4 else host
@@ -42,10 +44,10 @@ def all_finite(x: Any) -> bool:
     """One boolean for a concrete floating array: NumPy arrays on the host, device arrays
     reduced where they live (no full copy to the host). Non-floating arrays are finite."""
     if isinstance(x, np.ndarray):
-        if not (jnp.issubdtype(x.dtype, jnp.floating) or x.dtype.kind == "V"):
+        if not (is_floating(x.dtype) or x.dtype.kind == "V"):
             return True
-        return bool(np.isfinite(_floating(x)).all())
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return bool(np.isfinite(_host_view(x)).all())
+    if not is_floating(x.dtype):
         return True
     return bool(jnp.all(jnp.isfinite(x)))
 
@@ -54,7 +56,7 @@ def non_finite(x: Any) -> tuple[int, tuple[int, ...]] | None:
     """(count, index of the first) of the NaN/Inf values of a concrete array, or None."""
     if not is_concrete(x) or all_finite(x):
         return None
-    bad = ~np.isfinite(_floating(x))
+    bad = ~np.isfinite(_host_view(x))
     return int(bad.sum()), tuple(int(i) for i in np.argwhere(bad)[0])
 
 

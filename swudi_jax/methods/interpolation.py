@@ -43,13 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swudi_jax.maths.linalg import HIGHEST, compute_dtype
 from swudi_jax.maths.validation import is_concrete
-
-HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _work(dtype) -> Any:
-    return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
 def _norm(x: jax.Array, axis=-1, keepdims=False) -> jax.Array:
@@ -72,7 +67,7 @@ def _check_pair(v0: jax.Array, v1: jax.Array, names=("v0", "v1")) -> None:
 
 @partial(jax.jit, static_argnames=("dot_threshold", "eps"))
 def _slerp(v0, v1, t, *, dot_threshold, eps):
-    work = _work(v0.dtype)
+    work = compute_dtype(v0.dtype)
     a, b = v0.reshape(-1).astype(work), v1.reshape(-1).astype(work)
     t = t.astype(work)
     na, nb = _norm(a), _norm(b)
@@ -104,7 +99,7 @@ def slerp(v0: jax.Array, v1: jax.Array, t: Any, *, dot_threshold: float = 0.9995
 
 @partial(jax.jit, static_argnames=("row_wise", "flatten", "eps"))
 def _nuslerp(models, weight, base, *, row_wise, flatten, eps):
-    work = _work(models.dtype)
+    work = compute_dtype(models.dtype)
     x = models.astype(work)
     if base is not None:
         x = x - base.astype(work)[None]
@@ -156,7 +151,7 @@ def nuslerp(models: jax.Array, weight: Any, base: jax.Array | None = None, *, ro
 
 @partial(jax.jit, static_argnames=("normalize_weights", "eps"))
 def _multislerp(models, weight, base, *, normalize_weights, eps):
-    work = _work(models.dtype)
+    work = compute_dtype(models.dtype)
     n = models.shape[0]
     x = models.astype(work)
     if base is not None:
@@ -213,7 +208,7 @@ def multislerp(models: jax.Array, weight: Any, base: jax.Array | None = None, *,
 
 @partial(jax.jit, static_argnames=("max_iter", "tol"))
 def _karcher(models, alphas, *, max_iter, tol):
-    work = _work(models.dtype)
+    work = compute_dtype(models.dtype)
     n = models.shape[0]
     flat = models.reshape(n, -1).astype(work)
     a = alphas.astype(work)
@@ -276,7 +271,7 @@ def karcher(models: jax.Array, weight: Any = None, *, max_iter: int = 10, tol: f
 
 @partial(jax.jit, static_argnames=("filter_wise",))
 def _model_stock(base, models, *, filter_wise):
-    work = _work(models.dtype)
+    work = compute_dtype(models.dtype)
     n = models.shape[0]
     w0, ws = base.astype(work), models.astype(work)
     if filter_wise:
@@ -318,7 +313,7 @@ def model_stock(base: jax.Array, models: jax.Array, *, filter_wise: bool = False
 
 @jax.jit
 def _nearswap(v0, v1, t):
-    work = _work(v0.dtype)
+    work = compute_dtype(v0.dtype)
     a, b = v0.astype(work), v1.astype(work)
     w = jnp.clip(t.astype(work) / jnp.maximum(jnp.abs(a - b), 1e-6), 0, 1)
     return (w * b + (1 - w) * a).astype(v0.dtype)

@@ -56,6 +56,7 @@ import numpy as np
 
 from swudi_jax.methods import consensus as _consensus
 from swudi_jax.methods import sparsify as _sparsify
+from swudi_jax.maths.linalg import HIGHEST, compute_dtype, is_floating
 from swudi_jax.maths.validation import check_number, is_concrete
 
 SUM_EPS = 1e-8
@@ -68,7 +69,7 @@ SUM_EPS = 1e-8
 def _combine(delta, weight, lam, *, consensus, normalize):
     """Weights, consensus, normalisation, λ: in the work dtype, rounded per operation to delta's dtype."""
     rnd = _sparsify.rounder(delta.dtype)
-    work = _sparsify.work_dtype(delta.dtype)
+    work = compute_dtype(delta.dtype)
     w = rnd(weight.astype(work))
     d = rnd(delta.astype(work) * w.reshape((-1,) + (1,) * (delta.ndim - 1)))
     if consensus is not None:
@@ -115,7 +116,7 @@ def generalized_task_arithmetic(
     """
     if tau.ndim < 1 or tau.shape[0] < 1:
         raise ValueError(f"tau must stack at least one task vector on axis 0, got shape {tau.shape}")
-    if not jnp.issubdtype(tau.dtype, jnp.floating):
+    if not is_floating(tau.dtype):
         raise ValueError(f"tau must have a floating dtype, got {tau.dtype}")
     if consensus is not None and consensus not in _consensus.CONSENSUS:
         raise ValueError(f"consensus must be None or one of {list(_consensus.CONSENSUS)}, got {consensus!r}")
@@ -282,9 +283,9 @@ FAMILY: tuple[TaskArithmetic, ...] = (
 
 @partial(jax.jit, static_argnames=("normalize",))
 def _linear(models, weight, *, normalize):
-    work = jnp.float64 if models.dtype == jnp.float64 else jnp.float32
+    work = compute_dtype(models.dtype)
     w = weight.astype(work)
-    out = jnp.tensordot(w, models.astype(work), axes=(0, 0), precision=jax.lax.Precision.HIGHEST)
+    out = jnp.tensordot(w, models.astype(work), axes=(0, 0), precision=HIGHEST)
     if normalize:
         out = out / jnp.sum(w)
     return out.astype(models.dtype)
@@ -314,7 +315,7 @@ def linear(models: jax.Array, weight: Any, *, normalize: bool = True) -> jax.Arr
 @jax.jit
 def _sce(tau, select_topk):
     rnd = _sparsify.rounder(tau.dtype)
-    x = tau.astype(_sparsify.work_dtype(tau.dtype))
+    x = tau.astype(compute_dtype(tau.dtype))
     x = jnp.where(_sparsify.variance_topk_mask(x, select_topk, rnd)[None], x, 0)
     agree = _consensus.agreement_mask(x, "sum")
     energy = rnd(jnp.mean(rnd(jnp.square(x)).reshape(x.shape[0], -1), axis=1))

@@ -33,14 +33,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from swudi_jax.methods.sparsify import rounder, work_dtype
+from swudi_jax.maths.linalg import compute_dtype
+from swudi_jax.methods.sparsify import rounder
 
 QUANTILE_SAMPLE_SIZE = 1_000_000
 
 
 @partial(jax.jit, static_argnames=("plus",))
 def _ram(tau, epsilon, r, alpha, *, plus):
-    work = work_dtype(tau.dtype)
+    work = compute_dtype(tau.dtype)
     n = tau.shape[0]
     x = tau.reshape(n, -1).astype(work)
     touched = jnp.abs(x) > epsilon
@@ -79,7 +80,7 @@ def ramplus_tl(tau: jax.Array, *, r: Any = 0.1, alpha: Any = 0.2, epsilon: Any =
 
 @jax.jit
 def _importance(base, other):
-    work = work_dtype(base.dtype)
+    work = compute_dtype(base.dtype)
     b, o = base.astype(work), other.astype(work)
     p = jax.nn.softmax(o, axis=-1) + 1e-8
     q = jax.nn.softmax(b, axis=-1) + 1e-8

@@ -49,11 +49,6 @@ class RowSystems(NamedTuple):
     energy: jnp.ndarray  # scalar E
 
 
-def work_dtype(*dtypes) -> jnp.dtype:
-    """The compute dtype for these inputs: float64 only when x64 is enabled, else float32."""
-    return jax.dtypes.canonicalize_dtype(compute_dtype(functools.reduce(jnp.promote_types, dtypes)))
-
-
 def weights_or_ones(weights, n_tasks: int, dtype) -> jnp.ndarray:
     return jnp.ones((n_tasks,), dtype) if weights is None else jnp.asarray(weights, dtype)
 
@@ -266,7 +261,7 @@ def output_space_qp(tau, grams, *, weights=None, basis=None, ridge: float = 1e-6
     weights = check_weights(weights, tau.shape[0])
     check_number(ridge, "ridge", low=0.0)
     check_number(fallback_weight, "fallback_weight")
-    dtype = work_dtype(tau.dtype, grams.dtype)
+    dtype = compute_dtype(tau.dtype, grams.dtype)
     rotation = _check_basis(basis, tau.shape[1], dtype)
     work, g = jnp.asarray(tau, dtype), jnp.asarray(grams, dtype)
     w = weights_or_ones(weights, tau.shape[0], dtype)
@@ -325,7 +320,7 @@ def residual_energy_score(merged_tau, tau, grams, *, weights=None) -> jax.Array:
     if merged_tau.shape != tau.shape[1:]:
         raise ValueError(f"merged_tau must have shape (m, n) = {tau.shape[1:]}, got {tuple(merged_tau.shape)}")
     check_finite(merged_tau, "merged_tau")
-    dtype = work_dtype(tau.dtype, grams.dtype)
+    dtype = compute_dtype(tau.dtype, grams.dtype)
     w = weights_or_ones(weights, tau.shape[0], dtype)
     return _score(jnp.asarray(merged_tau, dtype), jnp.asarray(tau, dtype), jnp.asarray(grams, dtype), w)
 

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swudi_jax.methods.output_space import check_grams, check_weights, weights_or_ones, work_dtype
+from swudi_jax.methods.output_space import check_grams, check_weights, weights_or_ones
 from swudi_jax.methods.spec import MethodSpec
-from swudi_jax.maths.linalg import HIGHEST
+from swudi_jax.maths.linalg import HIGHEST, compute_dtype
 from swudi_jax.maths.validation import check_number, check_task_vectors
 
 DEFAULT_ALPHA = 0.95
@@ -114,7 +114,7 @@ def regmean(tau, grams, *, alpha: float = DEFAULT_ALPHA, weights=None, ridge: fl
     weights = check_weights(weights, tau.shape[0])
     check_number(alpha, "alpha", low=0.0, high=1.0)
     check_number(ridge, "ridge", low=0.0)
-    dtype = work_dtype(tau.dtype, grams.dtype)
+    dtype = compute_dtype(tau.dtype, grams.dtype)
     w = weights_or_ones(weights, tau.shape[0], dtype)
     if alpha == 1 and ridge == 0 and not isinstance(grams, jax.core.Tracer):
         check_denominator_regular(grams, w, alpha, layer)

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swudi_jax.maths.linalg import compute_dtype
 from swudi_jax.maths.validation import is_concrete
 
 SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
@@ -205,11 +206,6 @@ def window_mask(mag: jax.Array, window: jax.Array, descending: bool) -> jax.Arra
     return first_in_order(keys, window[1]) & ~first_in_order(keys, window[0])
 
 
-def work_dtype(dtype) -> Any:
-    """float64 for float64 tensors, else float32: where the arithmetic is carried out."""
-    return jnp.float64 if dtype == jnp.float64 else jnp.float32
-
-
 def rounder(dtype) -> Callable[[jax.Array], jax.Array]:
     """Round work-dtype values to ``dtype``'s precision (identity for float32/float64).
 
@@ -266,7 +262,7 @@ def _sparsify_one(x, density, gamma, epsilon, window, u, *, method: str, rescale
     """One model's tensor x (any shape) sparsified; the scalars are this model's parameters."""
     rnd = rounder(x.dtype)
     rndp = rounder(jnp.bfloat16) if x.dtype == jnp.bfloat16 else (lambda v: v)
-    xw = x.astype(work_dtype(x.dtype))
+    xw = x.astype(compute_dtype(x.dtype))
     zero = jnp.zeros_like(xw)
     if method in _RANKED:
         mag = jnp.abs(x).reshape(-1).astype(jnp.float32)
@@ -420,5 +416,4 @@ __all__ = [
     "sparsify",
     "variance_topk_mask",
     "window_mask",
-    "work_dtype",
 ]

@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from swudi_jax.maths.linalg import compute_dtype
+
 KINDS = ("linear", "elementwise", "data")
 OPERANDS = ("task_vectors", "models")
 BASE_ROLES = ("required", "optional", "joins", "unused")
@@ -177,9 +179,10 @@ class MethodSpec:
         return self.per_expert + tuple(o for o in self.tensor_options if o not in self.per_expert)
 
     def work_dtype(self, requested: str) -> str:
-        """The dtype this method computes in when ``requested`` is asked for: ``requested``
-        where the method is defined in it, else float32 (spectral methods in bf16, ...)."""
-        return requested if requested in self.compute_dtypes else "float32"
+        """The name of the dtype this method computes in when ``requested`` is asked for
+        (:func:`~swudi_jax.maths.linalg.compute_dtype`): ``requested`` where the method is
+        defined in it, else float32 (spectral methods in bf16, ...), before x64 narrows it."""
+        return compute_dtype(requested=requested, defined_in=self.compute_dtypes, canonical=False).name
 
     def resolve(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The defaults overridden by ``options``, validated.

@@ -22,13 +22,15 @@ JAX operation (each of which is a small compilation per shape) runs.
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from swudi_jax.model.layout import LeafPlan, chunk_by_bytes, from_maths, group_plans
+from swudi_jax.model.layout import LeafPlan, array_namespace, chunk_by_bytes, from_maths, group_plans, to_maths
 
 # ----------------------------------------------------------------------------- grouping
 
@@ -130,13 +132,12 @@ def host_group(plans: Sequence[LeafPlan], base_arrays: Mapping[str, Any],
     return base, experts
 
 
-def _to_maths_np(plan: LeafPlan, x: np.ndarray) -> np.ndarray:
-    """NumPy :func:`~swudi_jax.model.layout.to_maths` of one model's leaf: shape → (layers, m, n)."""
-    x = np.moveaxis(x, plan.scan_axis, 0) if plan.scan_axis is not None else x[None]
-    if plan.transpose:
-        n_in = math.prod(x.shape[1:1 + plan.input_axes])
-        x = np.swapaxes(x.reshape(x.shape[0], n_in, -1), -1, -2)
-    return x.reshape(x.shape[0], *plan.maths_shape)
+def _entries(plan: LeafPlan, x: Any, flat: bool) -> Any:
+    """One model's leaf as entries of the stacked axis: raveled (count,) in a flat group,
+    (layers, m, n) in maths layout for a linear leaf, (1, *shape) otherwise."""
+    if flat:
+        return x.reshape(-1)
+    return to_maths(plan, x[None])[:, 0] if plan.kind == "linear" else x[None]
 
 
 def _aligned(shape: tuple[int, ...], dtype: Any, zero: bool = False) -> np.ndarray:
@@ -148,46 +149,45 @@ def _aligned(shape: tuple[int, ...], dtype: Any, zero: bool = False) -> np.ndarr
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def stack_host(plans: Sequence[LeafPlan], base: Mapping[str, np.ndarray], experts: Sequence[Mapping[str, np.ndarray]],
-               flat: bool, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(base (size, ...), experts (size, N, ...)) in one contiguous buffer each.
-
-    Linear (and per-shape mean) leaves: one entry per layer in maths layout, the last entry
-    repeated up to ``size``; flat means: (1, L) and (1, N, L), raveled leaves concatenated and
-    zero-padded to ``size`` elements.
-    """
-    n = len(experts)
-    dtype = base[plans[0].path].dtype
-    if flat:
-        b_out = _aligned((1, size), dtype, zero=True)
-        e_out = _aligned((1, n, size), dtype, zero=True)
-        start = 0
-        for p in plans:
-            count = math.prod(p.shape)
-            b_out[0, start:start + count] = base[p.path].reshape(-1)
-            for i, e in enumerate(experts):
-                e_out[0, i, start:start + count] = e[p.path].reshape(-1)
-            start += count
-        return b_out, e_out
-    inner = plans[0].maths_shape if plans[0].kind == "linear" else tuple(plans[0].shape)
-    b_out = _aligned((size, *inner), dtype)
-    e_out = _aligned((size, n, *inner), dtype)
-    start = 0
-    for p in plans:
-        layers = p.layers if p.kind == "linear" else 1
-        convert = (lambda x: _to_maths_np(p, x)) if p.kind == "linear" else (lambda x: x[None])
-        b_out[start:start + layers] = convert(base[p.path])
-        for i, e in enumerate(experts):
-            e_out[start:start + layers, i] = convert(e[p.path])
-        start += layers
-    if start < size:
-        b_out[start:] = b_out[start - 1]
-        e_out[start:] = e_out[start - 1]
+def _stack_on_host(models: Iterator[list[np.ndarray]], first: list[np.ndarray], n: int, flat: bool, size: int):
+    """:func:`stack_group`'s NumPy stacks: each model's entries written once into one aligned buffer."""
+    count, inner, dtype = sum(len(r) for r in first), first[0].shape[1:], first[0].dtype
+    b_out = _aligned((1, size) if flat else (size, *inner), dtype, zero=flat)
+    e_out = _aligned((1, n, size) if flat else (size, n, *inner), dtype, zero=flat)
+    targets = [b_out[0] if flat else b_out] + [e_out[0, i] if flat else e_out[:, i] for i in range(n)]
+    for target, entries in zip(targets, models):
+        np.concatenate(entries, out=target[:count])
+        if not flat:
+            target[count:] = target[count - 1]
     return b_out, e_out
 
 
+def stack_group(plans: Sequence[LeafPlan], base: Mapping[str, Any], experts: Sequence[Mapping[str, Any]],
+                flat: bool, size: int | None = None) -> tuple[Any, Any]:
+    """(base (size, ...), experts (size, N, ...)): the one stacking of a group's leaves.
+
+    Linear (and per-shape mean) leaves: one entry per layer in maths layout
+    (:func:`~swudi_jax.model.layout.to_maths`), the last entry repeated up to ``size``; flat
+    means: (1, L) and (1, N, L), raveled leaves concatenated and zero-padded to ``size``
+    elements (None: no padding). NumPy arrays are stacked on the host in one contiguous,
+    aligned buffer each (:func:`host_group` gives them); other arrays on their device.
+    """
+    def entries(arrays):
+        return [_entries(p, arrays[p.path], flat) for p in plans]
+
+    first = entries(base)
+    size = sum(len(r) for r in first) if size is None else size
+    if all(isinstance(a[p.path], np.ndarray) for a in (base, *experts) for p in plans):
+        return _stack_on_host(itertools.chain([first], map(entries, experts)), first, len(experts), flat, size)
+    rows = [jnp.concatenate([jnp.asarray(r) for r in model]) for model in itertools.chain([first], map(entries, experts))]
+    if flat:
+        rows = [jnp.pad(r, (0, size - r.shape[0])) for r in rows]
+        return rows[0][None], jnp.stack(rows[1:])[None]
+    return pad_layers(rows[0], size), pad_layers(jnp.stack(rows[1:], axis=1), size)
+
+
 def unstack_group(plans: Sequence[LeafPlan], merged: Any, flat: bool) -> dict[str, Any]:
-    """The inverse of :func:`stack_host` (and of the merger's device stacking) on the merged
+    """The inverse of :func:`stack_group` on the merged
     (size, ...) result: NumPy arrays stay on the host as views where possible, JAX arrays on
     their device."""
     out, start = {}, 0
@@ -209,7 +209,7 @@ def pad_layers(array: Any, size: int) -> Any:
     """A per-layer input (G, ...) padded to ``size`` entries by repeating its last entry."""
     if array.shape[0] >= size:
         return array
-    xp = np if isinstance(array, np.ndarray) else jax.numpy
+    xp = array_namespace(array)
     return xp.concatenate([array, xp.repeat(array[-1:], size - array.shape[0], axis=0)])
 
 
@@ -221,6 +221,6 @@ __all__ = [
     "host_group",
     "is_flat",
     "padded_sizes",
-    "stack_host",
+    "stack_group",
     "unstack_group",
 ]

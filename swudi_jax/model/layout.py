@@ -37,6 +37,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from swudi_jax.maths.linalg import is_floating
+
 LAYOUTS = ("flax", "torch")
 LEAF_KINDS = ("linear", "mean", "keep", "passthrough")
 OTHERS = ("mean", "keep")
@@ -68,13 +70,16 @@ WUDI_VIT_SCOPE: dict[str, Any] = {
 HF CLIP and Flax ViT names) and keep everything else pretrained: ``merge(..., **WUDI_VIT_SCOPE)``."""
 
 
-def infer_layout(paths: Iterable[str]) -> str:
-    """"flax" if any leaf is named ``kernel``, else "torch" if any is named ``weight``."""
+def infer_layout(paths: Iterable[str], fallback: str | None = None) -> str:
+    """"flax" if any leaf is named ``kernel``, else "torch" if any is named ``weight``, else
+    ``fallback`` (None: a ValueError)."""
     names = {re.split(r"[/.]", p)[-1] for p in paths}
     if "kernel" in names:
         return "flax"
     if "weight" in names:
         return "torch"
+    if fallback is not None:
+        return fallback
     raise ValueError("cannot infer the layout: no leaf is named 'kernel' (Flax) or 'weight' (PyTorch/HF); "
                      "pass layout='flax' or layout='torch'")
 
@@ -152,11 +157,11 @@ class LeafPlan:
     def nbytes(self) -> int:
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
-    def to_maths(self, stacked: jnp.ndarray) -> jnp.ndarray:
+    def to_maths(self, stacked: Any) -> Any:
         """Stacked leaves (N, *shape) → (layers, N, m, n); see :func:`to_maths`."""
         return to_maths(self, stacked)
 
-    def from_maths(self, merged: jnp.ndarray) -> jnp.ndarray:
+    def from_maths(self, merged: Any) -> Any:
         """Merged (layers, m, n) → the leaf's shape; see :func:`from_maths`."""
         return from_maths(self, merged)
 
@@ -207,11 +212,12 @@ class LeafRules:
         for name, value in fields.items():
             object.__setattr__(self, name, value)
 
-    def for_paths(self, paths: Iterable[str]) -> "LeafRules":
-        """These rules with ``layout="auto"`` resolved from the leaf names."""
+    def for_paths(self, paths: Iterable[str], fallback: str | None = None) -> "LeafRules":
+        """These rules with ``layout="auto"`` resolved from the leaf names (:func:`infer_layout`;
+        ``fallback`` where the names do not tell, e.g. from a checkpoint's format)."""
         if self.layout != "auto":
             return self
-        return dataclasses.replace(self, layout=infer_layout(paths))
+        return dataclasses.replace(self, layout=infer_layout(paths, fallback))
 
     def plan(self, path: str, shape: Sequence[int], dtype: Any) -> LeafPlan:
         """Classify one leaf (see the module docstring for the rules and the pattern syntax)."""
@@ -220,7 +226,7 @@ class LeafRules:
         shape = tuple(int(s) for s in shape)
         dtype = np.dtype(dtype)
         plain = dict(path=path, shape=shape, dtype=dtype, maths_shape=shape)
-        if not jnp.issubdtype(dtype, jnp.floating):
+        if not is_floating(dtype):
             return LeafPlan(kind="passthrough", **plain)
         if path_matches(path, self.exclude):
             return LeafPlan(kind="keep", **plain)
@@ -282,21 +288,28 @@ def plan_leaf(path: str, shape: Sequence[int], dtype: Any, **rules: Any) -> Leaf
     return LeafRules(**rules).plan(path, shape, dtype)
 
 
-def to_maths(plan: LeafPlan, stacked: jnp.ndarray) -> jnp.ndarray:
-    """Stacked leaves (N, *shape) → (layers, N, m, n) maths layout (linear leaves only)."""
-    x = jnp.asarray(stacked)
-    x = jnp.moveaxis(x, plan.scan_axis + 1, 1) if plan.scan_axis is not None else x[:, None]
+def array_namespace(x: Any) -> Any:
+    """``np`` for a NumPy array (host work, views where possible), ``jnp`` for anything else."""
+    return np if isinstance(x, np.ndarray) else jnp
+
+
+def to_maths(plan: LeafPlan, stacked: Any) -> Any:
+    """Stacked leaves (N, *shape) → (layers, N, m, n) maths layout (linear leaves only); a
+    NumPy array stays on the host (views where possible), anything else becomes a JAX array."""
+    xp = array_namespace(stacked)
+    x = xp.asarray(stacked)
+    x = xp.moveaxis(x, plan.scan_axis + 1, 1) if plan.scan_axis is not None else x[:, None]
     lead = x.shape[:2]
     if plan.transpose:
         n_in = math.prod(x.shape[2:2 + plan.input_axes])
-        x = jnp.swapaxes(x.reshape(*lead, n_in, -1), -1, -2)
-    return jnp.swapaxes(x.reshape(*lead, *plan.maths_shape), 0, 1)
+        x = xp.swapaxes(x.reshape(*lead, n_in, -1), -1, -2)
+    return xp.swapaxes(x.reshape(*lead, *plan.maths_shape), 0, 1)
 
 
 def from_maths(plan: LeafPlan, merged: Any) -> Any:
-    """Merged maths matrices (layers, m, n) → the leaf's shape (inverse of :func:`to_maths`);
-    a NumPy array stays on the host (views where possible), anything else becomes a JAX array."""
-    xp = np if isinstance(merged, np.ndarray) else jnp
+    """Merged maths matrices (layers, m, n) → the leaf's shape (inverse of :func:`to_maths`;
+    NumPy stays NumPy, as there)."""
+    xp = array_namespace(merged)
     x = xp.asarray(merged)
     inner = plan.shape if plan.scan_axis is None else (
         plan.shape[:plan.scan_axis] + plan.shape[plan.scan_axis + 1:])
@@ -345,6 +358,7 @@ __all__ = [
     "LeafPlan",
     "LeafRules",
     "WUDI_VIT_SCOPE",
+    "array_namespace",
     "chunk_by_bytes",
     "from_maths",
     "group_plans",

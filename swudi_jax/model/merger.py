@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swudi_jax.maths.linalg import compute_dtype
+from swudi_jax.maths.linalg import compute_dtype, is_floating
 from swudi_jax.maths.validation import check_choice, check_finite
 from swudi_jax.methods.registry import DEFAULT_METHOD, resolve
 from swudi_jax.methods.spec import CHUNK_LEAVES, ChunkSource, MethodSpec, Resolved
 from swudi_jax.model.batching import (compile_groups, compile_key, group_size, host_array, host_group, is_flat,
-                                      pad_layers, padded_sizes, stack_host, unstack_group)
+                                      pad_layers, padded_sizes, stack_group, unstack_group)
 from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
 from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, to_maths
 from swudi_jax.scale.sharding import make_row_mesh, merge_sharded, should_shard
@@ -87,7 +87,7 @@ def task_vectors(base: Any, experts: Sequence[Any]) -> list[Any]:
     check_models(base_flat, expert_flats)
 
     def diff(e, b):
-        return jnp.asarray(e) - jnp.asarray(b) if jnp.issubdtype(b.dtype, jnp.floating) else jnp.zeros_like(b)
+        return jnp.asarray(e) - jnp.asarray(b) if is_floating(b.dtype) else jnp.zeros_like(b)
 
     return [unflatten(treedef, {p: diff(flat[p], base_flat[p]) for p in base_flat}, base_flat)
             for flat in expert_flats]
@@ -167,15 +167,6 @@ def _hashable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
     return value
-
-
-def work_dtype(method: MethodSpec, dtype: Any, base_dtype: Any) -> jnp.dtype:
-    """The dtype a group computes in: with ``dtype`` None, float32 (float64 for float64
-    inputs); else ``dtype`` where the method is defined in it
-    (:meth:`MethodSpec.work_dtype`), float32 otherwise."""
-    if dtype is None:
-        return compute_dtype(base_dtype)
-    return jnp.dtype(jax.dtypes.canonicalize_dtype(method.work_dtype(str(jnp.dtype(dtype)))))
 
 
 def _rounded(x: jax.Array) -> jax.Array:
@@ -274,39 +265,6 @@ def _merge_layers_sharded(base, experts, resolved: Resolved, weights: Sequence[A
         merged = merge_sharded(tau, mesh, whole)
         layers.append((base_g + resolved.scale * merged.astype(work)).astype(base.dtype))
     return jnp.stack(layers)
-
-
-def _stack(arrays: Sequence[Any]):
-    """Stack on a new axis 0: on the host when every part is a NumPy array (read from disk),
-    so that one copy goes to the device instead of N + 1; on the device otherwise."""
-    if all(isinstance(a, np.ndarray) for a in arrays):
-        return np.stack(arrays)
-    return jnp.stack([jnp.asarray(a) for a in arrays])
-
-
-def _concat(parts: Sequence[jnp.ndarray]) -> jnp.ndarray:
-    """Concatenate on axis 0 without a copy when there is one part."""
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-
-
-def _stack_group(plans: Sequence[LeafPlan], base_arrays: Mapping[str, Any],
-                 expert_arrays: Sequence[Mapping[str, Any]]) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(base (G, ...), experts (G, N, ...)): linear leaves in maths layout, one entry per layer."""
-    if plans[0].kind == "linear":
-        experts = _concat([to_maths(p, _stack([e[p.path] for e in expert_arrays])) for p in plans])
-        base = _concat([to_maths(p, _stack([base_arrays[p.path]]))[:, 0] for p in plans])
-        return base, experts
-    experts = jnp.asarray(_stack([_stack([e[p.path] for e in expert_arrays]) for p in plans]))
-    return jnp.asarray(_stack([base_arrays[p.path] for p in plans])), experts
-
-
-def _stack_flat(plans: Sequence[LeafPlan], base_arrays: Mapping[str, Any],
-                expert_arrays: Sequence[Mapping[str, Any]], size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Device arrays of a flat mean group: (1, size) and (1, N, size), raveled, concatenated, zero-padded."""
-    def row(arrays):
-        flat = jnp.concatenate([jnp.ravel(jnp.asarray(arrays[p.path])) for p in plans])
-        return jnp.pad(flat, (0, size - flat.shape[0]))
-    return row(base_arrays)[None], jnp.stack([row(e) for e in expert_arrays])[None]
 
 
 def _flat_weights(plans: Sequence[LeafPlan], per_layer: Sequence[Mapping[str, Any]], n_experts: int,
@@ -437,16 +395,6 @@ def _check_method_for_group(resolved: Resolved, n_experts: int, has_base: bool) 
                          f"pass, merge_group() takes the Resolved value it returns (prepare())")
 
 
-def _stacked(plans, base_arrays, expert_arrays, host, flat: bool, size: int) -> tuple[Any, Any]:
-    """The group's (base, experts) stacks on the device (see :func:`merge_group`)."""
-    if host is not None:  # NumPy layout transforms, one transfer each way, one executable per key
-        return jax.device_put(stack_host(plans, *host, flat, size))  # the host stacks are freed here
-    if flat:
-        return _stack_flat(plans, base_arrays, expert_arrays, size)
-    base, experts = _stack_group(plans, base_arrays, expert_arrays)
-    return pad_layers(base, size), pad_layers(experts, size)
-
-
 def _mean_inputs(resolved: Resolved, plans, n_experts: int, flat: bool, size: int,
                  tensor_options: TensorOptions | None) -> tuple[list, list, list]:
     """The inputs of a group the method does not merge itself: the per-expert weights of the
@@ -470,7 +418,7 @@ def _run_group(resolved: Resolved, plans, base, experts, apply_method: bool, fla
         arrays, names, axes = _mean_inputs(resolved, plans, n_experts, flat, size, tensor_options)
     static = {k: v for k, v in resolved.options.items()
               if not (k in method.array_options and v is not None) and k not in names}
-    work = work_dtype(method, dtype, base.dtype)
+    work = compute_dtype(base.dtype, requested=dtype, defined_in=method.compute_dtypes)
     fn = _group_fn(method, apply_method, _hashable(static), tuple(names), tuple(axes), work, has_base)
     return fn(base, experts, resolved.scale, *arrays)
 
@@ -508,7 +456,7 @@ def merge_group(
         one device exists and a layer's task vectors reach ``sharding.DEFAULT_SHARD_BYTES``.
       tensor_options: per-tensor values of the method's varying options (:data:`TensorOptions`).
       dtype: the compute dtype asked for (None: float32, float64 for float64 inputs); a method
-        not defined in it computes in float32 (:func:`work_dtype`).
+        not defined in it computes in float32 (:func:`~swudi_jax.maths.linalg.compute_dtype`).
       has_base: False when the merge has no base model (methods whose ``base`` is "optional"
         or "joins"); ``base_arrays`` then only give the shapes and dtypes (pass any model's).
       pad_to: pad the stacked axis to this size (:func:`swudi_jax.model.batching.padded_sizes`)
@@ -540,7 +488,9 @@ def merge_group(
     size = max(pad_to or 0, group_size(plans, method.kind == "elementwise"))
     sharded = kind == "linear" and _use_multi_device(multi_device, resolved, (len(expert_arrays), *plans[0].maths_shape))
     host = None if sharded else host_group(plans, base_arrays, expert_arrays)
-    base, experts = _stacked(plans, base_arrays, expert_arrays, host, flat, 0 if sharded else size)
+    # host arrays: NumPy layout transforms, one transfer each way (the host stacks are freed here)
+    base, experts = jax.device_put(stack_group(plans, *(host or (base_arrays, expert_arrays)), flat,
+                                               None if sharded else size))
     if sharded:
         weights = None
         if "weight" in method.per_expert:
@@ -661,5 +611,4 @@ __all__ = [
     "plan_tree",
     "prepare",
     "task_vectors",
-    "work_dtype",
 ]

@@ -43,7 +43,7 @@ from swudi_jax.methods.output_space import (
 )
 from swudi_jax.methods.regmean import check_denominator_regular, regmean_merge
 from swudi_jax.methods.registry import resolve_options
-from swudi_jax.maths.linalg import HIGHEST, compute_dtype
+from swudi_jax.maths.linalg import HIGHEST, compute_dtype, is_floating
 from swudi_jax.maths.validation import check_choice, check_number
 
 METHODS = ("output_space", "regmean")
@@ -140,7 +140,7 @@ def _mean_merged(base_flat: dict, expert_flats: list[dict]) -> dict:
     """base + mean task vector on floating leaves (= the experts' average); others from base."""
     merged = {}
     for path, value in base_flat.items():
-        if jnp.issubdtype(jnp.asarray(value).dtype, jnp.floating):
+        if is_floating(jnp.asarray(value).dtype):
             mean = sum(jnp.asarray(f[path], jnp.float32) for f in expert_flats) / len(expert_flats)
             merged[path] = mean.astype(jnp.asarray(value).dtype)
         else:
