@@ -31,9 +31,9 @@ class MsgpackReader(BaseReader):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
-        confine.checked_file(self.path, "msgpack file")
+        data = confine.read_file(self.path, confine.model_root(self.path), "msgpack file")
         try:
-            tree = serialization.msgpack_restore(self.path.read_bytes())
+            tree = serialization.msgpack_restore(data)
         except Exception as exc:  # noqa: BLE001 - msgpack raises many types; re-raised with the file
             raise CheckpointError(f"{self.path}: unreadable or truncated msgpack file ({type(exc).__name__}: {exc})") from None
         self._arrays = {}

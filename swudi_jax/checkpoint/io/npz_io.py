@@ -42,9 +42,9 @@ class NpzReader(BaseReader):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
-        confine.checked_file(self.path, "npz file")
+        self._file = confine.open_file(self.path, confine.model_root(self.path), "npz file")
         try:
-            self._npz = np.load(self.path, allow_pickle=False)
+            self._npz = np.load(self._file, allow_pickle=False)  # read from the checked handle only
             members = {name.removesuffix(".npy"): name for name in self._npz.zip.namelist()}
             extended = {}
             if DTYPES_KEY in members:
@@ -60,10 +60,12 @@ class NpzReader(BaseReader):
                 elif dtype.kind == "V":
                     raise CheckpointError(f"{self.path}: tensor {key!r} has an opaque dtype {dtype} (no {DTYPES_KEY} record)")
                 self._entries[key] = (shape, dtype)
-        except CheckpointError:
+        except BaseException as exc:
+            self._file.close()
+            if isinstance(exc, (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError)) and not isinstance(
+                    exc, CheckpointError):
+                raise CheckpointError(f"{self.path}: unreadable or truncated .npz file ({exc})") from None
             raise
-        except (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError) as exc:
-            raise CheckpointError(f"{self.path}: unreadable or truncated .npz file ({exc})") from None
 
     def read_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
         out = {}
@@ -80,6 +82,7 @@ class NpzReader(BaseReader):
 
     def close(self) -> None:
         self._npz.close()
+        self._file.close()
 
 
 class NpzWriter:
