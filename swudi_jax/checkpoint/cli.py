@@ -75,9 +75,16 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def _ignore(signum, frame):
+    """Handler for the clean-up: a repeated signal is received and dropped. (Not SIG_IGN: a signal
+    already pending when the handler changes would make Python print "Signal N ignored due to race
+    condition" with a traceback.)"""
+
+
 def _interrupt(signum, frame):
     for other in HANDLED_SIGNALS:  # the clean-up that follows must not be interrupted in turn
-        signal.signal(other, signal.SIG_IGN)
+        if signal.getsignal(other) is not signal.SIG_IGN:  # one the caller ignores stays ignored
+            signal.signal(other, _ignore)
     raise Interrupted(signum)
 
 

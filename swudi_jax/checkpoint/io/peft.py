@@ -160,18 +160,16 @@ def read_config(adapter_dir: Path) -> LoraConfig:
 
 
 def _load_bin(file: Path, root: Path) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(f"{file}: a pickled (.bin) adapter needs torch to read; install torch or save the "
-                              "adapter as safetensors (PeftModel.save_pretrained(..., safe_serialization=True))") from None
-    try:
-        with confine.open_file(file, root, "adapter weights") as f:
+    with confine.open_file(file, root, "adapter weights") as f:  # confined before torch is even looked for
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(f"{file}: a pickled (.bin) adapter needs torch to read; install torch or save the "
+                                  "adapter as safetensors (PeftModel.save_pretrained(..., safe_serialization=True))") from None
+        try:
             state = torch.load(f, map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
-        raise CheckpointError(f"{file}: unreadable adapter weights ({type(exc).__name__}: {exc})") from None
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
+            raise CheckpointError(f"{file}: unreadable adapter weights ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{file}: expected a state dict of tensors, got {type(state).__name__}")
     out = {}
