@@ -561,6 +561,32 @@ def test_hangup_and_ctrl_c_clean_up_like_sigterm(tmp_path, signum, code):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
+def test_ctrl_c_at_any_instant_stops_with_130_or_completes_and_never_half_publishes(tmp_path):
+    """Through the console script's entry (swudi_jax_cli): SIGINT during the imports, the setup and
+    the merge, and SIGINT, SIGINT, SIGTERM 50 ms apart: rc 130 and nothing published (or, for a
+    signal after the end, rc 0 and the whole output); never a traceback, a crash or a dropped signal."""
+    make_slow_models(tmp_path, "task_arithmetic", n=12)
+    before = snapshot(tmp_path)
+    for delays in ([0.3], [0.8], [1.5], [2.5], [4.0], [1.5, 0.05, 0.05], [3.0, 0.05, 0.05]):
+        proc = subprocess.Popen([sys.executable, "-m", "swudi_jax_cli", str(tmp_path / "merge.yaml"),
+                                 str(tmp_path / "out"), "--no-progress"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=cli_env())
+        for delay, signum in zip(delays, (signal.SIGINT, signal.SIGINT, signal.SIGTERM)):
+            time.sleep(delay)
+            proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (130, 0), (delays, proc.returncode, err)
+        assert "Traceback" not in err and "Exception ignored" not in err and "race condition" not in err, err
+        if proc.returncode == 130:
+            assert "interrupted by SIGINT" in err and not (tmp_path / "out").exists()
+        else:
+            assert (tmp_path / "out" / "merge_config.yaml").is_file()
+            import shutil
+            shutil.rmtree(tmp_path / "out")
+        assert leftovers(tmp_path) == [] and snapshot(tmp_path) == before
+
+
 def test_a_hangup_the_caller_ignores_stays_ignored(tmp_path):
     make_slow_models(tmp_path, "task_arithmetic", n=12)
     launcher = ("import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
