@@ -28,7 +28,7 @@ from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint.pipeline import CONFIG_NAME, merge_checkpoints
 from swudi_jax.checkpoint.cli import main
 from swudi_jax.checkpoint.io import confine, output, safetensors_io
-from swudi_jax.checkpoint.io.output import OWNER_MARKER, OutputSlot
+from swudi_jax.checkpoint.io.output import OutputSlot
 from swudi_jax.model.merger import merge
 
 SECRET = "-----BEGIN OPENSSH PRIVATE KEY----- do-not-publish-7f3a9c"
@@ -411,6 +411,7 @@ def test_output_created_or_changed_mid_run_survives_and_the_result_is_kept_aside
     if force:
         out.mkdir()
         (out / "old.txt").write_text("old")
+        (out / CONFIG_NAME).write_text("{}")  # an earlier output's
 
     def someone_writes():
         out.mkdir(exist_ok=True)
@@ -422,9 +423,9 @@ def test_output_created_or_changed_mid_run_survives_and_the_result_is_kept_aside
     err = one_line_error(capsys)
     assert f"output {out}" in err and "during the run" in err and "the merged result is kept at" in err
     assert (out / "theirs.txt").read_text() == "theirs"
-    assert sorted(p.name for p in out.iterdir()) == (["old.txt", "theirs.txt"] if force else ["theirs.txt"])
+    assert sorted(p.name for p in out.iterdir()) == ([CONFIG_NAME, "old.txt", "theirs.txt"] if force else ["theirs.txt"])
     kept = Path(err.split("kept at ")[1].split(" (move it")[0])
-    assert kept.parent == tmp_path and not (kept / OWNER_MARKER).exists()
+    assert kept.parent == tmp_path and kept.name.startswith(".out.swudi-merge.") and kept.suffix == ".kept"
     got = ckio.load(kept)
     want = merge(base, experts, "task_arithmetic", layout="torch")
     np.testing.assert_allclose(got["bert.encoder.layer.0.attention.self.query.weight"],
@@ -551,6 +552,32 @@ def test_hangup_and_ctrl_c_clean_up_like_sigterm(tmp_path, signum, code):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
+def test_ctrl_c_at_any_instant_stops_with_130_or_completes_and_never_half_publishes(tmp_path):
+    """Through the console script's entry (swudi_jax_cli): SIGINT during the imports, the setup and
+    the merge, and SIGINT, SIGINT, SIGTERM 50 ms apart: rc 130 and nothing published (or, for a
+    signal after the end, rc 0 and the whole output); never a traceback, a crash or a dropped signal."""
+    make_slow_models(tmp_path, "task_arithmetic", n=12)
+    before = snapshot(tmp_path)
+    for delays in ([0.3], [0.8], [1.5], [2.5], [4.0], [1.5, 0.05, 0.05], [3.0, 0.05, 0.05]):
+        proc = subprocess.Popen([sys.executable, "-m", "swudi_jax_cli", str(tmp_path / "merge.yaml"),
+                                 str(tmp_path / "out"), "--no-progress"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=cli_env())
+        for delay, signum in zip(delays, (signal.SIGINT, signal.SIGINT, signal.SIGTERM)):
+            time.sleep(delay)
+            proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (130, 0), (delays, proc.returncode, err)
+        assert "Traceback" not in err and "Exception ignored" not in err and "race condition" not in err, err
+        if proc.returncode == 130:
+            assert "interrupted by SIGINT" in err and not (tmp_path / "out").exists()
+        else:
+            assert (tmp_path / "out" / "merge_config.yaml").is_file()
+            import shutil
+            shutil.rmtree(tmp_path / "out")
+        assert leftovers(tmp_path) == [] and snapshot(tmp_path) == before
+
+
 def test_a_hangup_the_caller_ignores_stays_ignored(tmp_path):
     make_slow_models(tmp_path, "task_arithmetic", n=12)
     launcher = ("import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
@@ -572,26 +599,21 @@ def test_sigkill_then_rerun_removes_only_its_own_stale_temporary_folders(tmp_pat
     proc.kill()
     proc.communicate(timeout=60)
     stale = list(tmp_path.glob(".out.swudi-merge.*.tmp"))
-    assert len(stale) == 1 and json.loads((stale[0] / OWNER_MARKER).read_text())["pid"] == proc.pid
-    # look-alikes that are not a dead run's own: never removed
-    keep = {
-        ".out.swudi-merge.nomarker.tmp": None,                                        # no owner marker
-        ".out.swudi-merge.alive.tmp": {"pid": os.getpid(), "out": "out"},             # owner alive
-        ".other.swudi-merge.dead.tmp": {"pid": proc.pid, "out": "other"},             # another OUT's
-        ".out.swudi-merge.elsewhere.tmp": {"pid": proc.pid, "out": "out", "host": "another-host"},
-        ".out.something.tmp": {"pid": proc.pid, "out": "out"},                        # not our name
-    }
-    import socket
-    for name, marker in keep.items():
+    assert len(stale) == 1
+    empty = tmp_path / ".out.swudi-merge.killedearly.tmp"  # killed before it wrote anything: removed too
+    empty.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "data.bin").write_bytes(b"user data")
+    keep = [".other.swudi-merge.dead.tmp", ".out.something.tmp", ".out.swudi-merge.abc.kept"]  # not this OUT's temporaries
+    for name in keep:
         (tmp_path / name).mkdir()
         (tmp_path / name / "data.bin").write_bytes(b"user data")
-        if marker is not None:
-            (tmp_path / name / OWNER_MARKER).write_text(json.dumps({"host": socket.gethostname(), **marker}))
+    (tmp_path / ".out.swudi-merge.link.tmp").symlink_to(tmp_path / "elsewhere")  # a link: never followed nor removed
     assert main([str(tmp_path / "merge.yaml"), str(tmp_path / "out"), "--no-progress"]) == 0
-    assert not stale[0].exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base", "e0", "e1", "merge.yaml", "out", *keep])
-    assert all((tmp_path / name / "data.bin").read_bytes() == b"user data" for name in keep)
-    assert not (tmp_path / "out" / OWNER_MARKER).exists()
+    assert not stale[0].exists() and not empty.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base", "e0", "e1", "merge.yaml", "out", "elsewhere",
+                                                                 ".out.swudi-merge.link.tmp", *keep])
+    assert all((tmp_path / name / "data.bin").read_bytes() == b"user data" for name in [*keep, "elsewhere"])
 
 
 # ----------------------------------------------------------------------------- 8. errors that name the file

@@ -168,8 +168,14 @@ def test_existing_output_is_refused_unless_forced(on_disk, capsys):
     assert main([str(config(merge_method="average")), str(root / "out"), "--no-progress"]) == 1
     assert "exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in (root / "out").iterdir()] == ["keep.txt"]
-    assert main([str(config(merge_method="average")), str(root / "out"), "--no-progress", "--force"]) == 0
-    assert not (root / "out" / "keep.txt").exists() and (root / "out" / CONFIG_NAME).is_file()
+    assert main([str(config(merge_method="average")), str(root / "out"), "--no-progress", "--force"]) == 1
+    assert "is not an earlier swudi-merge output" in capsys.readouterr().err  # a folder of the user's: never replaced
+    assert [p.name for p in (root / "out").iterdir()] == ["keep.txt"]
+    (root / "out" / "keep.txt").unlink()
+    assert main([str(config(merge_method="average")), str(root / "out"), "--no-progress"]) == 0  # empty: used
+    (root / "out" / "extra.txt").write_text("left by the earlier run")
+    assert main([str(config(merge_method="swudi")), str(root / "out"), "--no-progress", "--force"]) == 0
+    assert not (root / "out" / "extra.txt").exists() and (root / "out" / CONFIG_NAME).is_file()
 
 
 def break_expert_keys(root, experts):

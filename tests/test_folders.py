@@ -177,7 +177,7 @@ def test_downloading_only_when_the_config_allows_it(hub_cache, tmp_path, monkeyp
 
     def fake_snapshot_download(repo_id, **kwargs):  # records the call; never touches the network
         calls.append((repo_id, kwargs["local_files_only"]))
-        folder = tmp_path / "fetched" / repo_id.replace("/", "--") / "snapshots" / ("9" * 40)
+        folder = kwargs["cache_dir"] / ("models--" + repo_id.replace("/", "--")) / "snapshots" / ("9" * 40)
         ckio.save(folder, hub_cache[1]["base2"], force=True)
         return str(folder)
 

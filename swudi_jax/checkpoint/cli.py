@@ -7,7 +7,9 @@ it was, and the exit status is the shell's convention 128 + the signal number (1
 SIGINT, 143 for SIGTERM, 129 for SIGHUP). A signal the caller already ignores stays ignored (``nohup swudi-merge ...`` survives
 a closed terminal). A repeated signal during that clean-up is ignored
 so that the clean-up finishes (SIGKILL cannot be caught: the next run to the same OUT removes
-what a killed run left, see :mod:`swudi_jax.checkpoint.io.output`).
+what a killed run left, see :mod:`swudi_jax.checkpoint.io.output`). The console script enters
+through :mod:`swudi_jax_cli`, which blocks these signals before jax is imported; ``main``
+unblocks them once its handlers are in place.
 """
 
 from __future__ import annotations
@@ -75,9 +77,16 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def _ignore(signum, frame):
+    """Handler for the clean-up: a repeated signal is received and dropped. (Not SIG_IGN: a signal
+    already pending when the handler changes would make Python print "Signal N ignored due to race
+    condition" with a traceback.)"""
+
+
 def _interrupt(signum, frame):
     for other in HANDLED_SIGNALS:  # the clean-up that follows must not be interrupted in turn
-        signal.signal(other, signal.SIG_IGN)
+        if signal.getsignal(other) is not signal.SIG_IGN:  # one the caller ignores stays ignored
+            signal.signal(other, _ignore)
     raise Interrupted(signum)
 
 
@@ -94,13 +103,19 @@ def _redeliver_swallowed(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> int:
+    """Run the command; returns its exit status. ``restore_signals=False`` (the console script,
+    which exits next) leaves the clean-up's handlers in place: a signal still pending as ``main``
+    returns is then dropped instead of reaching Python's default handler after the clean-up."""
     args = build_parser().parse_args(argv)
     # a kill cleans up like Ctrl-C; a signal the caller ignores (nohup: SIGHUP) stays ignored
     previous = {signum: signal.signal(signum, _interrupt) for signum in HANDLED_SIGNALS
                 if signal.getsignal(signum) is not signal.SIG_IGN}
     previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed
     try:
+        # the console script (swudi_jax_cli) blocked them before the heavy imports: a signal sent
+        # during those is delivered here, to the handlers above
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         from swudi_jax.checkpoint.compile_cache import enable_compile_cache
         from swudi_jax.checkpoint.pipeline import merge_checkpoints
 
@@ -133,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         sys.unraisablehook = previous_hook
-        for signum, handler in previous.items():
+        for signum, handler in previous.items() if restore_signals else ():
             signal.signal(signum, handler)
     if not args.dry_run:
         print(f"merged checkpoint written to {out}")

@@ -13,6 +13,21 @@ files are links to ``../../blobs/<hash>``. For a folder directly under ``snapsho
 the blob links resolve inside it while anything outside the repository's cache folder is
 still refused.
 
+The root is found from the path as written as well as from where it leads: a folder written as
+``.../models--org--name/snapshots/<rev>`` has that repository folder as its root even when
+``<rev>`` itself is a link, and the folder must then resolve inside it (a snapshot linked to
+``/home/me`` is refused, so are ``refs/main`` naming ``../../../elsewhere``, see
+:mod:`swudi_jax.checkpoint.io.hub`). A model *folder* named in the config may itself be a link (the
+config is the user's: it is followed, and its target is the root); a model *file* named directly
+gets the rule of a file inside a folder: it must resolve inside the folder that holds it (or that
+folder's Hugging Face repository), so ``model.safetensors -> /elsewhere/x`` is refused either way.
+
+Checking a path and then opening it leaves a gap: the file can be replaced by a link between
+the two. :func:`open_file` closes it: it opens the path once (never blocking, ``O_NONBLOCK``),
+checks the *opened* file (``fstat``: a regular file) and that it is the very file (same device and
+inode) found at the resolved path inside the root, after the open; everything is then read from
+that handle. Every reader here reads its files through it.
+
 Index entries (``weight_map`` values) must be plain file names: no separator, not ``.`` or
 ``..``, not absolute. They are refused from the index text alone, before anything is opened.
 """
@@ -22,6 +37,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from swudi_jax.checkpoint.io.reader import CheckpointError
 
@@ -36,8 +52,13 @@ def model_root(path: str | os.PathLike) -> Path:
     path = Path(os.path.abspath(path))
     folder = path if path.is_dir() else path.parent
     real = Path(os.path.realpath(folder))
-    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(HF_CACHE_PREFIXES):
-        return real.parent.parent
+    for candidate in (folder, real):  # the path as written, then where it leads
+        if candidate.parent.name == "snapshots" and candidate.parent.parent.name.startswith(HF_CACHE_PREFIXES):
+            repo = Path(os.path.realpath(candidate.parent.parent))
+            if not real.is_relative_to(repo / "snapshots"):
+                raise CheckpointError(f"Hugging Face snapshot {folder} resolves to {real}, outside its repository "
+                                      f"folder {repo}; refusing to read it")
+            return repo
     return real
 
 
@@ -68,6 +89,48 @@ def confined_file(path: str | os.PathLike, root: str | os.PathLike, what: str = 
     if not stat.S_ISREG(mode):
         raise CheckpointError(f"{what} {path} is {_kind(mode)}, not a regular file; refusing to open it")
     return real
+
+
+def open_file(path: str | os.PathLike, root: str | os.PathLike, what: str = "file") -> BinaryIO:
+    """``path`` opened for reading, after checking the opened file itself (see the module docstring).
+
+    Checked before opening (:func:`confined_file`: a FIFO or device is never opened), opened
+    without blocking, then verified on the handle: a regular file, and the same file (device,
+    inode) as the one ``path`` resolves to inside ``root`` now. Read everything from the
+    returned file object, never from ``path`` again.
+
+    Raises:
+      CheckpointError naming ``path`` when it leads outside ``root``, is not a regular file, or
+      was replaced while being opened.
+    """
+    confined_file(path, root, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise CheckpointError(f"{what} {path} is {_kind(opened.st_mode)}, not a regular file; refusing to read it")
+        real = confined_file(path, root, what)
+        now = os.stat(real)
+        if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            raise CheckpointError(f"{what} {path} was replaced while it was opened (it is no longer the file "
+                                  f"at {real}); refusing to read it")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_file(path: str | os.PathLike, root: str | os.PathLike, what: str = "file") -> bytes:
+    """The bytes of ``path``, read through :func:`open_file`."""
+    with open_file(path, root, what) as f:
+        try:
+            return f.read()
+        except OSError as exc:
+            raise CheckpointError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def confined_dir(path: str | os.PathLike, root: str | os.PathLike, what: str = "folder") -> Path:

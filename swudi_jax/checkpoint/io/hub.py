@@ -10,7 +10,9 @@ environment when an id is resolved (not when ``huggingface_hub`` was imported).
 Nothing is downloaded unless ``allow_download`` (the config key of that name) is set: the
 lookup uses ``snapshot_download(local_files_only=True)``, which only reads the cache. The
 result is the snapshot folder, ``.../models--org--name/snapshots/<commit>``; readers open it
-like any local model folder (its files are symlinks into the repo's own ``blobs/``).
+like any local model folder (its files are symlinks into the repo's own ``blobs/``). The snapshot
+must resolve to a folder directly under the repository's own ``snapshots/``: a ``refs/main``
+holding ``../../../elsewhere`` or a snapshot linked out of the cache folder is refused.
 """
 
 from __future__ import annotations
@@ -83,7 +85,19 @@ def resolve(repo_id: str, revision: str | None = None, *, allow_download: bool =
                 "(or fetch it first: `huggingface-cli download " + repo_id + "`)")
         raise CheckpointError(f"Hub model {where} is not a local path and is not in the Hugging Face cache "
                               f"{cache} ({found}){hint} [{type(exc).__name__}]") from None
-    return Path(folder)
+    return _inside_repo(Path(folder), repo_folder(repo_id, cache), where)
+
+
+def _inside_repo(snapshot: Path, repo: Path, where: str) -> Path:
+    """``repo/snapshots/<commit>`` for a snapshot folder that resolves directly under the repo's
+    ``snapshots/``; a CheckpointError for one that leads elsewhere (a ``refs/main`` holding
+    ``../../../x``, a snapshot that is a link out of the cache folder)."""
+    real, repo_real = Path(os.path.realpath(snapshot)), Path(os.path.realpath(repo))
+    if real.parent != repo_real / "snapshots":
+        raise CheckpointError(f"Hub model {where}: its snapshot {snapshot} resolves to {real}, which is not a snapshot "
+                              f"inside {repo_real / 'snapshots'} (a link or a refs/ entry leading out of the cache "
+                              "folder); refusing to read it")
+    return repo / "snapshots" / real.name
 
 
 def commit_of(snapshot: Path) -> str:

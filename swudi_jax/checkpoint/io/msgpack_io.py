@@ -31,9 +31,9 @@ class MsgpackReader(BaseReader):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
-        confine.checked_file(self.path, "msgpack file")
+        data = confine.read_file(self.path, confine.model_root(self.path), "msgpack file")
         with reading_file(self.path, "msgpack file"):  # msgpack raises many types: any Exception
-            tree = serialization.msgpack_restore(self.path.read_bytes())
+            tree = serialization.msgpack_restore(data)
         self._arrays = {}
         for key, leaf in flatten(tree)[0].items():
             if not isinstance(leaf, (np.ndarray, np.generic)):

@@ -42,9 +42,10 @@ class NpzReader(BaseReader):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
-        confine.checked_file(self.path, "npz file")
-        with reading_file(self.path, ".npz file", (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError)):
-            self._npz = np.load(self.path, allow_pickle=False)
+        self._file = confine.open_file(self.path, confine.model_root(self.path), "npz file")
+        try:
+            with reading_file(self.path, ".npz file", (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError)):
+                self._npz = np.load(self._file, allow_pickle=False)  # read from the checked handle only
             members = {name.removesuffix(".npy"): name for name in self._npz.zip.namelist()}
             extended = {}
             if DTYPES_KEY in members:
@@ -60,6 +61,9 @@ class NpzReader(BaseReader):
                 elif dtype.kind == "V":
                     raise CheckpointError(f"{self.path}: tensor {key!r} has an opaque dtype {dtype} (no {DTYPES_KEY} record)")
                 self._entries[key] = (shape, dtype)
+        except BaseException:
+            self._file.close()
+            raise
 
     def read_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
         out = {}
@@ -76,6 +80,7 @@ class NpzReader(BaseReader):
 
     def close(self) -> None:
         self._npz.close()
+        self._file.close()
 
 
 class NpzWriter:

@@ -4,25 +4,26 @@
 is empty (an unset shell variable), ``.``, the working directory or one of its parents, a
 parent of (or equal to) the config file or an input checkpoint, inside an input, or a
 symbolic link (without ``force``; with it, the link itself is replaced and its target left
-alone), and an existing non-empty OUT without ``force``.
+alone), an existing file, and an existing non-empty OUT without ``force``; with ``force``, a
+non-empty folder is replaced only if it is an earlier swudi-merge output (it holds the
+:data:`RESULT_MARKER` the pipeline writes), never ``$HOME`` or a folder of the user's work.
 
 :class:`OutputSlot` then, for the whole run:
 
 1. takes an exclusive ``fcntl.flock`` on ``.<OUT>.swudi-merge.lock`` next to OUT, so a second
    run to the same OUT fails at once, naming the holder's pid (removed at the end);
-2. removes stale temporary folders of earlier killed runs for the same OUT, and nothing
-   else: a folder qualifies only if its name is ``.<OUT>.swudi-merge.<random>.tmp``, it is
-   a real directory, and it holds an owner marker :data:`OWNER_MARKER` whose host is this
-   host and whose pid is no longer alive;
+2. removes the temporary folders ``.<OUT>.swudi-merge.<random>.tmp`` of earlier killed runs
+   for the same OUT, and nothing else (real directories of that name only): the lock proves
+   that no live run owns one, whenever the earlier run was killed;
 3. records what OUT is now (absent, an empty folder, or, with ``force``, what will be
-   replaced: its inode, mode, mtime and listing);
-4. creates the temporary folder next to OUT (mode 0777 & ~umask, so 0755 under umask 022)
-   with the owner marker inside;
+   replaced: its inode, mode, mtime, and every entry of its whole tree);
+4. creates the temporary folder next to OUT (mode 0777 & ~umask, so 0755 under umask 022);
 5. :meth:`OutputSlot.publish` moves the result into place only if OUT is still absent or
    an empty folder (a ``rename(2)`` onto anything else fails), or, with ``force``, if OUT is
    still exactly what step 3 recorded; otherwise it fails and keeps both, saying where the
-   result is. With ``force`` the old OUT is renamed aside first and restored if the rename
-   in fails, then deleted.
+   result is (renamed ``.<OUT>.swudi-merge.<random>.kept``, which no later run removes).
+   With ``force`` the old OUT is renamed aside first and restored if the rename in fails,
+   then deleted.
 
 Any failure or interrupt before :meth:`publish` removes the temporary folder; OUT is left as
 it was.
@@ -33,11 +34,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import re
 import shutil
-import socket
 import stat
 import tempfile
 from collections.abc import Iterable
@@ -46,8 +45,9 @@ from typing import Self
 
 from swudi_jax.checkpoint.io.atomic import default_dir_mode, fsync_dir, fsync_tree
 
-OWNER_MARKER = ".swudi-merge-owner"
 TAG = "swudi-merge"
+RESULT_MARKER = "merge_config.yaml"
+"""Written into every output by the pipeline (its ``CONFIG_NAME``): what makes a folder an earlier output."""
 
 
 class OutputError(ValueError):
@@ -103,11 +103,16 @@ def check_output_target(out: str | os.PathLike, *, protected: Iterable[str | os.
             raise OutputError(f"output {absolute} is a {state}symbolic link (to {target}); pass --force (force=True) "
                               "to replace the link itself (its target is left alone), or name another folder")
     elif absolute.exists() and not absolute.is_dir():
+        raise OutputError(f"output {absolute} exists and is a file; --force replaces only an earlier swudi-merge "
+                          "output folder (or a link); name a new folder for the output")
+    elif _is_nonempty_dir(absolute):
         if not force:
-            raise OutputError(f"output {absolute} exists and is a file; pass --force (force=True) to replace it")
-    elif _is_nonempty_dir(absolute) and not force:
-        raise OutputError(f"output directory {absolute} exists and is not empty; "
-                          "pass --force (force=True) to replace it")
+            raise OutputError(f"output directory {absolute} exists and is not empty; "
+                              "pass --force (force=True) to replace it")
+        if not os.path.isfile(absolute / RESULT_MARKER) or os.path.islink(absolute / RESULT_MARKER):
+            raise OutputError(f"output directory {absolute} is not empty and is not an earlier swudi-merge output "
+                              f"(no {RESULT_MARKER} in it); --force replaces only those, so that $HOME or a "
+                              "folder of your work is never deleted; name a new folder for the output")
     return absolute
 
 
@@ -120,55 +125,44 @@ def _state(path: Path):
     if stat.S_ISLNK(info.st_mode):
         detail = os.readlink(path)
     elif stat.S_ISDIR(info.st_mode):
-        detail = tuple(sorted(os.listdir(path)))
+        detail = _tree(path)
     else:
         detail = info.st_size
     return (stat.S_IFMT(info.st_mode), info.st_dev, info.st_ino, info.st_mode, info.st_mtime_ns, detail)
+
+
+def _tree(folder: Path) -> tuple:
+    """Every entry below ``folder`` (links not followed): relative path, type, inode, size, mtime and link
+    target, so that a change anywhere inside, not only at the top, is seen."""
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            info = os.lstat(path)
+            link = os.readlink(path) if stat.S_ISLNK(info.st_mode) else None
+            entries.append((os.path.relpath(path, folder), info.st_mode, info.st_ino, info.st_size,
+                            info.st_mtime_ns, link))
+    return tuple(sorted(entries))
 
 
 def _is_empty_dir_state(state) -> bool:
     return state is not None and state[0] == stat.S_IFDIR and state[5] == ()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
-def _owner(folder: Path) -> dict | None:
-    marker = folder / OWNER_MARKER
-    try:
-        if not stat.S_ISREG(os.lstat(marker).st_mode):
-            return None
-        data = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("pid"), int):
-        return None
-    return data
-
-
 def stale_temporaries(out: Path) -> list[Path]:
-    """Temporary folders of earlier, dead runs for ``out`` (name, marker, host and a dead pid)."""
-    pattern, found = _temp_pattern(out), []
+    """Temporary folders of earlier runs for ``out``: ``.<OUT>.swudi-merge.<random>.tmp`` real directories.
+
+    Called only under the lock of ``out``: every run for ``out`` builds its temporary folder while
+    holding that lock, so none of these belongs to a live run (a run killed at any instant,
+    even before it wrote anything into its folder, leaves one). Links and other names are
+    never touched; a result kept aside by :meth:`OutputSlot.publish` is renamed ``.kept``.
+    """
+    pattern = _temp_pattern(out)
     try:
         entries = list(os.scandir(out.parent))
     except OSError:
         return []
-    for entry in entries:
-        if not pattern.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
-            continue
-        owner = _owner(Path(entry.path))
-        if owner is None or owner.get("host") != socket.gethostname() or owner.get("out") != out.name:
-            continue
-        if owner["pid"] != os.getpid() and not _pid_alive(owner["pid"]):
-            found.append(Path(entry.path))
-    return sorted(found)
+    return sorted(Path(e.path) for e in entries if pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False))
 
 
 class OutputSlot:
@@ -249,8 +243,6 @@ class OutputSlot:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{TAG}.", suffix=".tmp", dir=self.out.parent))
             try:
                 os.chmod(self.tmp, default_dir_mode())
-                marker = {"pid": os.getpid(), "host": socket.gethostname(), "out": self.out.name}
-                (self.tmp / OWNER_MARKER).write_text(json.dumps(marker) + "\n")
             except BaseException:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise
@@ -269,14 +261,14 @@ class OutputSlot:
     # -- the final move -----------------------------------------------------------------------
 
     def _keep(self, why: str) -> OutputError:
-        self._kept = True
+        kept = self.tmp.with_suffix(".kept")  # out of the .tmp names a later run removes
+        os.rename(self.tmp, kept)
+        self.tmp, self._kept = kept, True
         return OutputError(f"output {self.out} {why}; it was left as it is, and the merged result is kept at "
                            f"{self.tmp} (move it yourself)")
 
     def publish(self) -> Path:
         """Move the finished temporary folder to OUT (see the module docstring for the rules)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp / OWNER_MARKER)
         fsync_tree(self.tmp)
         now = _state(self.out)
         replace = self.force and self._seen is not None and not _is_empty_dir_state(self._seen)

@@ -24,6 +24,10 @@ merges any dense expert. The dense expert is rounded to the base tensor's dtype,
 and saved PEFT model would be. Merging straight from the factors (``swudi_jax.lora``, no dense
 m × n delta per expert) is a later optimisation; it is not done here.
 
+Every file is read through :func:`swudi_jax.checkpoint.io.confine.open_file`: an
+``adapter_config.json`` or weights file that is a link out of the adapter folder is refused
+before anything of it is read (so no error message can echo it).
+
 Refused, naming the file and the tensor: a PEFT type other than LoRA, DoRA (``use_dora``),
 ``lora_bias``, a factor without its partner, A and B whose ranks disagree, a rank that is not
 the config's ``r`` (or its ``rank_pattern``), a factor of more than 2 dimensions (conv LoRA),
@@ -44,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from swudi_jax.checkpoint.io import confine
 from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError, CheckpointReader
 
 CONFIG_NAME = "adapter_config.json"
@@ -106,9 +111,10 @@ class LoraConfig:
 def read_config(adapter_dir: Path) -> LoraConfig:
     """Parse and check ``adapter_config.json``; ValueError naming the file and the key."""
     path = Path(adapter_dir) / CONFIG_NAME
+    text = confine.read_file(path, confine.model_root(adapter_dir), "adapter config")
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raw = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable adapter config ({exc})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
@@ -153,16 +159,17 @@ def read_config(adapter_dir: Path) -> LoraConfig:
                       base_model_name_or_path=raw.get("base_model_name_or_path"))
 
 
-def _load_bin(file: Path) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(f"{file}: a pickled (.bin) adapter needs torch to read; install torch or save the "
-                              "adapter as safetensors (PeftModel.save_pretrained(..., safe_serialization=True))") from None
-    try:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
-        raise CheckpointError(f"{file}: unreadable adapter weights ({type(exc).__name__}: {exc})") from None
+def _load_bin(file: Path, root: Path) -> dict[str, np.ndarray]:
+    with confine.open_file(file, root, "adapter weights") as f:  # confined before torch is even looked for
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(f"{file}: a pickled (.bin) adapter needs torch to read; install torch or save the "
+                                  "adapter as safetensors (PeftModel.save_pretrained(..., safe_serialization=True))") from None
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
+            raise CheckpointError(f"{file}: unreadable adapter weights ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{file}: expected a state dict of tensors, got {type(state).__name__}")
     out = {}
@@ -181,13 +188,13 @@ def _load_bin(file: Path) -> dict[str, np.ndarray]:
 def load_weights(adapter_dir: Path) -> tuple[Path, dict[str, np.ndarray]]:
     """The adapter's tensors (small: read whole) and the file they came from."""
     st, pt = Path(adapter_dir) / SAFETENSORS_NAME, Path(adapter_dir) / BIN_NAME
-    if st.is_file():
+    if st.is_file() or st.is_symlink():
         from swudi_jax.checkpoint.io.safetensors_io import SafetensorsReader
 
         with SafetensorsReader(st) as reader:
             return st, reader.read_many(reader.keys())
-    if pt.is_file():
-        return pt, _load_bin(pt)
+    if pt.is_file() or pt.is_symlink():
+        return pt, _load_bin(pt, confine.model_root(adapter_dir))
     raise CheckpointError(f"{adapter_dir}: PEFT adapter without weights ({SAFETENSORS_NAME} or {BIN_NAME})")
 
 

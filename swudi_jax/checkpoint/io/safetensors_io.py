@@ -1,9 +1,9 @@
 """Hugging Face safetensors: one file, or a sharded directory with ``model.safetensors.index.json``.
 
-Reading is lazy: headers are parsed once (shapes and dtypes), and each ``read_many`` call
-opens only the shards it needs and reads only the tensors asked for, then closes them, so
-memory maps do not pile up over a long streamed merge. bf16 and fp8 come back as
-``ml_dtypes`` arrays.
+Reading is lazy: each shard is opened once and its header parsed (shapes and dtypes), and
+``read_many`` reads only the tensors asked for, with positional reads from those handles (no
+memory maps pile up over a long streamed merge). bf16 and fp8 (``F8_E4M3``, ``F8_E5M2``) come
+back as ``ml_dtypes`` arrays.
 
 Writing streams too: all shapes and dtypes are known before the first tensor arrives, so
 every shard's header and offsets are laid out up front and each tensor is written to its
@@ -14,14 +14,15 @@ place as soon as it is ready, in any order. Output follows the Hugging Face conv
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from swudi_jax.checkpoint.io import confine
 from swudi_jax.checkpoint.io.reader import BaseReader, CheckpointError, ShapeDtype, naming_file
@@ -49,10 +50,10 @@ def is_safetensors(path: Path) -> bool:
 
 def read_weight_map(index: Path, root: Path) -> dict[str, str]:
     """The ``weight_map`` of an index: tensor name -> plain shard file name (checked, nothing else opened)."""
-    confine.confined_file(index, root, "safetensors index")
+    text = confine.read_file(index, root, "safetensors index")
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        weight_map = json.loads(text)["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index}: not a valid safetensors index ({type(exc).__name__}: {exc})") from None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: `weight_map` must be a mapping of tensor name to shard file, "
@@ -87,31 +88,103 @@ def shard_files(path: Path) -> list[Path]:
     return files
 
 
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+
+
+def _pread(f: BinaryIO, size: int, offset: int, file: Path) -> bytearray:
+    """Exactly ``size`` bytes at ``offset`` of an open file (positional: safe across threads)."""
+    buffer = bytearray(size)
+    view, done = memoryview(buffer), 0
+    while done < size:
+        got = os.preadv(f.fileno(), [view[done:]], offset + done)
+        if got == 0:
+            raise CheckpointError(f"{file}: unreadable or truncated safetensors file (ends at byte {offset + done}, "
+                                  f"{size - done} more expected)")
+        done += got
+    return buffer
+
+
+def _entry(file: Path, key: str, info: object, data_size: int) -> tuple[ShapeDtype, int]:
+    """One header entry checked: ((shape, dtype), offset in the data section)."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{file}: tensor {key!r}: header entry is a {type(info).__name__}, not a mapping")
+    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if code not in DTYPES:
+        raise CheckpointError(f"{file}: tensor {key!r} has unsupported dtype {code}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CheckpointError(f"{file}: tensor {key!r}: shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size):
+        raise CheckpointError(f"{file}: tensor {key!r}: data_offsets {offsets!r} do not lie within the file's "
+                              f"{data_size} data bytes (truncated?)")
+    size = math.prod(shape) * DTYPES[code].itemsize
+    if offsets[1] - offsets[0] != size:
+        raise CheckpointError(f"{file}: tensor {key!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, "
+                              f"but {code}{shape} needs {size}")
+    return (tuple(shape), DTYPES[code]), offsets[0]
+
+
+def read_header(f: BinaryIO, file: Path) -> tuple[dict[str, tuple[ShapeDtype, int]], dict[str, str]]:
+    """The header of an open safetensors file: ``{key: ((shape, dtype), absolute offset)}``
+    (keys sorted, as the safetensors library lists them) and the ``__metadata__`` string map.
+
+    Layout: an 8-byte little-endian header length n, n bytes of JSON, then the data section,
+    which every entry's ``data_offsets`` index (checked to lie inside the file and to hold
+    exactly prod(shape) × itemsize bytes).
+    """
+    size = os.fstat(f.fileno()).st_size
+    (n,) = struct.unpack("<Q", bytes(_pread(f, 8, 0, file)))
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise CheckpointError(f"{file}: unreadable or truncated safetensors file (header of {n} bytes in a file "
+                              f"of {size})")
+    try:
+        header = json.loads(bytes(_pread(f, n, 8, file)))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable or truncated safetensors file (header: {exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: unreadable safetensors file (the header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{file}: `__metadata__` must map strings to strings")
+    entries = {}
+    for key in sorted(header):
+        (shape_dtype, offset) = _entry(file, key, header[key], size - 8 - n)
+        entries[key] = (shape_dtype, 8 + n + offset)
+    return entries, metadata
+
+
 class SafetensorsReader(BaseReader):
-    """Lazy reader over a safetensors file or sharded directory."""
+    """Lazy reader over a safetensors file or sharded directory.
+
+    Each shard is opened once, through :func:`swudi_jax.checkpoint.io.confine.open_file` (the
+    opened file itself is checked to lie inside the model folder), its header parsed from that
+    handle, and every tensor later read from the same handle with positional reads: replacing a
+    shard by a link after the check changes nothing read. ``close()`` closes the handles.
+    """
 
     format = "safetensors"
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
-        self._file_of: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, int]] = {}
+        self._handles: dict[Path, BinaryIO] = {}
         self.metadata: dict[str, str] = {}
-        for file in shard_files(self.path):
-            try:
-                with safe_open(str(file), framework="numpy") as f:
-                    self.metadata.update(f.metadata() or {})
-                    for key in f.keys():
-                        if key in self._file_of:
-                            raise CheckpointError(f"{file}: tensor {key!r} also appears in {self._file_of[key]}")
-                        view = f.get_slice(key)
-                        code = view.get_dtype()
-                        if code not in DTYPES:
-                            raise CheckpointError(f"{file}: tensor {key!r} has unsupported dtype {code}")
-                        self._entries[key] = (tuple(int(s) for s in view.get_shape()), DTYPES[code])
-                        self._file_of[key] = file
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({exc})") from None
-        self._check_index()
+        try:
+            root = confine.model_root(self.path)
+            for file in shard_files(self.path):
+                f = self._handles[file] = confine.open_file(file, root, "safetensors shard")
+                entries, metadata = read_header(f, file)
+                self.metadata.update(metadata)
+                for key, (shape_dtype, offset) in entries.items():
+                    if key in self._where:
+                        raise CheckpointError(f"{file}: tensor {key!r} also appears in {self._where[key][0]}")
+                    self._entries[key] = shape_dtype
+                    self._where[key] = (file, offset)
+            self._check_index()
+        except BaseException:
+            self.close()
+            raise
 
     def _check_index(self) -> None:
         index = self.path / INDEX_NAME
@@ -119,23 +192,25 @@ class SafetensorsReader(BaseReader):
             return
         weight_map = read_weight_map(index, confine.model_root(self.path))
         for key, name in weight_map.items():
-            if self._file_of.get(key) != self.path / name:
+            if key not in self._where or self._where[key][0] != self.path / name:
                 raise CheckpointError(f"{index}: tensor {key!r} is listed in {name} but not found there")
 
     def read_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
-        by_file: dict[Path, list[str]] = {}
+        out: dict[str, np.ndarray] = {}
         for key in keys:
             self._check_key(key)
-            by_file.setdefault(self._file_of[key], []).append(key)
-        out: dict[str, np.ndarray] = {}
-        for file, names in by_file.items():
+            (shape, dtype), (file, offset) = self._entries[key], self._where[key]
             try:
-                with safe_open(str(file), framework="numpy") as f:
-                    for key in names:
-                        out[key] = self._checked(key, f.get_tensor(key))
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{file}: cannot read tensors {names[:3]}... ({exc})") from None
+                raw = _pread(self._handles[file], math.prod(shape) * dtype.itemsize, offset, file)
+            except OSError as exc:
+                raise CheckpointError(f"{file}: cannot read tensor {key!r} ({exc.strerror or exc})") from None
+            out[key] = self._checked(key, np.frombuffer(raw, dtype=dtype).reshape(shape))
         return out
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles = {}
 
 
 def _header(entries: Mapping[str, ShapeDtype], metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +55,10 @@ def _module_folders(folder: Path, root: Path) -> list[str]:
     modules = folder / MODULES_NAME
     if not (modules.exists() or modules.is_symlink()):
         return []
-    real = confine.confined_file(modules, root, "side file")
+    text = confine.read_file(modules, root, "side file")
     try:
-        entries = json.loads(real.read_text())
-    except (OSError, ValueError) as exc:
+        entries = json.loads(text)
+    except ValueError as exc:
         raise CheckpointError(f"{modules}: not a valid sentence-transformers modules.json ({exc})") from None
     if not isinstance(entries, list):
         raise CheckpointError(f"{modules}: expected a list of modules, got a {type(entries).__name__}")
@@ -126,12 +125,8 @@ def _copy_one(item: SideFile, root: Path, out: Path) -> None:
         confine.confined_dir(item.source, root, "side folder")
         (out / item.relative).mkdir(parents=True, exist_ok=True)
         return
-    real = confine.confined_file(item.source, root, "side file")  # checked again: the folder may have changed
-    fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as src:
+    with confine.open_file(item.source, root, "side file") as src:  # checked again, on the opened file
         info = os.fstat(src.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"side file {item.source} is not a regular file; refusing to copy it")
         if info.st_size > MAX_FILE_BYTES:
             raise CheckpointError(f"side file {item.source} is {info.st_size} bytes; refusing to copy it")
         target = out / item.relative
