@@ -331,17 +331,8 @@ def _tokenizer_source(raw: Mapping[str, Any], base_dir: Path, name: str) -> tupl
     return value, _path(value, base_dir, f"{name}: `tokenizer_source`")
 
 
-def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | os.PathLike | None = None,
-                 overrides: Mapping[str, Any] | None = None) -> MergeConfig:
-    """Validate a config mapping (every check that needs no tensor data) into a MergeConfig.
-
-    Args:
-      raw: the parsed YAML mapping (the project's keys or mergekit's schema).
-      base_dir: directory relative paths are resolved against.
-      source: the config file, named in error messages.
-      overrides: values that replace the file's (e.g. ``out_shard_size`` from the command line).
-    """
-    name = f"config {source}" if source else "config"
+def _check_top_level(raw: Any, name: str, overrides: Mapping[str, Any] | None):
+    """The raw mapping with the command line's overrides, its keys known, and its method."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{name}: expected a mapping of settings, got {type(raw).__name__}")
     raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
@@ -354,11 +345,15 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         method = registry.get_method(raw["merge_method"])
     except ValueError as exc:
         raise ConfigError(f"{name}: `merge_method`: {exc}") from None
-    notes: list[str] = []
-    base_dir = Path(base_dir)
     allow_download = raw.get("allow_download", False)
     if not isinstance(allow_download, bool):
         raise ConfigError(f"{name}: `allow_download` must be true or false, got {allow_download!r}")
+    return raw, method
+
+
+def _models_and_parameters(raw: Mapping[str, Any], name: str):
+    """(models entries, global parameters with mergekit's names mapped, layer range) from
+    ``models:`` or a one-slice ``slices:``."""
     global_params = raw.get("parameters") or {}
     if not isinstance(global_params, Mapping):
         raise ConfigError(f"{name}: `parameters` must be a mapping of option: value, got {global_params!r}")
@@ -378,9 +373,12 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         raise ConfigError(f"{name}: `models` is required")
     if not isinstance(models, (list, tuple)):
         raise ConfigError(f"{name}: `models` must be a list of checkpoint paths, got {models!r}")
-    if raw.get("base_model") is None and method.base == "required":
-        raise ConfigError(f"{name}: `base_model` is required by merge method {method.name!r}")
-    entries = [_split_entry(m, f"{name}: `models[{i}]`") for i, m in enumerate(models)]
+    return models, global_params, layer_range
+
+
+def _sources(raw: Mapping[str, Any], entries, base_dir: Path, name: str):
+    """The base's and the experts' resolved sources (Hub ids, adapters, orbax steps)."""
+    allow_download = raw.get("allow_download", False)
     try:
         base_source = None
         if raw.get("base_model") is not None:
@@ -389,16 +387,20 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
                                       base=base_source) for i, (m, _) in enumerate(entries)]
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
-    model_params = [p for _, p in entries]
-    given_models = [_given(m) for m, _ in entries]
-    # the base among the models (a mergekit habit): the base, not a zero task vector
+    return base_source, expert_sources
+
+
+def _place_base(raw, method, name: str, base_source, expert_sources: list, model_params: list, given_models: list,
+                notes: list) -> None:
+    """The base among the models (a mergekit habit) is the base, not a zero task vector; a base
+    that joins the method's inputs (mergekit's linear, karcher) is added to them. In place."""
     if base_source is not None and base_source in expert_sources:
         index = expert_sources.index(base_source)
         if method.base == "joins":
             notes.append(f"the base model is models[{index}]: it is one of {method.name}'s inputs, as in mergekit")
         else:
             warnings.warn(f"{name}: `models[{index}]` is the base model; it is the base, not an expert (a zero task "
-                          "vector would shrink the others' mean): left out of the experts", stacklevel=2)
+                          "vector would shrink the others' mean): left out of the experts", stacklevel=3)
             del expert_sources[index], model_params[index], given_models[index]
     elif base_source is not None and method.base == "joins":
         expert_sources.insert(0, base_source)  # mergekit adds a configured base to the inputs
@@ -407,11 +409,14 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         notes.append(f"base_model joins {method.name}'s inputs (mergekit adds it to the models)")
     elif base_source is not None and method.base == "unused":
         notes.append(f"base_model is not used by {method.name}")
+
+
+def _check_expert_sources(method, expert_sources, name: str) -> None:
     seen: dict[ModelSource, int] = {}
     for i, src in enumerate(expert_sources):
         if src in seen:
             warnings.warn(f"{name}: model {src.describe()} appears twice among the models (entries {seen[src]} and "
-                          f"{i}): it counts twice in the merge", stacklevel=2)
+                          f"{i}): it counts twice in the merge", stacklevel=3)
         seen.setdefault(src, i)
     low, high = method.n_experts
     if len(expert_sources) < max(low, 1) or (high is not None and len(expert_sources) > high):
@@ -420,7 +425,11 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         want = f"exactly {low_w}" if low == high else (f"at least {low_w}" if high is None else f"{low_w} to {high_w}")
         raise ConfigError(f"{name}: `models` needs {want} experts to merge with {method.name!r} (the base is not "
                           f"counted), got {len(expert_sources)}")
-    # parameters: plain values are options, settings that vary per tensor go to the resolver
+
+
+def _split_parameters(method, global_params, model_params: list, name: str):
+    """Plain values are options; settings that vary per tensor go to the resolver; per-model
+    parameters that are not the method's per-model options are dropped with a warning (in place)."""
     options, tensor_settings = {}, {}
     for key, value in global_params.items():
         if key not in method.defaults:
@@ -442,15 +451,23 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         if ignored:
             warnings.warn(f"{name}: `models[{i}].parameters` {ignored} are not per-model options of "
                           f"{method.name!r} (those are {list(method.per_expert) or 'none'}); ignored, as mergekit "
-                          "does", stacklevel=2)
+                          "does", stacklevel=3)
             model_params[i] = {k: v for k, v in params.items() if k in method.per_expert}
         _check_settings(method, model_params[i], f"{name}: `models[{i}].parameters`")
+    return options, tensor_settings
+
+
+def _check_joined_weight(method, base_source, expert_sources, model_params, options, tensor_settings, name) -> None:
     if method.base == "joins" and "weight" in method.per_expert and base_source is not None:
         joined = expert_sources.index(base_source)
         if "weight" not in model_params[joined] and "weight" not in options and "weight" not in tensor_settings \
                 and any("weight" in p for p in model_params):
             raise ConfigError(f"{name}: the base model joins {method.name!r}'s inputs (as in mergekit) and needs a "
                               "`weight`: list it among `models` with one, give a global weight, or drop base_model")
+
+
+def _method_settings(raw, method, options, base_dir: Path, name: str, notes: list):
+    """(resolved options, scale, grams path, compute dtype, out dtype) of the method."""
     try:
         resolved = method.resolve(options)
     except ValueError as exc:
@@ -473,6 +490,11 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
     out_dtype = raw.get("out_dtype")
     if out_dtype is None and raw.get("dtype") is not None:
         out_dtype = raw["dtype"]  # mergekit: the output dtype is out_dtype, else dtype
+    return resolved, (None if scale is None else float(scale)), grams, dtype, out_dtype
+
+
+def _structure_and_outputs(raw, base_dir: Path, name: str, base_source):
+    """The checks of input_axes, scan_axis, tokenizer_source and chat_template."""
     input_axes = raw.get("input_axes")
     if input_axes is not None and not isinstance(input_axes, Mapping):
         raise ConfigError(f"{name}: `input_axes` must map path patterns to input-axis counts, got {input_axes!r}")
@@ -491,6 +513,37 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
                 mk.resolve_chat_template(chat_template, (), f"{name}: `chat_template`")
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+    return input_axes, scan_axis, tokenizer_value, tokenizer_path, chat_template
+
+
+def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | os.PathLike | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> MergeConfig:
+    """Validate a config mapping (every check that needs no tensor data) into a MergeConfig.
+
+    Args:
+      raw: the parsed YAML mapping (the project's keys or mergekit's schema).
+      base_dir: directory relative paths are resolved against.
+      source: the config file, named in error messages.
+      overrides: values that replace the file's (e.g. ``out_shard_size`` from the command line).
+    """
+    name = f"config {source}" if source else "config"
+    raw, method = _check_top_level(raw, name, overrides)
+    notes: list[str] = []
+    base_dir = Path(base_dir)
+    models, global_params, layer_range = _models_and_parameters(raw, name)
+    if raw.get("base_model") is None and method.base == "required":
+        raise ConfigError(f"{name}: `base_model` is required by merge method {method.name!r}")
+    entries = [_split_entry(m, f"{name}: `models[{i}]`") for i, m in enumerate(models)]
+    base_source, expert_sources = _sources(raw, entries, base_dir, name)
+    model_params = [p for _, p in entries]
+    given_models = [_given(m) for m, _ in entries]
+    _place_base(raw, method, name, base_source, expert_sources, model_params, given_models, notes)
+    _check_expert_sources(method, expert_sources, name)
+    options, tensor_settings = _split_parameters(method, global_params, model_params, name)
+    _check_joined_weight(method, base_source, expert_sources, model_params, options, tensor_settings, name)
+    resolved, scale, grams, dtype, out_dtype = _method_settings(raw, method, options, base_dir, name, notes)
+    input_axes, scan_axis, tokenizer_value, tokenizer_path, chat_template = _structure_and_outputs(
+        raw, base_dir, name, base_source)
     shard = parse_shard_size(raw.get("out_shard_size", DEFAULT_SHARD_SIZE), f"{name}: `out_shard_size`")
     reference = base_source if base_source is not None else expert_sources[0]
     given = {"base_model": _given(raw["base_model"]) if base_source is not None else None, "models": given_models,
@@ -502,7 +555,7 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         models=tuple(s.main for s in expert_sources),
         merge_method=method.name,
         parameters=resolved,
-        scale=None if scale is None else float(scale),
+        scale=scale,
         include=_patterns(raw.get("include"), f"{name}: `include`"),
         exclude=_patterns(raw.get("exclude"), f"{name}: `exclude`"),
         head_patterns=_patterns(raw.get("head_patterns"), f"{name}: `head_patterns`"),
@@ -519,7 +572,7 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         out_shard_size=shard.value,
         grams=grams,
         source=None if source is None else Path(source),
-        allow_download=allow_download,
+        allow_download=raw.get("allow_download", False),
         sources=sources,
         has_base=base_source is not None,
         model_parameters=tuple(model_params),

@@ -315,6 +315,63 @@ SWUDI paper: arXiv 2606.07289, {PAPER}.
 """
 
 
+def _group_reader(plan: MergePlan, base, experts, grams, work: str, same_as_base: list[bool]):
+    """``read(g)`` for the prefetch thread: group g's inputs read, checked finite on the host and
+    cast to the compute dtype (and its Grams); notes in ``same_as_base`` which experts still equal the base."""
+
+    def read(g):
+        keys = [p.path for p in plan.groups[g]]
+        base_arrays = _compute(_read_group(base, keys), work)
+        expert_arrays = [_compute(_read_group(e, keys), work) for e in experts]
+        for i, arrays in enumerate(expert_arrays):
+            same_as_base[i] = same_as_base[i] and all(np.array_equal(arrays[k], base_arrays[k]) for k in keys)
+        group_grams = None
+        if grams is not None and plan.groups[g][0].kind == "linear":
+            group_grams = _read_group(grams, keys)
+        return base_arrays, expert_arrays, group_grams
+
+    return read
+
+
+def _shard_bytes(plan: MergePlan) -> int:
+    """The output shard size in bytes (mergekit's "parameters" count times the widest out dtype)."""
+    size = plan.config.out_shard_size
+    if plan.config.out_shard_unit == "parameters":
+        size *= max((np.dtype(d).itemsize for d in plan.out_dtypes.values()), default=4)
+    return size
+
+
+@contextlib.contextmanager
+def _closing(writer, target: Path) -> Iterator[None]:
+    """Close the weights writer after the loop, or abort it (its partial output removed) on any failure."""
+    try:
+        yield
+    except BaseException:
+        writer.abort()
+        raise
+    with naming_file(target):
+        writer.close()
+
+
+def _warn_zero_task_vectors(config: MergeConfig, same_as_base: Sequence[bool]) -> None:
+    for i, same in enumerate(same_as_base):
+        if same:
+            warnings.warn(f"models[{i}] ({config.models[i]}) equals the base model in every tensor: its task "
+                          "vector is zero", stacklevel=3)
+
+
+def _write_beside(plan: MergePlan, tmp: Path, copy_tokenizer: bool, side_files: Sequence[str], scale: float) -> None:
+    """The files beside the weights: the base's side files, the tokenizer and chat template, the
+    config as written and the model card."""
+    config = plan.config
+    copied = copy_side_files(config.base_model, tmp, side_files)
+    copied = _finish_side_files(config, tmp, copy_tokenizer, copied)
+    with naming_file(tmp / CONFIG_NAME):
+        (tmp / CONFIG_NAME).write_text(config.to_yaml(as_given=True))
+    with naming_file(tmp / "README.md"):
+        (tmp / "README.md").write_text(model_card(plan, scale, copied))
+
+
 def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                       dry_run: bool = False, progress: bool = True,
                       max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES, copy_tokenizer: bool = True,
@@ -351,8 +408,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     if work == "float64":
         jax.config.update("jax_enable_x64", True)
     if dry_run:
-        with _opened(config) as (base, experts, grams):
-            print(plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes).describe())
+        print(plan_checkpoints(config, max_group_bytes=max_group_bytes).describe())
         return out
     with OutputSlot(out, force=force) as slot, _opened(config) as (base, experts, grams):
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
@@ -360,27 +416,14 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         resolved = prepare(method.bind(config.parameters, config.scale), _model_chunks(plan, base, experts, progress))
         metadata = getattr(base, "metadata", None) or None
         entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
-        shard_size = config.out_shard_size
-        if config.out_shard_unit == "parameters":  # mergekit's count of parameters per shard, in bytes
-            shard_size *= max((np.dtype(d).itemsize for d in plan.out_dtypes.values()), default=4)
         resolver = tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
         same_as_base = [config.has_base and method.base != "joins"] * len(experts)  # a joining base is an input
         tmp = slot.tmp
         target = ckio.weights_path(tmp, plan.out_format)
-        writer = ckio.open_writer(target, plan.out_format, entries, shard_size=shard_size,
-                                  metadata=metadata)
+        writer = ckio.open_writer(target, plan.out_format, entries, shard_size=_shard_bytes(plan), metadata=metadata)
         sizes = padded_sizes(plan.groups, method.kind == "elementwise")
 
-        def read(g):  # the prefetch thread: inputs read and checked finite on the host
-            keys = [p.path for p in plan.groups[g]]
-            base_arrays = _compute(_read_group(base, keys), work)
-            expert_arrays = [_compute(_read_group(e, keys), work) for e in experts]
-            for i, arrays in enumerate(expert_arrays):
-                same_as_base[i] = same_as_base[i] and all(np.array_equal(arrays[k], base_arrays[k]) for k in keys)
-            group_grams = None
-            if grams is not None and plan.groups[g][0].kind == "linear":
-                group_grams = _read_group(grams, keys)
-            return base_arrays, expert_arrays, group_grams
+        read = _group_reader(plan, base, experts, grams, work, same_as_base)
 
         def compute(g, arrays):  # the caller's thread: one compiled call, results checked finite
             group = list(plan.groups[g])
@@ -394,26 +437,13 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
                 for key in (p.path for p in plan.groups[g]):
                     writer.write(key, merged[key])
 
-        try:
-            loop = run_overlapped if overlap else run_sequential
+        loop = run_overlapped if overlap else run_sequential
+        with _closing(writer, target):
             split = loop(range(len(plan.groups)), read, compute, write,
                          progress=lambda items: _progress(items, progress, "merging"))
-            if timings is not None:
-                timings.update(split.as_dict())
-        except BaseException:
-            writer.abort()
-            raise
-        with naming_file(target):
-            writer.close()
-        for i, same in enumerate(same_as_base):
-            if same:
-                warnings.warn(f"models[{i}] ({config.models[i]}) equals the base model in every tensor: its task "
-                              "vector is zero", stacklevel=2)
-        copied = copy_side_files(config.base_model, tmp, side_files)
-        copied = _finish_side_files(config, tmp, copy_tokenizer, copied)
-        with naming_file(tmp / CONFIG_NAME):
-            (tmp / CONFIG_NAME).write_text(config.to_yaml(as_given=True))
-        with naming_file(tmp / "README.md"):
-            (tmp / "README.md").write_text(model_card(plan, resolved.scale, copied))
+        if timings is not None:
+            timings.update(split.as_dict())
+        _warn_zero_task_vectors(config, same_as_base)
+        _write_beside(plan, tmp, copy_tokenizer, side_files, resolved.scale)
         slot.publish()
     return out

@@ -75,6 +75,79 @@ def run_sequential(items: Sequence[Any], read: Callable, compute: Callable, writ
     return times
 
 
+class _Overlap:
+    """The state one overlapped run shares between its three threads (see :func:`run_overlapped`)."""
+
+    def __init__(self, items: list, read: Callable, write: Callable, times: StageTimes):
+        self.items, self.read, self.write, self.times = items, read, write, times
+        self.stop = threading.Event()
+        self.read_slot = threading.Semaphore(1)   # the caller releases it when it takes an item
+        self.write_slot = threading.Semaphore(1)  # the writer releases it when it finished an item
+        self.inputs: queue.Queue = queue.Queue()
+        self.outputs: queue.Queue = queue.Queue()
+        self.write_error: list[BaseException] = []
+
+    def acquire(self, slot: threading.Semaphore) -> bool:
+        while not self.stop.is_set():
+            if slot.acquire(timeout=0.05):
+                return True
+        return False
+
+    def reader(self) -> None:
+        try:
+            for item in self.items:
+                if not self.acquire(self.read_slot):
+                    return
+                t = time.perf_counter()
+                data = self.read(item)
+                self.times.read_s += time.perf_counter() - t
+                self.inputs.put((item, data))
+                del data
+            self.inputs.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which re-raises it
+            self.inputs.put(_Failed(exc))
+
+    def writer(self) -> None:
+        while True:
+            got = self.outputs.get()
+            if got is _DONE or self.stop.is_set():
+                return
+            item, result = got
+            del got
+            try:
+                t = time.perf_counter()
+                self.write(item, result)
+                self.times.write_s += time.perf_counter() - t
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, which re-raises it
+                self.write_error.append(exc)
+                self.stop.set()
+                return
+            finally:
+                del result
+                self.write_slot.release()
+
+    def compute_all(self, compute: Callable, progress: Callable[[Iterable], Iterable]) -> None:
+        """The caller's loop: take each read item, compute it, hand the result to the writer."""
+        for _ in progress(self.items):
+            got = self.inputs.get()
+            if isinstance(got, _Failed):
+                raise got.error
+            if self.write_error:
+                raise self.write_error[0]
+            item, data = got
+            del got
+            self.read_slot.release()  # the next read may start while this item merges
+            t = time.perf_counter()
+            result = compute(item, data)
+            del data
+            self.times.compute_s += time.perf_counter() - t
+            if not self.acquire(self.write_slot) or self.write_error:  # the previous result is written (or failed)
+                raise self.write_error[0]
+            self.outputs.put((item, result))
+            del result
+            self.times.items += 1
+
+
 def run_overlapped(items: Sequence[Any], read: Callable, compute: Callable, write: Callable,
                    progress: Callable[[Iterable], Iterable] = iter) -> StageTimes:
     """Run read → compute → write over ``items`` with the three stages overlapped (see the module).
@@ -90,92 +163,28 @@ def run_overlapped(items: Sequence[Any], read: Callable, compute: Callable, writ
     Raises:
       the first exception any stage raised (the others are stopped and joined first).
     """
-    items = list(items)
-    times = StageTimes()
-    stop = threading.Event()
-    read_slot = threading.Semaphore(1)   # the caller releases it when it takes an item
-    write_slot = threading.Semaphore(1)  # the writer releases it when it finished an item
-    inputs: queue.Queue = queue.Queue()
-    outputs: queue.Queue = queue.Queue()
-    write_error: list[BaseException] = []
-
-    def acquire(slot: threading.Semaphore) -> bool:
-        while not stop.is_set():
-            if slot.acquire(timeout=0.05):
-                return True
-        return False
-
-    def reader() -> None:
-        try:
-            for item in items:
-                if not acquire(read_slot):
-                    return
-                t = time.perf_counter()
-                data = read(item)
-                times.read_s += time.perf_counter() - t
-                inputs.put((item, data))
-                del data
-            inputs.put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which re-raises it
-            inputs.put(_Failed(exc))
-
-    def writer() -> None:
-        while True:
-            got = outputs.get()
-            if got is _DONE or stop.is_set():
-                return
-            item, result = got
-            del got
-            try:
-                t = time.perf_counter()
-                write(item, result)
-                times.write_s += time.perf_counter() - t
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller, which re-raises it
-                write_error.append(exc)
-                stop.set()
-                return
-            finally:
-                del result
-                write_slot.release()
-
-    threads = [threading.Thread(target=reader, name="swudi-prefetch", daemon=True),
-               threading.Thread(target=writer, name="swudi-write-behind", daemon=True)]
+    run = _Overlap(list(items), read, write, StageTimes())
+    threads = [threading.Thread(target=run.reader, name="swudi-prefetch", daemon=True),
+               threading.Thread(target=run.writer, name="swudi-write-behind", daemon=True)]
     start = time.perf_counter()
     for thread in threads:
         thread.start()
     try:
-        for _ in progress(items):
-            got = inputs.get()
-            if isinstance(got, _Failed):
-                raise got.error
-            if write_error:
-                raise write_error[0]
-            item, data = got
-            del got
-            read_slot.release()  # the next read may start while this item merges
-            t = time.perf_counter()
-            result = compute(item, data)
-            del data
-            times.compute_s += time.perf_counter() - t
-            if not acquire(write_slot) or write_error:  # the previous result is written (or the writer failed)
-                raise write_error[0]
-            outputs.put((item, result))
-            del result
-            times.items += 1
-        outputs.put(_DONE)
+        run.compute_all(compute, progress)
+        run.outputs.put(_DONE)
         threads[1].join()
-        if write_error:
-            raise write_error[0]
+        if run.write_error:
+            raise run.write_error[0]
     except BaseException:
-        stop.set()
-        outputs.put(_DONE)
+        run.stop.set()
+        run.outputs.put(_DONE)
         raise
     finally:
-        stop.set()
+        run.stop.set()
         for thread in threads:
             thread.join()
-    times.wall_s = time.perf_counter() - start
-    return times
+    run.times.wall_s = time.perf_counter() - start
+    return run.times
 
 
 __all__ = ["StageTimes", "run_overlapped", "run_sequential"]

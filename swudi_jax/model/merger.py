@@ -499,9 +499,15 @@ def merge_group(
     else:
         merged = _run_group(resolved, plans, base, experts, apply_method, flat, size, grams, tensor_options, dtype,
                             has_base)
-    if host is not None:
+    return _unstacked(plans, merged, flat, host is not None, host_output)
+
+
+def _unstacked(plans, merged, flat: bool, from_host: bool, host_output: bool) -> dict[str, Any]:
+    """The group's merged stack back as {path: array}: NumPy arrays for ``host_output``, else
+    JAX arrays (a group stacked on the host is unstacked there: no per-shape compilation)."""
+    if from_host:
         out = unstack_group(plans, np.asarray(merged), flat)
-        return out if host_output else {k: jax.device_put(v) for k, v in out.items()}  # no per-shape compile
+        return out if host_output else {k: jax.device_put(v) for k, v in out.items()}
     out = unstack_group(plans, merged, flat)
     return {k: np.asarray(v) for k, v in out.items()} if host_output else out
 
