@@ -86,3 +86,28 @@ def test_merge_group_refuses_a_method_name():
     plans = sj.plan_tree({"k": ((2, 2), np.float32)}, layout="torch")
     with pytest.raises(ValueError, match="takes a resolved method"):
         sj.merge_group(plans, {"k": np.zeros((2, 2), np.float32)}, [{"k": np.ones((2, 2), np.float32)}] * 2, "swudi")
+
+
+def test_an_unregistered_spec_merges_checkpoints_from_disk_like_its_registered_twin(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from swudi_jax.checkpoint.config import parse_config
+    rng = np.random.default_rng(3)
+    base = {"layer.weight": rng.normal(size=(10, 12)).astype(np.float32),
+            "layer.bias": rng.normal(size=(10,)).astype(np.float32)}
+    for name, tensors in [("base", base)] + [(f"e{i}", {k: v + 0.1 * rng.normal(size=v.shape).astype(np.float32)
+                                                       for k, v in base.items()}) for i in range(3)]:
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    spec = _unregistered("my_swudi_disk", "swudi")
+    outputs = []
+    for method in ("swudi", spec):
+        raw = {"base_model": "base", "models": ["e0", "e1", "e2"], "merge_method": method,
+               "parameters": {"rank_ratio": 0.5}}
+        config = parse_config(raw, base_dir=tmp_path)
+        assert config.method.spec is registry.get_method("swudi") if method == "swudi" else config.method.spec is spec
+        out = tmp_path / f"out_{len(outputs)}"
+        sj.merge_checkpoints(config, out, progress=False)
+        outputs.append(load_file(str(out / "model.safetensors")))
+    for key in base:
+        np.testing.assert_array_equal(outputs[0][key], outputs[1][key])

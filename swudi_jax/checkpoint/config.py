@@ -50,7 +50,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ from swudi_jax.checkpoint import mergekit_config as mk
 from swudi_jax.checkpoint.io import FORMATS, CheckpointError
 from swudi_jax.checkpoint.io.sources import ModelSource, parse_model
 from swudi_jax.methods import registry
+from swudi_jax.methods.spec import Resolved
 from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, OTHERS, LeafRules
 
 LAYOUTS = ("auto", "torch", "flax")
@@ -128,6 +129,9 @@ class MergeConfig:
     given: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
     """The checkpoint entries as written in the config (``base_model``, ``models``, ``grams``,
     ``tokenizer_source``), ``models`` in the order of the resolved experts."""
+    method: Resolved | None = field(default=None, compare=False, repr=False)
+    """The method resolved once by the parser (spec, options, scale): what the pipeline runs;
+    nothing below looks it up by name again, so an unregistered spec merges from disk too."""
 
     @property
     def varies_per_tensor(self) -> bool:
@@ -142,9 +146,9 @@ class MergeConfig:
         ``as_given=True`` records the checkpoint paths as the config wrote them (relative
         paths stay relative), not the absolute paths of this machine.
         """
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         for key in ("source", "sources", "given", "notes", "has_base", "model_parameters", "tensor_parameters",
-                    "layer_range", "out_shard_unit"):
+                    "layer_range", "out_shard_unit", "method"):
             out.pop(key)
         for key, value in out.items():
             if isinstance(value, Path):
@@ -159,7 +163,7 @@ class MergeConfig:
             out["models"] = [s.spec() for s in self.sources[1:]]
         if as_given and self.given:
             out.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.given.items()})
-        if not self.has_base or registry.get_method(self.merge_method).base == "joins":
+        if not self.has_base or self.method.spec.base == "joins":
             out["base_model"] = None  # a joining base is among the models already
         if any(self.model_parameters):
             out["models"] = [{**(m if isinstance(m, dict) else {"model": m}), "parameters": _plain(dict(p))} if p else m
@@ -467,14 +471,14 @@ def _check_joined_weight(method, base_source, expert_sources, model_params, opti
 
 
 def _method_settings(raw, method, options, base_dir: Path, name: str, notes: list):
-    """(resolved options, scale, grams path, compute dtype, out dtype) of the method."""
-    try:
-        resolved = method.resolve(options)
-    except ValueError as exc:
-        raise ConfigError(f"{name}: `merge_method`/`parameters`: {exc}") from None
+    """(the resolved method, grams path, compute dtype, out dtype)."""
     scale = raw.get("scale")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale)):
         raise ConfigError(f"{name}: `scale` must be a finite number or null, got {scale!r}")
+    try:
+        resolved = method.bind(options, None if scale is None else float(scale))
+    except ValueError as exc:
+        raise ConfigError(f"{name}: `merge_method`/`parameters`: {exc}") from None
     if scale is not None and method.operand == "models":
         raise ConfigError(f"{name}: `scale` applies to a merged task vector; {method.name!r} returns merged weights")
     grams = raw.get("grams")
@@ -490,7 +494,7 @@ def _method_settings(raw, method, options, base_dir: Path, name: str, notes: lis
     out_dtype = raw.get("out_dtype")
     if out_dtype is None and raw.get("dtype") is not None:
         out_dtype = raw["dtype"]  # mergekit: the output dtype is out_dtype, else dtype
-    return resolved, (None if scale is None else float(scale)), grams, dtype, out_dtype
+    return resolved, grams, dtype, out_dtype
 
 
 def _structure_and_outputs(raw, base_dir: Path, name: str, base_source):
@@ -541,7 +545,7 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
     _check_expert_sources(method, expert_sources, name)
     options, tensor_settings = _split_parameters(method, global_params, model_params, name)
     _check_joined_weight(method, base_source, expert_sources, model_params, options, tensor_settings, name)
-    resolved, scale, grams, dtype, out_dtype = _method_settings(raw, method, options, base_dir, name, notes)
+    resolved, grams, dtype, out_dtype = _method_settings(raw, method, options, base_dir, name, notes)
     input_axes, scan_axis, tokenizer_value, tokenizer_path, chat_template = _structure_and_outputs(
         raw, base_dir, name, base_source)
     shard = parse_shard_size(raw.get("out_shard_size", DEFAULT_SHARD_SIZE), f"{name}: `out_shard_size`")
@@ -554,8 +558,8 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         base_model=reference.path,
         models=tuple(s.main for s in expert_sources),
         merge_method=method.name,
-        parameters=resolved,
-        scale=scale,
+        parameters=dict(resolved.options),
+        scale=None if raw.get("scale") is None else resolved.scale,
         include=_patterns(raw.get("include"), f"{name}: `include`"),
         exclude=_patterns(raw.get("exclude"), f"{name}: `exclude`"),
         head_patterns=_patterns(raw.get("head_patterns"), f"{name}: `head_patterns`"),
@@ -583,6 +587,7 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         out_shard_unit=shard.unit,
         notes=tuple(notes),
         given=given,
+        method=resolved,
     )
     try:
         config.leaf_rules("torch")
@@ -596,7 +601,7 @@ def tensor_resolver(config: MergeConfig, paths, layers):
     option has one value for the whole model): :class:`~swudi_jax.checkpoint.mergekit_config.TensorParameters`."""
     if not config.varies_per_tensor:
         return None
-    method = registry.get_method(config.merge_method)
+    method = config.method.spec
     return mk.TensorParameters(method.per_expert, method.tensor_options, config.model_parameters,
                                config.tensor_parameters, list(paths), layers, config.parameters)
 

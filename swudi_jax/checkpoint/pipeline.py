@@ -54,7 +54,6 @@ from swudi_jax.checkpoint.output_checks import checked_outputs
 from swudi_jax.checkpoint.stream import run_overlapped, run_sequential
 from swudi_jax.maths.linalg import is_floating
 from swudi_jax.maths.validation import non_finite
-from swudi_jax.methods import registry
 from swudi_jax.model.batching import compile_groups, padded_sizes
 from swudi_jax.model.flat import mismatch
 from swudi_jax.model.layout import LeafPlan
@@ -79,7 +78,7 @@ class MergePlan:
     def describe(self) -> str:
         """A table: each tensor, its shape and dtype, its kind, what merges it, and its group."""
         method = self.config.merge_method
-        is_elementwise = registry.get_method(method).kind == "elementwise"
+        is_elementwise = self.config.method.spec.kind == "elementwise"
         rows = [("tensor", "shape", "dtype", "kind", "method", "group")]
         for g, group in enumerate(self.groups):
             for p in group:
@@ -136,7 +135,7 @@ def _check_same_tensors(base: ckio.CheckpointReader, experts: Sequence[ckio.Chec
 
 
 def _check_grams(config: MergeConfig, plans: Sequence[LeafPlan], grams: ckio.CheckpointReader | None) -> None:
-    if registry.get_method(config.merge_method).kind != "data":
+    if config.method.spec.kind != "data":
         return
     n = len(config.models)
     for p in plans:
@@ -188,7 +187,7 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
     plans = rules.plan_tree(_signature(base))
     mk.check_layer_range(config.layer_range, base.keys(), f"config {config.source}: `slices`")
     _check_grams(config, plans, grams)
-    elementwise = registry.get_method(config.merge_method).kind == "elementwise"
+    elementwise = config.method.spec.kind == "elementwise"
     groups = compile_groups(plans, max_group_bytes, copies=len(experts) + 2, elementwise=elementwise)
     out_dtypes = {}
     for p in plans:
@@ -274,7 +273,7 @@ def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) ->
     """
     c = plan.config
     given = c.to_dict(as_given=True)
-    method = registry.get_method(c.merge_method)
+    method = c.method.spec
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in given["parameters"].items()) or "| (none) | |"
     experts = "\n".join(f"  - `{p}`" for p in given["models"])
     counts = {k: sum(p.kind == k for p in plan.plans) for k in ("linear", "mean", "keep", "passthrough")}
@@ -403,7 +402,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     inputs = [p for s in config.sources for p in (s.path, s.adapter) if p is not None]
     out = check_output_target(out, protected=[config.source, config.base_model, *config.models, *inputs, config.grams,
                                               config.tokenizer_source], force=force)
-    method = registry.get_method(config.merge_method)
+    method = config.method.spec
     work = method.work_dtype(config.dtype)
     if work == "float64":
         jax.config.update("jax_enable_x64", True)
@@ -413,7 +412,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     with OutputSlot(out, force=force) as slot, _opened(config) as (base, experts, grams):
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
         side_files = plan_side_files(config.base_model)
-        resolved = prepare(method.bind(config.parameters, config.scale), _model_chunks(plan, base, experts, progress))
+        resolved = prepare(config.method, _model_chunks(plan, base, experts, progress))
         metadata = getattr(base, "metadata", None) or None
         entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
         resolver = tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
