@@ -1,6 +1,7 @@
-"""The top-K solver at n = 1024..4096 in a subprocess: no crash (exit 0, not a signal), and θ
+"""The top-K solver at n = 1024..8192 in a subprocess: no crash (exit 0, not a signal), and θ
 equals the full path's to float32 rounding (rel. error ≤ 1e-4: a float32 eigh of an n ≥ 1024
-operator is itself only accurate to ~n·eps relative in its eigenvectors).
+operator is itself only accurate to ~n·eps relative in its eigenvectors); at n = 8192 against the
+exact low-rank solver (N·m < n), which equals "full" without its 8192² eigendecomposition.
 
 Regression test for XLA CPU's ``copy_select_fusion`` crash on the old mirror of
 ``symmetric_gram`` (jax 0.10.2, n = 1000, 1024 segfault, 2048 hang)."""
@@ -24,6 +25,16 @@ for n in (1024, 2048, 4096):
         assert err <= 1e-4, (n, solver, err)
     jitted = np.asarray(jax.jit(lambda t: sj.swudi(t, rank_ratio=0.05, solver="topk"))(tau), np.float64)
     assert np.linalg.norm(jitted - full) / np.linalg.norm(full) <= 1e-4, n
+# the issue's own trigger: N*m > n, where "auto" picks "topk"
+tau = np.random.default_rng(0).normal(size=(3, 512, 1024)).astype(np.float32)
+full = np.asarray(sj.swudi(tau, rank_ratio=0.05, solver="full"), np.float64)
+got = np.asarray(sj.swudi(tau, rank_ratio=0.05), np.float64)
+assert np.linalg.norm(got - full) / np.linalg.norm(full) <= 1e-4
+# n = 8192: "lowrank" (exact, N*m < n) stands in for the full eigh's 8192^2 problem
+tau = np.random.default_rng(8192).normal(size=(3, 64, 8192)).astype(np.float32)
+exact = np.asarray(sj.swudi(tau, rank_ratio=0.05, solver="lowrank"), np.float64)
+got = np.asarray(sj.swudi(tau, rank_ratio=0.05, solver="topk"), np.float64)
+assert np.linalg.norm(got - exact) / np.linalg.norm(exact) <= 1e-4
 print("ok")
 """
 
