@@ -34,23 +34,23 @@ import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-import yaml
 
 from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint import mergekit_config as mk
 from swudi_jax.checkpoint.config import MergeConfig, load_config, numpy_dtype, tensor_resolver
 from swudi_jax.checkpoint.io.output import OutputSlot, check_output_target
 from swudi_jax.checkpoint.io.reader import naming_file
-from swudi_jax.checkpoint.io.side_files import copy_side_files, plan_side_files
+from swudi_jax.checkpoint.io.side_files import plan_side_files
 from swudi_jax.checkpoint.io.sources import ModelSource
+from swudi_jax.checkpoint.merge_plan import MergePlan
 from swudi_jax.checkpoint.output_checks import checked_outputs
+from swudi_jax.checkpoint.output_files import CONFIG_NAME, write_beside
 from swudi_jax.checkpoint.stream import run_overlapped, run_sequential
 from swudi_jax.maths.linalg import is_floating
 from swudi_jax.maths.validation import non_finite
@@ -59,44 +59,6 @@ from swudi_jax.model.flat import mismatch
 from swudi_jax.model.layout import LeafPlan
 from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, chunk_plans, chunk_stack, merge_group, prepare
 
-PAPER = "https://arxiv.org/abs/2606.07289"
-CONFIG_NAME = "merge_config.yaml"
-
-
-@dataclass(frozen=True)
-class MergePlan:
-    """Everything decided before compute: the config, each tensor's plan and the groups."""
-
-    config: MergeConfig
-    layout: str
-    in_format: str
-    out_format: str
-    plans: tuple[LeafPlan, ...]
-    groups: tuple[tuple[LeafPlan, ...], ...]
-    out_dtypes: Mapping[str, np.dtype]
-
-    def describe(self) -> str:
-        """A table: each tensor, its shape and dtype, its kind, what merges it, and its group."""
-        method = self.config.merge_method
-        is_elementwise = self.config.method.spec.kind == "elementwise"
-        rows = [("tensor", "shape", "dtype", "kind", "method", "group")]
-        for g, group in enumerate(self.groups):
-            for p in group:
-                how = {"linear": method, "mean": method if is_elementwise else "mean",
-                       "keep": "base", "passthrough": "copy"}[p.kind]
-                rows.append((p.path, "x".join(map(str, p.shape)) or "scalar", str(np.dtype(p.dtype)), p.kind, how, str(g)))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        counts = {k: sum(p.kind == k for p in self.plans) for k in ("linear", "mean", "keep", "passthrough")}
-        summary = (f"{len(self.plans)} tensors in {len(self.groups)} groups "
-                   f"({', '.join(f'{v} {k}' for k, v in counts.items())}); method {method}, layout {self.layout}, "
-                   f"{self.in_format} -> {self.out_format}, largest group {self.largest_group_bytes():,} bytes "
-                   f"x {len(self.config.models) + 1} models")
-        notes = [f"note: {n}" for n in self.config.notes]
-        return "\n".join(lines + ["", summary] + notes)
-
-    def largest_group_bytes(self) -> int:
-        return max((sum(p.nbytes for p in g) for g in self.groups), default=0)
 
 
 def _open(path, fmt: str, who: str) -> ckio.CheckpointReader:
@@ -236,84 +198,6 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="group", file=sys.stderr, leave=False)
 
 
-def _library_name(side_files: Sequence[str], out_format: str) -> str:
-    """The Hub's ``library_name``: what loads the folder (sentence-transformers, transformers, else swudi_jax)."""
-    if "modules.json" in side_files or "config_sentence_transformers.json" in side_files:
-        return "sentence-transformers"
-    if out_format == "safetensors" and "config.json" in side_files:
-        return "transformers"
-    return "swudi_jax"
-
-
-def _finish_side_files(config: MergeConfig, out: Path, copy_tokenizer: bool, copied: Sequence[str]) -> list[str]:
-    """mergekit's output files: the tokenizer (``tokenizer_source``, ``--no-copy-tokenizer``), the
-    chat template, config.json's ``torch_dtype`` for ``out_dtype``. Returns the side files now in ``out``."""
-    copied = list(copied)
-    if not copy_tokenizer:
-        for item in mk.tokenizer_files(out):
-            item.unlink()
-        copied = [c for c in copied if c not in mk.TOKENIZER_FILES]
-    elif config.tokenizer_source is not None:
-        names = mk.copy_tokenizer(config.tokenizer_source, out, "tokenizer_source")
-        copied = [c for c in copied if c not in mk.TOKENIZER_FILES] + names
-    if config.chat_template is not None:
-        folders = [s.main for s in config.sources[1:]]
-        mk.write_chat_template(out, mk.resolve_chat_template(config.chat_template, folders, "chat_template"))
-        copied += [] if "tokenizer_config.json" in copied else ["tokenizer_config.json"]
-    if config.out_dtype is not None:
-        mk.set_torch_dtype(out, config.out_dtype)
-    return copied
-
-
-def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) -> str:
-    """README.md for the merged checkpoint: what was merged, how, and where the method comes from.
-
-    YAML front matter (``base_model`` as the config wrote it, ``library_name``, ``tags``);
-    checkpoint paths appear as the config wrote them, never as absolute paths of this machine.
-    """
-    c = plan.config
-    given = c.to_dict(as_given=True)
-    method = c.method.spec
-    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in given["parameters"].items()) or "| (none) | |"
-    experts = "\n".join(f"  - `{p}`" for p in given["models"])
-    counts = {k: sum(p.kind == k for p in plan.plans) for k in ("linear", "mean", "keep", "passthrough")}
-    notes = "".join(f"\n- {n}" for n in c.notes)
-    notes += "".join(f"\n- per-tensor `{k}`: `{v}`" for k, v in c.tensor_parameters.items())
-    notes += "".join(f"\n- models[{i}] parameters: `{dict(p)}`" for i, p in enumerate(c.model_parameters) if p)
-    notes += "\n" if notes else ""
-    if method.operand == "models":
-        formula = "θ = merge(θ1, …, θN), on the models' weights" + (" (with the base θ0)" if "base" in method.inputs else "")
-    else:
-        formula = f"θ = θ0 + s · merge(τ1, …, τN),\nτi = θi − θ0, with s = {scale:g}."
-    base = f"`{(c.given or {}).get('base_model') or c.base_model}`" if c.has_base else \
-        "none (the tensor layout and side files come from the first model)"
-    front = yaml.safe_dump({"base_model": given["base_model"], "library_name": _library_name(side_files, plan.out_format),
-                            "tags": ["merge", "swudi_jax", c.merge_method]}, sort_keys=False, default_flow_style=None)
-    return f"""---
-{front}---
-# Merged model ({c.merge_method})
-
-Made with swudi_jax `swudi-merge`: {formula}
-
-- **Base model:** {base}
-- **Experts ({len(c.models)}):**
-{experts}
-- **Method:** `{c.merge_method}` ({method.kind}); source: {method.source}
-- **Layout:** {plan.layout}; **tensors:** {counts['linear']} merged by the method as linear maps, {counts['mean']} by the
-  {'method' if method.kind == 'elementwise' else 'mean task vector'}, {counts['keep']} kept from the base, {counts['passthrough']} non-float copied.
-- **Format:** {plan.out_format}; **out dtype:** {c.out_dtype or 'as the base'}; **compute dtype:** {c.dtype}
-
-| parameter | value |
-|---|---|
-{params}
-{notes}
-The full resolved config is in `{CONFIG_NAME}`, checkpoint paths as the original config wrote them (relative
-ones are relative to that config's folder: re-run from there with `swudi-merge {CONFIG_NAME} OUT`).
-
-SWUDI paper: arXiv 2606.07289, {PAPER}.
-"""
-
-
 def _group_reader(plan: MergePlan, base, experts, grams, work: str, same_as_base: list[bool]):
     """``read(g)`` for the prefetch thread: group g's inputs read, checked finite on the host and
     cast to the compute dtype (and its Grams); notes in ``same_as_base`` which experts still equal the base."""
@@ -357,18 +241,6 @@ def _warn_zero_task_vectors(config: MergeConfig, same_as_base: Sequence[bool]) -
         if same:
             warnings.warn(f"models[{i}] ({config.models[i]}) equals the base model in every tensor: its task "
                           "vector is zero", stacklevel=3)
-
-
-def _write_beside(plan: MergePlan, tmp: Path, copy_tokenizer: bool, side_files: Sequence[str], scale: float) -> None:
-    """The files beside the weights: the base's side files, the tokenizer and chat template, the
-    config as written and the model card."""
-    config = plan.config
-    copied = copy_side_files(config.base_model, tmp, side_files)
-    copied = _finish_side_files(config, tmp, copy_tokenizer, copied)
-    with naming_file(tmp / CONFIG_NAME):
-        (tmp / CONFIG_NAME).write_text(config.to_yaml(as_given=True))
-    with naming_file(tmp / "README.md"):
-        (tmp / "README.md").write_text(model_card(plan, scale, copied))
 
 
 def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
@@ -443,6 +315,9 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         if timings is not None:
             timings.update(split.as_dict())
         _warn_zero_task_vectors(config, same_as_base)
-        _write_beside(plan, tmp, copy_tokenizer, side_files, resolved.scale)
+        write_beside(plan, tmp, copy_tokenizer, side_files, resolved.scale)
         slot.publish()
     return out
+
+
+__all__ = ["CONFIG_NAME", "MergePlan", "merge_checkpoints", "plan_checkpoints", "plan_merge"]

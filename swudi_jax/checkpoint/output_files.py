@@ -1,0 +1,112 @@
+"""The files a merge writes beside the weights (mergekit's output side effects): the base's side
+files, the tokenizer (``tokenizer_source``) and chat template, config.json's ``torch_dtype``, the
+config as the user wrote it and the model card with its Hub front matter."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from swudi_jax.checkpoint import mergekit_config as mk
+from swudi_jax.checkpoint.config import MergeConfig
+from swudi_jax.checkpoint.io.reader import naming_file
+from swudi_jax.checkpoint.io.side_files import copy_side_files
+from swudi_jax.checkpoint.merge_plan import MergePlan
+
+PAPER = "https://arxiv.org/abs/2606.07289"
+CONFIG_NAME = "merge_config.yaml"
+
+
+def _library_name(side_files: Sequence[str], out_format: str) -> str:
+    """The Hub's ``library_name``: what loads the folder (sentence-transformers, transformers, else swudi_jax)."""
+    if "modules.json" in side_files or "config_sentence_transformers.json" in side_files:
+        return "sentence-transformers"
+    if out_format == "safetensors" and "config.json" in side_files:
+        return "transformers"
+    return "swudi_jax"
+
+
+def _finish_side_files(config: MergeConfig, out: Path, copy_tokenizer: bool, copied: Sequence[str]) -> list[str]:
+    """mergekit's output files: the tokenizer (``tokenizer_source``, ``--no-copy-tokenizer``), the
+    chat template, config.json's ``torch_dtype`` for ``out_dtype``. Returns the side files now in ``out``."""
+    copied = list(copied)
+    if not copy_tokenizer:
+        for item in mk.tokenizer_files(out):
+            item.unlink()
+        copied = [c for c in copied if c not in mk.TOKENIZER_FILES]
+    elif config.tokenizer_source is not None:
+        names = mk.copy_tokenizer(config.tokenizer_source, out, "tokenizer_source")
+        copied = [c for c in copied if c not in mk.TOKENIZER_FILES] + names
+    if config.chat_template is not None:
+        folders = [s.main for s in config.sources[1:]]
+        mk.write_chat_template(out, mk.resolve_chat_template(config.chat_template, folders, "chat_template"))
+        copied += [] if "tokenizer_config.json" in copied else ["tokenizer_config.json"]
+    if config.out_dtype is not None:
+        mk.set_torch_dtype(out, config.out_dtype)
+    return copied
+
+
+def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) -> str:
+    """README.md for the merged checkpoint: what was merged, how, and where the method comes from.
+
+    YAML front matter (``base_model`` as the config wrote it, ``library_name``, ``tags``);
+    checkpoint paths appear as the config wrote them, never as absolute paths of this machine.
+    """
+    c = plan.config
+    given = c.to_dict(as_given=True)
+    method = c.method.spec
+    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in given["parameters"].items()) or "| (none) | |"
+    experts = "\n".join(f"  - `{p}`" for p in given["models"])
+    counts = {k: sum(p.kind == k for p in plan.plans) for k in ("linear", "mean", "keep", "passthrough")}
+    notes = "".join(f"\n- {n}" for n in c.notes)
+    notes += "".join(f"\n- per-tensor `{k}`: `{v}`" for k, v in c.tensor_parameters.items())
+    notes += "".join(f"\n- models[{i}] parameters: `{dict(p)}`" for i, p in enumerate(c.model_parameters) if p)
+    notes += "\n" if notes else ""
+    if method.operand == "models":
+        formula = "θ = merge(θ1, …, θN), on the models' weights" + (" (with the base θ0)" if "base" in method.inputs else "")
+    else:
+        formula = f"θ = θ0 + s · merge(τ1, …, τN),\nτi = θi − θ0, with s = {scale:g}."
+    base = f"`{(c.given or {}).get('base_model') or c.base_model}`" if c.has_base else \
+        "none (the tensor layout and side files come from the first model)"
+    front = yaml.safe_dump({"base_model": given["base_model"], "library_name": _library_name(side_files, plan.out_format),
+                            "tags": ["merge", "swudi_jax", c.merge_method]}, sort_keys=False, default_flow_style=None)
+    return f"""---
+{front}---
+# Merged model ({c.merge_method})
+
+Made with swudi_jax `swudi-merge`: {formula}
+
+- **Base model:** {base}
+- **Experts ({len(c.models)}):**
+{experts}
+- **Method:** `{c.merge_method}` ({method.kind}); source: {method.source}
+- **Layout:** {plan.layout}; **tensors:** {counts['linear']} merged by the method as linear maps, {counts['mean']} by the
+  {'method' if method.kind == 'elementwise' else 'mean task vector'}, {counts['keep']} kept from the base, {counts['passthrough']} non-float copied.
+- **Format:** {plan.out_format}; **out dtype:** {c.out_dtype or 'as the base'}; **compute dtype:** {c.dtype}
+
+| parameter | value |
+|---|---|
+{params}
+{notes}
+The full resolved config is in `{CONFIG_NAME}`, checkpoint paths as the original config wrote them (relative
+ones are relative to that config's folder: re-run from there with `swudi-merge {CONFIG_NAME} OUT`).
+
+SWUDI paper: arXiv 2606.07289, {PAPER}.
+"""
+
+
+def write_beside(plan: MergePlan, tmp: Path, copy_tokenizer: bool, side_files: Sequence[str], scale: float) -> None:
+    """The files beside the weights: the base's side files, the tokenizer and chat template, the
+    config as written and the model card."""
+    config = plan.config
+    copied = copy_side_files(config.base_model, tmp, side_files)
+    copied = _finish_side_files(config, tmp, copy_tokenizer, copied)
+    with naming_file(tmp / CONFIG_NAME):
+        (tmp / CONFIG_NAME).write_text(config.to_yaml(as_given=True))
+    with naming_file(tmp / "README.md"):
+        (tmp / "README.md").write_text(model_card(plan, scale, copied))
+
+
+__all__ = ["CONFIG_NAME", "PAPER", "model_card", "write_beside"]
