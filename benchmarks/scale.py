@@ -139,11 +139,12 @@ def bench_lora(cfg, repeats, rng) -> dict:
     factors = lora_factors(rng, cfg["n_experts"], cfg["m"], cfg["n"], cfg["rank"])
     b, a = check_lora_factors(factors)
     dense = jnp.einsum("kmr,krn->kmn", b, a)
-    options = tuple(sorted({"time": 1300.0, "rank_ratio": 0.65, "init": "sum"}.items()))
+    resolved = sj.resolve("swudi", {"time": 1300.0, "rank_ratio": 0.65, "init": "sum"})
+    options = tuple(sorted(resolved.options.items()))
     return side_by_side(
         f"lora: merge_lora swudi, N={cfg['n_experts']}, rank {cfg['rank']}, {cfg['m']}×{cfg['n']} "
         f"(R={cfg['n_experts'] * cfg['rank']})",
-        lambda b, a: _merge_factors(b, a, "swudi", options), functools.partial(sj.swudi, solver="full"),
+        lambda b, a: _merge_factors(b, a, resolved.spec, options), functools.partial(sj.swudi, solver="full"),
         (b, a), (dense,), repeats, {"shape": list(dense.shape)})
 
 
