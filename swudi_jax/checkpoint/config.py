@@ -61,6 +61,7 @@ import yaml
 from swudi_jax.checkpoint import mergekit_config as mk
 from swudi_jax.checkpoint.io import FORMATS, CheckpointError
 from swudi_jax.checkpoint.io.sources import ModelSource, parse_model
+from swudi_jax.checkpoint.yaml_loader import load_yaml
 from swudi_jax.methods import registry
 from swudi_jax.methods.spec import Resolved
 from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, OTHERS, LeafRules
@@ -610,7 +611,7 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     """Read and validate a YAML merge config; relative paths are taken from its directory."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"config {path}: cannot read ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
