@@ -58,4 +58,37 @@ def compute_dtype(*dtypes: Any, requested: Any = None, defined_in: Collection[st
     return np.dtype(jax.dtypes.canonicalize_dtype(wanted)) if canonical else np.dtype(wanted)
 
 
-__all__ = ["HIGHEST", "compute_dtype", "is_floating", "matmul"]
+def divide(x: jax.Array, y: jax.Array) -> jax.Array:
+    """x / y correctly rounded, as PyTorch divides: XLA rewrites a division by a broadcast
+    (a scalar, a per-row norm) into a multiplication by its reciprocal, which is off by one
+    unit in the last place for some entries; the broadcast divisor is hidden behind an
+    optimization barrier so that every entry is divided."""
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    shape = jnp.broadcast_shapes(x.shape, y.shape)
+    if y.shape != shape:
+        y = jax.lax.optimization_barrier(jnp.broadcast_to(y, shape))
+    return x / y
+
+
+def round_to(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x`` rounded to the precision of ``dtype`` (nearest, ties to even), kept in x's dtype;
+    the identity unless ``dtype`` is bfloat16 or float16.
+
+    PyTorch computes each half-precision operation in float32 and rounds its result; XLA may
+    keep excess precision between fused operations (and may drop a convert pair), so where a
+    result depends on that rounding it is made explicit: ``lax.reduce_precision``, which
+    XLA never removes, and for float16 its subnormals (|x| < 2⁻¹⁴, multiples of 2⁻²⁴, which
+    ``reduce_precision`` would flush to zero) by rounding x·2²⁴ to an integer.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return x
+    info = jnp.finfo(dtype)
+    rounded = jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    if dtype == jnp.dtype(jnp.float16):
+        tiny = float(info.smallest_subnormal)
+        rounded = jnp.where(jnp.abs(x) < float(info.smallest_normal), jnp.round(x / tiny) * tiny, rounded)
+    return rounded
+
+
+__all__ = ["HIGHEST", "compute_dtype", "divide", "is_floating", "matmul", "round_to"]

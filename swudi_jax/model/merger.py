@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swudi_jax.maths.linalg import compute_dtype, is_floating
+from swudi_jax.maths.linalg import compute_dtype, is_floating, round_to
 from swudi_jax.maths.validation import check_choice, check_finite
 from swudi_jax.methods.registry import DEFAULT_METHOD, resolve
 from swudi_jax.methods.spec import CHUNK_LEAVES, ChunkSource, MethodSpec, Resolved
@@ -169,16 +169,6 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def _rounded(x: jax.Array) -> jax.Array:
-    """x rounded to its own dtype: a half-precision difference is computed in float32 by XLA
-    and may keep that excess precision in later fused operations; PyTorch (mergekit) rounds
-    each operation's result, so the task vectors are rounded explicitly."""
-    if x.dtype in (jnp.bfloat16, jnp.float16):
-        info = jnp.finfo(x.dtype)
-        return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-    return x
-
-
 def over_layers(fn, array_axes: tuple):
     """``fn`` over the leading (layer) axis of (x, base, *arrays): ``jax.vmap``, or for a group of
     one layer a plain call (XLA CPU runs a batch of one 10–15% slower than the unbatched op)."""
@@ -213,7 +203,7 @@ def _group_fn(method: MethodSpec, apply_method: bool, static: tuple, array_names
         models = experts.astype(dtype)
         if apply_method and on_models:  # the method returns the merged weights themselves
             return over_layers(one, array_axes)(models, base_w, *arrays).astype(base.dtype)
-        tau = _rounded(models - base_w[:, None])
+        tau = round_to(models - base_w[:, None], dtype)  # PyTorch rounds the difference
         if apply_method:
             merged = over_layers(one, array_axes)(tau, base_w, *arrays)
         else:  # the mean task vector, of the weighted ones when the method has per-expert weights
