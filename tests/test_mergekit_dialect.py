@@ -95,6 +95,36 @@ def test_bf16_spectral_merge_is_the_float32_merge_rounded_once(tmp_path, capsys)
     assert json.loads((tmp_path / "bf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
+def test_dtype_omitted_computes_in_the_stored_dtype_and_float32_is_the_precise_option(tmp_path):
+    """mergekit's rule: no ``dtype`` computes bf16 checkpoints in bf16 (the same merge as
+    ``dtype: bfloat16``); ``dtype: float32`` with ``out_dtype: bfloat16`` computes in float32
+    and rounds once; the spectral methods compute in float32 either way."""
+    bf = family(tmp_path, n_experts=2, seed=4, dtype=ml_dtypes.bfloat16)
+    ties = {"models": [{"model": "e0", "parameters": {"weight": 0.7, "density": 0.5}},
+                       {"model": "e1", "parameters": {"weight": 0.6, "density": 0.7}}],
+            "base_model": "base", "merge_method": "ties"}
+    stored = run(tmp_path, ties, "stored")
+    asked = run(tmp_path, {**ties, "dtype": "bfloat16"}, "asked")
+    precise = run(tmp_path, {**ties, "dtype": "float32", "out_dtype": "bfloat16"}, "precise")
+    as32 = {k: {n: np.asarray(v, np.float32) for n, v in flat.items()} for k, flat in bf.items()}
+    want32 = sj.merge(as32["base"], [as32["e0"], as32["e1"]], "ties", layout="torch", weight=[0.7, 0.6],
+                      density=[0.5, 0.7])
+    want16 = sj.merge(bf["base"], [bf["e0"], bf["e1"]], "ties", layout="torch", weight=[0.7, 0.6], density=[0.5, 0.7])
+    differ = 0
+    for name in bf["base"]:
+        assert stored[name].dtype == precise[name].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(stored[name], asked[name], err_msg=name)
+        np.testing.assert_array_equal(stored[name], np.asarray(want16[name]), err_msg=name)  # the API's rule too
+        np.testing.assert_array_equal(precise[name], np.asarray(want32[name]).astype(ml_dtypes.bfloat16), err_msg=name)
+        differ += int(np.any(stored[name] != precise[name]))
+    assert differ > 0  # bf16 arithmetic rounds per operation: not the float32 result rounded once
+    spectral = {"models": ["e0", "e1"], "base_model": "base", "merge_method": "swudi", "parameters": {"time": 50.0}}
+    got = run(tmp_path, spectral, "spectral")
+    want = sj.merge(as32["base"], [as32["e0"], as32["e1"]], "swudi", layout="torch", time=50.0)
+    for name in bf["base"]:
+        np.testing.assert_array_equal(got[name], np.asarray(want[name]).astype(ml_dtypes.bfloat16), err_msg=name)
+
+
 def test_mixed_dtype_inputs_are_cast_and_out_dtype_sets_torch_dtype(tmp_path):
     rng = np.random.default_rng(3)
     base = llama(rng)

@@ -24,7 +24,9 @@ Example::
     multi_device: auto                 # split big spectral layers' rows over all devices: auto, true, false
     layout: auto                       # torch (HF, weight is (out, in)), flax (kernel is (in, out)), or auto:
                                        # from the names (kernel: flax, weight: torch), else safetensors: torch
-    dtype: float32                     # compute dtype (float64 turns on jax_enable_x64)
+    dtype: null                        # compute dtype (null: mergekit's rule, the stored dtype for
+                                       # its methods, float32 for the spectral ones; float64 turns
+                                       # on jax_enable_x64)
     out_dtype: null                    # null keeps each tensor's base dtype
     format: auto                       # input format; out_format defaults to it
     out_format: auto
@@ -110,7 +112,7 @@ class MergeConfig:
     scan_axis: int = 0
     multi_device: bool | str = "auto"
     layout: str = "auto"
-    dtype: str = "float32"
+    dtype: str | None = None               # None: mergekit's rule (the stored dtype, where the method is defined in it)
     out_dtype: str | None = None
     format: str = "auto"
     out_format: str = "auto"
@@ -488,8 +490,8 @@ def _method_settings(raw, method, options, base_dir: Path, name: str, notes: lis
         raise ConfigError(f"{name}: merge method {method.name!r} needs per-layer input Grams: set `grams` to a "
                           "checkpoint holding, for each linear weight path, an (N, n, n) array of the experts' input "
                           "Grams")
-    dtype = _choice(raw.get("dtype", "float32"), COMPUTE_DTYPES, f"{name}: `dtype`")
-    if method.work_dtype(dtype) != dtype:
+    dtype = raw.get("dtype")
+    if dtype is not None and _choice(dtype, COMPUTE_DTYPES, f"{name}: `dtype`") and method.work_dtype(dtype) != dtype:
         notes.append(f"{method.name} computes in {method.work_dtype(dtype)}, not {dtype} (it is defined in "
                      f"{'/'.join(method.compute_dtypes)} only)")
     out_dtype = raw.get("out_dtype")

@@ -84,7 +84,7 @@ Made with swudi_jax `swudi-merge`: {formula}
 - **Method:** `{c.merge_method}` ({method.kind}); source: {method.source}
 - **Layout:** {plan.layout}; **tensors:** {counts['linear']} merged by the method as linear maps, {counts['mean']} by the
   {'method' if method.kind == 'elementwise' else 'mean task vector'}, {counts['keep']} kept from the base, {counts['passthrough']} non-float copied.
-- **Format:** {plan.out_format}; **out dtype:** {c.out_dtype or 'as the base'}; **compute dtype:** {c.dtype}
+- **Format:** {plan.out_format}; **out dtype:** {c.out_dtype or 'as the base'}; **compute dtype:** {c.dtype or 'as stored'}
 
 | parameter | value |
 |---|---|

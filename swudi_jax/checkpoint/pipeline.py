@@ -167,8 +167,11 @@ def plan_checkpoints(config: MergeConfig | str | os.PathLike, *,
         return plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
 
 
-def _compute(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
-    """Floating arrays cast to the compute dtype (mixed-dtype inputs meet in it); others as read."""
+def _compute(arrays: dict[str, np.ndarray], dtype: str | None) -> dict[str, np.ndarray]:
+    """Floating arrays cast to the compute dtype (mixed-dtype inputs meet in it); others as read.
+    None (no ``dtype`` in the config): as stored; the merge promotes them per group."""
+    if dtype is None:
+        return arrays
     target = numpy_dtype(dtype)
     return {k: a.astype(target, copy=False) if is_floating(a.dtype) else a for k, a in arrays.items()}
 
@@ -275,7 +278,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     out = check_output_target(out, protected=[config.source, config.base_model, *config.models, *inputs, config.grams,
                                               config.tokenizer_source], force=force)
     method = config.method.spec
-    work = method.work_dtype(config.dtype)
+    work = None if config.dtype is None else method.work_dtype(config.dtype)
     if work == "float64":
         jax.config.update("jax_enable_x64", True)
     if dry_run:
@@ -283,6 +286,8 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         return out
     with OutputSlot(out, force=force) as slot, _opened(config) as (base, experts, grams):
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
+        if work is None and any(np.dtype(d) == np.float64 for r in (base, *experts) for _, d in _signature(r).values()):
+            jax.config.update("jax_enable_x64", True)  # stored float64 computes in float64, as mergekit's
         side_files = plan_side_files(config.base_model)
         resolved = prepare(config.method, _model_chunks(plan, base, experts, progress))
         metadata = getattr(base, "metadata", None) or None

@@ -40,11 +40,14 @@ def compute_dtype(*dtypes: Any, requested: Any = None, defined_in: Collection[st
     Args:
       *dtypes: the inputs' dtypes; with nothing ``requested`` the result is their promotion
         with float32: float64 stays float64, every narrower float (bfloat16, float16, float8)
-        and every integer computes in float32.
+        and every integer computes in float32 — except for a method defined in the inputs'
+        own promoted dtype (``defined_in`` holds it: mergekit's methods), which computes in
+        it, as mergekit computes in the stored dtype when its config names none.
       requested: a dtype (or its name) the merge asks for (``merge(dtype=…)``, a config's
         ``dtype``); it replaces the inputs' rule.
       defined_in: the dtype names the method is defined in (:attr:`MethodSpec.compute_dtypes`);
-        a request outside them computes in float32. None: any.
+        a request outside them computes in float32. None: any request, and the float32 rule
+        for the inputs.
       canonical: as JAX runs it: float64 becomes float32 unless ``jax_enable_x64`` is on.
         False gives the dtype asked for (to decide whether x64 must be turned on).
     """
@@ -52,6 +55,9 @@ def compute_dtype(*dtypes: Any, requested: Any = None, defined_in: Collection[st
         wanted = jnp.dtype(requested)
         if defined_in is not None and wanted.name not in defined_in:
             wanted = jnp.dtype(jnp.float32)
+    elif defined_in is not None and dtypes and all(is_floating(d) for d in dtypes) \
+            and (stored := jnp.dtype(functools.reduce(jnp.promote_types, dtypes))).name in defined_in:
+        wanted = stored
     else:
         narrow = [jnp.float32 if is_floating(d) and np.dtype(d).itemsize < 4 else d for d in dtypes]  # float8 too
         wanted = functools.reduce(jnp.promote_types, narrow, jnp.dtype(jnp.float32))

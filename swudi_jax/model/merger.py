@@ -408,7 +408,7 @@ def _run_group(resolved: Resolved, plans, base, experts, apply_method: bool, fla
         arrays, names, axes = _mean_inputs(resolved, plans, n_experts, flat, size, tensor_options)
     static = {k: v for k, v in resolved.options.items()
               if not (k in method.array_options and v is not None) and k not in names}
-    work = compute_dtype(base.dtype, requested=dtype, defined_in=method.compute_dtypes)
+    work = compute_dtype(base.dtype, experts.dtype, requested=dtype, defined_in=method.compute_dtypes)
     fn = _group_fn(method, apply_method, _hashable(static), tuple(names), tuple(axes), work, has_base)
     return fn(base, experts, resolved.scale, *arrays)
 
@@ -445,8 +445,10 @@ def merge_group(
         (:func:`swudi_jax.scale.sharding.merge_sharded`), False never, "auto" when more than
         one device exists and a layer's task vectors reach ``sharding.DEFAULT_SHARD_BYTES``.
       tensor_options: per-tensor values of the method's varying options (:data:`TensorOptions`).
-      dtype: the compute dtype asked for (None: float32, float64 for float64 inputs); a method
-        not defined in it computes in float32 (:func:`~swudi_jax.maths.linalg.compute_dtype`).
+      dtype: the compute dtype asked for (None: the inputs' own dtype for a method defined in
+        it, as mergekit computes in the stored dtype; else float32, float64 for float64
+        inputs); a method not defined in a requested dtype computes in float32
+        (:func:`~swudi_jax.maths.linalg.compute_dtype`).
       has_base: False when the merge has no base model (methods whose ``base`` is "optional"
         or "joins"); ``base_arrays`` then only give the shapes and dtypes (pass any model's).
       pad_to: pad the stacked axis to this size (:func:`swudi_jax.model.batching.padded_sizes`)
@@ -561,7 +563,8 @@ def merge(
       tensor_options: per-tensor values of the method's varying options, ``(path, layer) ->
         {option: value}`` (see :func:`merge_group`); per-expert options such as ``weight``
         may also be given once as a list of N values.
-      dtype: the compute dtype (None: float32, float64 for float64 inputs; see :func:`merge_group`).
+      dtype: the compute dtype (None: the inputs' own dtype for mergekit's methods, else float32,
+        float64 for float64 inputs; see :func:`merge_group`).
       **options: the method's options (e.g. ``time``, ``rank_ratio`` for SWUDI;
         ``density``, ``trim`` for TIES; ``drop``, ``seed`` for DARE).
     Returns:
