@@ -170,10 +170,10 @@ def test_base_among_models_duplicates_and_experts_equal_to_the_base_warn(models,
     ({"slices": [{"sources": [{"model": "e0", "layer_range": [0, 2]}]},
                  {"sources": [{"model": "e1", "layer_range": [1, 3]}]}], "merge_method": "passthrough"},
      r"slices that select, repeat or stack layers .* not supported"),
-    ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties", "tokenizer_source": "union"},
-     r"tokenizer_source 'union' is not supported: it builds a new vocabulary"),
-    ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties", "chat_template": "chatml"},
-     r"'chatml' names one of mergekit's bundled templates"),
+    ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties", "chat_template": "chatm"},
+     r"'chatm' is neither a bundled template \(alpaca, chatml, exaone, llama3, mistral, zephyr\)"),
+    ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties", "tokenizer_source": "union",
+      "tokenizer": {"source": "union"}}, r"give `tokenizer_source` or `tokenizer`, not both"),
     ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties",
       "parameters": {"normalize": [{"filter": "mlp", "value": False}]}}, r"`parameters.normalize` must be one value"),
     ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties",
@@ -209,13 +209,17 @@ def test_tokenizer_source_chat_template_and_the_resolved_config(models, tmp_path
               "base_model": "base", "merge_method": "ties", "parameters": {"density": 0.6},
               "tokenizer_source": "e1t", "chat_template": "auto"}
     run(root, config, "tok")
-    assert json.loads((root / "tok" / "tokenizer.json").read_text()) == {"name": "e1"}
-    assert json.loads((root / "tok" / "tokenizer_config.json").read_text())["chat_template"] == "{{ messages }}"
+    assert (root / "tok" / "tokenizer.json").read_text() == (root / "e1t" / "tokenizer.json").read_text()
+    assert json.loads((root / "tok" / "tokenizer_config.json").read_text()) == {"chat_template": "{{ messages }}"}
     # merge_config.yaml keeps the paths as the config wrote them (relative to the config's folder)
     again = parse_config(yaml.safe_load((root / "tok" / "merge_config.yaml").read_text()), base_dir=root)
     assert again.model_parameters == ({"weight": 0.5, "density": [0.2, 0.9]}, {"weight": 0.5})
     assert again.parameters["density"] == 0.6
-    assert main([str(root / "tok.yaml"), str(tmp_path / "plain"), "--no-copy-tokenizer", "--no-progress"]) == 0
+    # mergekit saves the tokenizer it builds for a tokenizer_source whatever --no-copy-tokenizer says
+    assert main([str(root / "tok.yaml"), str(tmp_path / "built"), "--no-copy-tokenizer", "--no-progress"]) == 0
+    assert (tmp_path / "built" / "tokenizer.json").exists()
+    plain = write(root, "plain", {k: v for k, v in config.items() if k not in ("tokenizer_source", "chat_template")})
+    assert main([str(plain), str(tmp_path / "plain"), "--no-copy-tokenizer", "--no-progress"]) == 0
     assert not (tmp_path / "plain" / "tokenizer.json").exists()
 
 

@@ -32,8 +32,10 @@ Example::
     out_format: auto
     out_shard_size: 5B                 # per safetensors shard: parameters ("5B" = 5 billion, "500M")
                                        # or bytes ("5GB", "2GiB", an int)
-    tokenizer_source: base             # base, or a model path whose tokenizer files OUT gets
-    chat_template: auto                # auto (the models' own) or Jinja text, set in tokenizer_config.json
+    tokenizer_source: base             # base, union, or a model path (mergekit's vocabulary: the
+                                       # embedding and head rows follow it); or the tokenizer: block
+    chat_template: auto                # a name (chatml, llama3, alpaca, mistral, zephyr, exaone), auto
+                                       # (the models' own) or Jinja text, set in tokenizer_config.json
 
 mergekit's schema is accepted as mergekit writes it (see :mod:`swudi_jax.checkpoint.mergekit_config`):
 per-model ``parameters`` in ``models:`` entries, values that vary per tensor (conditional
@@ -61,6 +63,7 @@ import numpy as np
 import yaml
 
 from swudi_jax.checkpoint import mergekit_config as mk
+from swudi_jax.checkpoint import vocabulary as voc
 from swudi_jax.checkpoint.io import FORMATS, CheckpointError
 from swudi_jax.checkpoint.io.sources import ModelSource, parse_model
 from swudi_jax.checkpoint.yaml_loader import load_yaml
@@ -125,13 +128,15 @@ class MergeConfig:
     model_parameters: tuple[Mapping[str, Any], ...] = ()  # per expert: its own mergekit `parameters`
     tensor_parameters: Mapping[str, Any] = field(default_factory=dict)  # global settings that vary per tensor
     layer_range: tuple[int, int] | None = None  # a one-slice `slices:` config's range (the whole model)
-    tokenizer_source: Path | None = None   # a model folder whose tokenizer files replace the base's
+    tokenizer_source: Path | None = None   # a model folder whose tokenizer the output takes
+    tokenizer: voc.TokenizerSpec | None = None  # tokenizer_source / tokenizer: (base, union, a folder; tokens)
+    listed: tuple[ModelSource, ...] = ()   # the models as the config lists them (mergekit's order)
     chat_template: str | None = None       # template text for tokenizer_config.json
     out_shard_unit: str = "bytes"          # out_shard_size counts "bytes" or "parameters"
     notes: tuple[str, ...] = ()            # what the config's mergekit settings mean here (printed, in the card)
     given: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
     """The checkpoint entries as written in the config (``base_model``, ``models``, ``grams``,
-    ``tokenizer_source``), ``models`` in the order of the resolved experts."""
+    ``tokenizer_source`` or ``tokenizer``), ``models`` in the order of the resolved experts."""
     method: Resolved | None = field(default=None, compare=False, repr=False)
     """The method resolved once by the parser (spec, options, scale): what the pipeline runs;
     nothing below looks it up by name again, so an unregistered spec merges from disk too."""
@@ -151,7 +156,7 @@ class MergeConfig:
         """
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         for key in ("source", "sources", "given", "notes", "has_base", "model_parameters", "tensor_parameters",
-                    "layer_range", "out_shard_unit", "method"):
+                    "layer_range", "out_shard_unit", "method", "tokenizer", "listed", "tokenizer_source"):
             out.pop(key)
         for key, value in out.items():
             if isinstance(value, Path):
@@ -164,6 +169,11 @@ class MergeConfig:
         if self.sources:  # entries that re-resolve to the same inputs (adapters, steps, pinned Hub ids)
             out["base_model"] = self.sources[0].spec()
             out["models"] = [s.spec() for s in self.sources[1:]]
+        if self.tokenizer is not None:  # as written: base, union, a path, or the tokenizer: block
+            written = {k: _plain(v) for k, v in self.tokenizer.given.items()}
+            if "tokenizer_source" in written and isinstance(self.tokenizer.source, Path):
+                written["tokenizer_source"] = str(self.tokenizer.source)
+            out.update(written)
         if as_given and self.given:
             out.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.given.items()})
         if not self.has_base or self.method.spec.base == "joins":
@@ -316,26 +326,12 @@ def _leaves(value: Any) -> list[Any]:
     return [] if value is None else [value]
 
 
-def _tokenizer_source(raw: Mapping[str, Any], base_dir: Path, name: str) -> tuple[str | None, Any]:
-    value = raw.get("tokenizer_source")
-    tokenizer = raw.get("tokenizer")
-    if tokenizer is not None:
-        if not isinstance(tokenizer, Mapping) or set(tokenizer) - {"source"}:
-            raise ConfigError(f"{name}: `tokenizer` takes only `source` here (mergekit's `tokens` and "
-                              f"`pad_to_multiple_of` edit the vocabulary and resize embeddings: not supported), "
-                              f"got {tokenizer!r}")
-        if value is not None:
-            raise ConfigError(f"{name}: give `tokenizer_source` or `tokenizer.source`, not both")
-        value = tokenizer.get("source")
-    if value is None or value == "base":
-        return value, None
-    if value == "union":
-        raise ConfigError(f"{name}: tokenizer_source 'union' is not supported: it builds a new vocabulary from all "
-                          "models and re-indexes each model's embedding and head rows before merging, which needs "
-                          "the tokenizers' token maps and changes tensor shapes; use 'base' or one model's path")
-    if isinstance(value, Mapping) or not isinstance(value, str):
-        raise ConfigError(f"{name}: `tokenizer_source` must be 'base', 'union' or a model path, got {value!r}")
-    return value, _path(value, base_dir, f"{name}: `tokenizer_source`")
+def _tokenizer(raw: Mapping[str, Any], base_dir: Path, name: str) -> voc.TokenizerSpec | None:
+    """``tokenizer_source`` / ``tokenizer:`` as mergekit reads them (:func:`~swudi_jax.checkpoint.vocabulary.parse_tokenizer`)."""
+    try:
+        return voc.parse_tokenizer(raw, lambda value, where: _path(value, base_dir, where), name)
+    except voc.VocabularyError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_top_level(raw: Any, name: str, overrides: Mapping[str, Any] | None):
@@ -508,19 +504,18 @@ def _structure_and_outputs(raw, base_dir: Path, name: str, base_source):
     scan_axis = raw.get("scan_axis", 0)
     if isinstance(scan_axis, bool) or not isinstance(scan_axis, int):
         raise ConfigError(f"{name}: `scan_axis` must be an integer, got {scan_axis!r}")
-    tokenizer_value, tokenizer_path = _tokenizer_source(raw, base_dir, name)
-    if tokenizer_value == "base" and base_source is None:
-        raise ConfigError(f"{name}: tokenizer_source 'base' needs a base_model")
+    tokenizer = _tokenizer(raw, base_dir, name)
     chat_template = raw.get("chat_template")
     if chat_template is not None:
         if not isinstance(chat_template, str):
-            raise ConfigError(f"{name}: `chat_template` must be 'auto' or Jinja template text, got {chat_template!r}")
-        if chat_template != "auto" and not mk.is_template_text(chat_template):
+            raise ConfigError(f"{name}: `chat_template` must be a template name, 'auto' or Jinja template text, "
+                              f"got {chat_template!r}")
+        if chat_template != "auto":
             try:
                 mk.resolve_chat_template(chat_template, (), f"{name}: `chat_template`")
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-    return input_axes, scan_axis, tokenizer_value, tokenizer_path, chat_template
+    return input_axes, scan_axis, tokenizer, chat_template
 
 
 def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | os.PathLike | None = None,
@@ -542,6 +537,7 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         raise ConfigError(f"{name}: `base_model` is required by merge method {method.name!r}")
     entries = [_split_entry(m, f"{name}: `models[{i}]`") for i, m in enumerate(models)]
     base_source, expert_sources = _sources(raw, entries, base_dir, name)
+    listed = list(expert_sources)
     model_params = [p for _, p in entries]
     given_models = [_given(m) for m, _ in entries]
     _place_base(raw, method, name, base_source, expert_sources, model_params, given_models, notes)
@@ -549,13 +545,13 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
     options, tensor_settings = _split_parameters(method, global_params, model_params, name)
     _check_joined_weight(method, base_source, expert_sources, model_params, options, tensor_settings, name)
     resolved, grams, dtype, out_dtype = _method_settings(raw, method, options, base_dir, name, notes)
-    input_axes, scan_axis, tokenizer_value, tokenizer_path, chat_template = _structure_and_outputs(
+    input_axes, scan_axis, tokenizer, chat_template = _structure_and_outputs(
         raw, base_dir, name, base_source)
     shard = parse_shard_size(raw.get("out_shard_size", DEFAULT_SHARD_SIZE), f"{name}: `out_shard_size`")
     reference = base_source if base_source is not None else expert_sources[0]
     given = {"base_model": _given(raw["base_model"]) if base_source is not None else None, "models": given_models,
              **({} if grams is None else {"grams": _given(raw["grams"])}),
-             **({} if tokenizer_path is None else {"tokenizer_source": _given(tokenizer_value)})}
+             **({} if tokenizer is None else {k: _plain(v) for k, v in tokenizer.given.items()})}
     sources = (reference, *expert_sources)
     config = MergeConfig(
         base_model=reference.path,
@@ -585,7 +581,9 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         model_parameters=tuple(model_params),
         tensor_parameters=tensor_settings,
         layer_range=layer_range,
-        tokenizer_source=tokenizer_path,
+        tokenizer_source=tokenizer.source if tokenizer is not None and isinstance(tokenizer.source, Path) else None,
+        tokenizer=tokenizer,
+        listed=tuple(listed),
         chat_template=chat_template,
         out_shard_unit=shard.unit,
         notes=tuple(notes),

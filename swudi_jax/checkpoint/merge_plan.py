@@ -1,11 +1,13 @@
 """What a checkpoint merge decided before compute: :class:`MergePlan` (the config, every
-tensor's :class:`~swudi_jax.model.layout.LeafPlan`, the compile groups, the output dtypes),
+tensor's :class:`~swudi_jax.model.layout.LeafPlan`, the compile groups, the output dtypes, the
+output vocabulary),
 read by the pipeline and by the files written beside the weights."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +26,7 @@ class MergePlan:
     plans: tuple[LeafPlan, ...]
     groups: tuple[tuple[LeafPlan, ...], ...]
     out_dtypes: Mapping[str, np.dtype]
+    vocabulary: Any = None  # the output vocabulary (:class:`~swudi_jax.checkpoint.vocabulary.Vocabulary`), if built
 
     def describe(self) -> str:
         """A table: each tensor, its shape and dtype, its kind, what merges it, and its group."""
@@ -43,6 +46,10 @@ class MergePlan:
                    f"{self.in_format} -> {self.out_format}, largest group {self.largest_group_bytes():,} bytes "
                    f"x {len(self.config.models) + 1} models")
         notes = [f"note: {n}" for n in self.config.notes]
+        if self.vocabulary is not None:
+            v = self.vocabulary
+            notes.append(f"note: output vocabulary of {len(v.vocab)} tokens ({v.rows} rows); embedding and head rows "
+                         + ("kept as they are" if v.identity else "re-indexed to it, as mergekit"))
         return "\n".join(lines + ["", summary] + notes)
 
     def largest_group_bytes(self) -> int:

@@ -31,6 +31,7 @@ failure or interrupt before the move removes the temporary directory: OUT is eit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import warnings
@@ -43,6 +44,7 @@ import numpy as np
 
 from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint import mergekit_config as mk
+from swudi_jax.checkpoint import vocabulary as voc
 from swudi_jax.checkpoint.config import MergeConfig, load_config, numpy_dtype, tensor_resolver
 from swudi_jax.checkpoint.io.output import OutputSlot, check_output_target
 from swudi_jax.checkpoint.io.reader import naming_file
@@ -52,6 +54,7 @@ from swudi_jax.checkpoint.merge_plan import MergePlan
 from swudi_jax.checkpoint.output_checks import checked_outputs
 from swudi_jax.checkpoint.output_files import CONFIG_NAME, write_beside
 from swudi_jax.checkpoint.stream import run_overlapped, run_sequential
+from swudi_jax.checkpoint.vocab_rows import VocabularyReaders
 from swudi_jax.maths.linalg import is_floating
 from swudi_jax.maths.validation import non_finite
 from swudi_jax.model.batching import compile_groups, padded_sizes
@@ -121,6 +124,32 @@ def _read_group(reader: ckio.CheckpointReader, keys: Sequence[str]) -> dict[str,
     return arrays
 
 
+def _vocabulary_views(config: MergeConfig, readers: list) -> list:
+    """The readers with their vocabulary tensors re-indexed to the output vocabulary
+    (:mod:`swudi_jax.checkpoint.vocab_rows`); the models keyed by their resolved sources."""
+    name = f"config {config.source}" if config.source else "config"
+    slots = list(config.sources or ())
+    listed = list(dict.fromkeys(config.listed or slots[1:]))
+    base = slots[0] if config.has_base else listed[0]
+    order = listed + ([base] if base not in listed else [])
+    folders = {key: key.path for key in order}
+    spec = config.tokenizer
+    if spec.tokens:  # a `tokens:` source names a model by its folder: the merge's key for it
+        by_folder = {key.path.resolve(): key for key in order}
+        spec = dataclasses.replace(spec, tokens={t: dataclasses.replace(s, model=by_folder.get(Path(s.model).resolve(),
+                                                                                               s.model))
+                                                 if s.model is not None else s for t, s in spec.tokens.items()})
+    try:
+        vocab = voc.build_vocabulary(spec, base, folders, name, base_given=config.has_base)
+        dtype = None if config.dtype is None else numpy_dtype(config.dtype)
+        views = VocabularyReaders(readers, slots, order, base if config.has_base else None, vocab, dtype, name)
+        for reader in readers:
+            views.check_others(reader, sorted(set(vocab.limits.values())))
+    except voc.VocabularyError as exc:
+        raise ckio.CheckpointError(str(exc)) from None
+    return views.views
+
+
 @contextlib.contextmanager
 def _opened(config: MergeConfig) -> Iterator[tuple[ckio.CheckpointReader, list[ckio.CheckpointReader], Any]]:
     readers: list[ckio.CheckpointReader] = []
@@ -129,11 +158,14 @@ def _opened(config: MergeConfig) -> Iterator[tuple[ckio.CheckpointReader, list[c
         readers.append(_open(sources[0], config.format, "base_model"))
         for i, path in enumerate(sources[1:]):
             readers.append(_open(path, config.format, f"models[{i}]"))
+        models = readers[:1 + len(config.models)]
+        if config.tokenizer is not None:
+            models = _vocabulary_views(config, models)
         grams = None
         if config.grams is not None:
             grams = _open(config.grams, "auto", "grams")
             readers.append(grams)
-        yield readers[0], readers[1:1 + len(config.models)], grams
+        yield models[0], models[1:], grams
     finally:
         for reader in readers:
             reader.close()
@@ -155,7 +187,8 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
     for p in plans:
         floating = p.kind != "passthrough"
         out_dtypes[p.path] = numpy_dtype(config.out_dtype) if (config.out_dtype and floating) else np.dtype(p.dtype)
-    return MergePlan(config, rules.layout, base.format, out_format, tuple(plans), tuple(tuple(g) for g in groups), out_dtypes)
+    return MergePlan(config, rules.layout, base.format, out_format, tuple(plans), tuple(tuple(g) for g in groups), out_dtypes,
+                     getattr(base, "vocabulary", None))
 
 
 def plan_checkpoints(config: MergeConfig | str | os.PathLike, *,
