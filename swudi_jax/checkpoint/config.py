@@ -406,9 +406,9 @@ def _place_base(raw, method, name: str, base_source, expert_sources: list, model
                           "vector would shrink the others' mean): left out of the experts", stacklevel=3)
             del expert_sources[index], model_params[index], given_models[index]
     elif base_source is not None and method.base == "joins":
-        expert_sources.insert(0, base_source)  # mergekit adds a configured base to the inputs
-        model_params.insert(0, {})
-        given_models.insert(0, _given(raw["base_model"]))
+        expert_sources.append(base_source)  # mergekit appends a configured base to the inputs (their sums' order)
+        model_params.append({})
+        given_models.append(_given(raw["base_model"]))
         notes.append(f"base_model joins {method.name}'s inputs (mergekit adds it to the models)")
     elif base_source is not None and method.base == "unused":
         notes.append(f"base_model is not used by {method.name}")
