@@ -19,7 +19,7 @@ Example::
     head_patterns: null                # output heads, never merged spectrally (null: ["lm_head*"])
     others: mean                       # other float tensors: mean task vector, or keep the base
     input_axes: null                   # {pattern: leading input axes} of Flax DenseGeneral kernels
-    scan_patterns: null                # tensors with a layer axis (Flax nn.scan stacks) ...
+    scan_patterns: null                # tensors with a layer axis (Flax nn.scan stacks; null: detected and warned, []: none) ...
     scan_axis: 0                       # ... on this axis
     multi_device: auto                 # split big spectral layers' rows over all devices: auto, true, false
     layout: auto                       # torch (HF, weight is (out, in)), flax (kernel is (in, out)), or auto:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from swudi_jax.checkpoint.config import MergeConfig
-from swudi_jax.model.layout import LeafPlan
+from swudi_jax.model.layout import LeafPlan, describe_groups
 
 
 @dataclass(frozen=True)
@@ -24,25 +24,18 @@ class MergePlan:
     plans: tuple[LeafPlan, ...]
     groups: tuple[tuple[LeafPlan, ...], ...]
     out_dtypes: Mapping[str, np.dtype]
+    guesses: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """A table: each tensor, its shape and dtype, its kind, what merges it, and its group."""
         method = self.config.merge_method
-        is_elementwise = self.config.method.spec.kind == "elementwise"
-        rows = [("tensor", "shape", "dtype", "kind", "method", "group")]
-        for g, group in enumerate(self.groups):
-            for p in group:
-                how = {"linear": method, "mean": method if is_elementwise else "mean",
-                       "keep": "base", "passthrough": "copy"}[p.kind]
-                rows.append((p.path, "x".join(map(str, p.shape)) or "scalar", str(np.dtype(p.dtype)), p.kind, how, str(g)))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines = describe_groups(self.groups, method, self.config.method.spec.kind == "elementwise")
         counts = {k: sum(p.kind == k for p in self.plans) for k in ("linear", "mean", "keep", "passthrough")}
         summary = (f"{len(self.plans)} tensors in {len(self.groups)} groups "
                    f"({', '.join(f'{v} {k}' for k, v in counts.items())}); method {method}, layout {self.layout}, "
                    f"{self.in_format} -> {self.out_format}, largest group {self.largest_group_bytes():,} bytes "
                    f"x {len(self.config.models) + 1} models")
-        notes = [f"note: {n}" for n in self.config.notes]
+        notes = [f"note: {n}" for n in self.config.notes] + [f"guess: {g}" for g in self.guesses]
         return "\n".join(lines + ["", summary] + notes)
 
     def largest_group_bytes(self) -> int:

@@ -146,7 +146,7 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
     # layout "auto": from the leaf names (kernel: Flax, weight: torch), else from the format
     rules = config.leaf_rules().for_paths(base.keys(), fallback="torch" if base.format == "safetensors" else "flax")
     out_format = base.format if config.out_format == "auto" else config.out_format
-    plans = rules.plan_tree(_signature(base))
+    plans, guesses = rules.plan_with_guesses(_signature(base))
     mk.check_layer_range(config.layer_range, base.keys(), f"config {config.source}: `slices`")
     _check_grams(config, plans, grams)
     elementwise = config.method.spec.kind == "elementwise"
@@ -155,7 +155,8 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
     for p in plans:
         floating = p.kind != "passthrough"
         out_dtypes[p.path] = numpy_dtype(config.out_dtype) if (config.out_dtype and floating) else np.dtype(p.dtype)
-    return MergePlan(config, rules.layout, base.format, out_format, tuple(plans), tuple(tuple(g) for g in groups), out_dtypes)
+    return MergePlan(config, rules.layout, base.format, out_format, tuple(plans), tuple(tuple(g) for g in groups),
+                     out_dtypes, guesses)
 
 
 def plan_checkpoints(config: MergeConfig | str | os.PathLike, *,
@@ -283,6 +284,9 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         return out
     with OutputSlot(out, force=force) as slot, _opened(config) as (base, experts, grams):
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
+        if plan.guesses:
+            warnings.warn("the layout of some tensors is a guess (--dry-run shows the plan): "
+                          + "; ".join(plan.guesses), stacklevel=2)
         side_files = plan_side_files(config.base_model)
         resolved = prepare(config.method, _model_chunks(plan, base, experts, progress))
         metadata = getattr(base, "metadata", None) or None

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+import warnings
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,8 @@ from swudi_jax.methods.spec import CHUNK_LEAVES, ChunkSource, MethodSpec, Resolv
 from swudi_jax.model.batching import (compile_groups, compile_key, group_size, host_array, host_group, is_flat,
                                       pad_layers, padded_sizes, stack_group, unstack_group)
 from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
-from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, to_maths
+from swudi_jax.model.inputs import ModelInput, as_params
+from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, describe_groups, logical_paths, to_maths
 from swudi_jax.scale.sharding import make_row_mesh, merge_sharded, should_shard
 
 DEFAULT_MAX_GROUP_BYTES = 1 << 30
@@ -73,16 +75,17 @@ def check_models(base_flat: Mapping[str, Any], expert_flats: Sequence[Mapping[st
 def _expert_flats(experts: Any) -> list[dict[str, Any]]:
     if isinstance(experts, Mapping) or not isinstance(experts, Sequence):
         raise ValueError(f"experts must be a list of pytrees (one per expert), got {type(experts).__name__}")
-    return [flatten(e, f"expert {i}")[0] for i, e in enumerate(experts)]
+    return [flatten(as_params(e, f"expert {i}").params, f"expert {i}")[0] for i, e in enumerate(experts)]
 
 
 def task_vectors(base: Any, experts: Sequence[Any]) -> list[Any]:
     """τi = θi − θ0 for each expert, as pytrees shaped like ``base``.
 
     Floating leaves are subtracted; integer and boolean leaves (which merging passes
-    through) give zeros. Inputs are checked as in :func:`merge`.
+    through) give zeros. Inputs are checked as in :func:`merge`; NNX and TrainState inputs give
+    their parameters' pure trees (:func:`~swudi_jax.model.inputs.as_params`).
     """
-    base_flat, treedef = flatten(base, "base")
+    base_flat, treedef = flatten(as_params(base, "base").params, "base")
     expert_flats = _expert_flats(experts)
     check_models(base_flat, expert_flats)
 
@@ -585,7 +588,9 @@ def merge(
     rules = _leaf_rules(rules, dict(layout=layout, include=include, exclude=exclude, head_patterns=head_patterns,
                                     input_axes=input_axes, scan_patterns=scan_patterns, scan_axis=scan_axis,
                                     others=others))
-    base_flat, treedef = flatten(base, "base")
+    given = as_params(base, "base")
+    _warn_left_out(given)
+    base_flat, treedef = flatten(given.params, "base")
     expert_flats = _expert_flats(experts)
     check_models(base_flat, expert_flats, resolved.spec)
     plans = rules.plan_tree({p: (leaf.shape, leaf.dtype) for p, leaf in base_flat.items()})
@@ -600,8 +605,77 @@ def merge(
     for group, size in zip(groups, padded_sizes(groups, elementwise)):
         merged.update(merge_group(group, base_flat, expert_flats, resolved, grams, multi_device, tensor_options,
                                   dtype, pad_to=size))
-    return unflatten(treedef, merged, base_flat)
+    return given.rebuild(unflatten(treedef, merged, base_flat))
 
+
+def _warn_left_out(given: ModelInput) -> None:
+    if given.left_out:
+        warnings.warn(f"not merged, taken from the base ({given.kind}): {'; '.join(given.left_out)}", stacklevel=3)
+
+
+class TreePlan(NamedTuple):
+    """What :func:`merge` would do with a model, as :func:`plan` finds it; ``print`` shows the
+    table ``swudi-merge --dry-run`` prints.
+
+    Attributes:
+      plans: each leaf's :class:`LeafPlan`; groups: the compiled calls, in order.
+      method: the method's name; layout: "flax" or "torch"; kind: what was given
+        (:class:`~swudi_jax.model.inputs.ModelInput`); guesses: what the plan guessed
+        (:func:`~swudi_jax.model.layout.plan_guesses`); left_out: what is not merged.
+    """
+
+    plans: tuple[LeafPlan, ...]
+    groups: tuple[tuple[LeafPlan, ...], ...]
+    method: str
+    layout: str
+    kind: str
+    guesses: tuple[str, ...]
+    left_out: tuple[str, ...]
+    elementwise: bool
+
+    def describe(self) -> str:
+        lines = describe_groups(self.groups, self.method, self.elementwise)
+        summary = f"{len(self.plans)} leaves in {len(self.groups)} groups; method {self.method}, layout {self.layout}, " \
+                  f"input {self.kind}"
+        return "\n".join(lines + ["", summary] + [f"guess: {g}" for g in self.guesses]
+                         + [f"left out: {x}" for x in self.left_out])
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def plan(
+    base: Any,
+    method: str | MethodSpec | Resolved = DEFAULT_METHOD,
+    *,
+    rules: LeafRules | None = None,
+    n_experts: int = 2,
+    max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES,
+    **rule_options: Any,
+) -> TreePlan:
+    """What :func:`merge` would do with ``base`` (any input :func:`merge` takes): every leaf's
+    kind, maths shape and group, and every guess it rests on — ``print(sj.plan(params))``
+    shows the table ``swudi-merge --dry-run`` prints. Nothing is computed or warned.
+
+    Args:
+      base: the base model as it would be given to :func:`merge`.
+      method: the method (name, spec or :class:`Resolved`).
+      rules: the structural rules, or their keywords as in :func:`merge` (``layout``,
+        ``scan_patterns``, ``input_axes``, ...).
+      n_experts: the expert count the groups are sized for.
+      max_group_bytes: as in :func:`merge`.
+    """
+    resolved = resolve(method)
+    rules = rules if rules is not None else LeafRules(**rule_options)
+    given = as_params(base, "base")
+    base_flat, _ = flatten(given.params, "base")
+    signature_ = {p: (leaf.shape, leaf.dtype) for p, leaf in base_flat.items()}
+    plans, guesses = rules.plan_with_guesses(signature_)
+    elementwise = resolved.spec.kind == "elementwise"
+    groups = compile_groups(plans, max_group_bytes, copies=n_experts + 1, elementwise=elementwise)
+    layout = rules.for_paths(logical_paths(signature_).values()).layout
+    return TreePlan(tuple(plans), tuple(tuple(g) for g in groups), resolved.spec.name, layout, given.kind, guesses,
+                    given.left_out, elementwise)
 
 __all__ = [
     "DEFAULT_MAX_GROUP_BYTES",
@@ -611,6 +685,8 @@ __all__ = [
     "layer_options",
     "merge",
     "merge_group",
+    "plan",
+    "TreePlan",
     "chunk_plans",
     "chunk_stack",
     "model_task_vector_chunks",
