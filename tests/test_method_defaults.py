@@ -200,7 +200,7 @@ def test_whole_model_merge_defaults():
     assert keyword_defaults(pipeline.plan_merge)["max_group_bytes"] == 1 << 30
     assert layout.DEFAULT_HEAD_PATTERNS == ("lm_head*",)
     assert layout.LeafRules() == layout.LeafRules(layout="flax", include=None, exclude=(), head_patterns=("lm_head*",),
-                                                  input_axes=(), scan_patterns=(), scan_axis=0, others="mean")
+                                                  input_axes=(), scan_patterns=None, scan_axis=0, others="mean")
     assert layout.DEFAULT_INPUT_AXES == {"query/kernel": 1, "key/kernel": 1, "value/kernel": 1, "q_proj/kernel": 1,
                                          "k_proj/kernel": 1, "v_proj/kernel": 1, "out/kernel": 2, "o_proj/kernel": 2}
 
