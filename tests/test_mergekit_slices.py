@@ -52,10 +52,11 @@ def check(got, want):
 
 def test_passthrough_frankenmerge_of_two_models(models):
     root, m = models
-    config = {"slices": [{"sources": [{"model": "e0", "layer_range": [0, 2]}]},
+    config = {"slices": [{"sources": [{"model": "e0", "layer_range": [0, 2]}], "parameters": {"weight": 0.5}},
                          {"sources": [{"model": "e1", "layer_range": [1, 3]}]}],
               "merge_method": "passthrough", "dtype": "float32"}
-    got = run(root, config, "franken")
+    with pytest.warns(UserWarning, match=r"\['weight'\] are not options of 'passthrough' .* ignored"):
+        got = run(root, config, "franken")
     want = {name: m[model][source] for name, _, _, _, [(model, source)] in
             expected_layers([[("e0", 0, 2)], [("e1", 1, 3)]])}
     want.update({n: m["e0"][n] for n in BEFORE})  # before the layers: the first slice's
@@ -65,8 +66,10 @@ def test_passthrough_frankenmerge_of_two_models(models):
     assert content["num_hidden_layers"] == 4 and content["hidden_size"] == 8  # the first source's, layers updated
     written = yaml.safe_load((root / "franken" / "merge_config.yaml").read_text())
     assert written["slices"][1] == {"sources": [{"model": "e1", "layer_range": [1, 3]}]}
+    assert "parameters" not in written["slices"][0]  # what has no effect is not written back
     again = parse_config(written, base_dir=root)  # paths as the config wrote them: relative to its folder
-    assert again.modules == load_config(root / "franken.yaml").modules
+    with pytest.warns(UserWarning, match="are not options"):
+        assert again.modules == load_config(root / "franken.yaml").modules
 
 
 def test_solar_depth_up_scaling_with_a_scale_filter(models, tmp_path):

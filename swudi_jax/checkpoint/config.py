@@ -555,8 +555,9 @@ def _models_form(raw, method, base_dir: Path, name: str, global_params, notes: l
 
 def _slice_settings(method, name: str):
     """``check(parameters, where, per_model)`` for :func:`swudi_jax.checkpoint.slices.parse_modules`:
-    a source's parameters keep the method's per-model options (others ignored with a warning, as
-    mergekit ignores them); a slice's or module's must be options that may vary per tensor."""
+    names that are not the method's options (per-model ones, for a source) are ignored with a
+    warning, as mergekit ignores them; a slice's or module's options must be ones that may vary
+    per tensor (mergekit would change the computation itself per slice: refused)."""
 
     def check(params: Any, where: str, per_model: bool) -> dict[str, Any]:
         if params is None:
@@ -564,16 +565,14 @@ def _slice_settings(method, name: str):
         if not isinstance(params, Mapping):
             raise ConfigError(f"{where} must be a mapping of parameter: value, got {params!r}")
         params = {OPTION_ALIASES.get(k, k): v for k, v in params.items()}
-        if per_model:
-            ignored = sorted(set(params) - set(method.per_expert))
-            if ignored:
-                warnings.warn(f"{where} {ignored} are not per-model options of {method.name!r} (those are "
-                              f"{list(method.per_expert) or 'none'}); ignored, as mergekit does", stacklevel=5)
-            params = {k: v for k, v in params.items() if k in method.per_expert}
+        known = method.per_expert if per_model else tuple(method.defaults)
+        ignored = sorted(set(params) - set(known))
+        if ignored:
+            what = "per-model options" if per_model else "options"
+            warnings.warn(f"{where} {ignored} are not {what} of {method.name!r} (those are {list(known) or 'none'}); "
+                          "ignored, as mergekit ignores them", stacklevel=5)
+            params = {k: v for k, v in params.items() if k in known}
         for key in params:
-            if key not in method.defaults:
-                raise ConfigError(f"{where}: unknown option {key!r} for merge method {method.name!r}; its options "
-                                  f"are {sorted(method.defaults) or 'none'}")
             if key not in method.varying:
                 raise ConfigError(f"{where}.{key}: one value for the whole model (it changes the computation itself): "
                                   f"give it in the global `parameters`; the options of {method.name!r} that may vary "

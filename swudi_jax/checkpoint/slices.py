@@ -25,8 +25,9 @@ Read as mergekit 0.1.5 reads them (``mergekit/plan.py`` ``MergePlanner``, ``merg
   source tensor's name (its own layer number), a per-tensor option's against the output's;
 - **config.json** (the base's, else the first source's) gets the output's layer count
   (``num_hidden_layers``, or the architecture's name for it) and its per-layer lists
-  (``layer_types``) in the output's layer order: mergekit sets the count only, leaving a
-  ``layer_types`` list of the old length that transformers refuses to load;
+  (``layer_types``) in the output's layer order (mergekit sets the count only; with a
+  ``layer_types`` list, transformers 5 then refuses to save its config: "num_hidden_layers (4)
+  must be equal to the number of layer_types (3)", and its output has no config.json);
 - **modules**: ``modules: {default: {slices: [...] | models: [...], parameters}}`` is the
   one-module form (mergekit's name for the module of a one-stack architecture); a module's
   ``models:`` takes each model's whole range, the base added when not listed (mergekit's
