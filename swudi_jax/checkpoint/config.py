@@ -140,7 +140,7 @@ class MergeConfig:
     @property
     def varies_per_tensor(self) -> bool:
         """Whether some option takes per-model or per-tensor values (a resolver is needed)."""
-        return bool(self.tensor_parameters) or any(self.model_parameters) or self.modules is not None
+        return bool(self.tensor_parameters) or any(self.model_parameters)
 
     def to_dict(self, *, as_given: bool = False) -> dict[str, Any]:
         """Plain YAML-able content (the resolved config written next to the merged model); it
