@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import yaml
-from mergekit_checkpoints import LAYERS, f64, family, layer_t, llama, run, save_model
+from mergekit_checkpoints import f64, family, layer_t, llama, run, save_model
 
 import swudi_jax as sj
 from swudi_jax.checkpoint import io as ckio
@@ -137,9 +137,8 @@ def test_base_among_models_duplicates_and_experts_equal_to_the_base_warn(models,
 
 @pytest.mark.parametrize("config, message", [
     ({"models": ["e0", "e1"], "merge_method": "ties"}, r"`base_model` is required by merge method 'ties'"),
-    ({"slices": [{"sources": [{"model": "e0", "layer_range": [0, 2]}]},
-                 {"sources": [{"model": "e1", "layer_range": [1, 3]}]}], "merge_method": "passthrough"},
-     r"slices that select, repeat or stack layers .* not supported"),
+    ({"modules": {"vision_tower": {"slices": [{"sources": [{"model": "e0", "layer_range": [0, 2]}]}]}},
+      "merge_method": "passthrough"}, r"the modules of multi-module architectures"),
     ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties", "tokenizer_source": "union"},
      r"tokenizer_source 'union' is not supported: it builds a new vocabulary"),
     ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties", "chat_template": "chatml"},
@@ -156,15 +155,6 @@ def test_what_is_not_supported_is_refused_with_a_reason(models, config, message)
     root, _ = models
     with pytest.raises(ConfigError, match=message):
         load_config(write(root, "bad", config))
-
-
-def test_a_slice_of_part_of_the_layers_is_refused_at_planning(models):
-    root, _ = models
-    config = {"slices": [{"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "e0", "layer_range": [0, 2]}]}],
-              "base_model": "base", "merge_method": "slerp", "parameters": {"t": 0.5}}
-    with pytest.raises(ValueError, match=rf"layer_range \[0, 2\] is not the models' whole range \[0, {LAYERS}\]"):
-        run(root, config, "part")
-    assert not (root / "part").exists()
 
 
 # ----------------------------------------------------------------------------- tokenizer, CLI

@@ -69,7 +69,7 @@ DEFAULTS = {
     "model_stock": ({"filter_wise": False}, 1.0),
     "nearswap": ({"t": None}, 1.0),
     "arcee_fusion": ({"seed": 0}, 1.0),
-    "passthrough": ({"scale": None}, 1.0),
+    "passthrough": ({"scale": 1.0}, 1.0),  # mergekit's None (no scaling) is 1 here: a per-model option
 }
 
 

@@ -35,7 +35,8 @@ Example::
 
 mergekit's schema is accepted as mergekit writes it (see :mod:`swudi_jax.checkpoint.mergekit_config`):
 per-model ``parameters`` in ``models:`` entries, values that vary per tensor (conditional
-``filter:`` lists, layer gradients), ``lambda`` for ``lam``, a one-slice ``slices:`` form,
+``filter:`` lists, layer gradients), ``lambda`` for ``lam``, ``slices:`` and ``modules:``
+(frankenmerges, depth up-scaling, per-slice ranges and parameters: :mod:`swudi_jax.checkpoint.slices`),
 ``base_model`` left out for methods that need none, the base listed among ``models`` (it is
 the base, not an expert: dropped with a warning) and ``dtype: bfloat16``.
 
@@ -52,13 +53,14 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
 import yaml
 
 from swudi_jax.checkpoint import mergekit_config as mk
+from swudi_jax.checkpoint import slices as sl
 from swudi_jax.checkpoint.io import FORMATS, CheckpointError
 from swudi_jax.checkpoint.io.sources import ModelSource, parse_model
 from swudi_jax.checkpoint.yaml_loader import load_yaml
@@ -122,14 +124,15 @@ class MergeConfig:
     has_base: bool = True                  # False: no base_model (sources[0] is the first model, for structure)
     model_parameters: tuple[Mapping[str, Any], ...] = ()  # per expert: its own mergekit `parameters`
     tensor_parameters: Mapping[str, Any] = field(default_factory=dict)  # global settings that vary per tensor
-    layer_range: tuple[int, int] | None = None  # a one-slice `slices:` config's range (the whole model)
+    modules: tuple[sl.ModuleSlices, ...] | None = None  # `slices:`/`modules:`: what each output layer is made of
     tokenizer_source: Path | None = None   # a model folder whose tokenizer files replace the base's
     chat_template: str | None = None       # template text for tokenizer_config.json
     out_shard_unit: str = "bytes"          # out_shard_size counts "bytes" or "parameters"
     notes: tuple[str, ...] = ()            # what the config's mergekit settings mean here (printed, in the card)
     given: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
     """The checkpoint entries as written in the config (``base_model``, ``models``, ``grams``,
-    ``tokenizer_source``), ``models`` in the order of the resolved experts."""
+    ``tokenizer_source``), ``models`` in the order of the resolved experts; with ``slices``,
+    ``sources``: every source's entry, in the order of :attr:`sources`."""
     method: Resolved | None = field(default=None, compare=False, repr=False)
     """The method resolved once by the parser (spec, options, scale): what the pipeline runs;
     nothing below looks it up by name again, so an unregistered spec merges from disk too."""
@@ -149,7 +152,7 @@ class MergeConfig:
         """
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         for key in ("source", "sources", "given", "notes", "has_base", "model_parameters", "tensor_parameters",
-                    "layer_range", "out_shard_unit", "method"):
+                    "modules", "out_shard_unit", "method"):
             out.pop(key)
         for key, value in out.items():
             if isinstance(value, Path):
@@ -163,8 +166,13 @@ class MergeConfig:
             out["base_model"] = self.sources[0].spec()
             out["models"] = [s.spec() for s in self.sources[1:]]
         if as_given and self.given:
-            out.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.given.items()})
-        if not self.has_base or self.method.spec.base == "joins":
+            out.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.given.items()
+                        if k != "sources"})
+        if self.modules is not None:
+            entries = list(self.given["sources"]) if as_given and self.given else [s.spec() for s in self.sources]
+            del out["models"]
+            out.update(sl.to_raw(self.modules, entries))
+        if not self.has_base or (self.method.spec.base == "joins" and self.modules is None):
             out["base_model"] = None  # a joining base is among the models already
         if any(self.model_parameters):
             out["models"] = [{**(m if isinstance(m, dict) else {"model": m}), "parameters": _plain(dict(p))} if p else m
@@ -280,7 +288,7 @@ def _path(value: Any, base_dir: Path, where: str) -> Path:
 _KEYS = ("base_model", "models", "merge_method", "parameters", "scale", "include", "exclude",
          "head_patterns", "others", "input_axes", "scan_patterns", "scan_axis", "multi_device", "layout",
          "dtype", "out_dtype", "format", "out_format", "out_shard_size", "grams", "allow_download",
-         "slices", "tokenizer_source", "tokenizer", "chat_template")
+         "slices", "modules", "tokenizer_source", "tokenizer", "chat_template")
 
 
 def _split_entry(entry: Any, where: str) -> tuple[Any, dict[str, Any]]:
@@ -356,29 +364,21 @@ def _check_top_level(raw: Any, name: str, overrides: Mapping[str, Any] | None):
     return raw, method
 
 
-def _models_and_parameters(raw: Mapping[str, Any], name: str):
-    """(models entries, global parameters with mergekit's names mapped, layer range) from
-    ``models:`` or a one-slice ``slices:``."""
+def _global_parameters(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The global ``parameters`` with mergekit's names mapped."""
     global_params = raw.get("parameters") or {}
     if not isinstance(global_params, Mapping):
         raise ConfigError(f"{name}: `parameters` must be a mapping of option: value, got {global_params!r}")
-    global_params = {OPTION_ALIASES.get(k, k): v for k, v in global_params.items()}
-    layer_range = None
-    if raw.get("slices") is not None:
-        if raw.get("models") is not None:
-            raise ConfigError(f"{name}: give `models` or `slices`, not both")
-        try:
-            models, slice_params, layer_range = mk.slices_as_models(raw["slices"], f"{name}: `slices`")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        global_params = {**global_params, **{OPTION_ALIASES.get(k, k): v for k, v in slice_params.items()}}
-    else:
-        models = raw.get("models")
+    return {OPTION_ALIASES.get(k, k): v for k, v in global_params.items()}
+
+
+def _models_list(raw: Mapping[str, Any], name: str) -> list:
+    models = raw.get("models")
     if models is None:
-        raise ConfigError(f"{name}: `models` is required")
+        raise ConfigError(f"{name}: `models` is required (or mergekit's `slices` / `modules`)")
     if not isinstance(models, (list, tuple)):
         raise ConfigError(f"{name}: `models` must be a list of checkpoint paths, got {models!r}")
-    return models, global_params, layer_range
+    return list(models)
 
 
 def _sources(raw: Mapping[str, Any], entries, base_dir: Path, name: str):
@@ -521,6 +521,106 @@ def _structure_and_outputs(raw, base_dir: Path, name: str, base_source):
     return input_axes, scan_axis, tokenizer_value, tokenizer_path, chat_template
 
 
+class _Inputs(NamedTuple):
+    """The models a config reads and how: ``sources`` (the reference first: the base, else the
+    first model), per-model parameters and the entries as written, the global options and the
+    settings that vary per tensor, and the slices (None for the ``models:`` form)."""
+
+    base: ModelSource | None
+    sources: tuple[ModelSource, ...]
+    model_params: list
+    given_models: list
+    options: dict
+    tensor_settings: dict
+    modules: tuple[sl.ModuleSlices, ...] | None = None
+    given_sources: list | None = None
+
+
+def _models_form(raw, method, base_dir: Path, name: str, global_params, notes: list) -> _Inputs:
+    """A ``models:`` config: the base and the experts, each expert's parameters."""
+    models = _models_list(raw, name)
+    if raw.get("base_model") is None and method.base == "required":
+        raise ConfigError(f"{name}: `base_model` is required by merge method {method.name!r}")
+    entries = [_split_entry(m, f"{name}: `models[{i}]`") for i, m in enumerate(models)]
+    base_source, expert_sources = _sources(raw, entries, base_dir, name)
+    model_params = [p for _, p in entries]
+    given_models = [_given(m) for m, _ in entries]
+    _place_base(raw, method, name, base_source, expert_sources, model_params, given_models, notes)
+    _check_expert_sources(method, expert_sources, name)
+    options, tensor_settings = _split_parameters(method, global_params, model_params, name)
+    _check_joined_weight(method, base_source, expert_sources, model_params, options, tensor_settings, name)
+    reference = base_source if base_source is not None else expert_sources[0]
+    return _Inputs(base_source, (reference, *expert_sources), model_params, given_models, options, tensor_settings)
+
+
+def _slice_settings(method, name: str):
+    """``check(parameters, where, per_model)`` for :func:`swudi_jax.checkpoint.slices.parse_modules`:
+    names that are not the method's options (per-model ones, for a source) are ignored with a
+    warning, as mergekit ignores them; a slice's or module's options must be ones that may vary
+    per tensor (mergekit would change the computation itself per slice: refused)."""
+
+    def check(params: Any, where: str, per_model: bool) -> dict[str, Any]:
+        if params is None:
+            return {}
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"{where} must be a mapping of parameter: value, got {params!r}")
+        params = {OPTION_ALIASES.get(k, k): v for k, v in params.items()}
+        known = method.per_expert if per_model else tuple(method.defaults)
+        ignored = sorted(set(params) - set(known))
+        if ignored:
+            what = "per-model options" if per_model else "options"
+            warnings.warn(f"{where} {ignored} are not {what} of {method.name!r} (those are {list(known) or 'none'}); "
+                          "ignored, as mergekit ignores them", stacklevel=5)
+            params = {k: v for k, v in params.items() if k in known}
+        for key in params:
+            if key not in method.varying:
+                raise ConfigError(f"{where}.{key}: one value for the whole model (it changes the computation itself): "
+                                  f"give it in the global `parameters`; the options of {method.name!r} that may vary "
+                                  f"per slice are {list(method.varying) or 'none'}")
+        _check_settings(method, params, where)
+        return params
+
+    return check
+
+
+def _sliced_form(raw, method, base_dir: Path, name: str, global_params, notes: list) -> _Inputs:
+    """A ``slices:`` or ``modules:`` config (:mod:`swudi_jax.checkpoint.slices`): every model the
+    slices read, the reference first (the base, else the first slice's first source)."""
+    if raw.get("models") is not None:
+        raise ConfigError(f"{name}: give one of `models`, `slices` or `modules` (mergekit's rule)")
+    if method.kind == "data":
+        raise ConfigError(f"{name}: {method.name!r} reads input Grams keyed by the models' tensor names; slices "
+                          "rename layers, so it does not take `slices`")
+    allow_download = raw.get("allow_download", False)
+    sources: list[ModelSource] = []
+    given: list[Any] = []
+
+    def index_of(entry: Any, where: str) -> int:
+        try:
+            src = parse_model(entry, base_dir, where, allow_download=allow_download, base=base_source)
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
+        if src not in sources:
+            sources.append(src)
+            given.append(_given(entry))
+        return sources.index(src)
+
+    base_source = None
+    if raw.get("base_model") is not None:
+        base_source = sources[index_of(raw["base_model"], f"{name}: `base_model`")]
+    try:
+        modules = sl.parse_modules(raw, method, index_of, 0 if base_source is not None else None,
+                                   _slice_settings(method, name), name)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    options, tensor_settings = _split_parameters(method, global_params, [], name)
+    notes.extend(sl.describe_modules(modules, given))
+    return _Inputs(base_source, tuple(sources), [{}] * (len(sources) - 1), given[1:], options, tensor_settings,
+                   modules, given)
+
+
 def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | os.PathLike | None = None,
                  overrides: Mapping[str, Any] | None = None) -> MergeConfig:
     """Validate a config mapping (every check that needs no tensor data) into a MergeConfig.
@@ -535,29 +635,21 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
     raw, method = _check_top_level(raw, name, overrides)
     notes: list[str] = []
     base_dir = Path(base_dir)
-    models, global_params, layer_range = _models_and_parameters(raw, name)
-    if raw.get("base_model") is None and method.base == "required":
-        raise ConfigError(f"{name}: `base_model` is required by merge method {method.name!r}")
-    entries = [_split_entry(m, f"{name}: `models[{i}]`") for i, m in enumerate(models)]
-    base_source, expert_sources = _sources(raw, entries, base_dir, name)
-    model_params = [p for _, p in entries]
-    given_models = [_given(m) for m, _ in entries]
-    _place_base(raw, method, name, base_source, expert_sources, model_params, given_models, notes)
-    _check_expert_sources(method, expert_sources, name)
-    options, tensor_settings = _split_parameters(method, global_params, model_params, name)
-    _check_joined_weight(method, base_source, expert_sources, model_params, options, tensor_settings, name)
-    resolved, grams, dtype, out_dtype = _method_settings(raw, method, options, base_dir, name, notes)
+    form = _sliced_form if raw.get("slices") is not None or raw.get("modules") is not None else _models_form
+    inputs = form(raw, method, base_dir, name, _global_parameters(raw, name), notes)
+    base_source = inputs.base
+    resolved, grams, dtype, out_dtype = _method_settings(raw, method, inputs.options, base_dir, name, notes)
     input_axes, scan_axis, tokenizer_value, tokenizer_path, chat_template = _structure_and_outputs(
         raw, base_dir, name, base_source)
     shard = parse_shard_size(raw.get("out_shard_size", DEFAULT_SHARD_SIZE), f"{name}: `out_shard_size`")
-    reference = base_source if base_source is not None else expert_sources[0]
-    given = {"base_model": _given(raw["base_model"]) if base_source is not None else None, "models": given_models,
+    given = {"base_model": _given(raw["base_model"]) if base_source is not None else None,
+             "models": inputs.given_models, **({} if inputs.given_sources is None else {"sources": inputs.given_sources}),
              **({} if grams is None else {"grams": _given(raw["grams"])}),
              **({} if tokenizer_path is None else {"tokenizer_source": _given(tokenizer_value)})}
-    sources = (reference, *expert_sources)
+    sources, reference, model_params, tensor_settings = inputs.sources, inputs.sources[0], inputs.model_params, inputs.tensor_settings
     config = MergeConfig(
         base_model=reference.path,
-        models=tuple(s.main for s in expert_sources),
+        models=tuple(s.main for s in sources[1:]),
         merge_method=method.name,
         parameters=dict(resolved.options),
         scale=None if raw.get("scale") is None else resolved.scale,
@@ -582,7 +674,7 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         has_base=base_source is not None,
         model_parameters=tuple(model_params),
         tensor_parameters=tensor_settings,
-        layer_range=layer_range,
+        modules=inputs.modules,
         tokenizer_source=tokenizer_path,
         chat_template=chat_template,
         out_shard_unit=shard.unit,

@@ -1,5 +1,6 @@
 """The files a merge writes beside the weights (mergekit's output side effects): the base's side
-files, the tokenizer (``tokenizer_source``) and chat template, config.json's ``torch_dtype``, the
+files, the tokenizer (``tokenizer_source``) and chat template, config.json's ``torch_dtype`` (and,
+with slices, its layer count), the
 config as the user wrote it and the model card with its Hub front matter."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from swudi_jax.checkpoint import mergekit_config as mk
+from swudi_jax.checkpoint import slices as sl
 from swudi_jax.checkpoint.config import MergeConfig
 from swudi_jax.checkpoint.io.reader import naming_file
 from swudi_jax.checkpoint.io.side_files import copy_side_files
@@ -58,7 +60,12 @@ def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) ->
     given = c.to_dict(as_given=True)
     method = c.method.spec
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in given["parameters"].items()) or "| (none) | |"
-    experts = "\n".join(f"  - `{p}`" for p in given["models"])
+    if c.modules is None:
+        label, listed = f"Experts ({len(c.models)})", given["models"]
+    else:  # every model the slices read (see the notes for which layers)
+        listed = (c.given or {}).get("sources") or [s.spec() for s in c.sources]
+        label = f"Models read by the slices ({len(listed)})"
+    experts = "\n".join(f"  - `{p}`" for p in listed)
     counts = {k: sum(p.kind == k for p in plan.plans) for k in ("linear", "mean", "keep", "passthrough")}
     notes = "".join(f"\n- {n}" for n in c.notes)
     notes += "".join(f"\n- per-tensor `{k}`: `{v}`" for k, v in c.tensor_parameters.items())
@@ -79,7 +86,7 @@ def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) ->
 Made with swudi_jax `swudi-merge`: {formula}
 
 - **Base model:** {base}
-- **Experts ({len(c.models)}):**
+- **{label}:**
 {experts}
 - **Method:** `{c.merge_method}` ({method.kind}); source: {method.source}
 - **Layout:** {plan.layout}; **tensors:** {counts['linear']} merged by the method as linear maps, {counts['mean']} by the
@@ -103,6 +110,8 @@ def write_beside(plan: MergePlan, tmp: Path, copy_tokenizer: bool, side_files: S
     config = plan.config
     copied = copy_side_files(config.base_model, tmp, side_files)
     copied = _finish_side_files(config, tmp, copy_tokenizer, copied)
+    if plan.sliced is not None:
+        sl.write_layer_count(tmp / "config.json", plan.sliced)
     with naming_file(tmp / CONFIG_NAME):
         (tmp / CONFIG_NAME).write_text(config.to_yaml(as_given=True))
     with naming_file(tmp / "README.md"):

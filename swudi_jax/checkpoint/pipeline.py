@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 from swudi_jax.checkpoint import io as ckio
-from swudi_jax.checkpoint import mergekit_config as mk
+from swudi_jax.checkpoint import slices as sl
 from swudi_jax.checkpoint.config import MergeConfig, load_config, numpy_dtype, tensor_resolver
 from swudi_jax.checkpoint.io.output import OutputSlot, check_output_target
 from swudi_jax.checkpoint.io.reader import naming_file
@@ -139,24 +139,53 @@ def _opened(config: MergeConfig) -> Iterator[tuple[ckio.CheckpointReader, list[c
             reader.close()
 
 
+def _sliced(config: MergeConfig, readers: Sequence[ckio.CheckpointReader]) -> sl.SlicePlan:
+    """The recipe of every output tensor of a ``slices:`` config (headers only)."""
+    names = [s.describe() for s in config.sources]
+    plan = sl.plan_tensors(config.modules, config.method.spec, [_signature(r) for r in readers], names,
+                           f"config {config.source}")
+    if config.method.spec.preparation(config.method.options) is not None and len(plan.input_sets()) > 1:
+        raise ValueError(f"config {config.source}: {config.merge_method!r} runs a whole-model pass over one set of "
+                         "models; these slices merge different sets of models")
+    return plan
+
+
+def _groups(plans: Sequence[LeafPlan], sliced: sl.SlicePlan | None, max_group_bytes, copies: int,
+            elementwise: bool) -> list[list[LeafPlan]]:
+    """The compile groups; with slices, the tensors merged from one set of models group together."""
+    if sliced is None:
+        return compile_groups(plans, max_group_bytes, copies=copies, elementwise=elementwise)
+    parts: dict[tuple, list[LeafPlan]] = {}
+    for p in plans:
+        parts.setdefault(sliced.recipes[p.path].input_set, []).append(p)
+    return [g for part in parts.values() for g in compile_groups(part, max_group_bytes, copies=copies,
+                                                                  elementwise=elementwise)]
+
+
 def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequence[ckio.CheckpointReader],
                grams: ckio.CheckpointReader | None = None, *, max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES) -> MergePlan:
-    """Check the checkpoints against each other and decide every tensor's fate (no tensor data is read)."""
-    _check_same_tensors(base, experts)
+    """Check the checkpoints against each other and decide every tensor's fate (no tensor data is read).
+    With ``slices``, ``base`` and ``experts`` are the readers of ``config.sources``."""
+    sliced = None
+    if config.modules is None:
+        _check_same_tensors(base, experts)
+        signature = _signature(base)
+    else:
+        sliced = _sliced(config, [base, *experts])
+        signature = sliced.signature([_signature(r) for r in (base, *experts)])
     # layout "auto": from the leaf names (kernel: Flax, weight: torch), else from the format
-    rules = config.leaf_rules().for_paths(base.keys(), fallback="torch" if base.format == "safetensors" else "flax")
+    rules = config.leaf_rules().for_paths(list(signature), fallback="torch" if base.format == "safetensors" else "flax")
     out_format = base.format if config.out_format == "auto" else config.out_format
-    plans, guesses = rules.plan_with_guesses(_signature(base))
-    mk.check_layer_range(config.layer_range, base.keys(), f"config {config.source}: `slices`")
+    plans, guesses = rules.plan_with_guesses(signature)
     _check_grams(config, plans, grams)
     elementwise = config.method.spec.kind == "elementwise"
-    groups = compile_groups(plans, max_group_bytes, copies=len(experts) + 2, elementwise=elementwise)
+    groups = _groups(plans, sliced, max_group_bytes, len(experts) + 2, elementwise)
     out_dtypes = {}
     for p in plans:
         floating = p.kind != "passthrough"
         out_dtypes[p.path] = numpy_dtype(config.out_dtype) if (config.out_dtype and floating) else np.dtype(p.dtype)
     return MergePlan(config, rules.layout, base.format, out_format, tuple(plans), tuple(tuple(g) for g in groups),
-                     out_dtypes, guesses)
+                     out_dtypes, guesses, sliced)
 
 
 def plan_checkpoints(config: MergeConfig | str | os.PathLike, *,
@@ -174,16 +203,22 @@ def _compute(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]
     return {k: a.astype(target, copy=False) if is_floating(a.dtype) else a for k, a in arrays.items()}
 
 
-def _model_chunks(plan: MergePlan, base, experts, progress: bool):
+def _read_inputs(plan: MergePlan, readers: Sequence[ckio.CheckpointReader], keys: Sequence[str]):
+    """(base arrays, expert arrays) of output tensors ``keys`` (one group), each {key: array};
+    with slices, read from each recipe's sources (:meth:`~swudi_jax.checkpoint.slices.SlicePlan.read`)."""
+    if plan.sliced is not None:
+        return plan.sliced.read(keys, readers, _read_group)
+    return _read_group(readers[0], keys), [_read_group(e, keys) for e in readers[1:]]
+
+
+def _model_chunks(plan: MergePlan, readers, progress: bool):
     """``chunks(leaves)``: the selected tensors' task-vector stacks in float32, read group by
     group from disk (``leaves``: see :data:`~swudi_jax.methods.spec.CHUNK_LEAVES`)."""
 
     def chunks(leaves: str = "merged"):
         selected = [chunk_plans(g, leaves) for g in plan.groups]
         for group in _progress([g for g in selected if g], progress, "whole-model pass"):
-            keys = [p.path for p in group]
-            base_arrays = _read_group(base, keys)
-            expert_arrays = [_read_group(e, keys) for e in experts]
+            base_arrays, expert_arrays = _read_inputs(plan, readers, [p.path for p in group])
             for leaf in group:
                 b = base_arrays[leaf.path].astype(np.float32)
                 yield chunk_stack(leaf, np.stack([e[leaf.path].astype(np.float32) - b for e in expert_arrays]), leaves)
@@ -199,15 +234,15 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="group", file=sys.stderr, leave=False)
 
 
-def _group_reader(plan: MergePlan, base, experts, grams, work: str, same_as_base: list[bool]):
+def _group_reader(plan: MergePlan, readers, grams, work: str, same_as_base: list[bool]):
     """``read(g)`` for the prefetch thread: group g's inputs read, checked finite on the host and
     cast to the compute dtype (and its Grams); notes in ``same_as_base`` which experts still equal the base."""
 
     def read(g):
         keys = [p.path for p in plan.groups[g]]
-        base_arrays = _compute(_read_group(base, keys), work)
-        expert_arrays = [_compute(_read_group(e, keys), work) for e in experts]
-        for i, arrays in enumerate(expert_arrays):
+        base_arrays, expert_arrays = _read_inputs(plan, readers, keys)
+        base_arrays, expert_arrays = _compute(base_arrays, work), [_compute(e, work) for e in expert_arrays]
+        for i, arrays in enumerate(expert_arrays if plan.sliced is None else ()):
             same_as_base[i] = same_as_base[i] and all(np.array_equal(arrays[k], base_arrays[k]) for k in keys)
         group_grams = None
         if grams is not None and plan.groups[g][0].kind == "linear":
@@ -235,6 +270,16 @@ def _closing(writer, target: Path) -> Iterator[None]:
         raise
     with naming_file(target):
         writer.close()
+
+
+def _resolver(plan: MergePlan):
+    """The per-tensor option values: mergekit's per-model and per-tensor settings, or with slices
+    the slice's (:class:`~swudi_jax.checkpoint.slices.SliceParameters`)."""
+    config = plan.config
+    if plan.sliced is not None:
+        return sl.SliceParameters(config.method.spec, config.modules, plan.sliced, config.tensor_parameters,
+                                  config.parameters)
+    return tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
 
 
 def _warn_zero_task_vectors(config: MergeConfig, same_as_base: Sequence[bool]) -> None:
@@ -288,22 +333,23 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
             warnings.warn("the layout of some tensors is a guess (--dry-run shows the plan): "
                           + "; ".join(plan.guesses), stacklevel=2)
         side_files = plan_side_files(config.base_model)
-        resolved = prepare(config.method, _model_chunks(plan, base, experts, progress))
+        resolved = prepare(config.method, _model_chunks(plan, [base, *experts], progress))
         metadata = getattr(base, "metadata", None) or None
         entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
-        resolver = tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
-        same_as_base = [config.has_base and method.base != "joins"] * len(experts)  # a joining base is an input
+        resolver = _resolver(plan)
+        # a joining base is an input; with slices each slice has its own inputs (not checked)
+        same_as_base = [config.has_base and method.base != "joins" and plan.sliced is None] * len(experts)
         tmp = slot.tmp
         target = ckio.weights_path(tmp, plan.out_format)
         writer = ckio.open_writer(target, plan.out_format, entries, shard_size=_shard_bytes(plan), metadata=metadata)
         sizes = padded_sizes(plan.groups, method.kind == "elementwise")
 
-        read = _group_reader(plan, base, experts, grams, work, same_as_base)
+        read = _group_reader(plan, [base, *experts], grams, work, same_as_base)
 
         def compute(g, arrays):  # the caller's thread: one compiled call, results checked finite
             group = list(plan.groups[g])
             merged = merge_group(group, arrays[0], arrays[1], resolved, arrays[2],
-                                 config.multi_device, resolver, work, config.has_base,
+                                 config.multi_device, resolver, work, plan.has_base(g),
                                  pad_to=sizes[g], host_output=True)
             return checked_outputs(merged, {p.path: plan.out_dtypes[p.path] for p in group}, config.merge_method)
 

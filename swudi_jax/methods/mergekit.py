@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from swudi_jax.maths.validation import check_number
@@ -108,9 +109,10 @@ def arcee_fusion(models, base=None, *, seed=0, key=None):
     return msel.arcee_fusion(base, models[0], key=key)
 
 
-def passthrough(models, *, scale=None):
-    """The one input model's tensor (times ``scale`` if given)."""
-    return mf.passthrough(models[0], scale)
+def passthrough(models, *, scale=1.0):
+    """The one input model's tensor times ``scale``, a per-model option as in mergekit (whose
+    default, none, leaves the tensor as it is: so does 1 here)."""
+    return mf.passthrough(models[0], jnp.reshape(jnp.asarray(scale), (-1,))[0])
 
 
 def _check_select(options: Mapping[str, Any]) -> None:
@@ -184,7 +186,7 @@ NEARSWAP = _on_models("nearswap", nearswap, "take the other model's value where 
 ARCEE_FUSION = _on_models("arcee_fusion", arcee_fusion, "Arcee Fusion (importance = |Δ|·KL, IQR threshold)",
                           base="required", n_experts=(1, 1), leaf=_keys, inputs=("base", "key"))
 PASSTHROUGH = _on_models("passthrough", passthrough, "the one input model's tensor, unchanged", base="unused",
-                         n_experts=(1, 1), tensor=("scale",), inputs=())
+                         n_experts=(1, 1), per_expert=("scale",), inputs=())
 
 MERGEKIT_METHODS: tuple[MethodSpec, ...] = (
     LINEAR, TASK_ARITHMETIC, TIES, DARE_TIES, DARE_LINEAR, BREADCRUMBS, BREADCRUMBS_TIES, DELLA, DELLA_LINEAR,
