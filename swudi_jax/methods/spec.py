@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from swudi_jax.maths.linalg import compute_dtype
+from swudi_jax.maths.validation import check_like_default
 
 KINDS = ("linear", "elementwise", "data")
 OPERANDS = ("task_vectors", "models")
@@ -197,6 +198,8 @@ class MethodSpec:
                 f"unknown option(s) {unknown} for merge method {self.name!r} (it has no option of "
                 f"that name); its options are {sorted(self.defaults) or 'none'}"
             )
+        for key, value in options.items():
+            check_like_default(value, key, self.defaults[key], per_expert=key in self.per_expert)
         resolved = {**self.defaults, **options}
         if self.validate is not None:
             self.validate(resolved)
