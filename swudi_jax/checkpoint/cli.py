@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from swudi_jax.checkpoint.config import ConfigError, parse_size
 
-MERGEKIT_FLAGS = """mergekit's flags (mergekit-yaml's names and meanings):
+MERGEKIT_FLAGS = """What mergekit-yaml's flags do here:
   --copy-tokenizer/--no-copy-tokenizer  as mergekit (default: copy the base's, or tokenizer_source's, files)
   --write-model-card/--no-write-model-card  as mergekit: README.md and mergekit_config.yml, or neither
                     (merge_config.yaml, the resolved config, is always written)
@@ -73,7 +73,7 @@ def _mergekit_arguments(parser: argparse.ArgumentParser) -> None:
     for dest, (default, spelled) in NO_EFFECT.items():
         name = "--" + dest.replace("_", "-")
         if dest == "verbosity":
-            group.add_argument("-v", "--verbose", dest=dest, action="count", default=0, help="no effect")
+            group.add_argument("-v", dest=dest, action="count", default=0, help="no effect")
         elif isinstance(default, bool):
             group.add_argument(name, action=flag, default=default, help="no effect")
         else:
@@ -130,12 +130,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"swudi-merge: warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
 
 
-def _require_accelerator() -> None:
+def _require_accelerator(flag: str) -> None:
     import jax
 
     if jax.default_backend() == "cpu":
-        raise ValueError("--cuda: JAX sees no accelerator (its backend is cpu); install jax with CUDA support "
-                         "(pip install 'jax[cuda12]') or leave --cuda out to merge on the CPU")
+        raise ValueError(f"{flag}: JAX sees no accelerator (its backend is cpu); install jax with CUDA support "
+                         "(pip install 'jax[cuda12]') or leave it out to merge on the CPU")
 
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -195,7 +195,7 @@ def _run(args: argparse.Namespace):
     if args.num_threads is not None:
         _limit_threads(args.num_threads)
     if args.cuda or args.gpu_rich:
-        _require_accelerator()
+        _require_accelerator("--cuda" if args.cuda else "--gpu-rich (implies --cuda, as in mergekit)")
     group = DEFAULT_MAX_GROUP_BYTES if args.max_group_size is None else parse_size(args.max_group_size, "--max-group-size")
     config = load_config(args.config, overrides=overrides, random_seed=args.random_seed)
     return merge_checkpoints(config, args.out, force=args.force, dry_run=args.dry_run,

@@ -63,11 +63,17 @@ from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, chunk_plans, chunk_s
 
 def _open(path, fmt: str, who: str) -> ckio.CheckpointReader:
     """A reader over a path or a resolved :class:`~swudi_jax.checkpoint.io.sources.ModelSource` (Hub snapshot,
-    PEFT adapter over its base, orbax step/item)."""
+    PEFT adapter over its base, orbax step/item); a checkpoint holding no tensor is refused (a wrong
+    folder: there is nothing to merge)."""
     try:
-        return path.open(fmt) if isinstance(path, ModelSource) else ckio.open_checkpoint(path, fmt)
+        reader = path.open(fmt) if isinstance(path, ModelSource) else ckio.open_checkpoint(path, fmt)
     except ckio.CheckpointError as exc:
         raise ckio.CheckpointError(f"{who}: {exc}") from None
+    if not reader.keys():
+        reader.close()
+        raise ckio.CheckpointError(f"{who}: {reader.path} holds no tensors ({reader.format} checkpoint with an empty "
+                                   "tensor list): nothing to merge; is it the model's folder?")
+    return reader
 
 
 def _signature(reader: ckio.CheckpointReader) -> dict[str, tuple]:
@@ -126,9 +132,10 @@ def _opened(config: MergeConfig) -> Iterator[tuple[ckio.CheckpointReader, list[c
     readers: list[ckio.CheckpointReader] = []
     try:
         sources = config.sources or (config.base_model, *config.models)
-        readers.append(_open(sources[0], config.format, "base_model"))
-        for i, path in enumerate(sources[1:]):
-            readers.append(_open(path, config.format, f"models[{i}]"))
+        labels = config.model_labels or [f"models[{i}]" for i in range(len(sources) - 1)]
+        readers.append(_open(sources[0], config.format, "base_model" if config.has_base else labels[0]))
+        for label, path in zip(labels, sources[1:]):
+            readers.append(_open(path, config.format, label))
         grams = None
         if config.grams is not None:
             grams = _open(config.grams, "auto", "grams")
