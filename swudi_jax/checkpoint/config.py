@@ -38,7 +38,10 @@ per-model ``parameters`` in ``models:`` entries, values that vary per tensor (co
 ``filter:`` lists, layer gradients), ``lambda`` for ``lam``, ``slices:`` and ``modules:``
 (frankenmerges, depth up-scaling, per-slice ranges and parameters: :mod:`swudi_jax.checkpoint.slices`),
 ``base_model`` left out for methods that need none, the base listed among ``models`` (it is
-the base, not an expert: dropped with a warning) and ``dtype: bfloat16``.
+the base, not an expert, as in mergekit; noted) and ``dtype: bfloat16``. What mergekit accepts
+and ignores is accepted with one warning naming it: top-level keys its schema does not know
+(``name:``) and the parameters of its other methods that this one has not (``int8_mask`` on
+``swudi``, ``t`` on ``ties``).
 
 Relative paths are resolved against the working directory, as mergekit resolves them; one that
 exists only beside the config file is read from there. Patterns follow
