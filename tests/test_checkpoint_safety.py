@@ -170,8 +170,8 @@ def test_unlisted_files_and_links_are_not_copied_and_side_files_get_normal_modes
     out = tmp_path / "out"
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     assert names == ["1_Pooling", "1_Pooling/config.json", "2_Normalize", "README.md", "config.json",
-                     "config_sentence_transformers.json", CONFIG_NAME, "model.safetensors", "modules.json",
-                     "tokenizer.json", "tokenizer_config.json"]
+                     "config_sentence_transformers.json", CONFIG_NAME, "mergekit_config.yml", "model.safetensors",
+                     "modules.json", "tokenizer.json", "tokenizer_config.json"]
     assert SECRET not in text_under(out) and "private notes" not in text_under(out)
     assert "the base's own card" not in (out / "README.md").read_text()
     for p in [out, *out.rglob("*")]:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import yaml
-from mergekit_checkpoints import family
+from mergekit_checkpoints import family, write
 
 import swudi_jax as sj
 from swudi_jax.checkpoint import io as ckio
@@ -21,12 +20,6 @@ from swudi_jax.checkpoint.pipeline import plan_checkpoints
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile_configs")
     return root, family(root, n_experts=2, seed=3)
-
-
-def write(root, name, config):
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def per_model(method, key, value, **rest):

@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import yaml
-from mergekit_checkpoints import f64, family, layer_t, llama, run, save_model
+from mergekit_checkpoints import f64, family, layer_t, llama, run, save_model, write
 
 import swudi_jax as sj
 from swudi_jax.checkpoint import io as ckio
@@ -26,12 +26,6 @@ from swudi_jax.methods import registry
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("mergekit_dialect")
     return root, family(root, n_experts=2, seed=1)
-
-
-def write(root, name, config):
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 # ----------------------------------------------------------------------------- settings

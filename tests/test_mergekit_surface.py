@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from mergekit_checkpoints import family
+from mergekit_checkpoints import family, write
 
 from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint.cli import NO_EFFECT, main
@@ -21,12 +21,6 @@ from swudi_jax.checkpoint.config import ConfigError, load_config
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("mergekit_surface")
     return root, family(root, n_experts=2, seed=7)
-
-
-def write(root, name, config):
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def cli(capsys, *argv) -> tuple[int, list[str]]:
