@@ -310,8 +310,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
       overlap: read the next group and write the previous one while this one merges
         (:mod:`swudi_jax.checkpoint.stream`; same results as ``overlap=False``, at most 2 groups held).
       timings: if a dict, filled with the merge loop's busy seconds per stage and its wall time.
-      write_model_card: write README.md (the model card) and ``mergekit_config.yml``, as mergekit
-        does (its ``--no-write-model-card`` turns both off); ``merge_config.yaml`` is always written.
+      write_model_card: README.md and ``mergekit_config.yml`` too (mergekit's ``--write-model-card``).
     Returns:
       ``out`` as a Path.
     Raises:
@@ -344,7 +343,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         same_as_base = [config.has_base and method.base != "joins" and plan.sliced is None] * len(experts)
         tmp = slot.tmp
         target = ckio.weights_path(tmp, plan.out_format)
-        writer = ckio.open_writer(target, plan.out_format, entries, shard_size=plan.config.out_shard_size, metadata=metadata)
+        writer = ckio.open_writer(target, plan.out_format, entries, shard_size=config.out_shard_size, metadata=metadata)
         sizes = padded_sizes(plan.groups, method.kind == "elementwise")
 
         read = _group_reader(plan, [base, *experts], grams, work, same_as_base)
