@@ -40,9 +40,9 @@ def per_model(method, key, value, **rest):
     ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "swudi",
       "parameters": {"alignment_reference": "abc"}}, r"`merge_method`/`parameters`", r"alignment_reference must be"),
     ({"models": ["e0"], "merge_method": "passthrough", "parameters": {"scale": "x"}},
-     r"`merge_method`/`parameters`", r"scale must be a finite number, got 'x'"),
+     r"`merge_method`/`parameters`", r"scale must be a finite number or a list of one per model, got 'x'"),
     ({"models": ["e0"], "merge_method": "passthrough", "parameters": {"scale": [{"filter": "mlp", "value": "x"}]}},
-     r"`parameters.scale`", r"scale must be a finite number, got 'x'"),
+     r"`parameters.scale`", r"scale must be a finite number or a list of one per model, got 'x'"),
 ])
 def test_a_bad_value_is_refused_naming_file_key_and_model(models, capsys, config, where, message):
     root, _ = models

@@ -80,13 +80,19 @@ def test_options_the_method_has_are_used_and_only_the_others_are_warned_about(mo
 
 def test_a_slerp_listing_its_base_merges_without_any_warning(models, capsys):
     root, _ = models
-    slerp = write(root, "slerp", {"slices": [{"sources": [{"model": "base", "layer_range": [0, 3]},
-                                                          {"model": "e0", "layer_range": [0, 3]}]}],
-                                  "merge_method": "slerp", "base_model": "base", "parameters": {"t": 0.5}})
-    code, err = cli(capsys, slerp, root / "slerp_out", "--no-progress")
-    assert (code, err) == (0, [])
+    sliced = write(root, "slerp", {"slices": [{"sources": [{"model": "base", "layer_range": [0, 3]},
+                                                           {"model": "e0", "layer_range": [0, 3]}]}],
+                                   "merge_method": "slerp", "base_model": "base", "parameters": {"t": 0.5}})
+    listed = write(root, "slerp_models", {"models": ["base", "e0"], "merge_method": "slerp", "base_model": "base",
+                                          "parameters": {"t": 0.5}})
+    for config, out in ((sliced, "slerp_out"), (listed, "slerp_models_out")):
+        code, err = cli(capsys, config, root / out, "--no-progress")
+        assert (code, err) == (0, []), config
     assert "models[0] is the base model: it is the base, not an expert, as in mergekit" in \
-        (root / "slerp_out" / "README.md").read_text()
+        (root / "slerp_models_out" / "README.md").read_text()
+    got, want = ckio.load(root / "slerp_out"), ckio.load(root / "slerp_models_out")
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 # ----------------------------------------------------------------------------- 5. mergekit-yaml's flags
