@@ -133,7 +133,8 @@ def _opened(config: MergeConfig) -> Iterator[tuple[ckio.CheckpointReader, list[c
     try:
         sources = config.sources or (config.base_model, *config.models)
         labels = config.model_labels or [f"models[{i}]" for i in range(len(sources) - 1)]
-        readers.append(_open(sources[0], config.format, "base_model" if config.has_base else labels[0]))
+        first = "base_model" if config.has_base else next(iter(labels), "models[0]")
+        readers.append(_open(sources[0], config.format, first))
         for label, path in zip(labels, sources[1:]):
             readers.append(_open(path, config.format, label))
         grams = None
