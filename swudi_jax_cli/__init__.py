@@ -23,15 +23,19 @@ Nothing of the merge has started then.
 
 from __future__ import annotations
 
-import signal
 import sys
 
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# _signal is the interpreter's built-in C module (no Python code to run): `import signal` imports
+# enum first, long enough for a Ctrl-C to land in it. The public module is imported once blocked.
+import _signal
+
+HANDLED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
 
 
 def _hold_signals() -> None:
     """Block the handled signals the caller does not ignore (cli.main unblocks them)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, [s for s in HANDLED_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN])
+    held = [s for s in HANDLED_SIGNALS if _signal.getsignal(s) != _signal.SIG_IGN]
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, held)
 
 
 def _is_program() -> bool:
