@@ -37,12 +37,17 @@ from typing import Any
 import numpy as np
 
 from swudi_jax.checkpoint.io.side_files import copy_side_files, plan_side_files
+from swudi_jax.methods.mergekit import MERGEKIT_METHODS
 
 LAYER_RE = re.compile(r"(?:^|[./])(?:layers|layer|h|blocks|block)[./](\d+)(?=[./]|$)")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
                    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
 SCALAR_TYPES = (bool, int, float, str)
+MERGEKIT_PARAMETERS = frozenset(name for spec in MERGEKIT_METHODS for name in spec.defaults)
+"""The parameter names of mergekit's methods (``lambda`` as ``lam``): a config may carry those its
+method has not (mergekit reads the ones its method declares and ignores the rest; its schema
+likewise ignores top-level keys it does not know)."""
 
 
 class SettingError(ValueError):
@@ -248,6 +253,7 @@ def set_torch_dtype(out: Path, dtype: str) -> bool:
 
 
 __all__ = [
+    "MERGEKIT_PARAMETERS",
     "SettingError",
     "TensorParameters",
     "check_setting",

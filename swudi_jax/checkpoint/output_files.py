@@ -19,6 +19,8 @@ from swudi_jax.checkpoint.merge_plan import MergePlan
 
 PAPER = "https://arxiv.org/abs/2606.07289"
 CONFIG_NAME = "merge_config.yaml"
+MERGEKIT_CONFIG_NAME = "mergekit_config.yml"
+"""mergekit's name for the config beside a merge (the config file's text, as mergekit writes it)."""
 
 
 def _library_name(side_files: Sequence[str], out_format: str) -> str:
@@ -78,7 +80,8 @@ def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) ->
     base = f"`{(c.given or {}).get('base_model') or c.base_model}`" if c.has_base else \
         "none (the tensor layout and side files come from the first model)"
     front = yaml.safe_dump({"base_model": given["base_model"], "library_name": _library_name(side_files, plan.out_format),
-                            "tags": ["merge", "swudi_jax", c.merge_method]}, sort_keys=False, default_flow_style=None)
+                            "tags": ["mergekit", "merge", "swudi_jax", c.merge_method]}, sort_keys=False,
+                           default_flow_style=None)
     return f"""---
 {front}---
 # Merged model ({c.merge_method})
@@ -98,24 +101,29 @@ Made with swudi_jax `swudi-merge`: {formula}
 {params}
 {notes}
 The full resolved config is in `{CONFIG_NAME}`, checkpoint paths as the original config wrote them (relative
-ones are relative to that config's folder: re-run from there with `swudi-merge {CONFIG_NAME} OUT`).
+ones are relative to the folder the merge ran in: re-run from there with `swudi-merge {CONFIG_NAME} OUT`).
 
 SWUDI paper: arXiv 2606.07289, {PAPER}.
 """
 
 
-def write_beside(plan: MergePlan, tmp: Path, copy_tokenizer: bool, side_files: Sequence[str], scale: float) -> None:
+def write_beside(plan: MergePlan, tmp: Path, copy_tokenizer: bool, side_files: Sequence[str], scale: float,
+                 write_model_card: bool = True) -> None:
     """The files beside the weights: the base's side files, the tokenizer and chat template, the
-    config as written and the model card."""
+    config as written and, unless ``write_model_card`` is off (mergekit's flag), the model card and
+    ``mergekit_config.yml``."""
     config = plan.config
     copied = copy_side_files(config.base_model, tmp, side_files)
     copied = _finish_side_files(config, tmp, copy_tokenizer, copied)
     if plan.sliced is not None:
         sl.write_layer_count(tmp / "config.json", plan.sliced)
-    with naming_file(tmp / CONFIG_NAME):
-        (tmp / CONFIG_NAME).write_text(config.to_yaml(as_given=True))
-    with naming_file(tmp / "README.md"):
-        (tmp / "README.md").write_text(model_card(plan, scale, copied))
+    files = {CONFIG_NAME: config.to_yaml(as_given=True)}
+    if write_model_card:
+        files[MERGEKIT_CONFIG_NAME] = config.source_text or files[CONFIG_NAME]
+        files["README.md"] = model_card(plan, scale, copied)
+    for name, text in files.items():
+        with naming_file(tmp / name):
+            (tmp / name).write_text(text, encoding="utf-8")
 
 
-__all__ = ["CONFIG_NAME", "PAPER", "model_card", "write_beside"]
+__all__ = ["CONFIG_NAME", "MERGEKIT_CONFIG_NAME", "PAPER", "model_card", "write_beside"]

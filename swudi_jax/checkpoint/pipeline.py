@@ -63,11 +63,17 @@ from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, chunk_plans, chunk_s
 
 def _open(path, fmt: str, who: str) -> ckio.CheckpointReader:
     """A reader over a path or a resolved :class:`~swudi_jax.checkpoint.io.sources.ModelSource` (Hub snapshot,
-    PEFT adapter over its base, orbax step/item)."""
+    PEFT adapter over its base, orbax step/item); a checkpoint holding no tensor is refused (a wrong
+    folder: there is nothing to merge)."""
     try:
-        return path.open(fmt) if isinstance(path, ModelSource) else ckio.open_checkpoint(path, fmt)
+        reader = path.open(fmt) if isinstance(path, ModelSource) else ckio.open_checkpoint(path, fmt)
     except ckio.CheckpointError as exc:
         raise ckio.CheckpointError(f"{who}: {exc}") from None
+    if not reader.keys():
+        reader.close()
+        raise ckio.CheckpointError(f"{who}: {reader.path} holds no tensors ({reader.format} checkpoint with an empty "
+                                   "tensor list): nothing to merge; is it the model's folder?")
+    return reader
 
 
 def _signature(reader: ckio.CheckpointReader) -> dict[str, tuple]:
@@ -126,9 +132,11 @@ def _opened(config: MergeConfig) -> Iterator[tuple[ckio.CheckpointReader, list[c
     readers: list[ckio.CheckpointReader] = []
     try:
         sources = config.sources or (config.base_model, *config.models)
-        readers.append(_open(sources[0], config.format, "base_model"))
-        for i, path in enumerate(sources[1:]):
-            readers.append(_open(path, config.format, f"models[{i}]"))
+        labels = config.model_labels or [f"models[{i}]" for i in range(len(sources) - 1)]
+        first = "base_model" if config.has_base else next(iter(labels), "models[0]")
+        readers.append(_open(sources[0], config.format, first))
+        for label, path in zip(labels, sources[1:]):
+            readers.append(_open(path, config.format, label))
         grams = None
         if config.grams is not None:
             grams = _open(config.grams, "auto", "grams")
@@ -252,14 +260,6 @@ def _group_reader(plan: MergePlan, readers, grams, work: str, same_as_base: list
     return read
 
 
-def _shard_bytes(plan: MergePlan) -> int:
-    """The output shard size in bytes (mergekit's "parameters" count times the widest out dtype)."""
-    size = plan.config.out_shard_size
-    if plan.config.out_shard_unit == "parameters":
-        size *= max((np.dtype(d).itemsize for d in plan.out_dtypes.values()), default=4)
-    return size
-
-
 @contextlib.contextmanager
 def _closing(writer, target: Path) -> Iterator[None]:
     """Close the weights writer after the loop, or abort it (its partial output removed) on any failure."""
@@ -283,16 +283,18 @@ def _resolver(plan: MergePlan):
 
 
 def _warn_zero_task_vectors(config: MergeConfig, same_as_base: Sequence[bool]) -> None:
+    given = (config.given or {}).get("models") or config.models
     for i, same in enumerate(same_as_base):
         if same:
-            warnings.warn(f"models[{i}] ({config.models[i]}) equals the base model in every tensor: its task "
-                          "vector is zero", stacklevel=3)
+            label = config.model_labels[i] if config.model_labels else f"models[{i}]"
+            warnings.warn(f"{label} ({given[i]}) equals the base model in every tensor: its task vector is zero",
+                          stacklevel=3)
 
 
 def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                       dry_run: bool = False, progress: bool = True,
                       max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES, copy_tokenizer: bool = True,
-                      overlap: bool = True, timings: dict | None = None) -> Path:
+                      overlap: bool = True, timings: dict | None = None, write_model_card: bool = True) -> Path:
     """Merge the checkpoints a config names into ``out``, streaming one tensor group at a time.
 
     Args:
@@ -309,6 +311,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
       overlap: read the next group and write the previous one while this one merges
         (:mod:`swudi_jax.checkpoint.stream`; same results as ``overlap=False``, at most 2 groups held).
       timings: if a dict, filled with the merge loop's busy seconds per stage and its wall time.
+      write_model_card: README.md and ``mergekit_config.yml`` too (mergekit's ``--write-model-card``).
     Returns:
       ``out`` as a Path.
     Raises:
@@ -341,7 +344,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         same_as_base = [config.has_base and method.base != "joins" and plan.sliced is None] * len(experts)
         tmp = slot.tmp
         target = ckio.weights_path(tmp, plan.out_format)
-        writer = ckio.open_writer(target, plan.out_format, entries, shard_size=_shard_bytes(plan), metadata=metadata)
+        writer = ckio.open_writer(target, plan.out_format, entries, shard_size=config.out_shard_size, metadata=metadata)
         sizes = padded_sizes(plan.groups, method.kind == "elementwise")
 
         read = _group_reader(plan, [base, *experts], grams, work, same_as_base)
@@ -365,7 +368,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         if timings is not None:
             timings.update(split.as_dict())
         _warn_zero_task_vectors(config, same_as_base)
-        write_beside(plan, tmp, copy_tokenizer, side_files, resolved.scale)
+        write_beside(plan, tmp, copy_tokenizer, side_files, resolved.scale, write_model_card)
         slot.publish()
     return out
 

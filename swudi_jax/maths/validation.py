@@ -92,6 +92,32 @@ def check_choice(value: Any, name: str, choices) -> None:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
 
 
+def check_like_default(value: Any, name: str, default: Any, *, per_expert: bool = False) -> None:
+    """A user's option value of its default's kind, before any method-specific check: true or
+    false for a bool default; a finite number for a number default (an integer for an int
+    default), or, for a ``per_expert`` option, a list of one such number per model. Options
+    whose default is None or a string are the method's validator's to check; traced values
+    (per-tensor values under ``vmap``) were checked where they entered."""
+    if default is None or isinstance(default, str) or not is_concrete(value):
+        return
+    if isinstance(default, (bool, np.bool_)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return
+    if not isinstance(default, (int, float, np.number)):
+        return
+    integer = isinstance(default, (int, np.integer))
+    kind = "an integer" if integer else "a finite number"
+    values = np.asarray(value, dtype=object) if isinstance(value, (list, tuple)) else np.asarray(value)
+    ok_shape = values.ndim == 0 or (per_expert and values.ndim == 1 and values.size > 0)
+    items = values.reshape(-1).tolist() if ok_shape else []
+    numbers = all(isinstance(v, (int, np.integer) if integer else (int, float, np.number)) and not isinstance(v, bool)
+                  for v in items)
+    if not ok_shape or not numbers or not all(math.isfinite(float(v)) for v in items):
+        per_model = " or a list of one per model" if per_expert else ""
+        raise ValueError(f"{name} must be {kind}{per_model}, got {value!r}")
+
+
 def check_number(value: Any, name: str, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, integer: bool = False) -> None:
     """A finite real (or int) within [low, high] (``low_open`` makes the lower bound strict)."""

@@ -29,7 +29,7 @@ from swudi_jax.methods import mergekit_family as mf
 from swudi_jax.methods import mergekit_selective as msel
 from swudi_jax.methods import sparsify as sp
 from swudi_jax.methods.dare import leaf_key
-from swudi_jax.methods.spec import COMPUTE_DTYPES, MethodSpec
+from swudi_jax.methods.spec import COMPUTE_DTYPES, MethodSpec, typed_options
 
 MERGEKIT = "mergekit 0.1.5 semantics (arcee-ai/mergekit, merge_methods/); "
 ANY_DTYPE = COMPUTE_DTYPES
@@ -137,8 +137,8 @@ def _task_arithmetic(family: mf.TaskArithmetic, source: str) -> MethodSpec:
 
 
 def _family(name, fn, source, *, tensor, validate=None):
-    return MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, tensor_options=tensor, validate=validate,
-                      compute_dtypes=ANY_DTYPE, n_experts=(1, None))
+    return typed_options(MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, tensor_options=tensor,
+                                    validate=validate, compute_dtypes=ANY_DTYPE, n_experts=(1, None)))
 
 
 TA = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)"
@@ -164,9 +164,10 @@ RAMPLUS_TL = _family("ramplus_tl", msel.ramplus_tl, "Reinforced Agent Merging+ (
 
 def _on_models(name, fn, source, *, base, n_experts, per_expert=(), tensor=(), validate=None, leaf=None,
                inputs=("base",)):
-    return MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, operand="models", base=base,
-                      n_experts=n_experts, per_expert=per_expert, tensor_options=tensor, validate=validate,
-                      leaf_inputs=leaf, inputs=inputs, compute_dtypes=("float32", "float64"))
+    return typed_options(MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, operand="models", base=base,
+                                    n_experts=n_experts, per_expert=per_expert, tensor_options=tensor,
+                                    validate=validate, leaf_inputs=leaf, inputs=inputs,
+                                    compute_dtypes=("float32", "float64")))
 
 
 LINEAR = _on_models("linear", linear, "Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)", base="joins",

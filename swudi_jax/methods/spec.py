@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from swudi_jax.maths.linalg import compute_dtype
+from swudi_jax.maths.validation import check_like_default
 
 KINDS = ("linear", "elementwise", "data")
 OPERANDS = ("task_vectors", "models")
@@ -269,6 +270,23 @@ def keyword_defaults(fn: Callable, exclude: tuple[str, ...] = ()) -> dict[str, A
     return dict(_signature_defaults(fn, tuple(exclude)))
 
 
+def typed_options(spec: MethodSpec, names: Iterable[str] | None = None) -> MethodSpec:
+    """``spec`` whose ``validate`` first checks that each option in ``names`` (default: all) has
+    its default's kind (:func:`~swudi_jax.maths.validation.check_like_default`: true/false, a
+    finite number, an integer, one per model for per-expert options), then runs its own checks.
+    For methods whose validator does not check an option's kind itself."""
+    names = tuple(spec.defaults if names is None else names)
+    then = spec.validate
+
+    def validate(options: Mapping[str, Any]) -> None:
+        for name in names:
+            check_like_default(options[name], name, spec.defaults[name], per_expert=name in spec.per_expert)
+        if then is not None:
+            then(options)
+
+    return dataclasses.replace(spec, validate=validate)
+
+
 def expert_weighted(spec: MethodSpec, default: float = 1.0) -> MethodSpec:
     """``spec`` with a per-expert option ``weight`` scaling each task vector first:
     ``fn(τ; weight=w) = spec.fn(w1·τ1, …, wN·τN)`` (w scalar or (N,), default 1 = unchanged).
@@ -290,8 +308,9 @@ def expert_weighted(spec: MethodSpec, default: float = 1.0) -> MethodSpec:
     extra = inspect.Parameter("weight", inspect.Parameter.KEYWORD_ONLY, default=default)
     weighted.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
     weighted.__doc__ = (fn.__doc__ or "") + "\n\n    weight: per-expert scale of the task vectors (mergekit's per-model weight).\n"
-    return dataclasses.replace(spec, fn=weighted, defaults={**spec.defaults, "weight": default},
-                               per_expert=spec.per_expert + ("weight",))
+    weighted_spec = dataclasses.replace(spec, fn=weighted, defaults={**spec.defaults, "weight": default},
+                                        per_expert=spec.per_expert + ("weight",))
+    return typed_options(weighted_spec, ("weight",))
 
 
-__all__ = ["BASE_ROLES", "CHUNK_LEAVES", "COMPUTE_DTYPES", "ChunkSource", "KINDS", "OPERANDS", "MethodSpec", "Preparation", "Resolved", "SpectralFilter", "TaskVectorChunks", "expert_weighted", "keyword_defaults"]
+__all__ = ["BASE_ROLES", "CHUNK_LEAVES", "COMPUTE_DTYPES", "ChunkSource", "KINDS", "OPERANDS", "MethodSpec", "Preparation", "Resolved", "SpectralFilter", "TaskVectorChunks", "expert_weighted", "keyword_defaults", "typed_options"]

@@ -77,8 +77,9 @@ def check_swudi_options(opts: Mapping[str, Any]) -> None:
     check_number(opts["alignment"], "alignment", low=0.0, high=2.0)
     ref = opts["alignment_reference"]
     if ref is not None and is_concrete(ref):
-        value = np.asarray(ref)
-        if value.shape != () or not np.isfinite(value) or value <= 0:
+        value = np.asarray(ref) if isinstance(ref, (int, float, np.number, np.ndarray, jnp.ndarray)) else np.asarray(None)
+        if isinstance(ref, bool) or value.shape != () or value.dtype.kind not in "iuf" or not np.isfinite(value) \
+                or value <= 0:
             raise ValueError(f"alignment_reference must be one finite number > 0 (λ̄_max), got {ref!r}")
 
 

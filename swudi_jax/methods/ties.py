@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from swudi_jax.methods.spec import MethodSpec, Preparation
-from swudi_jax.maths.validation import check_choice, check_number
+from swudi_jax.maths.validation import check_choice, check_number, is_concrete
 
 TRIMS = ("model", "tensor")
 DEFAULT_DENSITY = 0.2
@@ -157,6 +157,14 @@ def _validate(options: Mapping[str, Any]) -> None:
     check_choice(options["trim"], "trim", TRIMS)
     if options["thresholds"] is not None and options["trim"] != "model":
         raise ValueError("thresholds apply to trim='model' only")
+    given = options["thresholds"]
+    if given is not None and is_concrete(given):
+        try:
+            values = None if isinstance(given, (str, bool)) else np.asarray(given, np.float64)
+        except (TypeError, ValueError):
+            values = None
+        if values is None or values.ndim != 1 or not np.all(np.isfinite(values)):
+            raise ValueError(f"thresholds must be a list of one finite number per model, got {given!r}")
 
 
 def _model_trim(options: Mapping[str, Any]) -> Preparation | None:
