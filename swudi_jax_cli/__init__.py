@@ -71,3 +71,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = [
+    "HANDLED_SIGNALS",
+    "main",
+]

@@ -134,7 +134,7 @@ def test_public_layer_functions_outside_the_registry():
     assert keyword_defaults(sj.layerwise_merge) == {"method": "output_space", "inputs": "merged", "targets": "local",
                                                     "weights": None, "scale": 1.0, "prefix": "params"}
     assert keyword_defaults(sj.merge_lora) == {"method": "swudi"}
-    assert keyword_defaults(sj.merge_sharded) == {"method": "swudi"}  # solver: the method's own option
+    assert keyword_defaults(sj.merge_sharded) == {"mesh": None, "method": "swudi"}  # solver: the method's own option
 
 
 def test_method_constants():

@@ -245,3 +245,12 @@ def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = [
+    "HANDLED_SIGNALS",
+    "MERGEKIT_FLAGS",
+    "Interrupted",
+    "build_parser",
+    "main",
+]

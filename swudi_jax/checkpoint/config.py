@@ -25,7 +25,8 @@ Example::
     layout: auto                       # torch (HF, weight is (out, in)), flax (kernel is (in, out)), or auto:
                                        # from the names (kernel: flax, weight: torch), else safetensors: torch
     dtype: float32                     # compute dtype (float64 turns on jax_enable_x64)
-    out_dtype: null                    # null keeps each tensor's base dtype
+    out_dtype: null                    # null: `dtype` when one is given (float32 here, as mergekit),
+                                       # else each tensor's base dtype
     format: auto                       # input format; out_format defaults to it
     out_format: auto
     out_shard_size: 5B                 # bytes per safetensors shard: mergekit's "5B" (5·10⁹ bytes),
@@ -764,3 +765,19 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
 def numpy_dtype(name: str) -> np.dtype:
     """The NumPy dtype for a config dtype name (bfloat16 via ml_dtypes)."""
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+__all__ = [
+    "COMPUTE_DTYPES",
+    "DEFAULT_SHARD_SIZE",
+    "LAYOUTS",
+    "OPTION_ALIASES",
+    "OUT_DTYPES",
+    "ConfigError",
+    "MergeConfig",
+    "load_config",
+    "numpy_dtype",
+    "parse_config",
+    "parse_size",
+    "tensor_resolver",
+]

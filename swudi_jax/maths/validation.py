@@ -118,9 +118,26 @@ def check_like_default(value: Any, name: str, default: Any, *, per_expert: bool 
         raise ValueError(f"{name} must be {kind}{per_model}, got {value!r}")
 
 
+def static_or_traced(value: Any) -> Any:
+    """A checked number as a Python float (a hashable static value), a traced one as it is."""
+    return float(value) if is_concrete(value) else value
+
+
 def check_number(value: Any, name: str, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, integer: bool = False) -> None:
-    """A finite real (or int) within [low, high] (``low_open`` makes the lower bound strict)."""
+                 low_open: bool = False, integer: bool = False, traceable: bool = False) -> None:
+    """A finite real (or int) within [low, high] (``low_open`` makes the lower bound strict).
+
+    A traced value (an argument of the caller's ``jax.jit``) is accepted as a real scalar when
+    ``traceable`` (its bounds cannot be read then: out-of-range values give out-of-range
+    results), else refused with a message saying the option must be a static Python number."""
+    if not is_concrete(value):
+        if not traceable:
+            raise ValueError(f"{name} must be a static Python number, got a traced value ({value.aval}): it decides "
+                             f"a shape, a loop count or a branch; close over it, or mark it static "
+                             f"(jax.jit(fn, static_argnames=({name!r},)))")
+        if value.shape != () or not jnp.issubdtype(value.dtype, jnp.number) or jnp.iscomplexobj(value):
+            raise ValueError(f"{name} must be a real scalar, got a traced {value.aval}")
+        return
     ok_type = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.number))
     if isinstance(value, bool) or not ok_type or not math.isfinite(float(value)):
         kind = "an integer" if integer else "a finite number"
@@ -129,3 +146,16 @@ def check_number(value: Any, name: str, *, low: float | None = None, high: float
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}, got {value!r}")
+
+
+__all__ = [
+    "all_finite",
+    "as_float_array",
+    "check_choice",
+    "check_finite",
+    "check_number",
+    "check_task_vectors",
+    "is_concrete",
+    "non_finite",
+    "static_or_traced",
+]

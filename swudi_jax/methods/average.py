@@ -29,3 +29,9 @@ AVERAGE = MethodSpec(
     kind="elementwise",
     source="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
 )
+
+
+__all__ = [
+    "AVERAGE",
+    "average",
+]

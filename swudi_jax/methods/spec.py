@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from swudi_jax.maths.linalg import compute_dtype
-from swudi_jax.maths.validation import check_like_default
+from swudi_jax.maths.validation import check_like_default, is_concrete
 
 KINDS = ("linear", "elementwise", "data")
 OPERANDS = ("task_vectors", "models")
@@ -223,6 +223,12 @@ class MethodSpec:
         Raises:
           ValueError: an unknown or invalid option, or a scale that is not a finite number.
         """
+        traced = sorted(k for k, v in (options or {}).items() if not is_concrete(v) and k not in self.array_options)
+        if traced or not is_concrete(scale):
+            raise ValueError(f"{traced or ['scale']} of method {self.name!r} are traced values (jax.jit): a whole-model "
+                             "merge compiles once per option set and takes static Python values; close over them, "
+                             "or call the layer function under jax.jit (sj.swudi takes time, tikhonov_alpha and gamma "
+                             "traced, sj.iwudi time, alpha and eta_ratio)")
         resolved = self.resolve(options)
         if scale is None:
             scale = self.scale(resolved)

@@ -33,3 +33,10 @@ TASK_ARITHMETIC = MethodSpec(
     default_scale=DEFAULT_LAMBDA,
     source="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)",
 )
+
+
+__all__ = [
+    "DEFAULT_LAMBDA",
+    "TASK_ARITHMETIC",
+    "task_arithmetic",
+]

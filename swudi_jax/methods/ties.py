@@ -184,3 +184,15 @@ TIES = MethodSpec(
     array_options=("thresholds",),
     prepare=_model_trim,
 )
+
+
+__all__ = [
+    "DEFAULT_DENSITY",
+    "TIES",
+    "TRIMS",
+    "disjoint_merge",
+    "kept_count",
+    "tensor_thresholds",
+    "ties",
+    "ties_model_thresholds",
+]

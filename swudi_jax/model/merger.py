@@ -24,9 +24,11 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from swudi_jax.maths.linalg import compute_dtype, is_floating
-from swudi_jax.maths.validation import check_choice, check_finite
+from swudi_jax.maths.placement import explicit_sharding, place
+from swudi_jax.maths.validation import check_choice, check_finite, is_concrete
 from swudi_jax.methods.registry import DEFAULT_METHOD, resolve
 from swudi_jax.methods.spec import CHUNK_LEAVES, ChunkSource, MethodSpec, Resolved
 from swudi_jax.model.batching import (compile_groups, compile_key, group_size, host_array, host_group, is_flat,
@@ -34,7 +36,7 @@ from swudi_jax.model.batching import (compile_groups, compile_key, group_size, h
 from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
 from swudi_jax.model.inputs import ModelInput, as_params
 from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, describe_groups, logical_paths, to_maths
-from swudi_jax.scale.sharding import make_row_mesh, merge_sharded, should_shard
+from swudi_jax.scale.sharding import merge_sharded, row_mesh, should_shard
 
 DEFAULT_MAX_GROUP_BYTES = 1 << 30
 """Stacked bytes (base and experts) of one compiled call before a group is split."""
@@ -253,10 +255,11 @@ def _use_multi_device(multi_device: bool | str, resolved: Resolved, layer_shape:
     return True
 
 
-def _merge_layers_sharded(base, experts, resolved: Resolved, weights: Sequence[Any] | None = None) -> jax.Array:
-    """θ0 + s·merge_sharded(wi·τi) for each layer of a (G, N, m, n) stack, rows over all devices
+def _merge_layers_sharded(base, experts, resolved: Resolved, weights: Sequence[Any] | None = None,
+                          mesh: Mesh | None = None) -> jax.Array:
+    """θ0 + s·merge_sharded(wi·τi) for each layer of a (G, N, m, n) stack, rows over ``mesh``
+    (None: :func:`~swudi_jax.scale.sharding.row_mesh`'s choice) and each θ left there
     (``weights``: the per-expert weights of each layer, (N,) each, or None)."""
-    mesh = make_row_mesh()
     work = compute_dtype(base.dtype)
     whole = resolved.without(resolved.spec.varying)
     layers = []
@@ -266,6 +269,7 @@ def _merge_layers_sharded(base, experts, resolved: Resolved, weights: Sequence[A
         if weights is not None:
             tau = tau * jnp.asarray(weights[g], work)[:, None, None]
         merged = merge_sharded(tau, mesh, whole)
+        base_g = jax.device_put(base_g, merged.sharding)
         layers.append((base_g + resolved.scale * merged.astype(work)).astype(base.dtype))
     return jnp.stack(layers)
 
@@ -498,21 +502,32 @@ def merge_group(
         weights = None
         if "weight" in method.per_expert:
             weights = [v["weight"] for v in layer_options(resolved, plans, len(expert_arrays), tensor_options)]
-        merged = _merge_layers_sharded(base, experts, resolved, weights)
+        merged = _merge_layers_sharded(base, experts, resolved, weights, row_mesh(like=base_arrays[plans[0].path]))
     else:
         merged = _run_group(resolved, plans, base, experts, apply_method, flat, size, grams, tensor_options, dtype,
                             has_base)
-    return _unstacked(plans, merged, flat, host is not None, host_output)
+    return _unstacked(plans, merged, flat, host is not None, host_output, base_arrays)
 
 
-def _unstacked(plans, merged, flat: bool, from_host: bool, host_output: bool) -> dict[str, Any]:
+def _unstacked(plans, merged, flat: bool, from_host: bool, host_output: bool,
+               base_arrays: Mapping[str, Any]) -> dict[str, Any]:
     """The group's merged stack back as {path: array}: NumPy arrays for ``host_output``, else
-    JAX arrays (a group stacked on the host is unstacked there: no per-shape compilation)."""
+    JAX arrays with the base leaf's sharding (the default device for a NumPy base); a group
+    stacked on the host is unstacked there (no per-shape compilation)."""
     if from_host:
-        out = unstack_group(plans, np.asarray(merged), flat)
-        return out if host_output else {k: jax.device_put(v) for k, v in out.items()}
+        merged = np.asarray(merged)
+    elif flat and explicit_sharding(merged) is not None:  # its leaves are cut out of one vector: whole on each device
+        merged = place(merged, NamedSharding(merged.sharding.mesh, PartitionSpec()))
     out = unstack_group(plans, merged, flat)
-    return {k: np.asarray(v) for k, v in out.items()} if host_output else out
+    if host_output:
+        return {k: np.asarray(v) for k, v in out.items()}
+    return {k: jax.device_put(v, _placement(base_arrays[k])) for k, v in out.items()}
+
+
+def _placement(base_leaf: Any) -> Any:
+    """Where a merged leaf goes: the base leaf's sharding when it is a JAX array, else the
+    default device (None)."""
+    return base_leaf.sharding if isinstance(base_leaf, jax.Array) and is_concrete(base_leaf) else None
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -561,8 +576,8 @@ def merge(
       experts: a list of ≥ 2 pytrees with the same paths, shapes and dtypes.
       method: a registered method name (:func:`swudi_jax.methods.registry.available_methods`),
         a :class:`MethodSpec` (registered or not), or a :class:`Resolved` value.
-      scale: s; None means the method's default (``task_arithmetic_paper`` 0.3; mergekit's
-        ``task_arithmetic`` and the others 1).
+      scale: s; None: the method's default, 0.3 for ``task_arithmetic_paper`` and ``dare``
+        (the papers' λ), 1 for mergekit's ``task_arithmetic`` and every other method.
       rules: the structural rules as one :class:`LeafRules` value, or give them as the
         keywords ``layout`` ("flax": kernels (in, out); "torch": HF weights (out, in);
         "auto": from the leaf names), ``include``, ``exclude``, ``head_patterns``,

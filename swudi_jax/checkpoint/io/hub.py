@@ -122,3 +122,12 @@ def _inside_repo(snapshot: Path, repo: Path, where: str) -> Path:
 def commit_of(snapshot: Path) -> str:
     """The commit a snapshot folder holds (its name)."""
     return snapshot.name
+
+
+__all__ = [
+    "cache_dir",
+    "commit_of",
+    "parse_hub_id",
+    "repo_folder",
+    "resolve",
+]

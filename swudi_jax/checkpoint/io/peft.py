@@ -327,3 +327,17 @@ class LoraReader(BaseReader):
 
     def close(self) -> None:
         self._base.close()
+
+
+__all__ = [
+    "BIN_NAME",
+    "CONFIG_NAME",
+    "PREFIX",
+    "SAFETENSORS_NAME",
+    "LoraConfig",
+    "LoraReader",
+    "LoraUpdate",
+    "is_adapter",
+    "load_weights",
+    "read_config",
+]

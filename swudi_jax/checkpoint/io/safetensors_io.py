@@ -323,3 +323,18 @@ class SafetensorsWriter:
                 pass
         self._files = []
 
+
+__all__ = [
+    "CODES",
+    "DTYPES",
+    "INDEX_NAME",
+    "MAX_HEADER_BYTES",
+    "SINGLE_NAME",
+    "SafetensorsReader",
+    "SafetensorsWriter",
+    "is_safetensors",
+    "plan_shards",
+    "read_header",
+    "read_weight_map",
+    "shard_files",
+]

@@ -199,3 +199,10 @@ def parse_model(value: Any, base_dir: str | os.PathLike | Sequence[str | os.Path
                                   "set them on the base model")
         return ModelSource(base.path, path, base.step, base.item, base.hub, label)
     return ModelSource(path, None, step, item, label, None)
+
+
+__all__ = [
+    "MAPPING_KEYS",
+    "ModelSource",
+    "parse_model",
+]
