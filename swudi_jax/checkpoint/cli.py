@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "or bytes (5GB, 2GiB, 2000000000)")
     parser.add_argument("--max-group-size", metavar="N", default=None,
                         help="cap on the bytes of one tensor group from all models held at once (default 1GiB)")
+    parser.add_argument("--out-adapter", action="store_true",
+                        help="write the merge of LoRA adapters as one PEFT adapter (out_format: peft)")
+    parser.add_argument("--adapter-rank", metavar="R", type=int,
+                        help="with --out-adapter: truncate each module to rank R (best approximation; error reported)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
                         help="copy the tokenizer files to OUT (default: yes)")
@@ -128,6 +132,10 @@ def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> 
             size = args.out_shard_size
             overrides["out_shard_size"] = int(size) if size.strip().isdigit() else size
             parse_shard_size(overrides["out_shard_size"], "--out-shard-size")
+        if args.out_adapter:
+            overrides["out_format"] = "peft"
+        if args.adapter_rank is not None:
+            overrides["adapter_rank"] = args.adapter_rank
         if args.cuda:
             _require_accelerator()
         group = DEFAULT_MAX_GROUP_BYTES if args.max_group_size is None else parse_size(args.max_group_size, "--max-group-size")
