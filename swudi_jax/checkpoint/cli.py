@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> 
         for signum, handler in previous.items() if restore_signals else ():
             signal.signal(signum, handler)
     if not args.dry_run:
-        print(f"merged checkpoint written to {out}")
+        print(f"merged {'adapter' if config.out_format == 'peft' else 'checkpoint'} written to {out}")
     return 0
 
 
