@@ -68,6 +68,9 @@ def adapter_methods() -> list[str]:
 
 def check_adapter_output(config: MergeConfig, experts: Sequence[CheckpointReader]) -> list[peft.LoraReader | None]:
     """The experts' adapter readers, or a ValueError saying why the merge cannot be an adapter."""
+    if config.modules is not None:
+        raise ValueError("out_format peft writes one adapter over base_model; `slices`/`modules` configs build each "
+                         "output layer from its own models: merge them to a dense checkpoint")
     readers = adapter_readers(config, experts)
     if readers is None:
         raise ValueError("out_format peft writes the merge as one LoRA adapter over base_model: every model must be "
