@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "500M, or 5GB, 2GiB, 2000000000")
     parser.add_argument("--max-group-size", metavar="N", default=None,
                         help="cap on the bytes of one tensor group from all models held at once (default 1GiB)")
+    parser.add_argument("--out-adapter", action="store_true",
+                        help="write the merge of LoRA adapters as one PEFT adapter (out_format: peft)")
+    parser.add_argument("--adapter-rank", metavar="R", type=int,
+                        help="with --out-adapter: truncate each module to rank R (best approximation; error reported)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _mergekit_arguments(parser)
     return parser
@@ -176,7 +180,8 @@ def _redeliver_swallowed(unraisable) -> None:
 
 
 def _run(args: argparse.Namespace):
-    """The merge the parsed arguments ask for (the signal handlers are in place); returns OUT."""
+    """The merge the parsed arguments ask for (the signal handlers are in place); returns OUT and
+    what it holds ("adapter" or "checkpoint")."""
     from swudi_jax.checkpoint.compile_cache import enable_compile_cache
     from swudi_jax.checkpoint.pipeline import merge_checkpoints
 
@@ -192,15 +197,20 @@ def _run(args: argparse.Namespace):
         size = args.out_shard_size
         overrides["out_shard_size"] = int(size) if size.strip().isdigit() else size
         parse_size(overrides["out_shard_size"], "--out-shard-size")
+    if args.out_adapter:
+        overrides["out_format"] = "peft"
+    if args.adapter_rank is not None:
+        overrides["adapter_rank"] = args.adapter_rank
     if args.num_threads is not None:
         _limit_threads(args.num_threads)
     if args.cuda or args.gpu_rich:
         _require_accelerator("--cuda" if args.cuda else "--gpu-rich (implies --cuda, as in mergekit)")
     group = DEFAULT_MAX_GROUP_BYTES if args.max_group_size is None else parse_size(args.max_group_size, "--max-group-size")
     config = load_config(args.config, overrides=overrides, random_seed=args.random_seed)
-    return merge_checkpoints(config, args.out, force=args.force, dry_run=args.dry_run,
-                             progress=not (args.no_progress or args.quiet), max_group_bytes=group,
-                             copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card)
+    out = merge_checkpoints(config, args.out, force=args.force, dry_run=args.dry_run,
+                            progress=not (args.no_progress or args.quiet), max_group_bytes=group,
+                            copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card)
+    return out, "adapter" if config.out_format == "peft" else "checkpoint"
 
 
 def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> int:
@@ -220,7 +230,7 @@ def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> 
             # the console script (swudi_jax_cli) blocked them before the heavy imports: a signal sent
             # during those is delivered here, to the handlers above
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-            out = _run(args)
+            out, what = _run(args)
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"swudi-merge: interrupted by {signal.Signals(signum).name}; no output written", file=sys.stderr)
@@ -239,7 +249,7 @@ def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> 
         for signum, handler in previous.items() if restore_signals else ():
             signal.signal(signum, handler)
     if not args.dry_run:
-        print(f"merged checkpoint written to {out}")
+        print(f"merged {what} written to {out}")
     return 0
 
 

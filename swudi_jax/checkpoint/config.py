@@ -28,7 +28,8 @@ Example::
     out_dtype: null                    # null: `dtype` when one is given (float32 here, as mergekit),
                                        # else each tensor's base dtype
     format: auto                       # input format; out_format defaults to it
-    out_format: auto
+    out_format: auto                   # or peft: a merge of LoRA adapters written as one adapter
+    adapter_rank: null                 # out_format peft: truncate each module to this rank (null: exact, Σ rᵢ)
     out_shard_size: 5B                 # bytes per safetensors shard: mergekit's "5B" (5·10⁹ bytes),
                                        # "500M", or "5GB", "2GiB", an int
     tokenizer_source: base             # base, or a model path whose tokenizer files OUT gets
@@ -77,6 +78,8 @@ from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, OTHERS, LeafRules
 LAYOUTS = ("auto", "torch", "flax")
 COMPUTE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 OUT_DTYPES = ("float32", "float64", "float16", "bfloat16")
+ADAPTER_FORMAT = "peft"
+"""``out_format: peft``: the merge written as one PEFT LoRA adapter (experts: adapters over the base)."""
 DEFAULT_SHARD_SIZE = 5 * 10**9
 """Bytes per output shard by default: mergekit's "5B"."""
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -113,6 +116,7 @@ class MergeConfig:
     out_dtype: str | None = None
     format: str = "auto"
     out_format: str = "auto"
+    adapter_rank: int | None = None
     out_shard_size: int = DEFAULT_SHARD_SIZE
     grams: Path | None = None
     source: Path | None = None
@@ -267,7 +271,7 @@ def _path(value: Any, base_dir: tuple[Path, ...], where: str) -> Path:
 
 _KEYS = ("base_model", "models", "merge_method", "parameters", "scale", "include", "exclude",
          "head_patterns", "others", "input_axes", "scan_patterns", "scan_axis", "multi_device", "layout",
-         "dtype", "out_dtype", "format", "out_format", "out_shard_size", "grams", "allow_download",
+         "dtype", "out_dtype", "format", "out_format", "adapter_rank", "out_shard_size", "grams", "allow_download",
          "slices", "modules", "tokenizer_source", "tokenizer", "chat_template")
 
 
@@ -532,6 +536,19 @@ def _method_settings(raw, method, options, base_dir: tuple[Path, ...], name: str
     return resolved, grams, dtype, out_dtype
 
 
+def _adapter_rank(raw: Mapping[str, Any], name: str) -> int | None:
+    """``adapter_rank``: a positive integer, only with ``out_format: peft``."""
+    rank = raw.get("adapter_rank")
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"{name}: `adapter_rank` must be a positive integer or null, got {rank!r}")
+    if raw.get("out_format") != ADAPTER_FORMAT:
+        raise ConfigError(f"{name}: `adapter_rank` truncates a written LoRA adapter; it needs `out_format: "
+                          f"{ADAPTER_FORMAT}` (got out_format {raw.get('out_format', 'auto')!r})")
+    return rank
+
+
 def _structure_and_outputs(raw, base_dir: tuple[Path, ...], name: str, base_source):
     """The checks of input_axes, scan_axis, tokenizer_source and chat_template."""
     input_axes = raw.get("input_axes")
@@ -707,7 +724,8 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         dtype=dtype,
         out_dtype=None if out_dtype is None else _choice(out_dtype, OUT_DTYPES, f"{name}: `out_dtype`"),
         format=_choice(raw.get("format", "auto"), ("auto", *FORMATS), f"{name}: `format`"),
-        out_format=_choice(raw.get("out_format", "auto"), ("auto", *FORMATS), f"{name}: `out_format`"),
+        out_format=_choice(raw.get("out_format", "auto"), ("auto", *FORMATS, ADAPTER_FORMAT), f"{name}: `out_format`"),
+        adapter_rank=_adapter_rank(raw, name),
         out_shard_size=shard,
         grams=grams,
         source=None if source is None else Path(source),

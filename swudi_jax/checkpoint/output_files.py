@@ -24,7 +24,9 @@ MERGEKIT_CONFIG_NAME = "mergekit_config.yml"
 
 
 def _library_name(side_files: Sequence[str], out_format: str) -> str:
-    """The Hub's ``library_name``: what loads the folder (sentence-transformers, transformers, else swudi_jax)."""
+    """The Hub's ``library_name``: what loads the folder (peft, sentence-transformers, transformers, else swudi_jax)."""
+    if out_format == "peft":
+        return "peft"
     if "modules.json" in side_files or "config_sentence_transformers.json" in side_files:
         return "sentence-transformers"
     if out_format == "safetensors" and "config.json" in side_files:
@@ -126,4 +128,13 @@ def write_beside(plan: MergePlan, tmp: Path, copy_tokenizer: bool, side_files: S
             (tmp / name).write_text(text, encoding="utf-8")
 
 
-__all__ = ["CONFIG_NAME", "MERGEKIT_CONFIG_NAME", "PAPER", "model_card", "write_beside"]
+def write_adapter_beside(plan: MergePlan, tmp: Path, scale: float) -> None:
+    """The files beside a written adapter: the config as written and the model card (no base
+    side files: an adapter folder holding a config.json would read as a whole model)."""
+    with naming_file(tmp / CONFIG_NAME):
+        (tmp / CONFIG_NAME).write_text(plan.config.to_yaml(as_given=True))
+    with naming_file(tmp / "README.md"):
+        (tmp / "README.md").write_text(model_card(plan, scale))
+
+
+__all__ = ["CONFIG_NAME", "MERGEKIT_CONFIG_NAME", "PAPER", "model_card", "write_adapter_beside", "write_beside"]

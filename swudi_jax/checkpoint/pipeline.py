@@ -43,14 +43,16 @@ import numpy as np
 
 from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint import slices as sl
-from swudi_jax.checkpoint.config import MergeConfig, load_config, numpy_dtype, tensor_resolver
+from swudi_jax.checkpoint.adapter_output import check_adapter_output, merge_to_adapter
+from swudi_jax.checkpoint.config import ADAPTER_FORMAT, MergeConfig, load_config, numpy_dtype, tensor_resolver
 from swudi_jax.checkpoint.io.output import OutputSlot, check_output_target
 from swudi_jax.checkpoint.io.reader import naming_file
 from swudi_jax.checkpoint.io.side_files import plan_side_files
 from swudi_jax.checkpoint.io.sources import ModelSource
+from swudi_jax.checkpoint.lora_factors import FactorMerge, plan_factor_merge
 from swudi_jax.checkpoint.merge_plan import MergePlan
 from swudi_jax.checkpoint.output_checks import checked_outputs
-from swudi_jax.checkpoint.output_files import CONFIG_NAME, write_beside
+from swudi_jax.checkpoint.output_files import CONFIG_NAME, write_adapter_beside, write_beside
 from swudi_jax.checkpoint.stream import run_overlapped, run_sequential
 from swudi_jax.maths.linalg import is_floating
 from swudi_jax.maths.validation import non_finite
@@ -186,6 +188,8 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
     out_format = base.format if config.out_format == "auto" else config.out_format
     plans, guesses = rules.plan_with_guesses(signature)
     _check_grams(config, plans, grams)
+    if out_format == ADAPTER_FORMAT:
+        check_adapter_output(config, experts)
     elementwise = config.method.spec.kind == "elementwise"
     groups = _groups(plans, sliced, max_group_bytes, len(experts) + 2, elementwise)
     out_dtypes = {}
@@ -211,12 +215,16 @@ def _compute(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]
     return {k: a.astype(target, copy=False) if is_floating(a.dtype) else a for k, a in arrays.items()}
 
 
-def _read_inputs(plan: MergePlan, readers: Sequence[ckio.CheckpointReader], keys: Sequence[str]):
+def _read_inputs(plan: MergePlan, readers: Sequence[ckio.CheckpointReader], keys: Sequence[str],
+                 expert_keys: Sequence[str] | None = None):
     """(base arrays, expert arrays) of output tensors ``keys`` (one group), each {key: array};
-    with slices, read from each recipe's sources (:meth:`~swudi_jax.checkpoint.slices.SlicePlan.read`)."""
+    with slices, read from each recipe's sources (:meth:`~swudi_jax.checkpoint.slices.SlicePlan.read`).
+    ``expert_keys``: the experts' tensors to read, when not all of ``keys`` (the rest merge from
+    LoRA factors, never with slices)."""
     if plan.sliced is not None:
         return plan.sliced.read(keys, readers, _read_group)
-    return _read_group(readers[0], keys), [_read_group(e, keys) for e in readers[1:]]
+    expert_keys = keys if expert_keys is None else expert_keys
+    return _read_group(readers[0], keys), [_read_group(e, expert_keys) for e in readers[1:]]
 
 
 def _model_chunks(plan: MergePlan, readers, progress: bool):
@@ -242,20 +250,50 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="group", file=sys.stderr, leave=False)
 
 
-def _group_reader(plan: MergePlan, readers, grams, work: str, same_as_base: list[bool]):
+def _group_reader(plan: MergePlan, readers, grams, work: str, same_as_base: list[bool], factors: FactorMerge):
     """``read(g)`` for the prefetch thread: group g's inputs read, checked finite on the host and
-    cast to the compute dtype (and its Grams); notes in ``same_as_base`` which experts still equal the base."""
+    cast to the compute dtype (and its Grams); the experts' tensors that merge from LoRA factors
+    (``factors``) are not read. Notes in ``same_as_base`` which experts still equal the base."""
 
     def read(g):
         keys = [p.path for p in plan.groups[g]]
-        base_arrays, expert_arrays = _read_inputs(plan, readers, keys)
+        dense = [k for k in keys if k not in factors.paths]
+        base_arrays, expert_arrays = _read_inputs(plan, readers, keys, dense)
         base_arrays, expert_arrays = _compute(base_arrays, work), [_compute(e, work) for e in expert_arrays]
         for i, arrays in enumerate(expert_arrays if plan.sliced is None else ()):
-            same_as_base[i] = same_as_base[i] and all(np.array_equal(arrays[k], base_arrays[k]) for k in keys)
+            same_as_base[i] = same_as_base[i] and factors.unchanged(i, keys) and all(
+                np.array_equal(arrays[k], base_arrays[k]) for k in dense)
         group_grams = None
         if grams is not None and plan.groups[g][0].kind == "linear":
             group_grams = _read_group(grams, keys)
         return base_arrays, expert_arrays, group_grams
+
+    return read
+
+
+def _group_computer(plan: MergePlan, resolved, resolver, work: str, factors: FactorMerge):
+    """``compute(g, arrays)`` for the caller's thread: group g's tensors merged (one compiled call,
+    those in ``factors.paths`` from their LoRA factors), results checked finite."""
+    config = plan.config
+    sizes = padded_sizes(plan.groups, resolved.spec.kind == "elementwise")
+
+    def compute(g, arrays):
+        group = list(plan.groups[g])
+        dense = [p for p in group if p.path not in factors.paths]
+        merged = merge_group(dense, arrays[0], arrays[1], resolved, arrays[2], config.multi_device, resolver, work,
+                             plan.has_base(g), pad_to=sizes[g], host_output=True)
+        merged.update(factors.merge([p for p in group if p.path in factors.paths], arrays[0]))
+        return checked_outputs(merged, {p.path: plan.out_dtypes[p.path] for p in group}, config.merge_method)
+
+    return compute
+
+
+def _dense_reader(plan: MergePlan, readers, work: str):
+    """``read(keys)``: the base's and the experts' arrays, checked finite, in the compute dtype."""
+
+    def read(keys):
+        base_arrays, expert_arrays = _read_inputs(plan, readers, keys)
+        return _compute(base_arrays, work), [_compute(e, work) for e in expert_arrays]
 
     return read
 
@@ -337,24 +375,23 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
                           + "; ".join(plan.guesses), stacklevel=2)
         side_files = plan_side_files(config.base_model)
         resolved = prepare(config.method, _model_chunks(plan, [base, *experts], progress))
+        resolver = _resolver(plan)
+        if plan.out_format == ADAPTER_FORMAT:  # one PEFT adapter: the merge from the adapters' factors
+            merge_to_adapter(plan, experts, _dense_reader(plan, [base, *experts], work), resolved, resolver, work,
+                             slot.tmp, progress=lambda items: _progress(items, progress, "merging"))
+            write_adapter_beside(plan, slot.tmp, resolved.scale)
+            slot.publish()
+            return out
         metadata = getattr(base, "metadata", None) or None
         entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
-        resolver = _resolver(plan)
         # a joining base is an input; with slices each slice has its own inputs (not checked)
         same_as_base = [config.has_base and method.base != "joins" and plan.sliced is None] * len(experts)
         tmp = slot.tmp
         target = ckio.weights_path(tmp, plan.out_format)
         writer = ckio.open_writer(target, plan.out_format, entries, shard_size=config.out_shard_size, metadata=metadata)
-        sizes = padded_sizes(plan.groups, method.kind == "elementwise")
-
-        read = _group_reader(plan, [base, *experts], grams, work, same_as_base)
-
-        def compute(g, arrays):  # the caller's thread: one compiled call, results checked finite
-            group = list(plan.groups[g])
-            merged = merge_group(group, arrays[0], arrays[1], resolved, arrays[2],
-                                 config.multi_device, resolver, work, plan.has_base(g),
-                                 pad_to=sizes[g], host_output=True)
-            return checked_outputs(merged, {p.path: plan.out_dtypes[p.path] for p in group}, config.merge_method)
+        factors = plan_factor_merge(config, plan, experts, resolved, resolver, work)
+        read = _group_reader(plan, [base, *experts], grams, work, same_as_base, factors)
+        compute = _group_computer(plan, resolved, resolver, work, factors)
 
         def write(g, merged):  # the write-behind thread, in group order
             with naming_file(target):

@@ -17,6 +17,7 @@ no effect (in mergekit it only stores the sign-consensus mask as int8 to save me
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -133,7 +134,9 @@ def _task_arithmetic(family: mf.TaskArithmetic, source: str) -> MethodSpec:
     return MethodSpec(family.name, family, "elementwise", source=MERGEKIT + source,
                       per_expert=tuple(k for k in PER_MODEL if k in family.defaults), tensor_options=("lam",),
                       leaf_inputs=_family_inputs(family), validate=family.check, inputs=family.inputs,
-                      compute_dtypes=ANY_DTYPE, n_experts=(1, None))
+                      compute_dtypes=ANY_DTYPE, n_experts=(1, None),
+                      combination=family.coefficients if family.sparsification is None and family.consensus is None
+                      else None)
 
 
 def _family(name, fn, source, *, tensor, validate=None):
@@ -170,8 +173,10 @@ def _on_models(name, fn, source, *, base, n_experts, per_expert=(), tensor=(), v
                                     compute_dtypes=("float32", "float64")))
 
 
-LINEAR = _on_models("linear", linear, "Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)", base="joins",
-                    n_experts=(1, None), per_expert=("weight",), inputs=())
+LINEAR = dataclasses.replace(
+    _on_models("linear", linear, "Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)", base="joins",
+               n_experts=(1, None), per_expert=("weight",), inputs=()),
+    combination=mf.linear_coefficients)
 SLERP = _on_models("slerp", slerp, "spherical linear interpolation (Shoemake 1985)", base="required",
                    n_experts=(1, 1), tensor=("t",), validate=_check_t)
 NUSLERP = _on_models("nuslerp", nuslerp, "slerp at t = w2/(w1 + w2), of task vectors when a base is given",

@@ -123,6 +123,11 @@ class MethodSpec:
         (per-expert ones as (N,) NumPy arrays) and ``shape`` is one layer's (maths) shape.
       spectral_filter: for filtered spectral estimators, ``options -> SpectralFilter``, so
         the sharded and LoRA paths run the same filter.
+      combination: for methods whose result is a fixed linear combination of their operands,
+        ``combination(options, n) -> c`` (N,): the merged task vector is Σ ci τi (operand
+        "task_vectors", before the scale), or the merged weight Σ ci θi (operand "models").
+        ``options`` hold one tensor's values (per-expert ones as (N,) arrays). Merges of LoRA
+        adapters are then exact concatenated adapters (``out_format: peft``).
       aliases: other names the registry accepts for this method.
       per_expert: options taking one value per expert (a scalar is broadcast); the merger
         feeds each as an (N,) array per tensor.
@@ -148,6 +153,7 @@ class MethodSpec:
     prepare: Callable[[Mapping[str, Any]], Preparation | None] | None = None
     leaf_inputs: Callable[[Mapping[str, Any], str, int, tuple[int, ...]], Mapping[str, Any]] | None = None
     spectral_filter: Callable[[Mapping[str, Any]], SpectralFilter] | None = None
+    combination: Callable[[Mapping[str, Any], int], Any] | None = None
     aliases: tuple[str, ...] = field(default=())
     per_expert: tuple[str, ...] = ()
     tensor_options: tuple[str, ...] = ()
