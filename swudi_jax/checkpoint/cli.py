@@ -55,7 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lazy-unpickle", action="store_true", help="mergekit's flag; no effect here (see below)")
     parser.add_argument("--cuda", action="store_true", help="require the accelerator JAX has (see below)")
     parser.add_argument("--allow-crimes", action="store_true", help="mergekit's flag; lifts no check (see below)")
+    many = parser.add_argument_group("many processes (README, 'Many hosts')")
+    many.add_argument("--distributed", action="store_true",
+                      help="run as one of several processes on JAX's distributed runtime, the values below taken "
+                           "from the cluster environment (SLURM, Open MPI, Cloud TPU pod) where not given")
+    many.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address for the runtime (implies --distributed)")
+    many.add_argument("--num-processes", metavar="P", type=int, help="how many processes (implies --distributed)")
+    many.add_argument("--process-id", metavar="I", type=int, help="this process, 0 to P-1 (implies --distributed)")
+    many.add_argument("--heartbeat-timeout", metavar="S", type=int,
+                      help="seconds after which a silent process counts as dead and every process stops (default 100)")
     return parser
+
+
+def _start_distributed(args) -> bool:
+    """Join JAX's distributed runtime when asked to (before any other JAX call); whether it was."""
+    if not (args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None):
+        if args.heartbeat_timeout is not None:
+            raise ValueError("--heartbeat-timeout applies to a distributed run (--distributed, --coordinator, ...)")
+        return False
+    from swudi_jax.checkpoint.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id, heartbeat_timeout_s=args.heartbeat_timeout)
+    return True
 
 
 def _require_accelerator() -> None:
@@ -116,6 +137,7 @@ def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> 
         # the console script (swudi_jax_cli) blocked them before the heavy imports: a signal sent
         # during those is delivered here, to the handlers above
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        distributed = _start_distributed(args)
         from swudi_jax.checkpoint.compile_cache import enable_compile_cache
         from swudi_jax.checkpoint.pipeline import merge_checkpoints
 
@@ -132,9 +154,18 @@ def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> 
             _require_accelerator()
         group = DEFAULT_MAX_GROUP_BYTES if args.max_group_size is None else parse_size(args.max_group_size, "--max-group-size")
         config = load_config(args.config, overrides=overrides)
+        timings: dict = {}
         out = merge_checkpoints(config, args.out, force=args.force, dry_run=args.dry_run,
                                 progress=not args.no_progress, max_group_bytes=group,
-                                copy_tokenizer=args.copy_tokenizer)
+                                copy_tokenizer=args.copy_tokenizer, distributed=distributed, timings=timings)
+        if distributed:  # every process has finished: say what it did, leave the runtime together
+            import jax
+
+            from swudi_jax.checkpoint.work_split import describe_share
+
+            if "share" in timings:
+                print(f"swudi-merge: {describe_share(timings['share'], timings['wall_s'])}", file=sys.stderr)
+            jax.distributed.shutdown()
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"swudi-merge: interrupted by {signal.Signals(signum).name}; no output written", file=sys.stderr)
