@@ -25,8 +25,8 @@ N·m < n) at a measured matmul rate (default 273 GFLOP/s, same table); reading t
 least-loaded host); a host's time is its layers' compute plus its reads. The largest single layer
 bounds the time however many hosts there are.
 
-    python -m benchmarks.multihost                    # both parts (~4 min here)
-    python -m benchmarks.multihost --quick            # tiny shapes, seconds (tests/test_multihost_benchmark_smoke.py)
+    python -m benchmarks.multihost --repeats 2        # both parts (~3.5 min here)
+    python -m benchmarks.multihost --quick            # tiny shapes, a smoke run (under a minute)
     python -m benchmarks.multihost --project-only --eigh-ref-s 0.9 --matmul-gflops 400   # other per-shape costs
 """
 
@@ -36,6 +36,7 @@ import argparse
 import math
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -98,14 +99,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_merge(root: Path, out: Path, processes: int, max_group: int, timeout: float) -> dict:
-    """``swudi-merge`` as ``processes`` processes on this machine: wall time and each one's share."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "SWUDI_JAX_COMPILE_CACHE": "off",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def run_merge(root: Path, out: Path, processes: int, max_group: int, timeout: float, blas_threads: int) -> dict:
+    """``swudi-merge`` as ``processes`` processes on this machine: wall time and each one's share.
+    Every process of every run gets ``blas_threads`` BLAS threads (the eigh's LAPACK): its result
+    depends on the thread count, and spinning BLAS threads of several processes on shared cores
+    slow every eigh."""
+    threads = str(blas_threads)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "SWUDI_JAX_COMPILE_CACHE": "off", "OPENBLAS_NUM_THREADS": threads,
+           "OMP_NUM_THREADS": threads, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     port = _free_port()
     command = [sys.executable, "-m", "swudi_jax_cli", str(root / "merge.yaml"), str(out), "--no-progress",
                "--max-group-size", str(max_group), "--coordinator", f"localhost:{port}",
                "--num-processes", str(processes)]
+    before, load = resource.getrusage(resource.RUSAGE_CHILDREN), os.getloadavg()[0]
     start = time.perf_counter()
     procs = [subprocess.Popen([*command, "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(processes)]
@@ -116,6 +122,8 @@ def run_merge(root: Path, out: Path, processes: int, max_group: int, timeout: fl
             p.kill()
         raise RuntimeError(f"{processes} processes still running after {timeout} s") from None
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     shares = []
     for p, (_, err) in zip(procs, results):
         found = SHARE.search(err)
@@ -124,7 +132,7 @@ def run_merge(root: Path, out: Path, processes: int, max_group: int, timeout: fl
         shares.append({"process": int(found[1]), "groups": int(found[3]), "of_groups": int(found[4]),
                        "merge_loop_s": float(found[5]), "cost_percent": int(found[6])})
     return {"processes": processes, "wall_s": wall, "slowest_merge_loop_s": max(s["merge_loop_s"] for s in shares),
-            "shares": sorted(shares, key=lambda s: s["process"])}
+            "cpu_s": cpu, "load_average_before": load, "shares": sorted(shares, key=lambda s: s["process"])}
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -138,9 +146,9 @@ def measure(args) -> list[dict]:
         biggest = write_models(root, args)
         max_group = args.max_group_size or (args.experts + 2) * biggest
         for repeat in range(args.repeats):
-            for processes in args.processes:
+            for processes in (args.processes if repeat % 2 == 0 else args.processes[::-1]):  # interleaved
                 out = root / f"out{processes}_{repeat}"
-                row = run_merge(root, out, processes, max_group, args.timeout)
+                row = run_merge(root, out, processes, max_group, args.timeout, args.blas_threads)
                 reference = root / f"out{args.processes[0]}_0"
                 row["same_bytes_as_first"] = _tree(out) == _tree(reference)
                 row.update(repeat=repeat, max_group_bytes=max_group)
@@ -157,6 +165,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         mine = [r for r in rows if r["processes"] == p]
         table.append({"processes": p, "wall_s": float(np.median([r["wall_s"] for r in mine])),
                       "merge_loop_s": float(np.median([r["slowest_merge_loop_s"] for r in mine])),
+                      "cpu_s": float(np.median([r["cpu_s"] for r in mine])),
                       "groups": [s["groups"] for s in mine[0]["shares"]],
                       "cost_percent": [s["cost_percent"] for s in mine[0]["shares"]],
                       "same_bytes": all(r["same_bytes_as_first"] for r in mine)})
@@ -201,11 +210,11 @@ def project(args) -> dict:
 def print_tables(table: list[dict], projection: dict) -> None:
     if table:
         print("\n| processes | end to end s | slowest merge loop s | speed-up (end to end) | speed-up (merge loop) "
-              "| groups per process | est. cost % per process | output = P=1's |")
-        print("|---:|---:|---:|---:|---:|---|---|:---:|")
+              "| CPU s, all processes | groups per process | est. cost % per process | output = P=1's |")
+        print("|---:|---:|---:|---:|---:|---:|---|---|:---:|")
         for r in table:
             print(f"| {r['processes']} | {r['wall_s']:.1f} | {r['merge_loop_s']:.1f} | {r['speedup_wall']:.2f}× | "
-                  f"{r['speedup_merge_loop']:.2f}× | {r['groups']} | {r['cost_percent']} | "
+                  f"{r['speedup_merge_loop']:.2f}× | {r['cpu_s']:.0f} | {r['groups']} | {r['cost_percent']} | "
                   f"{'yes' if r['same_bytes'] else 'NO'} |")
     a = projection["assumptions"]
     print(f"\nProjected Llama-70B SWUDI merge, {a['experts']} experts (eigh {a['eigh_ref_s']} s at n = "
@@ -233,6 +242,9 @@ def parse(argv=None):
     parser.add_argument("--max-group-size", type=int, default=None, help="bytes (default: ~one down_proj per group)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--blas-threads", type=int, default=1,
+                        help="OPENBLAS_NUM_THREADS of every process (the same for every P: LAPACK's eigh rounds "
+                             "differently with another thread count)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in seconds")
     parser.add_argument("--project-only", action="store_true", help="only the 70B projection")
     parser.add_argument("--project-experts", type=int, default=4)

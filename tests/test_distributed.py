@@ -180,3 +180,31 @@ def test_a_killed_process_stops_every_process_and_publishes_nothing(tmp_path):
     merge_checkpoints(tmp_path / "slow.yaml", out, progress=False)
     assert (out / "model.safetensors").is_file()
     assert not [p.name for p in tmp_path.iterdir() if "swudi-merge" in p.name]
+
+
+def test_the_split_gives_every_group_once_and_evens_the_estimated_cost(models):
+    from swudi_jax.checkpoint.pipeline import plan_checkpoints
+    from swudi_jax.checkpoint.work_split import GLOBAL, balance, split_work
+
+    plan = plan_checkpoints(models / "swudi.yaml", max_group_bytes=MAX_GROUP)
+    for count in (2, 3, 4):
+        shares = [split_work(plan, plan.config.method, "auto", i, count) for i in range(count)]
+        assert all(s.owners == shares[0].owners for s in shares)  # every process decides the same
+        assert sorted(g for s in shares for g in s.local) == list(range(len(plan.groups)))
+        loads = [shares[0].load(p) for p in range(count)]
+        assert max(loads) - min(loads) <= max(shares[0].costs)  # longest-first: within one group's cost
+        for leaves in ("merged", "linear_maths"):  # a whole-model pass reads each chunk on one process
+            positions = sorted(k for s in shares for k in s.positions(plan, leaves))
+            assert positions == list(range(len(positions))) and positions
+    forced = split_work(plan_checkpoints(models / "global.yaml", max_group_bytes=MAX_GROUP),
+                        plan.config.method, True, 0, 2)
+    assert forced.global_groups and all(forced.owners[g] == GLOBAL for g in forced.global_groups)
+    assert balance([5.0, 1.0, 1.0, 1.0, 1.0, 1.0], 2) == [0, 1, 1, 1, 1, 1]
+
+
+def test_a_single_process_team_changes_nothing(models, tmp_path):
+    timings: dict = {}
+    merge_checkpoints(models / "swudi.yaml", tmp_path / "out", progress=False, max_group_bytes=MAX_GROUP,
+                      timings=timings)
+    assert _tree(tmp_path / "out") == _tree(models / "single" / "swudi")
+    assert timings["share"]["processes"] == 1 and timings["share"]["groups"] == timings["share"]["of_groups"]

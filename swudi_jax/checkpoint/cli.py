@@ -10,6 +10,10 @@ so that the clean-up finishes (SIGKILL cannot be caught: the next run to the sam
 what a killed run left, see :mod:`swudi_jax.checkpoint.io.output`). The console script enters
 through :mod:`swudi_jax_cli`, which blocks these signals before jax is imported; ``main``
 unblocks them once its handlers are in place.
+
+``--distributed`` (or ``--coordinator``, ``--num-processes``, ``--process-id``) runs the merge as one
+of several processes on JAX's distributed runtime (:mod:`swudi_jax.checkpoint.distributed`); each
+process prints its share to stderr, and the processes leave the runtime together once OUT is published.
 """
 
 from __future__ import annotations

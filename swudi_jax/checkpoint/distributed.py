@@ -23,7 +23,8 @@ global devices (``multihost_utils.process_allgather``; gloo on CPU). In order:
    writes its tensors' bytes into them at their offsets and closes its files. All processes then
    check in together (:meth:`Team.together`): a failure anywhere fails everyone.
 6. **Publishing.** Process 0 writes the index, config, side files and card and moves the folder to
-   OUT; the others wait for its outcome. The output is byte for byte the single-process merge's.
+   OUT; the others wait for its outcome. The output is byte for byte the single-process merge's
+   (the same software and BLAS thread settings: LAPACK's eigh rounds by its thread count).
 
 Faults. A Python error on one process is posted to the key-value store; the others see it at their
 next group (:meth:`Team.watch`) or check-in and fail with it; process 0 removes the temporary
@@ -36,11 +37,7 @@ left behind. Nothing is published unless every process finished writing.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
-import os
-import platform
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,13 +46,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from swudi_jax.checkpoint.fingerprint import fingerprint
 from swudi_jax.checkpoint.io.output import OutputSlot
 from swudi_jax.methods.spec import Combine
 
 DEFAULT_WAIT_S = 3600
 """How long a process waits for process 0's step (laying out the shards, publishing) before failing."""
-SAMPLED_BLOCKS, BLOCK_BYTES = 16, 4096
-"""An input file's fingerprint: its size and these many blocks spread over it (first and last included)."""
 
 _RUNS = itertools.count()
 
@@ -94,48 +90,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                                "under SLURM, Open MPI or on a Cloud TPU pod, which provide them)") from None
 
 
-def _digest(*parts: Any) -> bytes:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(repr(part).encode() + b"\0")
-    return h.digest()
-
-
-def _file_digest(path: str, h) -> None:
-    size = os.path.getsize(path)
-    h.update(f"{size}\0".encode())
-    with open(path, "rb") as f:
-        for k in range(SAMPLED_BLOCKS if size > SAMPLED_BLOCKS * BLOCK_BYTES else 1):
-            f.seek(0 if k == 0 else (size - BLOCK_BYTES) * k // (SAMPLED_BLOCKS - 1))
-            h.update(f.read(BLOCK_BYTES if k else min(size, SAMPLED_BLOCKS * BLOCK_BYTES)))
-
-
-def inputs_digest(paths: Iterable[str | os.PathLike | None]) -> bytes:
-    """The input files' fingerprint: for every file under each path (links followed, names
-    relative to it), its size and :data:`SAMPLED_BLOCKS` blocks of its content."""
-    h = hashlib.sha256()
-    for root in (os.fspath(p) for p in paths if p is not None):
-        files = [root] if os.path.isfile(root) else sorted(
-            os.path.join(d, name) for d, _, names in os.walk(root) for name in names)
-        for path in files:
-            h.update(os.path.relpath(path, root).encode() + b"\0")
-            _file_digest(path, h)
-    return h.digest()
-
-
-def fingerprint(config, options: Mapping[str, Any]) -> dict[str, bytes]:
-    """What every process of one merge must share: the config and options, the versions, the inputs."""
-    import swudi_jax
-
-    inputs = [config.grams, config.tokenizer_source, *(p for s in config.sources for p in (s.path, s.adapter))] \
-        if config.sources else [config.base_model, *config.models, config.grams, config.tokenizer_source]
-    versions = (swudi_jax.__version__, jax.__version__, getattr(jax.lib, "__version__", ""), np.__version__,
-                platform.python_version(), sys.byteorder)
-    return {"config and options": _digest(config.to_yaml(), sorted(options.items())),
-            "versions (swudi_jax, jax, jaxlib, numpy, python)": _digest(*versions),
-            "input files": inputs_digest(inputs)}
-
-
 def _gather(array: np.ndarray) -> np.ndarray:
     """(P, *shape): every process's ``array`` (same shape and dtype everywhere), by process index."""
     from jax.experimental import multihost_utils
@@ -157,7 +111,7 @@ class Team:
 
     def __init__(self, index: int = 0, count: int = 1, client: Any = None, wait_s: float = DEFAULT_WAIT_S):
         self.index, self.count, self.client, self.wait_s = index, count, client, wait_s
-        self.prefix = f"swudi-merge/{next(_RUNS)}"
+        self.prefix = f"swudi-merge/{next(_RUNS) if count > 1 else 'solo'}"  # the n-th distributed merge of each process
         self.positions: Callable[[str], list[int]] = lambda leaves: []
         self.work = None
 
@@ -411,4 +365,4 @@ def _message(exc: BaseException) -> str:
     return text if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {text}"
 
 
-__all__ = ["DEFAULT_WAIT_S", "DistributedError", "Team", "fingerprint", "initialize", "inputs_digest"]
+__all__ = ["DEFAULT_WAIT_S", "DistributedError", "Team", "initialize"]

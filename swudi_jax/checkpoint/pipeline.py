@@ -23,6 +23,9 @@ The steps, each finished before the next begins:
    the config (checkpoint paths as written in it) and a model card are added, and the
    directory is moved to OUT if OUT is still what the run saw at the start.
 
+With ``distributed=True`` the same steps run in every process of JAX's distributed runtime, each
+on its share of the groups, and process 0 takes step 5 (:mod:`swudi_jax.checkpoint.distributed`).
+
 Every file read from a model folder resolves inside it (:mod:`swudi_jax.checkpoint.io.confine`). Any
 failure or interrupt before the move removes the temporary directory: OUT is either absent
 (or, with ``force``, its previous content) or complete. Inputs are only read.
