@@ -3,7 +3,7 @@ gloo collectives) writes, byte for byte, what one process writes; failures stop 
 
 Each process of a run is ``tests/distributed_checks.py``: it joins the runtime and runs every merge of
 the run in turn with ``merge_checkpoints(..., distributed=True)``, so one start of P processes covers
-SWUDI, SWUDI with time alignment (a whole-model pass), TIES with its whole-model trim, mergekit's
+SWUDI, SWUDI-A, SWUDI with time alignment (a whole-model pass), TIES with its whole-model trim, mergekit's
 dare_ties, the layers merged on the global mesh, a refused mismatch and a failure on one process.
 The kill test runs the console script, as a user would.
 """
@@ -30,7 +30,7 @@ from swudi_jax.checkpoint.pipeline import merge_checkpoints
 HERE = Path(__file__).resolve().parent
 MAX_GROUP = 3000
 """Bytes per group (5 copies of 8×8 float32 layers): one or two layers a group, so every process gets some."""
-EXACT = {"swudi": ("swudi", {}), "swudi_alignment": ("swudi", {"alignment": 0.5}),
+EXACT = {"swudi": ("swudi", {}), "swudi_a": ("swudi_a", {}), "swudi_alignment": ("swudi", {"alignment": 0.5}),
          "ties_paper": ("ties_paper", {"density": 0.4}), "dare_ties": ("dare_ties", {"density": 0.5, "weight": 0.7})}
 """Merges whose distributed output must equal the single-process one byte for byte."""
 SHARED = ("global", "flax_global")
