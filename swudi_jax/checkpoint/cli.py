@@ -10,6 +10,10 @@ so that the clean-up finishes (SIGKILL cannot be caught: the next run to the sam
 what a killed run left, see :mod:`swudi_jax.checkpoint.io.output`). The console script enters
 through :mod:`swudi_jax_cli`, which blocks these signals before jax is imported; ``main``
 unblocks them once its handlers are in place.
+
+``--distributed`` (or ``--coordinator``, ``--num-processes``, ``--process-id``) runs the merge as one
+of several processes on JAX's distributed runtime (:mod:`swudi_jax.checkpoint.distributed`); each
+process prints its share to stderr, and the processes leave the runtime together once OUT is published.
 """
 
 from __future__ import annotations
@@ -102,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --out-adapter: truncate each module to rank R (best approximation; error reported)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _mergekit_arguments(parser)
+    many = parser.add_argument_group("many processes (README, 'Many hosts')")
+    many.add_argument("--distributed", action="store_true",
+                      help="run as one of several processes on JAX's distributed runtime, the values below taken "
+                           "from the cluster environment (SLURM, Open MPI, Cloud TPU pod) where not given")
+    many.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address for the runtime (implies --distributed)")
+    many.add_argument("--num-processes", metavar="P", type=int, help="how many processes (implies --distributed)")
+    many.add_argument("--process-id", metavar="I", type=int, help="this process, 0 to P-1 (implies --distributed)")
+    many.add_argument("--heartbeat-timeout", metavar="S", type=int,
+                      help="seconds after which a silent process counts as dead and every process stops (default 100)")
     return parser
 
 
@@ -132,6 +145,18 @@ def _limit_threads(count: int) -> None:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning as one line on stderr (no category, file or source line)."""
     print(f"swudi-merge: warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+
+
+def _start_distributed(args) -> bool:
+    """Join JAX's distributed runtime when asked to (before any other JAX call); whether it was."""
+    if not (args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None):
+        if args.heartbeat_timeout is not None:
+            raise ValueError("--heartbeat-timeout applies to a distributed run (--distributed, --coordinator, ...)")
+        return False
+    from swudi_jax.checkpoint.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id, heartbeat_timeout_s=args.heartbeat_timeout)
+    return True
 
 
 def _require_accelerator(flag: str) -> None:
@@ -179,9 +204,10 @@ def _redeliver_swallowed(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-def _run(args: argparse.Namespace):
-    """The merge the parsed arguments ask for (the signal handlers are in place); returns OUT and
-    what it holds ("adapter" or "checkpoint")."""
+def _run(args: argparse.Namespace, distributed: bool):
+    """The merge the parsed arguments ask for (the signal handlers are in place; ``distributed``:
+    this process joined JAX's distributed runtime); returns OUT and what it holds ("adapter" or
+    "checkpoint")."""
     from swudi_jax.checkpoint.compile_cache import enable_compile_cache
     from swudi_jax.checkpoint.pipeline import merge_checkpoints
 
@@ -207,9 +233,19 @@ def _run(args: argparse.Namespace):
         _require_accelerator("--cuda" if args.cuda else "--gpu-rich (implies --cuda, as in mergekit)")
     group = DEFAULT_MAX_GROUP_BYTES if args.max_group_size is None else parse_size(args.max_group_size, "--max-group-size")
     config = load_config(args.config, overrides=overrides, random_seed=args.random_seed)
+    timings: dict = {}
     out = merge_checkpoints(config, args.out, force=args.force, dry_run=args.dry_run,
                             progress=not (args.no_progress or args.quiet), max_group_bytes=group,
-                            copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card)
+                            copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
+                            distributed=distributed, timings=timings)
+    if distributed:  # every process has finished: say what it did, leave the runtime together
+        import jax
+
+        from swudi_jax.checkpoint.work_split import describe_share
+
+        if "share" in timings:
+            print(f"swudi-merge: {describe_share(timings['share'], timings['wall_s'])}", file=sys.stderr)
+        jax.distributed.shutdown()
     return out, "adapter" if config.out_format == "peft" else "checkpoint"
 
 
@@ -230,7 +266,7 @@ def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> 
             # the console script (swudi_jax_cli) blocked them before the heavy imports: a signal sent
             # during those is delivered here, to the handlers above
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-            out, what = _run(args)
+            out, what = _run(args, _start_distributed(args))
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"swudi-merge: interrupted by {signal.Signals(signum).name}; no output written", file=sys.stderr)

@@ -23,6 +23,9 @@ The steps, each finished before the next begins:
    the config (checkpoint paths as written in it) and a model card are added, and the
    directory is moved to OUT if OUT is still what the run saw at the start.
 
+With ``distributed=True`` the same steps run in every process of JAX's distributed runtime, each
+on its share of the groups, and process 0 takes step 5 (:mod:`swudi_jax.checkpoint.distributed`).
+
 Every file read from a model folder resolves inside it (:mod:`swudi_jax.checkpoint.io.confine`). Any
 failure or interrupt before the move removes the temporary directory: OUT is either absent
 (or, with ``force``, its previous content) or complete. Inputs are only read.
@@ -31,6 +34,7 @@ failure or interrupt before the move removes the temporary directory: OUT is eit
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import warnings
@@ -45,7 +49,9 @@ from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint import slices as sl
 from swudi_jax.checkpoint.adapter_output import check_adapter_output, merge_to_adapter
 from swudi_jax.checkpoint.config import ADAPTER_FORMAT, MergeConfig, load_config, numpy_dtype, tensor_resolver
-from swudi_jax.checkpoint.io.output import OutputSlot, check_output_target
+from swudi_jax.checkpoint.distributed import Team
+from swudi_jax.checkpoint.global_groups import merge_global_groups
+from swudi_jax.checkpoint.io.output import check_output_target
 from swudi_jax.checkpoint.io.reader import naming_file
 from swudi_jax.checkpoint.io.side_files import plan_side_files
 from swudi_jax.checkpoint.io.sources import ModelSource
@@ -227,12 +233,13 @@ def _read_inputs(plan: MergePlan, readers: Sequence[ckio.CheckpointReader], keys
     return _read_group(readers[0], keys), [_read_group(e, expert_keys) for e in readers[1:]]
 
 
-def _model_chunks(plan: MergePlan, readers, progress: bool):
+def _model_chunks(plan: MergePlan, readers, progress: bool, groups: Sequence[int] | None = None):
     """``chunks(leaves)``: the selected tensors' task-vector stacks in float32, read group by
-    group from disk (``leaves``: see :data:`~swudi_jax.methods.spec.CHUNK_LEAVES`)."""
+    group from disk (``leaves``: see :data:`~swudi_jax.methods.spec.CHUNK_LEAVES`), from
+    ``groups`` only when given (this process's share of a distributed merge)."""
 
     def chunks(leaves: str = "merged"):
-        selected = [chunk_plans(g, leaves) for g in plan.groups]
+        selected = [chunk_plans(plan.groups[g], leaves) for g in (range(len(plan.groups)) if groups is None else groups)]
         for group in _progress([g for g in selected if g], progress, "whole-model pass"):
             base_arrays, expert_arrays = _read_inputs(plan, readers, [p.path for p in group])
             for leaf in group:
@@ -271,21 +278,28 @@ def _group_reader(plan: MergePlan, readers, grams, work: str, same_as_base: list
     return read
 
 
-def _group_computer(plan: MergePlan, resolved, resolver, work: str, factors: FactorMerge):
-    """``compute(g, arrays)`` for the caller's thread: group g's tensors merged (one compiled call,
-    those in ``factors.paths`` from their LoRA factors), results checked finite."""
+def _group_stages(plan: MergePlan, resolved, resolver, work: str, multi_device, factors: FactorMerge, writer,
+                  target: Path):
+    """The merge loop's ``compute(g, arrays)`` (the caller's thread: group g's tensors merged in one
+    compiled call, those in ``factors.paths`` from their LoRA factors, results checked finite) and
+    ``write(g, merged)`` (the write-behind thread, in group order)."""
     config = plan.config
     sizes = padded_sizes(plan.groups, resolved.spec.kind == "elementwise")
 
     def compute(g, arrays):
         group = list(plan.groups[g])
         dense = [p for p in group if p.path not in factors.paths]
-        merged = merge_group(dense, arrays[0], arrays[1], resolved, arrays[2], config.multi_device, resolver, work,
+        merged = merge_group(dense, arrays[0], arrays[1], resolved, arrays[2], multi_device, resolver, work,
                              plan.has_base(g), pad_to=sizes[g], host_output=True)
         merged.update(factors.merge([p for p in group if p.path in factors.paths], arrays[0]))
         return checked_outputs(merged, {p.path: plan.out_dtypes[p.path] for p in group}, config.merge_method)
 
-    return compute
+    def write(g, merged):
+        with naming_file(target):
+            for key in (p.path for p in plan.groups[g]):
+                writer.write(key, merged[key])
+
+    return compute, write
 
 
 def _dense_reader(plan: MergePlan, readers, work: str):
@@ -320,7 +334,25 @@ def _resolver(plan: MergePlan):
     return tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
 
 
-def _warn_zero_task_vectors(config: MergeConfig, same_as_base: Sequence[bool]) -> None:
+def _publish(plan: MergePlan, slot, copy_tokenizer: bool, side_files: Sequence[str], scale: float,
+             write_model_card: bool) -> None:
+    """The files beside the weights, then the move to OUT (process 0's, once every process has written)."""
+    write_beside(plan, slot.tmp, copy_tokenizer, side_files, scale, write_model_card)
+    slot.publish()
+
+
+def _publish_adapter(plan: MergePlan, slot, experts, base, resolved, resolver, work: str, progress: bool) -> None:
+    """``out_format: peft``: the merge from the adapters' factors written as one PEFT adapter, then
+    the move to OUT (one process)."""
+    merge_to_adapter(plan, experts, _dense_reader(plan, [base, *experts], work), resolved, resolver, work,
+                     slot.tmp, progress=lambda items: _progress(items, progress, "merging"))
+    write_adapter_beside(plan, slot.tmp, resolved.scale)
+    slot.publish()
+
+
+def _warn_zero_task_vectors(config: MergeConfig, same_as_base: Sequence[bool], lead: bool = True) -> None:
+    if not lead:
+        return
     given = (config.given or {}).get("models") or config.models
     for i, same in enumerate(same_as_base):
         if same:
@@ -332,7 +364,8 @@ def _warn_zero_task_vectors(config: MergeConfig, same_as_base: Sequence[bool]) -
 def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                       dry_run: bool = False, progress: bool = True,
                       max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES, copy_tokenizer: bool = True,
-                      overlap: bool = True, timings: dict | None = None, write_model_card: bool = True) -> Path:
+                      overlap: bool = True, timings: dict | None = None, write_model_card: bool = True,
+                      distributed: bool = False) -> Path:
     """Merge the checkpoints a config names into ``out``, streaming one tensor group at a time.
 
     Args:
@@ -350,6 +383,9 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         (:mod:`swudi_jax.checkpoint.stream`; same results as ``overlap=False``, at most 2 groups held).
       timings: if a dict, filled with the merge loop's busy seconds per stage and its wall time.
       write_model_card: README.md and ``mergekit_config.yml`` too (mergekit's ``--write-model-card``).
+      distributed: be one of the processes of JAX's distributed runtime, each calling this with the same
+        arguments: each merges its share and process 0 publishes OUT, byte for byte the single-process
+        merge (:mod:`swudi_jax.checkpoint.distributed`; the runtime started from the environment if need be).
     Returns:
       ``out`` as a Path.
     Raises:
@@ -368,46 +404,42 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     if dry_run:
         print(plan_checkpoints(config, max_group_bytes=max_group_bytes).describe())
         return out
-    with OutputSlot(out, force=force) as slot, _opened(config) as (base, experts, grams):
+    if distributed and config.out_format == ADAPTER_FORMAT:
+        raise ValueError(f"out_format {ADAPTER_FORMAT} is written by one process: run it without --distributed")
+    team = Team.start(distributed)  # one process, or this process's part in a distributed merge
+    options = dict(out=out, force=force, max_group_bytes=max_group_bytes, copy_tokenizer=copy_tokenizer, card=write_model_card)
+    with team.output_slot(out, force, config, options) as slot, _opened(config) as (base, experts, grams):
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
-        if plan.guesses:
+        if plan.guesses and team.lead:
             warnings.warn("the layout of some tensors is a guess (--dry-run shows the plan): "
                           + "; ".join(plan.guesses), stacklevel=2)
         side_files = plan_side_files(config.base_model)
-        resolved = prepare(config.method, _model_chunks(plan, [base, *experts], progress))
+        share = team.assign(plan, config.method, config.multi_device)
+        resolved = prepare(config.method, _model_chunks(plan, [base, *experts], progress and team.lead, share.prepare),
+                           team.combine)
         resolver = _resolver(plan)
         if plan.out_format == ADAPTER_FORMAT:  # one PEFT adapter: the merge from the adapters' factors
-            merge_to_adapter(plan, experts, _dense_reader(plan, [base, *experts], work), resolved, resolver, work,
-                             slot.tmp, progress=lambda items: _progress(items, progress, "merging"))
-            write_adapter_beside(plan, slot.tmp, resolved.scale)
-            slot.publish()
+            _publish_adapter(plan, slot, experts, base, resolved, resolver, work, progress)
             return out
-        metadata = getattr(base, "metadata", None) or None
         entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
         # a joining base is an input; with slices each slice has its own inputs (not checked)
         same_as_base = [config.has_base and method.base != "joins" and plan.sliced is None] * len(experts)
-        tmp = slot.tmp
-        target = ckio.weights_path(tmp, plan.out_format)
-        writer = ckio.open_writer(target, plan.out_format, entries, shard_size=config.out_shard_size, metadata=metadata)
+        target = ckio.weights_path(slot.tmp, plan.out_format)
+        writer = team.open_writer(target, plan, entries, shard_size=config.out_shard_size,
+                                  metadata=getattr(base, "metadata", None) or None)
         factors = plan_factor_merge(config, plan, experts, resolved, resolver, work)
         read = _group_reader(plan, [base, *experts], grams, work, same_as_base, factors)
-        compute = _group_computer(plan, resolved, resolver, work, factors)
-
-        def write(g, merged):  # the write-behind thread, in group order
-            with naming_file(target):
-                for key in (p.path for p in plan.groups[g]):
-                    writer.write(key, merged[key])
-
+        compute, write = _group_stages(plan, resolved, resolver, work, share.multi_device, factors, writer, target)
         loop = run_overlapped if overlap else run_sequential
-        with _closing(writer, target):
-            split = loop(range(len(plan.groups)), read, compute, write,
-                         progress=lambda items: _progress(items, progress, "merging"))
+        with team.together("merging"), _closing(writer, target):
+            merge_global_groups(share.global_groups, read, plan, resolved, resolver, writer, team)
+            split = loop(share.local, read, compute, write,
+                         progress=lambda items: team.watch(_progress(items, progress and team.lead, "merging")))
         if timings is not None:
-            timings.update(split.as_dict())
-        _warn_zero_task_vectors(config, same_as_base)
-        write_beside(plan, tmp, copy_tokenizer, side_files, resolved.scale, write_model_card)
-        slot.publish()
+            timings.update(split.as_dict(), share=share.summary())
+        _warn_zero_task_vectors(config, team.all(same_as_base), team.lead)
+        team.lead_step("publish", functools.partial(_publish, plan, slot, copy_tokenizer, side_files, resolved.scale,
+                                                    write_model_card))
     return out
-
 
 __all__ = ["CONFIG_NAME", "MergePlan", "merge_checkpoints", "plan_checkpoints", "plan_merge"]

@@ -36,7 +36,7 @@ import inspect
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,18 +67,38 @@ ChunkSource = Callable[[str], Iterable[Any]]
 a fresh iterable of task-vector stacks."""
 
 
+class Combine(NamedTuple):
+    """How a whole-model pass puts together what it computed from its chunks when the chunks are
+    spread over several processes (a distributed merge: each process reads only its share).
+
+    Attributes:
+      sum: a statistic (a NumPy array, or None where this process read no chunk) → its
+        elementwise sum over every process (exact for integer counts); None if none had one.
+      in_order: one value per chunk this process read, in reading order → every chunk's value, in
+        the order one process reading the whole model meets them (so float reductions over
+        them round as in a single-process merge).
+    """
+
+    sum: Callable[[Any], Any]
+    in_order: Callable[[Sequence[Any]], list[Any]]
+
+
+LOCAL = Combine(sum=lambda statistic: statistic, in_order=list)
+"""One process reads every chunk: nothing to combine."""
+
 
 class Preparation(NamedTuple):
     """A whole-model pass run before the per-leaf merge.
 
     Attributes:
       what: what the pass computes, for error messages (e.g. "trim='model' needs ...").
-      run: task-vector chunks → the options to add.
+      run: (task-vector chunks, :class:`Combine`) → the options to add; it passes what it
+        computed from its chunks through the combine before deciding (:data:`LOCAL` in one process).
       leaves: which stacks ``run`` reads, one of :data:`CHUNK_LEAVES` (default "merged").
     """
 
     what: str
-    run: Callable[[TaskVectorChunks], Mapping[str, Any]]
+    run: Callable[[TaskVectorChunks, Combine], Mapping[str, Any]]
     leaves: str = "merged"
 
 
@@ -325,4 +345,4 @@ def expert_weighted(spec: MethodSpec, default: float = 1.0) -> MethodSpec:
     return typed_options(weighted_spec, ("weight",))
 
 
-__all__ = ["BASE_ROLES", "CHUNK_LEAVES", "COMPUTE_DTYPES", "ChunkSource", "KINDS", "OPERANDS", "MethodSpec", "Preparation", "Resolved", "SpectralFilter", "TaskVectorChunks", "expert_weighted", "keyword_defaults", "typed_options"]
+__all__ = ["BASE_ROLES", "CHUNK_LEAVES", "COMPUTE_DTYPES", "ChunkSource", "Combine", "LOCAL", "KINDS", "OPERANDS", "MethodSpec", "Preparation", "Resolved", "SpectralFilter", "TaskVectorChunks", "expert_weighted", "keyword_defaults", "typed_options"]

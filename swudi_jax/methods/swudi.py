@@ -370,7 +370,8 @@ def _swudi_prepare(options: Mapping[str, Any]) -> Preparation | None:
     if not swudi_family.needs_alignment_reference("swudi", options):
         return None
     return Preparation("alignment > 0 needs alignment_reference, λ̄_max over every merged linear layer",
-                       lambda chunks: {"alignment_reference": swudi_family.alignment_reference_from_stacks(chunks())},
+                       lambda chunks, combine: {"alignment_reference":
+                                                    swudi_family.alignment_reference_from_stacks(chunks(), combine)},
                        leaves="linear_maths")
 
 

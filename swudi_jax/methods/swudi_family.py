@@ -52,6 +52,7 @@ from swudi_jax.maths.spectral import (
     with_mean_fallback,
 )
 from swudi_jax.maths.validation import check_choice, check_number, is_concrete, static_or_traced
+from swudi_jax.methods.spec import LOCAL, Combine
 
 SWUDI_FILTERS = ("exponential", "none")
 OUTPUT_PATHS = ("auto", "direct", "range")
@@ -166,17 +167,18 @@ def alignment_reference(lambda_max: Iterable[float] | jnp.ndarray) -> float:
     return float(np.exp(np.mean(np.log(np.maximum(values, filters.EIG_FLOOR)))))
 
 
-def alignment_reference_from_stacks(stacks: Iterable[Any]) -> float:
+def alignment_reference_from_stacks(stacks: Iterable[Any], combine: Combine = LOCAL) -> float:
     """λ̄_max from task-vector stacks of the merged **linear** layers in **maths layout**, each
     (N, m, n) or (L, N, m, n) for L layers of one shape (bias / norm leaves must not be passed:
-    they are not merged spectrally, and a transposed weight has another λ_max)."""
+    they are not merged spectrally, and a transposed weight has another λ_max). ``combine``: the
+    stacks are one process's share of the model; every λ_max is gathered in model order first."""
     values = []
     for stack in stacks:
         stack = jnp.asarray(stack)
         if stack.ndim not in (3, 4):
             raise ValueError(f"each stack must be (N, m, n) or (L, N, m, n) in maths layout, got shape {stack.shape}")
         values.append(np.asarray(jax.vmap(layer_lambda_max)(stack if stack.ndim == 4 else stack[None])))
-    return alignment_reference(values)
+    return alignment_reference(combine.in_order(values))
 
 
 def needs_alignment_reference(method_name: str, opts: Mapping[str, Any]) -> bool:

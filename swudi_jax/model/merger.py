@@ -30,7 +30,7 @@ from swudi_jax.maths.linalg import compute_dtype, is_floating
 from swudi_jax.maths.placement import explicit_sharding, place
 from swudi_jax.maths.validation import check_choice, check_finite, is_concrete
 from swudi_jax.methods.registry import DEFAULT_METHOD, resolve
-from swudi_jax.methods.spec import CHUNK_LEAVES, ChunkSource, MethodSpec, Resolved
+from swudi_jax.methods.spec import CHUNK_LEAVES, LOCAL, ChunkSource, Combine, MethodSpec, Resolved
 from swudi_jax.model.batching import (compile_groups, compile_key, group_size, host_array, host_group, is_flat,
                                       pad_layers, padded_sizes, stack_group, unstack_group)
 from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
@@ -152,13 +152,16 @@ def model_task_vector_chunks(
     return chunks
 
 
-def prepare(resolved: Resolved, chunks: ChunkSource) -> Resolved:
+def prepare(resolved: Resolved, chunks: ChunkSource, combine: Callable[[str], Combine] | None = None) -> Resolved:
     """``resolved`` with what the method's whole-model pass adds to its options (unchanged when
-    it needs none); ``chunks(leaves)`` gives the stacks the pass asks for (:attr:`Preparation.leaves`)."""
+    it needs none); ``chunks(leaves)`` gives the stacks the pass asks for (:attr:`Preparation.leaves`),
+    ``combine(leaves)`` how they meet when ``chunks`` holds only this process's share (default:
+    :data:`~swudi_jax.methods.spec.LOCAL`, every chunk is here)."""
     preparation = resolved.spec.preparation(resolved.options)
     if preparation is None:
         return resolved
-    return resolved.with_options(preparation.run(functools.partial(chunks, preparation.leaves)))
+    joined = LOCAL if combine is None else combine(preparation.leaves)
+    return resolved.with_options(preparation.run(functools.partial(chunks, preparation.leaves), joined))
 
 
 # ----------------------------------------------------------------------------- one group
@@ -237,9 +240,11 @@ def _check_multi_device(multi_device: Any) -> None:
         raise ValueError(f"multi_device must be True, False or 'auto', got {multi_device!r}")
 
 
-def _use_multi_device(multi_device: bool | str, resolved: Resolved, layer_shape: tuple[int, ...]) -> bool:
-    """True runs the row-sharded path; "auto" takes it for big layers when the method's
-    spectral filter accepts these options (else the dense path, which takes every option)."""
+def takes_sharded_path(multi_device: bool | str, resolved: Resolved, layer_shape: tuple[int, ...]) -> bool:
+    """Whether a linear layer of ``layer_shape`` (N, m, n) runs the row-sharded path over all of
+    ``jax.devices()`` (every process's, in a multi-process run): True forces it, "auto" takes it
+    for big layers when the method's spectral filter accepts these options (else the dense path,
+    which takes every option)."""
     _check_multi_device(multi_device)
     method = resolved.spec
     if method.spectral_filter is None or multi_device is False:
@@ -493,7 +498,7 @@ def merge_group(
         return {p.path: base_arrays[p.path] for p in plans}
     _check_method_for_group(resolved, len(expert_arrays), has_base)
     size = max(pad_to or 0, group_size(plans, method.kind == "elementwise"))
-    sharded = kind == "linear" and _use_multi_device(multi_device, resolved, (len(expert_arrays), *plans[0].maths_shape))
+    sharded = kind == "linear" and takes_sharded_path(multi_device, resolved, (len(expert_arrays), *plans[0].maths_shape))
     host = None if sharded else host_group(plans, base_arrays, expert_arrays)
     # host arrays: NumPy layout transforms, one transfer each way (the host stacks are freed here)
     base, experts = jax.device_put(stack_group(plans, *(host or (base_arrays, expert_arrays)), flat,
@@ -700,6 +705,7 @@ __all__ = [
     "layer_options",
     "merge",
     "merge_group",
+    "takes_sharded_path",
     "plan",
     "TreePlan",
     "chunk_plans",

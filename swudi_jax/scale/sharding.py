@@ -44,6 +44,8 @@ where ``load_rows(index)`` reads only the rows ``index`` of the (N, m, n) stack 
 host's devices own (e.g. from a safetensors file). The psums above become cross-host
 collectives; ``theta.addressable_shards`` holds this host's rows, to be written by each
 host for its rows. Inputs that are not fully addressable skip the host-side NaN check.
+``swudi-merge`` run as several processes does exactly this for the layers it merges on the
+global mesh (:mod:`swudi_jax.checkpoint.global_groups`).
 """
 
 from __future__ import annotations
