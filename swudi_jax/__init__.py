@@ -40,7 +40,7 @@ from swudi_jax.methods.ties import ties_model_thresholds
 from swudi_jax.methods.wudi import wudi_gd
 from swudi_jax.model import calibration, layout, sequential
 from swudi_jax.model.calibration import Calibration, task_grams
-from swudi_jax.model.merger import merge, merge_group, plan_tree, task_vectors
+from swudi_jax.model.merger import TreePlan, merge, merge_group, plan, plan_tree, task_vectors
 from swudi_jax.model.sequential import layer_scores, layerwise_merge
 from swudi_jax.scale import lora, sharding
 from swudi_jax.scale.lora import merge_lora
@@ -64,6 +64,7 @@ __all__ = [
     "MergeMethod",
     "MethodSpec",
     "Resolved",
+    "TreePlan",
     "VISION_PRESET",
     "available_methods",
     "enable_compile_cache",
@@ -90,6 +91,7 @@ __all__ = [
     "optmerge_closed_form",
     "output_space_qp",
     "pinv_merge",
+    "plan",
     "plan_tree",
     "register",
     "regmean",

@@ -3,19 +3,20 @@
 Optional, not part of the tests (mergekit and torch live in their own venv, never the project's):
 
     python3 -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit
-    PYTHONPATH=. python benchmarks/mergekit_crosscheck/configs.py WORKDIR [/tmp/mkvenv/bin/mergekit-yaml]
+    PYTHONPATH=. python benchmarks/mergekit_crosscheck/configs.py WORKDIR [/tmp/mkvenv/bin/mergekit-yaml] [NAME,...]
 
 Writes tiny Llama checkpoints (``tests/mergekit_checkpoints.py``, with a config.json that
 transformers and mergekit accept; the base and two experts with three different fast
 tokenizers, ``tests/tokenizer_files.py``) under WORKDIR, runs each config through both tools
 and prints one row per config: the largest |difference| over all tensors relative to the
-largest |value|, the tensors bit-identical, and for half-precision merges the entries within
-one unit in the last place of mergekit's value. Each config runs in float32 and with
+largest |value|, the tensors bit-identical, whether both wrote the same tensor names,
+config.json's ``num_hidden_layers`` on each side, and for half-precision merges the entries
+within one unit in the last place of mergekit's value. Each config runs in float32 and with
 ``dtype: bfloat16``; the "stored" rows omit ``dtype`` on bf16 checkpoints (mergekit then
 computes in bf16). Tensors with a vocabulary axis are compared token by token (the output
-tokenizers must hold the same tokens with the same flags). The random methods (dare_*,
-della*) are left out: mergekit's torch draws cannot be reproduced. Writes
-``benchmarks/results/mergekit_configs.json``.
+tokenizers must hold the same tokens with the same flags). NAME,... runs only those configs
+(without the ``_float32`` suffix). The random methods (dare_*, della*) are left out:
+mergekit's torch draws cannot be reproduced. Writes ``benchmarks/results/mergekit_configs.json``.
 """
 
 from __future__ import annotations
@@ -105,6 +106,47 @@ STORED = ("ties", "breadcrumbs", "task_arithmetic", "nuslerp", "karcher", "union
 """Configs also run with ``dtype`` omitted on bf16 checkpoints."""
 
 
+SCALE_OUT = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]
+
+
+def _src(model: str, start: int, end: int, **parameters) -> dict:
+    return {"model": model, "layer_range": [start, end], **({"parameters": parameters} if parameters else {})}
+
+
+SLICES = {
+    "passthrough_franken": {"slices": [{"sources": [_src("e0", 0, 2)]}, {"sources": [_src("e1", 1, 3)]}],
+                            "merge_method": "passthrough"},
+    "passthrough_solar_scale": {"slices": [{"sources": [_src("base", 0, 2)]},
+                                           {"sources": [_src("base", 1, 3)], "parameters": {"scale": SCALE_OUT}}],
+                                "merge_method": "passthrough"},
+    # a per-model option's filter reads the source's name: e0's layer 1 is output layer 0
+    "passthrough_source_scale": {"slices": [{"sources": [_src("e0", 1, 3, scale=[{"filter": "layers.1.", "value": 0.5},
+                                                                                 {"value": 1.0}])]},
+                                            {"sources": [_src("e1", 2, 3)]}],
+                                 "merge_method": "passthrough"},
+    "slerp_per_slice_t": {"slices": [{"sources": [_src("base", 0, 2), _src("e0", 0, 2)], "parameters": {"t": [0.1, 0.9]}},
+                                     {"sources": [_src("base", 2, 3), _src("e0", 2, 3)], "parameters": {"t": [0.2, 0.6]}}],
+                          "merge_method": "slerp", "base_model": "base", "parameters": {"t": 0.5}},
+    "slerp_shifted_ranges": {"slices": [{"sources": [_src("base", 0, 2), _src("e0", 1, 3)]}],
+                             "merge_method": "slerp", "base_model": "base", "parameters": {"t": 0.3}},
+    "task_arithmetic_shifted_filters": {
+        "slices": [{"sources": [_src("base", 1, 3), _src("e0", 0, 2, weight=0.5),
+                                _src("e1", 1, 3, weight=[{"filter": "layers.2.", "value": 0.1}, {"value": 0.8}])]}],
+        "merge_method": "task_arithmetic", "base_model": "base",
+        "parameters": {"lambda": [{"filter": "layers.1.", "value": 0.5}, {"value": 1.0}]}},
+    "ties_modules_default_models": {
+        "modules": {"default": {"models": [{"model": "e0", "parameters": {"weight": 0.3, "density": 0.5}},
+                                           {"model": "e1", "parameters": {"weight": 0.6, "density": 0.7}}],
+                                "parameters": {"lambda": 0.7}}},
+        "merge_method": "ties", "base_model": "base"},
+    "task_arithmetic_last_slice_zipped": {
+        "slices": [{"sources": [_src("base", 0, 1), _src("e0", 0, 1)]},
+                   {"sources": [_src("base", 1, 3), _src("e0", 1, 3), _src("e1", 1, 3)]}],
+        "merge_method": "task_arithmetic", "base_model": "base", "parameters": {"weight": 1.0}},
+}
+CONFIGS.update(SLICES)
+
+
 def llama_config(folder: Path) -> None:
     content = json.loads((folder / "config.json").read_text())
     content.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
@@ -141,10 +183,15 @@ def token_rows(folder: Path) -> dict[str, int]:
     return ids
 
 
+def _layers(folder: Path):
+    path = folder / "config.json"
+    return json.loads(path.read_text()).get("num_hidden_layers") if path.is_file() else None
+
+
 def compare(ours: Path, theirs: Path, half: bool) -> dict:
     """Our output against mergekit's: tensors (vocabulary rows by token), tokens and their flags."""
     a, b = ckio.load(ours), ckio.load(theirs)
-    row = {"keys_equal": set(a) == set(b)}
+    row = {"keys_equal": set(a) == set(b), "num_hidden_layers": [_layers(ours), _layers(theirs)]}
     if (theirs / "tokenizer.json").exists() and (ours / "tokenizer.json").exists():
         ta, tb = token_rows(ours), token_rows(theirs)
         flags = [{k: v for k, v in e.items() if k != "id"}
@@ -154,7 +201,8 @@ def compare(ours: Path, theirs: Path, half: bool) -> dict:
         row["tokens_equal"] = set(ta) == set(tb) and sorted(map(str, flags)) == sorted(map(str, ours_flags))
         row["vocab_size"] = [json.loads((d / "config.json").read_text())["vocab_size"] for d in (ours, theirs)]
     worst, scale, same, close, total = 0.0, 0.0, 0, 0, 0
-    for key in a:
+    shared = [k for k in a if k in b]
+    for key in shared:
         x, y = np.asarray(a[key]), np.asarray(b[key])
         y = y.astype(x.dtype)  # mergekit returns float32 for ramplus_tl/arcee_fusion: rounded when written here
         if key in VOCAB_TENSORS and "tokens_equal" in row and x.shape[0] == y.shape[0]:
@@ -192,13 +240,15 @@ def run_pair(root: Path, name: str, config: dict, mergekit_yaml: str) -> dict:
     return compare(ours, theirs, config.get("dtype") != "float32")
 
 
-def main(workdir: str, mergekit_yaml: str = "/tmp/mkvenv/bin/mergekit-yaml") -> list[dict]:
+def main(workdir: str, mergekit_yaml: str = "/tmp/mkvenv/bin/mergekit-yaml", names: str | None = None) -> list[dict]:
     root = Path(workdir)
     checkpoints(root / "f32")
     checkpoints(root / "bf16", ml_dtypes.bfloat16)
     rows = []
     runs = [(f"{n}_{d}", root / "f32", {**c, "dtype": d}) for n, c in CONFIGS.items() for d in ("float32", "bfloat16")]
     runs += [(f"{n}_stored", root / "bf16", {k: v for k, v in CONFIGS[n].items() if k != "dtype"}) for n in STORED]
+    if names:
+        runs = [r for r in runs if r[0].rsplit("_", 1)[0] in names.split(",")]
     for name, folder, config in runs:
         row = {"config": name, **run_pair(folder, name, config, mergekit_yaml)}
         rows.append(row)

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from swudi_jax.checkpoint.config import MergeConfig
-from swudi_jax.model.layout import LeafPlan
+from swudi_jax.checkpoint.slices import SlicePlan
+from swudi_jax.model.layout import LeafPlan, describe_groups
 
 
 @dataclass(frozen=True)
@@ -26,26 +27,27 @@ class MergePlan:
     plans: tuple[LeafPlan, ...]
     groups: tuple[tuple[LeafPlan, ...], ...]
     out_dtypes: Mapping[str, np.dtype]
+    guesses: tuple[str, ...] = ()
+    sliced: SlicePlan | None = None  # with `slices:`, every output tensor's recipe
     vocabulary: Any = None  # the output vocabulary (:class:`~swudi_jax.checkpoint.vocabulary.Vocabulary`), if built
+
+    def has_base(self, group: int) -> bool:
+        """Whether group ``group`` is merged with a base (with slices: its slice's)."""
+        if self.sliced is None:
+            return self.config.has_base
+        return self.sliced.has_base(self.groups[group][0].path)
 
     def describe(self) -> str:
         """A table: each tensor, its shape and dtype, its kind, what merges it, and its group."""
         method = self.config.merge_method
-        is_elementwise = self.config.method.spec.kind == "elementwise"
-        rows = [("tensor", "shape", "dtype", "kind", "method", "group")]
-        for g, group in enumerate(self.groups):
-            for p in group:
-                how = {"linear": method, "mean": method if is_elementwise else "mean",
-                       "keep": "base", "passthrough": "copy"}[p.kind]
-                rows.append((p.path, "x".join(map(str, p.shape)) or "scalar", str(np.dtype(p.dtype)), p.kind, how, str(g)))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines = describe_groups(self.groups, method, self.config.method.spec.kind == "elementwise")
         counts = {k: sum(p.kind == k for p in self.plans) for k in ("linear", "mean", "keep", "passthrough")}
         summary = (f"{len(self.plans)} tensors in {len(self.groups)} groups "
                    f"({', '.join(f'{v} {k}' for k, v in counts.items())}); method {method}, layout {self.layout}, "
                    f"{self.in_format} -> {self.out_format}, largest group {self.largest_group_bytes():,} bytes "
-                   f"x {len(self.config.models) + 1} models")
-        notes = [f"note: {n}" for n in self.config.notes]
+                   f"x {len(self.config.models) + 1} models"
+                   + (f"; {len(self.sliced.layers)} output layers" if self.sliced is not None else ""))
+        notes = [f"note: {n}" for n in self.config.notes] + [f"guess: {g}" for g in self.guesses]
         if self.vocabulary is not None:
             v = self.vocabulary
             notes.append(f"note: output vocabulary of {len(v.vocab)} tokens ({v.rows} rows); embedding and head rows "

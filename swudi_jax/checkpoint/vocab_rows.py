@@ -237,19 +237,25 @@ class _View:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reader, name)
 
-    def _changed(self, key: str) -> bool:
+    @property
+    def inner(self) -> Any:
+        """The reader this view presents (e.g. a LoRA adapter's, whose factors stay usable)."""
+        return self._reader
+
+    def changes(self, key: str) -> bool:
+        """Whether ``key`` is re-indexed here (its rows then differ from :attr:`inner`'s)."""
         return self._parent.shapes.get(key) is not None
 
     def shape_dtype(self, key: str):
-        return self._parent.shapes[key] if self._changed(key) else self._reader.shape_dtype(key)
+        return self._parent.shapes[key] if self.changes(key) else self._reader.shape_dtype(key)
 
     def read(self, key: str) -> np.ndarray:
         return self.read_many([key])[key]
 
     def read_many(self, keys) -> dict[str, np.ndarray]:
         keys = list(keys)
-        out = self._reader.read_many([k for k in keys if not self._changed(k)])
-        out.update({k: self._parent.rows(k, self._folder) for k in keys if self._changed(k)})
+        out = self._reader.read_many([k for k in keys if not self.changes(k)])
+        out.update({k: self._parent.rows(k, self._folder) for k in keys if self.changes(k)})
         return {k: out[k] for k in keys}
 
 

@@ -98,3 +98,13 @@ DARE = MethodSpec(
     validate=_validate,
     leaf_inputs=_leaf_keys,
 )
+
+
+__all__ = [
+    "DARE",
+    "DEFAULT_DROP",
+    "THEN",
+    "dare",
+    "drop_and_rescale",
+    "leaf_key",
+]

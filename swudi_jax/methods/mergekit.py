@@ -17,9 +17,11 @@ no effect (in mergekit it only stores the sign-consensus mask as int8 to save me
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from swudi_jax.maths.linalg import compute_dtype, round_to
@@ -29,7 +31,7 @@ from swudi_jax.methods import mergekit_family as mf
 from swudi_jax.methods import mergekit_selective as msel
 from swudi_jax.methods import sparsify as sp
 from swudi_jax.methods.dare import leaf_key
-from swudi_jax.methods.spec import COMPUTE_DTYPES, MethodSpec
+from swudi_jax.methods.spec import COMPUTE_DTYPES, MethodSpec, typed_options
 
 MERGEKIT = "mergekit 0.1.5 semantics (arcee-ai/mergekit, merge_methods/); "
 ANY_DTYPE = COMPUTE_DTYPES
@@ -120,9 +122,10 @@ def ramplus_tl(models, base=None, *, r=0.1, alpha=0.2, epsilon=1e-5):
     return msel.ramplus_tl(tau.astype(models.dtype), r=r, alpha=alpha, epsilon=epsilon, base=base)
 
 
-def passthrough(models, *, scale=None):
-    """The one input model's tensor (times ``scale`` if given)."""
-    return mf.passthrough(models[0], scale)
+def passthrough(models, *, scale=1.0):
+    """The one input model's tensor times ``scale``, a per-model option as in mergekit (whose
+    default, none, leaves the tensor as it is: so does 1 here)."""
+    return mf.passthrough(models[0], jnp.reshape(jnp.asarray(scale), (-1,))[0])
 
 
 def _check_select(options: Mapping[str, Any]) -> None:
@@ -143,12 +146,14 @@ def _task_arithmetic(family: mf.TaskArithmetic, source: str) -> MethodSpec:
     return MethodSpec(family.name, family, "elementwise", source=MERGEKIT + source,
                       per_expert=tuple(k for k in PER_MODEL if k in family.defaults), tensor_options=("lam",),
                       leaf_inputs=_family_inputs(family), validate=family.check, inputs=family.inputs,
-                      compute_dtypes=ANY_DTYPE, n_experts=(1, None))
+                      compute_dtypes=ANY_DTYPE, n_experts=(1, None),
+                      combination=family.coefficients if family.sparsification is None and family.consensus is None
+                      else None)
 
 
 def _family(name, fn, source, *, tensor, validate=None):
-    return MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, tensor_options=tensor, validate=validate,
-                      compute_dtypes=ANY_DTYPE, n_experts=(1, None))
+    return typed_options(MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, tensor_options=tensor,
+                                    validate=validate, compute_dtypes=ANY_DTYPE, n_experts=(1, None)))
 
 
 TA = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)"
@@ -170,16 +175,17 @@ SCE = _family("sce", mf.sce, "Wan et al., FuseChat (SCE), arXiv 2408.07990", ten
 RAM = _family("ram", msel.ram, "Reinforced Agent Merging", tensor=("epsilon",))
 
 
-
 def _on_models(name, fn, source, *, base, n_experts, per_expert=(), tensor=(), validate=None, leaf=None,
                inputs=("base",)):
-    return MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, operand="models", base=base,
-                      n_experts=n_experts, per_expert=per_expert, tensor_options=tensor, validate=validate,
-                      leaf_inputs=leaf, inputs=inputs, compute_dtypes=ANY_DTYPE)
+    return typed_options(MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, operand="models", base=base,
+                                    n_experts=n_experts, per_expert=per_expert, tensor_options=tensor,
+                                    validate=validate, leaf_inputs=leaf, inputs=inputs, compute_dtypes=ANY_DTYPE))
 
 
-LINEAR = _on_models("linear", linear, "Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)", base="joins",
-                    n_experts=(1, None), per_expert=("weight",), inputs=())
+LINEAR = dataclasses.replace(
+    _on_models("linear", linear, "Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)", base="joins",
+               n_experts=(1, None), per_expert=("weight",), inputs=()),
+    combination=mf.linear_coefficients)
 SLERP = _on_models("slerp", slerp, "spherical linear interpolation (Shoemake 1985)", base="required",
                    n_experts=(1, 1), tensor=("t",), validate=_check_t)
 NUSLERP = _on_models("nuslerp", nuslerp, "slerp at t = w2/(w1 + w2), of task vectors when a base is given",
@@ -197,7 +203,7 @@ RAMPLUS_TL = _on_models("ramplus_tl", ramplus_tl, "Reinforced Agent Merging+ (te
 ARCEE_FUSION = _on_models("arcee_fusion", arcee_fusion, "Arcee Fusion (importance = |Δ|·KL, IQR threshold)",
                           base="required", n_experts=(1, 1), leaf=_keys, inputs=("base", "key"))
 PASSTHROUGH = _on_models("passthrough", passthrough, "the one input model's tensor, unchanged", base="unused",
-                         n_experts=(1, 1), tensor=("scale",), inputs=())
+                         n_experts=(1, 1), per_expert=("scale",), inputs=())
 
 MERGEKIT_METHODS: tuple[MethodSpec, ...] = (
     LINEAR, TASK_ARITHMETIC, TIES, DARE_TIES, DARE_LINEAR, BREADCRUMBS, BREADCRUMBS_TIES, DELLA, DELLA_LINEAR,

@@ -16,7 +16,9 @@ maths. A leaf gets one of four kinds:
 - ``"mean"``: every other floating leaf (biases, norms, conv kernels, the head): it gets
   the mean task vector (elementwise methods such as TIES apply themselves here too).
   ``others="keep"`` makes these keep the base value instead.
-- ``"keep"``: leaves matching ``exclude`` keep the base value.
+- ``"keep"``: leaves matching ``exclude`` keep the base value, and so do empty floating leaves
+  (a zero-size axis, e.g. (0, 16)): there is nothing to merge, every method's result is that
+  same empty tensor.
 - ``"passthrough"``: integer and boolean leaves are copied from the base unchanged.
 
 Patterns: a string is an ``fnmatch`` glob (``*`` also crosses separators) that must match
@@ -31,6 +33,7 @@ import dataclasses
 import fnmatch
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -40,6 +43,11 @@ import numpy as np
 from swudi_jax.maths.linalg import is_floating
 
 LAYOUTS = ("flax", "torch")
+NEVER_LINEAR = ("bias", "scale")
+"""Leaf names that are never linear maps, whatever their ndim (a DenseGeneral bias (heads, dim),
+a scanned LayerNorm scale (layers, features)): they get the mean task vector."""
+OPTIMIZER_STATE = ("re:(^|[/.])opt_state([/.]|$)",)
+"""Leaves under an ``opt_state`` (an orbax-saved TrainState): never merged; the base's values."""
 LEAF_KINDS = ("linear", "mean", "keep", "passthrough")
 OTHERS = ("mean", "keep")
 
@@ -180,7 +188,8 @@ class LeafRules:
       head_patterns: output heads, never taken as linear weights (default ``lm_head*``).
       input_axes: {pattern: number of leading input axes} for Flax DenseGeneral kernels,
         consulted before :data:`DEFAULT_INPUT_AXES`.
-      scan_patterns: leaves with a layer axis ``scan_axis`` (``nn.scan`` stacks).
+      scan_patterns: leaves with a layer axis ``scan_axis`` (``nn.scan`` stacks); None (the
+        default) detects them (:func:`detect_stacks`, a warned guess), ``()`` says there are none.
       scan_axis: that axis.
       others: what other floating leaves get: the "mean" task vector or "keep" the base.
     """
@@ -190,7 +199,7 @@ class LeafRules:
     exclude: tuple[str, ...] = ()
     head_patterns: tuple[str, ...] = DEFAULT_HEAD_PATTERNS
     input_axes: tuple[tuple[str, int], ...] = ()
-    scan_patterns: tuple[str, ...] = ()
+    scan_patterns: tuple[str, ...] | None = None
     scan_axis: int = 0
     others: str = "mean"
 
@@ -205,7 +214,7 @@ class LeafRules:
             "include": None if self.include is None else _as_patterns(self.include, "include"),
             "exclude": _as_patterns(self.exclude, "exclude"),
             "head_patterns": _as_patterns(self.head_patterns, "head_patterns"),
-            "scan_patterns": _as_patterns(self.scan_patterns, "scan_patterns"),
+            "scan_patterns": None if self.scan_patterns is None else _as_patterns(self.scan_patterns, "scan_patterns"),
             "input_axes": _as_input_axes(self.input_axes),
             "scan_axis": int(self.scan_axis),
         }
@@ -217,29 +226,35 @@ class LeafRules:
         ``fallback`` where the names do not tell, e.g. from a checkpoint's format)."""
         if self.layout != "auto":
             return self
-        return dataclasses.replace(self, layout=infer_layout(paths, fallback))
+        return dataclasses.replace(self, layout=infer_layout(logical_paths(paths).values(), fallback))
 
-    def plan(self, path: str, shape: Sequence[int], dtype: Any) -> LeafPlan:
-        """Classify one leaf (see the module docstring for the rules and the pattern syntax)."""
+    def plan(self, path: str, shape: Sequence[int], dtype: Any, name: str | None = None) -> LeafPlan:
+        """Classify one leaf (see the module docstring for the rules and the pattern syntax);
+        ``name``: the path the patterns and names are read on (default ``path``; an NNX
+        variable's path without its trailing ``value``, :func:`logical_paths`)."""
         if self.layout == "auto":
             raise ValueError("layout 'auto' must be resolved first (LeafRules.for_paths)")
+        path, stored = (path if name is None else name), path
         shape = tuple(int(s) for s in shape)
         dtype = np.dtype(dtype)
-        plain = dict(path=path, shape=shape, dtype=dtype, maths_shape=shape)
+        plain = dict(path=stored, shape=shape, dtype=dtype, maths_shape=shape)
         if not is_floating(dtype):
             return LeafPlan(kind="passthrough", **plain)
-        if path_matches(path, self.exclude):
+        if path_matches(path, self.exclude) or math.prod(shape) == 0:
             return LeafPlan(kind="keep", **plain)
         other = LeafPlan(kind=self.others, **plain)
 
-        scanned = path_matches(path, self.scan_patterns)
+        scanned = path_matches(path, self.scan_patterns or ())
         inner, scan_axis = shape, self.scan_axis
         if scanned:
             if not -len(shape) <= scan_axis < len(shape) or len(shape) < 2:
                 raise ValueError(f"{path}: scan_axis {scan_axis} is not an axis of shape {shape}")
             scan_axis = scan_axis % len(shape)
             inner = shape[:scan_axis] + shape[scan_axis + 1:]
-        is_kernel = self.layout == "flax" and re.split(r"[/.]", path)[-1] == "kernel"
+        leaf_name = re.split(r"[/.]", path)[-1]
+        is_kernel = self.layout == "flax" and leaf_name == "kernel"
+        if leaf_name in NEVER_LINEAR:
+            return other
         if len(inner) == 2:
             n_in = 1 if is_kernel else 0
         elif len(inner) > 2 and is_kernel:
@@ -258,15 +273,37 @@ class LeafRules:
         else:
             m, n = inner
         return LeafPlan(
-            path=path, shape=shape, dtype=dtype, kind="linear", maths_shape=(m, n),
+            path=stored, shape=shape, dtype=dtype, kind="linear", maths_shape=(m, n),
             layers=shape[scan_axis] if scanned else 1, scan_axis=scan_axis if scanned else None,
             input_axes=n_in, transpose=bool(n_in),
         )
 
     def plan_tree(self, flat_shapes_dtypes: Mapping[str, tuple[Sequence[int], Any]]) -> list[LeafPlan]:
-        """One :class:`LeafPlan` per path of ``{path: (shape, dtype)}``, in the given order."""
+        """One :class:`LeafPlan` per path of ``{path: (shape, dtype)}``, in the given order; every
+        guess (:func:`plan_guesses`) is warned, in one message."""
+        plans, guesses = self.plan_with_guesses(flat_shapes_dtypes)
+        if guesses:
+            warnings.warn("the layout of some leaves is a guess (check it with swudi_jax.plan or --dry-run):\n  "
+                          + "\n  ".join(guesses), stacklevel=3)
+        return plans
+
+    def plan_with_guesses(self, flat_shapes_dtypes: Mapping[str, tuple[Sequence[int], Any]]
+                          ) -> tuple[list[LeafPlan], tuple[str, ...]]:
+        """(:meth:`plan_tree`'s plans, the guesses they rest on), warning nothing."""
+        names = logical_paths(flat_shapes_dtypes)
         rules = self.for_paths(flat_shapes_dtypes)
-        return [rules.plan(path, shape, dtype) for path, (shape, dtype) in flat_shapes_dtypes.items()]
+        stacks: dict[str, int] = {}
+        if rules.scan_patterns is None:
+            stacks = detect_stacks({names[p]: v for p, v in flat_shapes_dtypes.items()})
+            rules = dataclasses.replace(rules, scan_patterns=tuple(stack_pattern(p) for p in stacks))
+        plans = []
+        for path, (shape, dtype) in flat_shapes_dtypes.items():
+            plan = rules.plan(path, shape, dtype, name=names[path])
+            if plan.kind != "passthrough" and path_matches(names[path], OPTIMIZER_STATE):
+                plan = dataclasses.replace(plan, kind="keep", maths_shape=plan.shape, layers=1, scan_axis=None,
+                                           input_axes=0, transpose=False)
+            plans.append(plan)
+        return plans, plan_guesses(rules, plans, names, stacks)
 
 
 def _as_input_axes(input_axes: Any) -> tuple[tuple[str, int], ...]:
@@ -286,6 +323,117 @@ def _as_input_axes(input_axes: Any) -> tuple[tuple[str, int], ...]:
 def plan_leaf(path: str, shape: Sequence[int], dtype: Any, **rules: Any) -> LeafPlan:
     """Classify one leaf under ``LeafRules(**rules)`` (see :class:`LeafRules`)."""
     return LeafRules(**rules).plan(path, shape, dtype)
+
+
+def logical_paths(paths: Iterable[str]) -> dict[str, str]:
+    """``{path: the path that names the leaf}``: an NNX state saved as a tree (orbax) ends every
+    path in its variables' ``value``, which is dropped; other paths are their own names."""
+    paths = list(paths)
+    wrapped = len(paths) > 0 and all(re.search(r"[/.]value$", p) for p in paths)
+    return {p: p[:-len("/value")] if wrapped else p for p in paths}
+
+
+def _prefixes(path: str) -> list[str]:
+    return [path[:i] for i, ch in enumerate(path) if ch in "/."]
+
+
+def detect_stacks(flat_shapes_dtypes: Mapping[str, tuple[Sequence[int], Any]]) -> dict[str, int]:
+    """``{prefix: layers}``: the outermost sub-trees that look like a scanned stack (``nn.scan``,
+    ``nnx.scan``/``nnx.vmap`` over layers): at least two floating leaves, every one of ndim ≥ 2
+    with the same leading size, and among them a ``bias`` or ``scale`` (1-D in one layer) of
+    ndim ≥ 2. A guess from the shapes: :func:`plan_guesses` reports it."""
+    floating = {p: tuple(int(d) for d in s) for p, (s, t) in flat_shapes_dtypes.items() if is_floating(np.dtype(t))}
+    members: dict[str, list[str]] = {}
+    for path in floating:
+        for prefix in _prefixes(path):
+            members.setdefault(prefix, []).append(path)
+    found: dict[str, int] = {}
+    for prefix in sorted(members, key=len):
+        if any(prefix.startswith(f) and prefix[len(f)] in "/." for f in found):
+            continue
+        shapes = [floating[p] for p in members[prefix]]
+        signs = [floating[p] for p in members[prefix] if re.split(r"[/.]", p)[-1] in NEVER_LINEAR]
+        if (len(shapes) >= 2 and all(len(s) >= 2 for s in shapes) and len({s[0] for s in shapes}) == 1
+                and any(len(s) >= 2 for s in signs)):
+            found[prefix] = shapes[0][0]
+    return found
+
+
+def stack_pattern(prefix: str) -> str:
+    """The ``scan_patterns`` entry that selects the leaves under ``prefix``."""
+    return "re:^" + re.escape(prefix) + "[/.]"
+
+
+def _listing(paths: Sequence[str], limit: int = 4) -> str:
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return ", ".join(repr(p) for p in paths[:limit]) + more
+
+
+def _sibling(name: str, leaf: str) -> str:
+    cut = max(name.rfind("/"), name.rfind("."))
+    return name[:cut + 1] + leaf
+
+
+def _bias_confirms(plan: LeafPlan, names: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """A DenseGeneral kernel whose sibling ``bias`` has the shape of its output axes: its input
+    axes are what the name said (Flax's attention with biases)."""
+    bias = shapes.get(_sibling(names[plan.path], "bias"))
+    if bias is None:
+        return False
+    if plan.scan_axis is None:
+        return tuple(bias) == plan.shape[plan.input_axes:]
+    axis = plan.scan_axis
+    unstack = lambda shape: tuple(shape[:axis]) + tuple(shape[axis + 1:])  # noqa: E731
+    return len(bias) > axis and unstack(bias) == unstack(plan.shape)[plan.input_axes:]
+
+
+def plan_guesses(rules: LeafRules, plans: Sequence[LeafPlan], names: Mapping[str, str],
+                 stacks: Mapping[str, int]) -> tuple[str, ...]:
+    """One line per kind of guess the plans rest on: detected scan stacks, DenseGeneral kernels
+    whose input axes come from their names, kernels of ndim > 2 that are not merged as linear
+    maps, bias/scale leaves of ndim ≥ 2 outside a stack, optimizer states left out."""
+    out = [f"{prefix!r}: every leaf shares a leading axis of {layers} and a bias/scale is stacked: merged as a "
+           f"scanned stack of {layers} layers (scan_patterns=[{stack_pattern(prefix)!r}] says so; scan_patterns=[] "
+           "says there is none)" for prefix, layers in stacks.items()]
+    user_axes = dict(rules.input_axes)
+    leaf = {p.path: re.split(r"[/.]", names[p.path])[-1] for p in plans}
+    inner = {p.path: len(p.shape) - path_matches(names[p.path], rules.scan_patterns or ()) for p in plans}
+    shapes = {names[p.path]: p.shape for p in plans}
+    confirmed = {p.path for p in plans if p.kind == "linear" and inner[p.path] > 2 and _bias_confirms(p, names, shapes)}
+    named = [p.path for p in plans if p.input_axes and inner[p.path] > 2 and p.path not in confirmed
+             and _lookup_input_axes(names[p.path], user_axes) is None]
+    if named:
+        out.append(f"{_listing(named)}: DenseGeneral kernels, input axes taken from their names "
+                   f"({dict(DEFAULT_INPUT_AXES)}; pass input_axes to state them)")
+    unmerged = [p.path for p in plans if p.kind == "mean" and leaf[p.path] == "kernel" and inner[p.path] > 2]
+    if unmerged:
+        out.append(f"{_listing(unmerged)}: kernels of ndim > 2 with no input_axes (conv or DenseGeneral kernels, "
+                   "or an undetected stack): given the mean task vector; pass input_axes={pattern: k} to merge them "
+                   "as linear maps, or scan_patterns if they are stacks")
+    explained = {_sibling(names[p], "bias") for p in confirmed}
+    wide = [p.path for p in plans if leaf[p.path] in NEVER_LINEAR and inner[p.path] >= 2 and p.kind == "mean"
+            and names[p.path] not in explained]
+    if wide:
+        out.append(f"{_listing(wide)}: bias/scale leaves of ndim ≥ 2: given the elementwise mean task vector "
+                   "(a DenseGeneral bias, or a stack: pass scan_patterns)")
+    kept = [p.path for p in plans if p.kind == "keep" and path_matches(names[p.path], OPTIMIZER_STATE)]
+    if kept:
+        out.append(f"{_listing(kept)}: optimizer state, not merged (the base's values)")
+    return tuple(out)
+
+
+def describe_groups(groups: Sequence[Sequence[LeafPlan]], method: str, elementwise: bool) -> list[str]:
+    """The plan table: each leaf, its shape and dtype, its kind, what merges it, and its group."""
+    rows = [("tensor", "shape", "dtype", "kind", "method", "group")]
+    for g, group in enumerate(groups):
+        for p in group:
+            how = {"linear": method, "mean": method if elementwise else "mean", "keep": "base",
+                   "passthrough": "copy"}[p.kind]
+            stack = f" ({p.layers} layers)" if p.layers > 1 else ""
+            rows.append((p.path, "x".join(map(str, p.shape)) or "scalar", str(np.dtype(p.dtype)), p.kind + stack, how,
+                         str(g)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
 
 def array_namespace(x: Any) -> Any:
@@ -357,9 +505,16 @@ __all__ = [
     "LEAF_KINDS",
     "LeafPlan",
     "LeafRules",
+    "NEVER_LINEAR",
+    "OPTIMIZER_STATE",
     "WUDI_VIT_SCOPE",
     "array_namespace",
     "chunk_by_bytes",
+    "describe_groups",
+    "detect_stacks",
+    "logical_paths",
+    "plan_guesses",
+    "stack_pattern",
     "from_maths",
     "group_plans",
     "infer_layout",

@@ -18,21 +18,25 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+import warnings
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from swudi_jax.maths.linalg import compute_dtype, is_floating, round_to
-from swudi_jax.maths.validation import check_choice, check_finite
+from swudi_jax.maths.placement import explicit_sharding, place
+from swudi_jax.maths.validation import check_choice, check_finite, is_concrete
 from swudi_jax.methods.registry import DEFAULT_METHOD, resolve
-from swudi_jax.methods.spec import CHUNK_LEAVES, ChunkSource, MethodSpec, Resolved
+from swudi_jax.methods.spec import CHUNK_LEAVES, LOCAL, ChunkSource, Combine, MethodSpec, Resolved
 from swudi_jax.model.batching import (compile_groups, compile_key, group_size, host_array, host_group, is_flat,
                                       pad_layers, padded_sizes, stack_group, unstack_group)
 from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
-from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, to_maths
-from swudi_jax.scale.sharding import make_row_mesh, merge_sharded, should_shard
+from swudi_jax.model.inputs import ModelInput, as_params
+from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, describe_groups, logical_paths, to_maths
+from swudi_jax.scale.sharding import merge_sharded, row_mesh, should_shard
 
 DEFAULT_MAX_GROUP_BYTES = 1 << 30
 """Stacked bytes (base and experts) of one compiled call before a group is split."""
@@ -73,16 +77,17 @@ def check_models(base_flat: Mapping[str, Any], expert_flats: Sequence[Mapping[st
 def _expert_flats(experts: Any) -> list[dict[str, Any]]:
     if isinstance(experts, Mapping) or not isinstance(experts, Sequence):
         raise ValueError(f"experts must be a list of pytrees (one per expert), got {type(experts).__name__}")
-    return [flatten(e, f"expert {i}")[0] for i, e in enumerate(experts)]
+    return [flatten(as_params(e, f"expert {i}").params, f"expert {i}")[0] for i, e in enumerate(experts)]
 
 
 def task_vectors(base: Any, experts: Sequence[Any]) -> list[Any]:
     """τi = θi − θ0 for each expert, as pytrees shaped like ``base``.
 
     Floating leaves are subtracted; integer and boolean leaves (which merging passes
-    through) give zeros. Inputs are checked as in :func:`merge`.
+    through) give zeros. Inputs are checked as in :func:`merge`; NNX and TrainState inputs give
+    their parameters' pure trees (:func:`~swudi_jax.model.inputs.as_params`).
     """
-    base_flat, treedef = flatten(base, "base")
+    base_flat, treedef = flatten(as_params(base, "base").params, "base")
     expert_flats = _expert_flats(experts)
     check_models(base_flat, expert_flats)
 
@@ -147,13 +152,16 @@ def model_task_vector_chunks(
     return chunks
 
 
-def prepare(resolved: Resolved, chunks: ChunkSource) -> Resolved:
+def prepare(resolved: Resolved, chunks: ChunkSource, combine: Callable[[str], Combine] | None = None) -> Resolved:
     """``resolved`` with what the method's whole-model pass adds to its options (unchanged when
-    it needs none); ``chunks(leaves)`` gives the stacks the pass asks for (:attr:`Preparation.leaves`)."""
+    it needs none); ``chunks(leaves)`` gives the stacks the pass asks for (:attr:`Preparation.leaves`),
+    ``combine(leaves)`` how they meet when ``chunks`` holds only this process's share (default:
+    :data:`~swudi_jax.methods.spec.LOCAL`, every chunk is here)."""
     preparation = resolved.spec.preparation(resolved.options)
     if preparation is None:
         return resolved
-    return resolved.with_options(preparation.run(functools.partial(chunks, preparation.leaves)))
+    joined = LOCAL if combine is None else combine(preparation.leaves)
+    return resolved.with_options(preparation.run(functools.partial(chunks, preparation.leaves), joined))
 
 
 # ----------------------------------------------------------------------------- one group
@@ -222,9 +230,11 @@ def _check_multi_device(multi_device: Any) -> None:
         raise ValueError(f"multi_device must be True, False or 'auto', got {multi_device!r}")
 
 
-def _use_multi_device(multi_device: bool | str, resolved: Resolved, layer_shape: tuple[int, ...]) -> bool:
-    """True runs the row-sharded path; "auto" takes it for big layers when the method's
-    spectral filter accepts these options (else the dense path, which takes every option)."""
+def takes_sharded_path(multi_device: bool | str, resolved: Resolved, layer_shape: tuple[int, ...]) -> bool:
+    """Whether a linear layer of ``layer_shape`` (N, m, n) runs the row-sharded path over all of
+    ``jax.devices()`` (every process's, in a multi-process run): True forces it, "auto" takes it
+    for big layers when the method's spectral filter accepts these options (else the dense path,
+    which takes every option)."""
     _check_multi_device(multi_device)
     method = resolved.spec
     if method.spectral_filter is None or multi_device is False:
@@ -240,10 +250,11 @@ def _use_multi_device(multi_device: bool | str, resolved: Resolved, layer_shape:
     return True
 
 
-def _merge_layers_sharded(base, experts, resolved: Resolved, weights: Sequence[Any] | None = None) -> jax.Array:
-    """θ0 + s·merge_sharded(wi·τi) for each layer of a (G, N, m, n) stack, rows over all devices
+def _merge_layers_sharded(base, experts, resolved: Resolved, weights: Sequence[Any] | None = None,
+                          mesh: Mesh | None = None) -> jax.Array:
+    """θ0 + s·merge_sharded(wi·τi) for each layer of a (G, N, m, n) stack, rows over ``mesh``
+    (None: :func:`~swudi_jax.scale.sharding.row_mesh`'s choice) and each θ left there
     (``weights``: the per-expert weights of each layer, (N,) each, or None)."""
-    mesh = make_row_mesh()
     work = compute_dtype(base.dtype)
     whole = resolved.without(resolved.spec.varying)
     layers = []
@@ -253,6 +264,7 @@ def _merge_layers_sharded(base, experts, resolved: Resolved, weights: Sequence[A
         if weights is not None:
             tau = tau * jnp.asarray(weights[g], work)[:, None, None]
         merged = merge_sharded(tau, mesh, whole)
+        base_g = jax.device_put(base_g, merged.sharding)
         layers.append((base_g + resolved.scale * merged.astype(work)).astype(base.dtype))
     return jnp.stack(layers)
 
@@ -478,7 +490,7 @@ def merge_group(
         return {p.path: base_arrays[p.path] for p in plans}
     _check_method_for_group(resolved, len(expert_arrays), has_base)
     size = max(pad_to or 0, group_size(plans, method.kind == "elementwise"))
-    sharded = kind == "linear" and _use_multi_device(multi_device, resolved, (len(expert_arrays), *plans[0].maths_shape))
+    sharded = kind == "linear" and takes_sharded_path(multi_device, resolved, (len(expert_arrays), *plans[0].maths_shape))
     host = None if sharded else host_group(plans, base_arrays, expert_arrays)
     # host arrays: NumPy layout transforms, one transfer each way (the host stacks are freed here)
     base, experts = jax.device_put(stack_group(plans, *(host or (base_arrays, expert_arrays)), flat,
@@ -487,21 +499,32 @@ def merge_group(
         weights = None
         if "weight" in method.per_expert:
             weights = [v["weight"] for v in layer_options(resolved, plans, len(expert_arrays), tensor_options)]
-        merged = _merge_layers_sharded(base, experts, resolved, weights)
+        merged = _merge_layers_sharded(base, experts, resolved, weights, row_mesh(like=base_arrays[plans[0].path]))
     else:
         merged = _run_group(resolved, plans, base, experts, apply_method, flat, size, grams, tensor_options, dtype,
                             has_base)
-    return _unstacked(plans, merged, flat, host is not None, host_output)
+    return _unstacked(plans, merged, flat, host is not None, host_output, base_arrays)
 
 
-def _unstacked(plans, merged, flat: bool, from_host: bool, host_output: bool) -> dict[str, Any]:
+def _unstacked(plans, merged, flat: bool, from_host: bool, host_output: bool,
+               base_arrays: Mapping[str, Any]) -> dict[str, Any]:
     """The group's merged stack back as {path: array}: NumPy arrays for ``host_output``, else
-    JAX arrays (a group stacked on the host is unstacked there: no per-shape compilation)."""
+    JAX arrays with the base leaf's sharding (the default device for a NumPy base); a group
+    stacked on the host is unstacked there (no per-shape compilation)."""
     if from_host:
-        out = unstack_group(plans, np.asarray(merged), flat)
-        return out if host_output else {k: jax.device_put(v) for k, v in out.items()}
+        merged = np.asarray(merged)
+    elif flat and explicit_sharding(merged) is not None:  # its leaves are cut out of one vector: whole on each device
+        merged = place(merged, NamedSharding(merged.sharding.mesh, PartitionSpec()))
     out = unstack_group(plans, merged, flat)
-    return {k: np.asarray(v) for k, v in out.items()} if host_output else out
+    if host_output:
+        return {k: np.asarray(v) for k, v in out.items()}
+    return {k: jax.device_put(v, _placement(base_arrays[k])) for k, v in out.items()}
+
+
+def _placement(base_leaf: Any) -> Any:
+    """Where a merged leaf goes: the base leaf's sharding when it is a JAX array, else the
+    default device (None)."""
+    return base_leaf.sharding if isinstance(base_leaf, jax.Array) and is_concrete(base_leaf) else None
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -550,8 +573,8 @@ def merge(
       experts: a list of ≥ 2 pytrees with the same paths, shapes and dtypes.
       method: a registered method name (:func:`swudi_jax.methods.registry.available_methods`),
         a :class:`MethodSpec` (registered or not), or a :class:`Resolved` value.
-      scale: s; None means the method's default (``task_arithmetic_paper`` 0.3; mergekit's
-        ``task_arithmetic`` and the others 1).
+      scale: s; None: the method's default, 0.3 for ``task_arithmetic_paper`` and ``dare``
+        (the papers' λ), 1 for mergekit's ``task_arithmetic`` and every other method.
       rules: the structural rules as one :class:`LeafRules` value, or give them as the
         keywords ``layout`` ("flax": kernels (in, out); "torch": HF weights (out, in);
         "auto": from the leaf names), ``include``, ``exclude``, ``head_patterns``,
@@ -563,8 +586,7 @@ def merge(
       tensor_options: per-tensor values of the method's varying options, ``(path, layer) ->
         {option: value}`` (see :func:`merge_group`); per-expert options such as ``weight``
         may also be given once as a list of N values.
-      dtype: the compute dtype (None: the inputs' own dtype for mergekit's methods, else float32,
-        float64 for float64 inputs; see :func:`merge_group`).
+      dtype: the compute dtype (None: as stored for mergekit's methods, else float32; see :func:`merge_group`).
       **options: the method's options (e.g. ``time``, ``rank_ratio`` for SWUDI;
         ``density``, ``trim`` for TIES; ``drop``, ``seed`` for DARE).
     Returns:
@@ -578,7 +600,9 @@ def merge(
     rules = _leaf_rules(rules, dict(layout=layout, include=include, exclude=exclude, head_patterns=head_patterns,
                                     input_axes=input_axes, scan_patterns=scan_patterns, scan_axis=scan_axis,
                                     others=others))
-    base_flat, treedef = flatten(base, "base")
+    given = as_params(base, "base")
+    _warn_left_out(given)
+    base_flat, treedef = flatten(given.params, "base")
     expert_flats = _expert_flats(experts)
     check_models(base_flat, expert_flats, resolved.spec)
     plans = rules.plan_tree({p: (leaf.shape, leaf.dtype) for p, leaf in base_flat.items()})
@@ -593,8 +617,77 @@ def merge(
     for group, size in zip(groups, padded_sizes(groups, elementwise)):
         merged.update(merge_group(group, base_flat, expert_flats, resolved, grams, multi_device, tensor_options,
                                   dtype, pad_to=size))
-    return unflatten(treedef, merged, base_flat)
+    return given.rebuild(unflatten(treedef, merged, base_flat))
 
+
+def _warn_left_out(given: ModelInput) -> None:
+    if given.left_out:
+        warnings.warn(f"not merged, taken from the base ({given.kind}): {'; '.join(given.left_out)}", stacklevel=3)
+
+
+class TreePlan(NamedTuple):
+    """What :func:`merge` would do with a model, as :func:`plan` finds it; ``print`` shows the
+    table ``swudi-merge --dry-run`` prints.
+
+    Attributes:
+      plans: each leaf's :class:`LeafPlan`; groups: the compiled calls, in order.
+      method: the method's name; layout: "flax" or "torch"; kind: what was given
+        (:class:`~swudi_jax.model.inputs.ModelInput`); guesses: what the plan guessed
+        (:func:`~swudi_jax.model.layout.plan_guesses`); left_out: what is not merged.
+    """
+
+    plans: tuple[LeafPlan, ...]
+    groups: tuple[tuple[LeafPlan, ...], ...]
+    method: str
+    layout: str
+    kind: str
+    guesses: tuple[str, ...]
+    left_out: tuple[str, ...]
+    elementwise: bool
+
+    def describe(self) -> str:
+        lines = describe_groups(self.groups, self.method, self.elementwise)
+        summary = f"{len(self.plans)} leaves in {len(self.groups)} groups; method {self.method}, layout {self.layout}, " \
+                  f"input {self.kind}"
+        return "\n".join(lines + ["", summary] + [f"guess: {g}" for g in self.guesses]
+                         + [f"left out: {x}" for x in self.left_out])
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def plan(
+    base: Any,
+    method: str | MethodSpec | Resolved = DEFAULT_METHOD,
+    *,
+    rules: LeafRules | None = None,
+    n_experts: int = 2,
+    max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES,
+    **rule_options: Any,
+) -> TreePlan:
+    """What :func:`merge` would do with ``base`` (any input :func:`merge` takes): every leaf's
+    kind, maths shape and group, and every guess it rests on — ``print(sj.plan(params))``
+    shows the table ``swudi-merge --dry-run`` prints. Nothing is computed or warned.
+
+    Args:
+      base: the base model as it would be given to :func:`merge`.
+      method: the method (name, spec or :class:`Resolved`).
+      rules: the structural rules, or their keywords as in :func:`merge` (``layout``,
+        ``scan_patterns``, ``input_axes``, ...).
+      n_experts: the expert count the groups are sized for.
+      max_group_bytes: as in :func:`merge`.
+    """
+    resolved = resolve(method)
+    rules = rules if rules is not None else LeafRules(**rule_options)
+    given = as_params(base, "base")
+    base_flat, _ = flatten(given.params, "base")
+    signature_ = {p: (leaf.shape, leaf.dtype) for p, leaf in base_flat.items()}
+    plans, guesses = rules.plan_with_guesses(signature_)
+    elementwise = resolved.spec.kind == "elementwise"
+    groups = compile_groups(plans, max_group_bytes, copies=n_experts + 1, elementwise=elementwise)
+    layout = rules.for_paths(logical_paths(signature_).values()).layout
+    return TreePlan(tuple(plans), tuple(tuple(g) for g in groups), resolved.spec.name, layout, given.kind, guesses,
+                    given.left_out, elementwise)
 
 __all__ = [
     "DEFAULT_MAX_GROUP_BYTES",
@@ -604,6 +697,9 @@ __all__ = [
     "layer_options",
     "merge",
     "merge_group",
+    "takes_sharded_path",
+    "plan",
+    "TreePlan",
     "chunk_plans",
     "chunk_stack",
     "model_task_vector_chunks",
