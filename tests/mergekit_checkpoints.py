@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from tokenizer_files import BASE_VOCAB, SPECIAL, write_tokenizer
+
 from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint.pipeline import merge_checkpoints
 
@@ -39,10 +41,8 @@ def save_model(folder: Path, flat: dict[str, np.ndarray], *, tokenizer: str = "b
     ckio.save(folder, flat)
     dtype = "bfloat16" if str(next(iter(flat.values())).dtype) == "bfloat16" else str(next(iter(flat.values())).dtype)
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": LAYERS,
-                                                    "hidden_size": HIDDEN, "torch_dtype": dtype}))
-    (folder / "tokenizer.json").write_text(json.dumps({"name": tokenizer}))
-    config = {"name": tokenizer} if template is None else {"name": tokenizer, "chat_template": template}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+                                                    "hidden_size": HIDDEN, "vocab_size": VOCAB, "torch_dtype": dtype}))
+    write_tokenizer(folder, BASE_VOCAB, SPECIAL, chat_template=template, name=tokenizer)
 
 
 def family(root: Path, n_experts: int = 3, seed: int = 0, dtype=np.float32) -> dict[str, dict[str, np.ndarray]]:

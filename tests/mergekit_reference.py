@@ -4,10 +4,12 @@ Written from the methods' published definitions (TIES, DARE, Model Breadcrumbs, 
 SCE/FuseChat, model soups, SLERP, Model Stock, multi-SLERP, Karcher mean) with mergekit's
 documented conventions (per-model ``weight``/``density``, ``normalize``, ``lambda``, the
 L1 ``rescale``, ties of the sign election go to +), entry by entry with Python loops and
-sorted() where the JAX code uses vectorised sorts and masks, so that the two share no code.
+the element-by-element sort of ``torch_sort_reference`` where the JAX code uses whole
+partitions and masks, so that the two share no code.
 
 Conventions the tests rely on:
-- ties in magnitude are broken by flat index (the earlier entry first in either order);
+- equal magnitudes at a cut are kept as PyTorch's CPU sort/topk leaves them
+  (:mod:`torch_sort_reference`; magnitudes compared in float32, as mergekit sorts them);
 - random keep decisions are ``u < p`` for given uniforms ``u`` (the same ones the JAX
   functions receive), so both sides drop the same entries;
 - ``bf16_round`` rounds float64 values to bfloat16 (nearest, ties to even) for the bf16
@@ -19,6 +21,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from torch_sort_reference import argsort, topk
 
 
 def bf16_round(x) -> np.ndarray:
@@ -31,6 +34,11 @@ def bf16_round(x) -> np.ndarray:
 # ----------------------------------------------------------------------------- keep sets
 
 
+def _magnitudes(values):
+    """|value| in float32, as mergekit ranks them (``tensor.abs().float()``)."""
+    return [float(np.float32(abs(v))) for v in values]
+
+
 def keep_top_magnitudes(values, density):
     """TIES trim: keep max(1, int(d·D)) entries of largest |value| (d >= 1: all; d <= 0: none)."""
     size = len(values)
@@ -39,8 +47,7 @@ def keep_top_magnitudes(values, density):
     if density <= 0:
         return [False] * size
     count = max(1, int(density * size))
-    by_size = sorted(range(size), key=lambda j: (-abs(values[j]), j))
-    chosen = set(by_size[:count])
+    chosen = set(argsort(_magnitudes(values), descending=True)[:count])
     return [j in chosen for j in range(size)]
 
 
@@ -51,8 +58,7 @@ def keep_breadcrumbs(values, density, gamma):
         return [True] * size
     target, top = int(density * size), int(gamma * size)
     bottom = max(0, size - target - top)
-    by_size = sorted(range(size), key=lambda j: (abs(values[j]), j))
-    chosen = set(by_size[bottom:bottom + target])
+    chosen = set(argsort(_magnitudes(values))[bottom:bottom + target])
     return [j in chosen for j in range(size)]
 
 
@@ -165,7 +171,7 @@ def sce(tau, select_topk=1.0):
     if select_topk < 1:
         variance = [float(np.mean((flat[:, j] - flat[:, j].mean()) ** 2)) for j in range(flat.shape[1])]
         count = int(sum(v != 0 for v in variance) * select_topk) if select_topk > 0 else 0
-        chosen = set(sorted(range(len(variance)), key=lambda j: (-variance[j], j))[:count])
+        chosen = topk(variance, count)
         flat = np.array([[row[j] if j in chosen else 0.0 for j in range(len(row))] for row in flat])
     energy = [float(np.mean(row ** 2)) for row in flat]
     total = sum(energy)

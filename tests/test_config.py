@@ -34,7 +34,7 @@ def test_minimal_config_gets_resolved_paths_and_method_defaults(models):
     assert config.models == ((models / "e1.safetensors").resolve(), (models / "e2.safetensors").resolve())
     from swudi_jax.methods import registry
     assert dict(config.parameters) == registry.resolve_options("swudi", {})
-    assert (config.layout, config.dtype, config.out_dtype, config.format) == ("auto", "float32", None, "auto")
+    assert (config.layout, config.dtype, config.out_dtype, config.format) == ("auto", None, None, "auto")  # dtype: mergekit's rule
 
 
 def test_resolved_config_round_trips_through_yaml(models):

@@ -37,3 +37,16 @@ def test_a_request_holds_where_the_method_is_defined_in_it():
     assert compute_dtype(np.float32, requested="bfloat16", defined_in=swudi.compute_dtypes) == np.float32
     assert compute_dtype(requested="float64", defined_in=swudi.compute_dtypes, canonical=False) == np.float64
     assert swudi.work_dtype("float16") == "float32" and ties.work_dtype("float16") == "float16"
+
+
+def test_with_no_request_mergekits_methods_compute_in_the_stored_dtype():
+    """mergekit computes in the inputs' promoted dtype when the config names none; the spectral
+    methods, defined in float32/float64 only, keep float32."""
+    ties, swudi = get_method("ties"), get_method("swudi")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    assert compute_dtype(bf16, bf16, defined_in=ties.compute_dtypes) == bf16
+    assert compute_dtype(np.float16, defined_in=ties.compute_dtypes) == np.float16
+    assert compute_dtype(bf16, np.float16, defined_in=ties.compute_dtypes) == np.float32  # PyTorch's promotion
+    assert compute_dtype(bf16, np.float32, defined_in=ties.compute_dtypes) == np.float32
+    assert compute_dtype(bf16, defined_in=swudi.compute_dtypes) == np.float32
+    assert compute_dtype(ml_dtypes.float8_e4m3fn, defined_in=ties.compute_dtypes) == np.float32

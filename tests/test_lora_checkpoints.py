@@ -8,12 +8,14 @@ projection, rank 8 with rsLoRA and rank/alpha patterns on every projection, rank
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
 import pytest
 import yaml
 from conftest import rel_err
+from tokenizer_files import write_tokenizer
 
 import swudi_jax as sj
 from swudi_jax.checkpoint import io as ckio
@@ -312,3 +314,23 @@ def test_command_line_writes_a_truncated_adapter(llama, capsys):
     assert code == 0, capsys.readouterr().err
     assert "truncated to rank <= 10" in capsys.readouterr().err
     assert json.loads((root / "cli_out" / peft.CONFIG_NAME).read_text())["r"] == 10
+
+
+def test_a_tokenizer_that_keeps_the_vocabulary_keeps_the_factor_path(llama, tmp_path, monkeypatch):
+    """tokenizer_source: base over adapters (read with their base's tokenizer) re-indexes nothing: the merge still runs on the factors and equals the merge without it; the
+    base's tokenizer is written and an adapter output with a tokenizer is refused."""
+    root, _ = llama
+    for name in ("base", *ADAPTERS):
+        shutil.copytree(root / name, tmp_path / name)
+    root = tmp_path
+    write_tokenizer(root / "base", [chr(ord("a") + i // 26) + chr(ord("a") + i % 26) for i in range(V)])
+    plain = run(root, "plain", merge_method="pinv", dtype="float64", out_dtype="float32")
+    reads = recorded_reads(monkeypatch)
+    out = run(root, "tokenized", merge_method="pinv", dtype="float64", out_dtype="float32", tokenizer_source="base")
+    assert reads and not {f"{m}.weight" for m in QV} & set(reads)  # q/v merged from the factors
+    monkeypatch.undo()
+    got, want = ckio.load(out), ckio.load(plain)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert json.loads((out / "tokenizer.json").read_text()) == json.loads((root / "base" / "tokenizer.json").read_text())
+    with pytest.raises(ConfigError, match=r"`tokenizer_source` with `out_format: peft` is not supported"):
+        run(root, "tokenized_adapter", merge_method="task_arithmetic", out_format="peft", tokenizer_source="base")

@@ -89,6 +89,36 @@ def test_bf16_spectral_merge_is_the_float32_merge_rounded_once(tmp_path, capsys)
     assert json.loads((tmp_path / "bf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
+def test_dtype_omitted_computes_in_the_stored_dtype_and_float32_is_the_precise_option(tmp_path):
+    """mergekit's rule: no ``dtype`` computes bf16 checkpoints in bf16 (the same merge as
+    ``dtype: bfloat16``); ``dtype: float32`` with ``out_dtype: bfloat16`` computes in float32
+    and rounds once; the spectral methods compute in float32 either way."""
+    bf = family(tmp_path, n_experts=2, seed=4, dtype=ml_dtypes.bfloat16)
+    ties = {"models": [{"model": "e0", "parameters": {"weight": 0.7, "density": 0.5}},
+                       {"model": "e1", "parameters": {"weight": 0.6, "density": 0.7}}],
+            "base_model": "base", "merge_method": "ties"}
+    stored = run(tmp_path, ties, "stored")
+    asked = run(tmp_path, {**ties, "dtype": "bfloat16"}, "asked")
+    precise = run(tmp_path, {**ties, "dtype": "float32", "out_dtype": "bfloat16"}, "precise")
+    as32 = {k: {n: np.asarray(v, np.float32) for n, v in flat.items()} for k, flat in bf.items()}
+    want32 = sj.merge(as32["base"], [as32["e0"], as32["e1"]], "ties", layout="torch", weight=[0.7, 0.6],
+                      density=[0.5, 0.7])
+    want16 = sj.merge(bf["base"], [bf["e0"], bf["e1"]], "ties", layout="torch", weight=[0.7, 0.6], density=[0.5, 0.7])
+    differ = 0
+    for name in bf["base"]:
+        assert stored[name].dtype == precise[name].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(stored[name], asked[name], err_msg=name)
+        np.testing.assert_array_equal(stored[name], np.asarray(want16[name]), err_msg=name)  # the API's rule too
+        np.testing.assert_array_equal(precise[name], np.asarray(want32[name]).astype(ml_dtypes.bfloat16), err_msg=name)
+        differ += int(np.any(stored[name] != precise[name]))
+    assert differ > 0  # bf16 arithmetic rounds per operation: not the float32 result rounded once
+    spectral = {"models": ["e0", "e1"], "base_model": "base", "merge_method": "swudi", "parameters": {"time": 50.0}}
+    got = run(tmp_path, spectral, "spectral")
+    want = sj.merge(as32["base"], [as32["e0"], as32["e1"]], "swudi", layout="torch", time=50.0)
+    for name in bf["base"]:
+        np.testing.assert_array_equal(got[name], np.asarray(want[name]).astype(ml_dtypes.bfloat16), err_msg=name)
+
+
 def test_mixed_dtype_inputs_are_cast_and_out_dtype_sets_torch_dtype(tmp_path):
     rng = np.random.default_rng(3)
     base = llama(rng)
@@ -135,10 +165,18 @@ def test_base_among_models_is_the_base_and_duplicates_and_experts_equal_to_the_b
     ({"models": ["e0", "e1"], "merge_method": "ties"}, r"`base_model` is required by merge method 'ties'"),
     ({"modules": {"vision_tower": {"slices": [{"sources": [{"model": "e0", "layer_range": [0, 2]}]}]}},
       "merge_method": "passthrough"}, r"the modules of multi-module architectures"),
-    ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties", "tokenizer_source": "union"},
-     r"tokenizer_source 'union' is not supported: it builds a new vocabulary"),
-    ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties", "chat_template": "chatml"},
-     r"'chatml' names one of mergekit's bundled templates"),
+    ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties", "chat_template": "chatm"},
+     r"'chatm' is neither a bundled template \(alpaca, chatml, exaone, llama3, mistral, zephyr\)"),
+    ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties", "tokenizer_source": "union",
+      "tokenizer": {"source": "union"}}, r"give `tokenizer_source` or `tokenizer`, not both"),
+    ({"slices": [{"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "e0", "layer_range": [0, 2]}]}],
+      "base_model": "base", "merge_method": "slerp", "parameters": {"t": 0.5}, "tokenizer_source": "union"},
+     r"`tokenizer_source` with `slices` is not supported: mergekit re-indexes the embedding rows among the first "
+     r"slice's models"),
+    ({"modules": {"default": {"models": ["e0", "e1"]}}, "base_model": "base", "merge_method": "ties",
+      "tokenizer": {"source": "base"}}, r"`tokenizer` with `modules` is not supported"),
+    ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "task_arithmetic", "out_format": "peft",
+      "tokenizer_source": "base"}, r"`tokenizer_source` with `out_format: peft` is not supported: a LoRA adapter"),
     ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties",
       "parameters": {"normalize": [{"filter": "mlp", "value": False}]}}, r"`parameters.normalize` must be one value"),
     ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties",
@@ -165,13 +203,17 @@ def test_tokenizer_source_chat_template_and_the_resolved_config(models, tmp_path
               "base_model": "base", "merge_method": "ties", "parameters": {"density": 0.6},
               "tokenizer_source": "e1t", "chat_template": "auto"}
     run(root, config, "tok")
-    assert json.loads((root / "tok" / "tokenizer.json").read_text()) == {"name": "e1"}
-    assert json.loads((root / "tok" / "tokenizer_config.json").read_text())["chat_template"] == "{{ messages }}"
+    assert (root / "tok" / "tokenizer.json").read_text() == (root / "e1t" / "tokenizer.json").read_text()
+    assert json.loads((root / "tok" / "tokenizer_config.json").read_text()) == {"chat_template": "{{ messages }}"}
     # merge_config.yaml keeps the paths as the config wrote them (relative to the config's folder)
     again = parse_config(yaml.safe_load((root / "tok" / "merge_config.yaml").read_text()), base_dir=root)
     assert again.model_parameters == ({"weight": 0.5, "density": [0.2, 0.9]}, {"weight": 0.5})
     assert again.parameters["density"] == 0.6
-    assert main([str(root / "tok.yaml"), str(tmp_path / "plain"), "--no-copy-tokenizer", "--no-progress"]) == 0
+    # mergekit saves the tokenizer it builds for a tokenizer_source whatever --no-copy-tokenizer says
+    assert main([str(root / "tok.yaml"), str(tmp_path / "built"), "--no-copy-tokenizer", "--no-progress"]) == 0
+    assert (tmp_path / "built" / "tokenizer.json").exists()
+    plain = write(root, "plain", {k: v for k, v in config.items() if k not in ("tokenizer_source", "chat_template")})
+    assert main([str(plain), str(tmp_path / "plain"), "--no-copy-tokenizer", "--no-progress"]) == 0
     assert not (tmp_path / "plain" / "tokenizer.json").exists()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import half_reference as half
 import mergekit_reference as ref
 import numpy as np
 import pytest
@@ -331,21 +332,28 @@ def test_nearswap_matches_transcription():
                                    rtol=1e-6, atol=1e-7)
 
 
-def test_bf16_interpolation_is_the_float32_result_rounded_once():
+def test_bf16_interpolation_rounds_each_operation_as_pytorch():
+    """bf16 inputs: every operation rounded as mergekit's PyTorch code rounds it (NumPy
+    transcription in ``half_reference``); slerp works in float32 and rounds once."""
     base, models = _models(46, n=3)
     b16, m16 = jnp.asarray(base, jnp.bfloat16), jnp.asarray(models, jnp.bfloat16)
     b, m = np.asarray(b16, np.float64), np.asarray(m16, np.float64)
     pairs = [
-        (ip.slerp(b16, m16[0], 0.3), ref.slerp(0.3, b, m[0])),
-        (ip.nuslerp(m16[:2], [0.3, 0.9], b16), ref.nuslerp(m[:2], [0.3, 0.9], b)),
-        (ip.multislerp(m16, WEIGHTS, b16), ref.multislerp(m, WEIGHTS, b)),
-        (ip.karcher(m16), ref.karcher(m)),
-        (ip.model_stock(b16, m16), ref.model_stock(b, m)),
-        (ip.nearswap(b16, m16[0], 0.2), ref.nearswap(b, m[0], 0.2)),
+        (ip.slerp(b16, m16[0], 0.3), ref.bf16_round(ref.slerp(0.3, b, m[0]))),
+        (ip.nuslerp(m16[:2], [0.3, 0.9], b16), half.nuslerp(m[:2], [0.3, 0.9], b)),
+        (ip.nuslerp(m16[:2], [0.3, 0.9], flatten=False, row_wise=True),
+         half.nuslerp(m[:2], [0.3, 0.9], flatten=False, row_wise=True)),
+        (ip.multislerp(m16, WEIGHTS, b16), half.multislerp(m, WEIGHTS, b)),
+        (ip.karcher(m16), half.karcher(m)),
+        (ip.model_stock(b16, m16), half.model_stock(b, m).reshape(b.shape)),
+        (ip.nearswap(b16, m16[0], 0.2), half.nearswap(b, m[0], 0.2)),
     ]
     for got, want in pairs:
         assert got.dtype == jnp.bfloat16
-        np.testing.assert_allclose(np.asarray(got, np.float64), ref.bf16_round(want), rtol=2 ** -8, atol=1e-6)
+        got = np.asarray(got, np.float64)
+        # float32 sums may be ordered differently: at most one bf16 unit apart, and rarely
+        np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-6)
+        assert np.mean(got == want) >= 0.95
 
 
 # ----------------------------------------------------------------------------- selection

@@ -213,7 +213,7 @@ def test_sharding_defaults():
 def test_merge_config_defaults(tmp_path):
     want = {"scale": None, "include": None, "exclude": None, "head_patterns": None, "others": "mean",
             "input_axes": None, "scan_patterns": None, "scan_axis": 0, "multi_device": "auto", "layout": "auto",
-            "dtype": "float32", "out_dtype": None, "format": "auto", "out_format": "auto",
+            "dtype": None, "out_dtype": None, "format": "auto", "out_format": "auto",
             "out_shard_size": 5 * 10**9, "grams": None, "allow_download": False}
     assert DEFAULT_SHARD_SIZE == 5 * 10**9  # mergekit's "5B": 5·10⁹ bytes per output file
     fields = {f.name: f.default for f in dataclasses.fields(MergeConfig)}

@@ -1,71 +1,108 @@
-"""The sort-free magnitude selection equals the stable sort it replaces, ties at the cut included."""
+"""mergekit's cuts by sorting keep the entries PyTorch's CPU sort and top-k keep, ties at the cut
+included: ``swudi_jax.methods.sort_order`` against the element-by-element transcription of
+the standard library's algorithms in ``torch_sort_reference``."""
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import torch_sort_reference as tsr
 
+from swudi_jax.methods import sort_order as so
 from swudi_jax.methods import sparsify as sp
 
 
-def sorted_window(mag, lo, hi, descending):
-    """NumPy reference: positions in the stable sort (NaN last), kept iff lo <= position < hi."""
-    order = np.argsort(-mag if descending else mag, kind="stable")
-    position = np.empty(mag.size, np.int64)
-    position[order] = np.arange(mag.size)
-    return (position >= lo) & (position < hi)
+def tied(rng, n):
+    """Few distinct values: many exact ties at any cut."""
+    return (rng.integers(0, int(rng.integers(1, 12)), n) / 4).astype(np.float64)
 
 
-def tied_magnitudes(rng, n):
-    """Few distinct magnitudes (many exact ties at any cut), sometimes a NaN, an inf or subnormals."""
-    mag = np.abs(rng.integers(-4, 5, n)).astype(np.float32) * rng.choice([1.0, 0.5, 1e-40])
-    if rng.random() < 0.2:
-        mag[rng.integers(0, n)] = np.nan
-    if rng.random() < 0.2:
-        mag[rng.integers(0, n)] = np.inf
-    return mag
+def test_sort_cuts_equal_the_standard_library_sort_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(80):
+        n = int(rng.integers(1, 400))
+        keys = tied(rng, n)
+        want = tsr.std_sort(keys.tolist())
+        cuts = sorted(rng.integers(0, n + 1, 2).tolist())
+        got = so.sorted_order(keys, cuts)
+        for c in cuts:
+            assert set(got[:c].tolist()) == set(want[:c])
+
+
+def test_heap_fallbacks_below_the_depth_limit_equal_the_standard_library():
+    """A small level budget forces the heap sort of introsort and the heap selection of
+    introselect (rare with median-of-three pivots on real data, so they are forced here)."""
+    rng = np.random.default_rng(1)
+    for depth in (0, 1, 2):
+        for _ in range(15):
+            n = int(rng.integers(17, 300))
+            keys = tied(rng, n)
+            cut = int(rng.integers(0, n + 1))
+            want = tsr.std_sort(keys.tolist(), depth=depth)
+            assert set(so.sorted_order(keys, [cut], depth=depth)[:cut].tolist()) == set(want[:cut])
+            k = int(rng.integers(n // 64 + 1, n + 1))
+            got = np.flatnonzero(so.selected_smallest(keys, k, depth=depth))
+            assert set(got.tolist()) == tsr.std_select(keys.tolist(), k, depth=depth)
+
+
+def test_topk_equals_nth_element_and_partial_sort_with_ties():
+    rng = np.random.default_rng(2)
+    for i in range(60):
+        n = int(rng.integers(1, 2000))
+        values = tied(rng, n)
+        k = int(rng.integers(0, max(1, n // 64) + 1)) if i % 2 else int(rng.integers(0, n + 1))  # both paths
+        assert set(np.flatnonzero(so.topk_mask(values, k)).tolist()) == tsr.topk(values.tolist(), k)
+
+
+def test_nan_sorts_above_every_number_as_in_pytorch():
+    values = np.array([1.0, np.nan, 3.0, np.inf, 3.0, np.nan, 0.0])
+    assert set(np.flatnonzero(so.window_of_sort(values, 0, 2, descending=True))) == {1, 5}
+    assert set(np.flatnonzero(so.window_of_sort(values, 5, 7, descending=False))) == {1, 5}
+    assert set(np.flatnonzero(so.topk_mask(values, 3))) == {1, 5, 3}
 
 
 @pytest.mark.parametrize("descending", [True, False])
-def test_window_mask_equals_the_stable_sort_with_ties_at_the_cut(descending):
-    rng = np.random.default_rng(0)
-    for _ in range(60):
-        n = int(rng.integers(1, 50))
-        mag = tied_magnitudes(rng, n) if rng.random() < 0.7 else np.abs(rng.standard_normal(n)).astype(np.float32)
-        lo = int(rng.integers(0, n + 1))
-        hi = int(rng.integers(lo, n + 1))
-        got = sp.window_mask(jnp.asarray(mag), jnp.array([lo, hi]), descending)
-        np.testing.assert_array_equal(np.asarray(got), sorted_window(mag, lo, hi, descending))
-
-
-def test_ranks_equal_the_stable_sort_positions():
-    mag = np.abs(np.random.default_rng(1).integers(-3, 4, (3, 40))).astype(np.float32)
-    for descending in (True, False):
-        got = np.asarray(sp.ranks(jnp.asarray(mag), descending))
-        for row, r in zip(mag, got):
-            order = np.argsort(-row if descending else row, kind="stable")
-            np.testing.assert_array_equal(r[order], np.arange(row.size))
+def test_window_mask_is_jit_and_vmap_able(descending):
+    rng = np.random.default_rng(3)
+    mag = np.abs(tied(rng, 5 * 40)).reshape(5, 40).astype(np.float32)
+    windows = np.array([[0, 0], [0, 7], [3, 29], [10, 40], [0, 40]], np.int32)
+    got = np.asarray(jax.jit(jax.vmap(lambda m, w: sp.window_mask(m, w, descending)))(mag, windows))
+    for row, (lo, hi), g in zip(mag, windows, got):
+        order = tsr.argsort(row.tolist(), descending=descending)
+        assert set(np.flatnonzero(g).tolist()) == set(order[lo:hi])
 
 
 @pytest.mark.parametrize("method", ["magnitude", "magnitude_outliers"])
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
-def test_sparsify_keeps_the_sorted_window_per_model_density(method, dtype):
-    rng = np.random.default_rng(2)
+def test_sparsify_keeps_pytorchs_window_per_model_density(method, dtype):
+    rng = np.random.default_rng(4)
     tau = (rng.integers(-6, 7, (4, 9, 13)) / 8).astype(dtype)  # exact in bf16, many equal |τ|
     density, gamma = [0.0, 0.37, 0.5, 1.0], [0.1, 0.05, 0.2, 0.0]
     windows = sp.rank_windows(method, density, 9 * 13, gamma)
     got = np.asarray(sp.sparsify(jnp.asarray(tau), method, density, gamma=gamma), np.float32)
     for i in range(4):
-        mag = np.abs(tau[i].astype(np.float32)).ravel()
-        keep = sorted_window(mag, *windows[i], method == "magnitude").reshape(tau[i].shape)
+        mag = np.abs(tau[i].astype(np.float32)).ravel().tolist()
+        lo, hi = windows[i]
+        kept = set(tsr.argsort(mag, descending=method == "magnitude")[lo:hi])
+        keep = np.isin(np.arange(len(mag)), list(kept)).reshape(tau[i].shape)
         np.testing.assert_array_equal(got[i], np.where(keep, tau[i].astype(np.float32), 0))
 
 
-def test_selection_is_jit_and_vmap_able_with_traced_counts():
-    rng = np.random.default_rng(3)
-    keys = sp.order_keys(jnp.asarray(tied_magnitudes(rng, 30 * 5).reshape(5, 30)), descending=True)
-    counts = jnp.array([0, 1, 7, 29, 30])
-    got = jax.jit(jax.vmap(sp.first_in_order))(keys, counts)
-    for row, k, g in zip(np.asarray(keys), np.asarray(counts), np.asarray(got)):
-        np.testing.assert_array_equal(g, sorted_window(row.astype(np.float64), 0, k, False))
+def test_variance_selection_keeps_pytorchs_topk():
+    rng = np.random.default_rng(5)
+    tau = jnp.asarray((rng.integers(-3, 4, (4, 12, 10)) / 4).astype(np.float32))  # exact means
+    var = np.var(np.asarray(tau, np.float64), axis=0).ravel()
+    for density in (0.01, 0.3, 0.77):
+        k = int(np.float32(np.count_nonzero(var)) * np.float32(density))
+        got = np.flatnonzero(np.asarray(sp.variance_topk_mask(tau, density)).ravel())
+        assert set(got.tolist()) == tsr.topk(var.tolist(), k)
+
+
+def test_ranks_equal_the_stable_sort_positions():
+    mag = np.abs(np.random.default_rng(6).integers(-3, 4, (3, 40))).astype(np.float32)
+    for descending in (True, False):
+        got = np.asarray(sp.ranks(jnp.asarray(mag), descending))
+        for row, r in zip(mag, got):
+            order = np.argsort(-row if descending else row, kind="stable")
+            np.testing.assert_array_equal(r[order], np.arange(row.size))

@@ -24,16 +24,19 @@ Example::
     multi_device: auto                 # split big spectral layers' rows over all devices: auto, true, false
     layout: auto                       # torch (HF, weight is (out, in)), flax (kernel is (in, out)), or auto:
                                        # from the names (kernel: flax, weight: torch), else safetensors: torch
-    dtype: float32                     # compute dtype (float64 turns on jax_enable_x64)
-    out_dtype: null                    # null: `dtype` when one is given (float32 here, as mergekit),
-                                       # else each tensor's base dtype
+    dtype: null                        # compute dtype (null: mergekit's rule, the stored dtype for
+                                       # its methods, float32 for the spectral ones; float64 turns
+                                       # on jax_enable_x64)
+    out_dtype: null                    # null: `dtype` when one is given, else each tensor's base dtype
     format: auto                       # input format; out_format defaults to it
     out_format: auto                   # or peft: a merge of LoRA adapters written as one adapter
     adapter_rank: null                 # out_format peft: truncate each module to this rank (null: exact, Σ rᵢ)
     out_shard_size: 5B                 # bytes per safetensors shard: mergekit's "5B" (5·10⁹ bytes),
                                        # "500M", or "5GB", "2GiB", an int
-    tokenizer_source: base             # base, or a model path whose tokenizer files OUT gets
-    chat_template: auto                # auto (the models' own) or Jinja text, set in tokenizer_config.json
+    tokenizer_source: base             # base, union, or a model path (mergekit's vocabulary: the
+                                       # embedding and head rows follow it); or the tokenizer: block
+    chat_template: auto                # a name (chatml, llama3, alpaca, mistral, zephyr, exaone), auto
+                                       # (the models' own) or Jinja text, set in tokenizer_config.json
 
 mergekit's schema is accepted as mergekit writes it (see :mod:`swudi_jax.checkpoint.mergekit_config`):
 per-model ``parameters`` in ``models:`` entries, values that vary per tensor (conditional
@@ -68,6 +71,7 @@ import yaml
 
 from swudi_jax.checkpoint import mergekit_config as mk
 from swudi_jax.checkpoint import slices as sl
+from swudi_jax.checkpoint import vocabulary as voc
 from swudi_jax.checkpoint.io import FORMATS, CheckpointError
 from swudi_jax.checkpoint.io.sources import ModelSource, local_path, parse_model
 from swudi_jax.checkpoint.yaml_loader import load_yaml
@@ -112,7 +116,7 @@ class MergeConfig:
     scan_axis: int = 0
     multi_device: bool | str = "auto"
     layout: str = "auto"
-    dtype: str = "float32"
+    dtype: str | None = None               # None: mergekit's rule (the stored dtype, where the method is defined in it)
     out_dtype: str | None = None
     format: str = "auto"
     out_format: str = "auto"
@@ -127,13 +131,15 @@ class MergeConfig:
     model_labels: tuple[str, ...] = ()     # per expert: where the config lists it (`models[2]`, `base_model`)
     tensor_parameters: Mapping[str, Any] = field(default_factory=dict)  # global settings that vary per tensor
     modules: tuple[sl.ModuleSlices, ...] | None = None  # `slices:`/`modules:`: what each output layer is made of
-    tokenizer_source: Path | None = None   # a model folder whose tokenizer files replace the base's
+    tokenizer_source: Path | None = None   # a model folder whose tokenizer the output takes
+    tokenizer: voc.TokenizerSpec | None = None  # tokenizer_source / tokenizer: (base, union, a folder; tokens)
+    listed: tuple[ModelSource, ...] = ()   # the models as the config lists them (mergekit's order)
     chat_template: str | None = None       # template text for tokenizer_config.json
     notes: tuple[str, ...] = ()            # what the config's mergekit settings mean here (printed, in the card)
     given: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
     """The checkpoint entries as written in the config (``base_model``, ``models``, ``grams``,
-    ``tokenizer_source``), ``models`` in the order of the resolved experts; with ``slices``,
-    ``sources``: every source's entry, in the order of :attr:`sources`."""
+    ``tokenizer_source`` or ``tokenizer``), ``models`` in the order of the resolved experts; with
+    ``slices``, ``sources``: every source's entry, in the order of :attr:`sources`."""
     source_text: str | None = field(default=None, compare=False, repr=False)
     """The config file's text as read (written to OUT as ``mergekit_config.yml``, as mergekit does)."""
     method: Resolved | None = field(default=None, compare=False, repr=False)
@@ -155,7 +161,8 @@ class MergeConfig:
         """
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         for key in ("source", "sources", "given", "notes", "has_base", "model_parameters", "model_labels",
-                    "tensor_parameters", "modules", "source_text", "method"):
+                    "tensor_parameters", "modules", "source_text", "method", "tokenizer", "listed",
+                    "tokenizer_source"):
             out.pop(key)
         for key, value in out.items():
             if isinstance(value, Path):
@@ -168,6 +175,11 @@ class MergeConfig:
         if self.sources:  # entries that re-resolve to the same inputs (adapters, steps, pinned Hub ids)
             out["base_model"] = self.sources[0].spec()
             out["models"] = [s.spec() for s in self.sources[1:]]
+        if self.tokenizer is not None:  # as written: base, union, a path, or the tokenizer: block
+            written = {k: _plain(v) for k, v in self.tokenizer.given.items()}
+            if "tokenizer_source" in written and isinstance(self.tokenizer.source, Path):
+                written["tokenizer_source"] = str(self.tokenizer.source)
+            out.update(written)
         if as_given and self.given:
             out.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.given.items()
                         if k != "sources"})
@@ -175,8 +187,8 @@ class MergeConfig:
             entries = list(self.given["sources"]) if as_given and self.given else [s.spec() for s in self.sources]
             del out["models"]
             out.update(sl.to_raw(self.modules, entries))
-        if not self.has_base or (self.method.spec.base == "joins" and self.modules is None):
-            out["base_model"] = None  # a joining base is among the models already
+        if not self.has_base:  # a joining base stays named: it is among the models (found there when read back)
+            out["base_model"] = None
         if any(self.model_parameters):
             out["models"] = [{**(m if isinstance(m, dict) else {"model": m}), "parameters": _plain(dict(p))} if p else m
                              for m, p in zip(out["models"], self.model_parameters)]
@@ -324,26 +336,12 @@ def _leaves(value: Any) -> list[Any]:
     return [] if value is None else [value]
 
 
-def _tokenizer_source(raw: Mapping[str, Any], base_dir: tuple[Path, ...], name: str) -> tuple[str | None, Any]:
-    value = raw.get("tokenizer_source")
-    tokenizer = raw.get("tokenizer")
-    if tokenizer is not None:
-        if not isinstance(tokenizer, Mapping) or set(tokenizer) - {"source"}:
-            raise ConfigError(f"{name}: `tokenizer` takes only `source` here (mergekit's `tokens` and "
-                              f"`pad_to_multiple_of` edit the vocabulary and resize embeddings: not supported), "
-                              f"got {tokenizer!r}")
-        if value is not None:
-            raise ConfigError(f"{name}: give `tokenizer_source` or `tokenizer.source`, not both")
-        value = tokenizer.get("source")
-    if value is None or value == "base":
-        return value, None
-    if value == "union":
-        raise ConfigError(f"{name}: tokenizer_source 'union' is not supported: it builds a new vocabulary from all "
-                          "models and re-indexes each model's embedding and head rows before merging, which needs "
-                          "the tokenizers' token maps and changes tensor shapes; use 'base' or one model's path")
-    if isinstance(value, Mapping) or not isinstance(value, str):
-        raise ConfigError(f"{name}: `tokenizer_source` must be 'base', 'union' or a model path, got {value!r}")
-    return value, _path(value, base_dir, f"{name}: `tokenizer_source`")
+def _tokenizer(raw: Mapping[str, Any], base_dir: tuple[Path, ...], name: str) -> voc.TokenizerSpec | None:
+    """``tokenizer_source`` / ``tokenizer:`` as mergekit reads them (:func:`~swudi_jax.checkpoint.vocabulary.parse_tokenizer`)."""
+    try:
+        return voc.parse_tokenizer(raw, lambda value, where: _path(value, base_dir, where), name)
+    except voc.VocabularyError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_top_level(raw: Any, name: str, overrides: Mapping[str, Any] | None):
@@ -414,10 +412,10 @@ def _place_base(raw, method, base_source, expert_sources: list, model_params: li
             notes.append(f"{labels[index]} is the base model: it is the base, not an expert, as in mergekit")
             del expert_sources[index], model_params[index], given_models[index], labels[index]
     elif base_source is not None and method.base == "joins":
-        expert_sources.insert(0, base_source)  # mergekit adds a configured base to the inputs
-        model_params.insert(0, {})
-        given_models.insert(0, _given(raw["base_model"]))
-        labels.insert(0, "base_model")
+        expert_sources.append(base_source)  # mergekit appends a configured base to the inputs (their sums' order)
+        model_params.append({})
+        given_models.append(_given(raw["base_model"]))
+        labels.append("base_model")
         notes.append(f"base_model joins {method.name}'s inputs (mergekit adds it to the models)")
     elif base_source is not None and method.base == "unused":
         notes.append(f"base_model is not used by {method.name}")
@@ -526,8 +524,8 @@ def _method_settings(raw, method, options, base_dir: tuple[Path, ...], name: str
         raise ConfigError(f"{name}: merge method {method.name!r} needs per-layer input Grams: set `grams` to a "
                           "checkpoint holding, for each linear weight path, an (N, n, n) array of the experts' input "
                           "Grams")
-    dtype = _choice(raw.get("dtype", "float32"), COMPUTE_DTYPES, f"{name}: `dtype`")
-    if method.work_dtype(dtype) != dtype:
+    dtype = raw.get("dtype")
+    if dtype is not None and _choice(dtype, COMPUTE_DTYPES, f"{name}: `dtype`") and method.work_dtype(dtype) != dtype:
         notes.append(f"{method.name} computes in {method.work_dtype(dtype)}, not {dtype} (it is defined in "
                      f"{'/'.join(method.compute_dtypes)} only)")
     out_dtype = raw.get("out_dtype")
@@ -549,27 +547,44 @@ def _adapter_rank(raw: Mapping[str, Any], name: str) -> int | None:
     return rank
 
 
-def _structure_and_outputs(raw, base_dir: tuple[Path, ...], name: str, base_source):
-    """The checks of input_axes, scan_axis, tokenizer_source and chat_template."""
+def _check_tokenizer_fits(raw: Mapping[str, Any], name: str) -> None:
+    """A vocabulary re-indexes each model's embedding and head rows from the rows of all the
+    models (:mod:`swudi_jax.checkpoint.vocab_rows`): refused where that is not the merge's input."""
+    key = "tokenizer" if raw.get("tokenizer") is not None else "tokenizer_source"
+    form = next((k for k in ("slices", "modules") if raw.get(k) is not None), None)
+    if form is not None:
+        raise ConfigError(f"{name}: `{key}` with `{form}` is not supported: mergekit re-indexes the embedding rows "
+                          "among the first slice's models and the head rows among the last slice's, while the "
+                          f"vocabulary here is built over every model; leave `{key}` out (the output keeps the base's "
+                          "tokenizer files, the first source's without base_model) or use the `models:` form")
+    if raw.get("out_format") == ADAPTER_FORMAT:
+        raise ConfigError(f"{name}: `{key}` with `out_format: {ADAPTER_FORMAT}` is not supported: a LoRA adapter "
+                          "keeps base_model's vocabulary and cannot carry re-indexed embedding or head rows; leave "
+                          f"`{key}` out, or merge to a dense checkpoint")
+
+
+def _structure_and_outputs(raw, base_dir: tuple[Path, ...], name: str):
+    """The checks of input_axes, scan_axis, tokenizer_source/tokenizer and chat_template."""
     input_axes = raw.get("input_axes")
     if input_axes is not None and not isinstance(input_axes, Mapping):
         raise ConfigError(f"{name}: `input_axes` must map path patterns to input-axis counts, got {input_axes!r}")
     scan_axis = raw.get("scan_axis", 0)
     if isinstance(scan_axis, bool) or not isinstance(scan_axis, int):
         raise ConfigError(f"{name}: `scan_axis` must be an integer, got {scan_axis!r}")
-    tokenizer_value, tokenizer_path = _tokenizer_source(raw, base_dir, name)
-    if tokenizer_value == "base" and base_source is None:
-        raise ConfigError(f"{name}: tokenizer_source 'base' needs a base_model")
+    tokenizer = _tokenizer(raw, base_dir, name)
+    if tokenizer is not None:
+        _check_tokenizer_fits(raw, name)
     chat_template = raw.get("chat_template")
     if chat_template is not None:
         if not isinstance(chat_template, str):
-            raise ConfigError(f"{name}: `chat_template` must be 'auto' or Jinja template text, got {chat_template!r}")
-        if chat_template != "auto" and not mk.is_template_text(chat_template):
+            raise ConfigError(f"{name}: `chat_template` must be a template name, 'auto' or Jinja template text, "
+                              f"got {chat_template!r}")
+        if chat_template != "auto":
             try:
                 mk.resolve_chat_template(chat_template, (), f"{name}: `chat_template`")
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-    return input_axes, scan_axis, tokenizer_value, tokenizer_path, chat_template
+    return input_axes, scan_axis, tokenizer, chat_template
 
 
 class _Inputs(NamedTuple):
@@ -586,6 +601,7 @@ class _Inputs(NamedTuple):
     modules: tuple[sl.ModuleSlices, ...] | None = None
     given_sources: list | None = None
     labels: tuple[str, ...] = ()
+    listed: tuple[ModelSource, ...] = ()
 
 
 def _models_form(raw, method, base_dir: tuple[Path, ...], name: str, global_params, notes: list) -> _Inputs:
@@ -595,6 +611,7 @@ def _models_form(raw, method, base_dir: tuple[Path, ...], name: str, global_para
         raise ConfigError(f"{name}: `base_model` is required by merge method {method.name!r}")
     entries = [_split_entry(m, f"{name}: `models[{i}]`") for i, m in enumerate(models)]
     base_source, expert_sources = _sources(raw, entries, base_dir, name)
+    listed = list(expert_sources)
     model_params = [p for _, p in entries]
     given_models = [_given(m) for m, _ in entries]
     labels = [f"models[{i}]" for i in range(len(entries))]
@@ -604,7 +621,7 @@ def _models_form(raw, method, base_dir: tuple[Path, ...], name: str, global_para
     _check_joined_weight(method, base_source, expert_sources, model_params, options, tensor_settings, name)
     reference = base_source if base_source is not None else expert_sources[0]
     return _Inputs(base_source, (reference, *expert_sources), model_params, given_models, options, tensor_settings,
-                   labels=tuple(labels))
+                   labels=tuple(labels), listed=tuple(listed))
 
 
 def _slice_settings(method, name: str):
@@ -698,13 +715,12 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
     inputs = form(raw, method, base_dir, name, global_params, notes)
     base_source = inputs.base
     resolved, grams, dtype, out_dtype = _method_settings(raw, method, inputs.options, base_dir, name, notes)
-    input_axes, scan_axis, tokenizer_value, tokenizer_path, chat_template = _structure_and_outputs(
-        raw, base_dir, name, base_source)
+    input_axes, scan_axis, tokenizer, chat_template = _structure_and_outputs(raw, base_dir, name)
     shard = parse_size(raw.get("out_shard_size", DEFAULT_SHARD_SIZE), f"{name}: `out_shard_size`")
     given = {"base_model": _given(raw["base_model"]) if base_source is not None else None,
              "models": inputs.given_models, **({} if inputs.given_sources is None else {"sources": inputs.given_sources}),
              **({} if grams is None else {"grams": _given(raw["grams"])}),
-             **({} if tokenizer_path is None else {"tokenizer_source": _given(tokenizer_value)})}
+             **({} if tokenizer is None else {k: _plain(v) for k, v in tokenizer.given.items()})}
     sources, reference, model_params, tensor_settings = inputs.sources, inputs.sources[0], inputs.model_params, inputs.tensor_settings
     config = MergeConfig(
         base_model=reference.path,
@@ -736,7 +752,9 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         model_labels=inputs.labels,
         tensor_parameters=tensor_settings,
         modules=inputs.modules,
-        tokenizer_source=tokenizer_path,
+        tokenizer_source=tokenizer.source if tokenizer is not None and isinstance(tokenizer.source, Path) else None,
+        tokenizer=tokenizer,
+        listed=inputs.listed,
         chat_template=chat_template,
         notes=tuple(notes),
         given=given,

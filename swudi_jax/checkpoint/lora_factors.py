@@ -51,6 +51,7 @@ def adapter_readers(config: MergeConfig, experts: Sequence[CheckpointReader]) ->
     base = config.sources[0]
     out: list[peft.LoraReader | None] = []
     for source, reader in zip(config.sources[1:], experts):
+        reader = getattr(reader, "inner", reader)  # under a vocabulary view (vocab_rows): its tensors stay the adapter's
         same_base = (source.path, source.step, source.item) == (base.path, base.step, base.item)
         if not same_base:
             return None
@@ -149,6 +150,10 @@ class FactorMerge:
         return all(not (np.any(updates[k].a) and np.any(updates[k].b)) for k in keys if k in self.paths)
 
 
+def _never(_key: str) -> bool:
+    return False
+
+
 def plan_factor_merge(config: MergeConfig, plan: MergePlan, experts: Sequence[CheckpointReader], resolved: Resolved,
                       resolver: TensorOptions | None, work: str) -> FactorMerge:
     """Which tensors of ``plan`` merge from the adapters' factors (an empty :class:`FactorMerge`
@@ -161,8 +166,8 @@ def plan_factor_merge(config: MergeConfig, plan: MergePlan, experts: Sequence[Ch
         updates = [r.updates.get(p.path) for r in readers]
         if not factorable(p) or any(u is None or u.embedding for u in updates):
             continue
-        if any(p.path in r.replaced for r in readers):
-            continue
+        if any(p.path in r.replaced for r in readers) or any(getattr(e, "changes", _never)(p.path) for e in experts):
+            continue  # replaced whole, or rows re-indexed to a new vocabulary (not base + ΔW): densified
         if fits_factors(len(readers), max(u.a.shape[0] for u in updates), p.maths_shape[1]):
             paths.append(p.path)
     check_factors_finite(readers, paths)

@@ -1,11 +1,13 @@
 """What a checkpoint merge decided before compute: :class:`MergePlan` (the config, every
-tensor's :class:`~swudi_jax.model.layout.LeafPlan`, the compile groups, the output dtypes),
+tensor's :class:`~swudi_jax.model.layout.LeafPlan`, the compile groups, the output dtypes, the
+output vocabulary),
 read by the pipeline and by the files written beside the weights."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +29,7 @@ class MergePlan:
     out_dtypes: Mapping[str, np.dtype]
     guesses: tuple[str, ...] = ()
     sliced: SlicePlan | None = None  # with `slices:`, every output tensor's recipe
+    vocabulary: Any = None  # the output vocabulary (:class:`~swudi_jax.checkpoint.vocabulary.Vocabulary`), if built
 
     def has_base(self, group: int) -> bool:
         """Whether group ``group`` is merged with a base (with slices: its slice's)."""
@@ -45,6 +48,10 @@ class MergePlan:
                    f"x {len(self.config.models) + 1} models"
                    + (f"; {len(self.sliced.layers)} output layers" if self.sliced is not None else ""))
         notes = [f"note: {n}" for n in self.config.notes] + [f"guess: {g}" for g in self.guesses]
+        if self.vocabulary is not None:
+            v = self.vocabulary
+            notes.append(f"note: output vocabulary of {len(v.vocab)} tokens ({v.rows} rows); embedding and head rows "
+                         + ("kept as they are" if v.identity else "re-indexed to it, as mergekit"))
         return "\n".join(lines + ["", summary] + notes)
 
     def largest_group_bytes(self) -> int:

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from swudi_jax.checkpoint import chat_templates
 from swudi_jax.checkpoint.io.side_files import copy_side_files, plan_side_files
 from swudi_jax.methods.mergekit import MERGEKIT_METHODS
 
@@ -191,46 +192,56 @@ def copy_tokenizer(source: Path, out: Path, where: str) -> list[str]:
 
 
 def _template_of(directory: Path) -> str | None:
-    files = [f for f in plan_side_files(directory) if f.relative == "tokenizer_config.json"]
-    if not files:
-        return None
+    """A model's chat template as transformers loads it: ``chat_template.jinja``, else
+    tokenizer_config.json's ``chat_template`` (its "default" when it is a list of named ones)."""
+    files = {f.relative: f.source for f in plan_side_files(directory)}
     try:
-        value = json.loads(files[0].source.read_text(encoding="utf-8")).get("chat_template")
+        if "chat_template.jinja" in files:
+            return files["chat_template.jinja"].read_text(encoding="utf-8")
+        if "tokenizer_config.json" not in files:
+            return None
+        value = json.loads(files["tokenizer_config.json"].read_text(encoding="utf-8")).get("chat_template")
     except (OSError, ValueError):
         return None
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if isinstance(t, Mapping) and t.get("name") == "default"), None)
     return value if isinstance(value, str) else None
 
 
-def is_template_text(value: str) -> bool:
-    """A chat_template given as Jinja text rather than a template name."""
-    return "{{" in value or "{%" in value
-
-
-def resolve_chat_template(value: str, models: Sequence[Path], where: str) -> str:
-    """The template text mergekit's ``chat_template`` names: Jinja text as given, or "auto":
-    the template most of the input models' tokenizer_config.json carry.
+def resolve_chat_template(value: str, models: Sequence[Path], where: str) -> str | None:
+    """The template text mergekit's ``chat_template`` names: a bundled template's name
+    (:mod:`swudi_jax.checkpoint.chat_templates`), "auto" — the template most of the input
+    models carry (None, with a warning, when none has one: mergekit then sets none) — or Jinja
+    text (20 characters or more, with a ``{``).
 
     Raises:
-      ValueError for a built-in template name (mergekit ships those files; they are not
-      bundled here, and nothing is downloaded) or "auto" with no template among the models.
+      ValueError for anything else, naming the bundled templates.
     """
-    if is_template_text(value):
-        return value
     if value == "auto":
-        found = Counter(t for t in (_template_of(m) for m in models) if t is not None)
+        found = Counter(t.strip() for t in (_template_of(m) for m in models) if t)
         if not found:
-            raise ValueError(f"{where}: 'auto' found no chat_template in the models' tokenizer_config.json")
+            warnings.warn(f"{where}: 'auto' found no chat template among the models; none is set, as mergekit",
+                          stacklevel=3)
+            return None
         return found.most_common(1)[0][0]
-    raise ValueError(f"{where}: {value!r} names one of mergekit's bundled templates, which are not shipped here "
-                     "(nothing is downloaded): paste the Jinja template text, or use 'auto' to take the models' own")
+    template = chat_templates.named(value)
+    if template is not None:
+        return template
+    if len(value) < 20 or "{" not in value:
+        raise ValueError(f"{where}: {value!r} is neither a bundled template ({', '.join(sorted(chat_templates.BUNDLED))}),"
+                         " 'auto', nor Jinja template text")
+    return value
 
 
 def write_chat_template(out: Path, template: str) -> None:
-    """Set ``chat_template`` in ``out``'s tokenizer_config.json (created when absent)."""
+    """Set ``chat_template`` in ``out``'s tokenizer_config.json (created when absent), and in
+    its chat_template.jinja when there is one (transformers reads that file first)."""
     config = out / "tokenizer_config.json"
     content = json.loads(config.read_text()) if config.is_file() else {}
     content["chat_template"] = template
     config.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+    if (out / "chat_template.jinja").is_file():
+        (out / "chat_template.jinja").write_text(template, encoding="utf-8")
 
 
 def set_torch_dtype(out: Path, dtype: str) -> bool:

@@ -5,6 +5,7 @@ config as the user wrote it and the model card with its Hub front matter."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import yaml
 
 from swudi_jax.checkpoint import mergekit_config as mk
 from swudi_jax.checkpoint import slices as sl
-from swudi_jax.checkpoint.config import MergeConfig
+from swudi_jax.checkpoint import vocabulary as voc
 from swudi_jax.checkpoint.io.reader import naming_file
 from swudi_jax.checkpoint.io.side_files import copy_side_files
 from swudi_jax.checkpoint.merge_plan import MergePlan
@@ -34,21 +35,41 @@ def _library_name(side_files: Sequence[str], out_format: str) -> str:
     return "swudi_jax"
 
 
-def _finish_side_files(config: MergeConfig, out: Path, copy_tokenizer: bool, copied: Sequence[str]) -> list[str]:
-    """mergekit's output files: the tokenizer (``tokenizer_source``, ``--no-copy-tokenizer``), the
-    chat template, config.json's ``torch_dtype`` for ``out_dtype``. Returns the side files now in ``out``."""
-    copied = list(copied)
-    if not copy_tokenizer:
-        for item in mk.tokenizer_files(out):
-            item.unlink()
-        copied = [c for c in copied if c not in mk.TOKENIZER_FILES]
-    elif config.tokenizer_source is not None:
-        names = mk.copy_tokenizer(config.tokenizer_source, out, "tokenizer_source")
-        copied = [c for c in copied if c not in mk.TOKENIZER_FILES] + names
+def _tokenizer_files(plan: MergePlan, out: Path, copy_tokenizer: bool, copied: list[str]) -> list[str]:
+    """The tokenizer OUT gets: the built vocabulary's (written whatever ``--copy-tokenizer`` says,
+    as mergekit saves the tokenizer it builds; the source folder's files when it is that file
+    unchanged), else the base's as copied, or none with ``--no-copy-tokenizer``."""
+    vocab = plan.vocabulary
+    if vocab is None and copy_tokenizer:
+        return copied
+    for item in mk.tokenizer_files(out):
+        item.unlink()
+    copied = [c for c in copied if c not in mk.TOKENIZER_FILES]
+    if vocab is None:
+        return copied
+    if vocab.unchanged:
+        names = mk.copy_tokenizer(vocab.tokenizer.folder, out, "tokenizer_source")
+    else:
+        names = voc.write_tokenizer(vocab, out)
+    voc.set_vocab_size(out, vocab.rows)  # mergekit sets the output vocabulary size
+    return copied + names
+
+
+def _finish_side_files(plan: MergePlan, out: Path, copy_tokenizer: bool, copied: Sequence[str]) -> list[str]:
+    """mergekit's output files: the tokenizer (``tokenizer_source``/``tokenizer``,
+    ``--no-copy-tokenizer``), the chat template, config.json's ``torch_dtype`` for ``out_dtype``.
+    Returns the side files now in ``out``."""
+    config = plan.config
+    copied = _tokenizer_files(plan, out, copy_tokenizer, list(copied))
     if config.chat_template is not None:
-        folders = [s.main for s in config.sources[1:]]
-        mk.write_chat_template(out, mk.resolve_chat_template(config.chat_template, folders, "chat_template"))
-        copied += [] if "tokenizer_config.json" in copied else ["tokenizer_config.json"]
+        folders = [s.main for s in dict.fromkeys(config.listed or config.sources)]
+        template = mk.resolve_chat_template(config.chat_template, folders, "chat_template")
+        if template is not None and any(c in copied for c in mk.TOKENIZER_FILES):
+            mk.write_chat_template(out, template)
+            copied += [] if "tokenizer_config.json" in copied else ["tokenizer_config.json"]
+        elif template is not None:
+            warnings.warn("chat_template: no tokenizer is written (--no-copy-tokenizer), so the chat template is not "
+                          "saved, as mergekit", stacklevel=3)
     if config.out_dtype is not None:
         mk.set_torch_dtype(out, config.out_dtype)
     return copied
@@ -96,7 +117,7 @@ Made with swudi_jax `swudi-merge`: {formula}
 - **Method:** `{c.merge_method}` ({method.kind}); source: {method.source}
 - **Layout:** {plan.layout}; **tensors:** {counts['linear']} merged by the method as linear maps, {counts['mean']} by the
   {'method' if method.kind == 'elementwise' else 'mean task vector'}, {counts['keep']} kept from the base, {counts['passthrough']} non-float copied.
-- **Format:** {plan.out_format}; **out dtype:** {c.out_dtype or 'as the base'}; **compute dtype:** {c.dtype}
+- **Format:** {plan.out_format}; **out dtype:** {c.out_dtype or 'as the base'}; **compute dtype:** {c.dtype or 'as stored'}
 
 | parameter | value |
 |---|---|
@@ -116,7 +137,7 @@ def write_beside(plan: MergePlan, tmp: Path, copy_tokenizer: bool, side_files: S
     ``mergekit_config.yml``."""
     config = plan.config
     copied = copy_side_files(config.base_model, tmp, side_files)
-    copied = _finish_side_files(config, tmp, copy_tokenizer, copied)
+    copied = _finish_side_files(plan, tmp, copy_tokenizer, copied)
     if plan.sliced is not None:
         sl.write_layer_count(tmp / "config.json", plan.sliced)
     files = {CONFIG_NAME: config.to_yaml(as_given=True)}

@@ -34,6 +34,7 @@ failure or interrupt before the move removes the temporary directory: OUT is eit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -47,6 +48,7 @@ import numpy as np
 
 from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint import slices as sl
+from swudi_jax.checkpoint import vocabulary as voc
 from swudi_jax.checkpoint.adapter_output import check_adapter_output, merge_to_adapter
 from swudi_jax.checkpoint.config import ADAPTER_FORMAT, MergeConfig, load_config, numpy_dtype, tensor_resolver
 from swudi_jax.checkpoint.distributed import Team
@@ -60,6 +62,7 @@ from swudi_jax.checkpoint.merge_plan import MergePlan
 from swudi_jax.checkpoint.output_checks import checked_outputs
 from swudi_jax.checkpoint.output_files import CONFIG_NAME, write_adapter_beside, write_beside
 from swudi_jax.checkpoint.stream import run_overlapped, run_sequential
+from swudi_jax.checkpoint.vocab_rows import VocabularyReaders
 from swudi_jax.maths.linalg import is_floating
 from swudi_jax.maths.validation import non_finite
 from swudi_jax.model.batching import compile_groups, padded_sizes
@@ -135,6 +138,32 @@ def _read_group(reader: ckio.CheckpointReader, keys: Sequence[str]) -> dict[str,
     return arrays
 
 
+def _vocabulary_views(config: MergeConfig, readers: list) -> list:
+    """The readers with their vocabulary tensors re-indexed to the output vocabulary
+    (:mod:`swudi_jax.checkpoint.vocab_rows`); the models keyed by their resolved sources."""
+    name = f"config {config.source}" if config.source else "config"
+    slots = list(config.sources or ())
+    listed = list(dict.fromkeys(config.listed or slots[1:]))
+    base = slots[0] if config.has_base else listed[0]
+    order = listed + ([base] if base not in listed else [])
+    folders = {key: key.path for key in order}
+    spec = config.tokenizer
+    if spec.tokens:  # a `tokens:` source names a model by its folder: the merge's key for it
+        by_folder = {key.path.resolve(): key for key in order}
+        spec = dataclasses.replace(spec, tokens={t: dataclasses.replace(s, model=by_folder.get(Path(s.model).resolve(),
+                                                                                               s.model))
+                                                 if s.model is not None else s for t, s in spec.tokens.items()})
+    try:
+        vocab = voc.build_vocabulary(spec, base, folders, name, base_given=config.has_base)
+        dtype = None if config.dtype is None else numpy_dtype(config.dtype)
+        views = VocabularyReaders(readers, slots, order, base if config.has_base else None, vocab, dtype, name)
+        for reader in readers:
+            views.check_others(reader, sorted(set(vocab.limits.values())))
+    except voc.VocabularyError as exc:
+        raise ckio.CheckpointError(str(exc)) from None
+    return views.views
+
+
 @contextlib.contextmanager
 def _opened(config: MergeConfig) -> Iterator[tuple[ckio.CheckpointReader, list[ckio.CheckpointReader], Any]]:
     readers: list[ckio.CheckpointReader] = []
@@ -145,11 +174,14 @@ def _opened(config: MergeConfig) -> Iterator[tuple[ckio.CheckpointReader, list[c
         readers.append(_open(sources[0], config.format, first))
         for label, path in zip(labels, sources[1:]):
             readers.append(_open(path, config.format, label))
+        models = readers[:len(sources)]
+        if config.tokenizer is not None:
+            models = _vocabulary_views(config, models)
         grams = None
         if config.grams is not None:
             grams = _open(config.grams, "auto", "grams")
             readers.append(grams)
-        yield readers[0], readers[1:1 + len(config.models)], grams
+        yield models[0], models[1:], grams
     finally:
         for reader in readers:
             reader.close()
@@ -203,7 +235,7 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
         floating = p.kind != "passthrough"
         out_dtypes[p.path] = numpy_dtype(config.out_dtype) if (config.out_dtype and floating) else np.dtype(p.dtype)
     return MergePlan(config, rules.layout, base.format, out_format, tuple(plans), tuple(tuple(g) for g in groups),
-                     out_dtypes, guesses, sliced)
+                     out_dtypes, guesses, sliced, getattr(base, "vocabulary", None))
 
 
 def plan_checkpoints(config: MergeConfig | str | os.PathLike, *,
@@ -215,8 +247,11 @@ def plan_checkpoints(config: MergeConfig | str | os.PathLike, *,
         return plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
 
 
-def _compute(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
-    """Floating arrays cast to the compute dtype (mixed-dtype inputs meet in it); others as read."""
+def _compute(arrays: dict[str, np.ndarray], dtype: str | None) -> dict[str, np.ndarray]:
+    """Floating arrays cast to the compute dtype (mixed-dtype inputs meet in it); others as read.
+    None (no ``dtype`` in the config): as stored; the merge promotes them per group."""
+    if dtype is None:
+        return arrays
     target = numpy_dtype(dtype)
     return {k: a.astype(target, copy=False) if is_floating(a.dtype) else a for k, a in arrays.items()}
 
@@ -361,6 +396,18 @@ def _warn_zero_task_vectors(config: MergeConfig, same_as_base: Sequence[bool], l
                           stacklevel=3)
 
 
+def _warn_guesses(plan: MergePlan, lead: bool) -> None:
+    if plan.guesses and lead:
+        warnings.warn("the layout of some tensors is a guess (--dry-run shows the plan): " + "; ".join(plan.guesses),
+                      stacklevel=3)
+
+
+def _stored_float64(work: str | None, readers) -> None:
+    """``dtype`` omitted: stored float64 computes in float64, as mergekit's (jax_enable_x64 on)."""
+    if work is None and any(np.dtype(d) == np.float64 for r in readers for _, d in _signature(r).values()):
+        jax.config.update("jax_enable_x64", True)
+
+
 def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                       dry_run: bool = False, progress: bool = True,
                       max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES, copy_tokenizer: bool = True,
@@ -398,7 +445,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     out = check_output_target(out, protected=[config.source, config.base_model, *config.models, *inputs, config.grams,
                                               config.tokenizer_source], force=force)
     method = config.method.spec
-    work = method.work_dtype(config.dtype)
+    work = None if config.dtype is None else method.work_dtype(config.dtype)
     if work == "float64":
         jax.config.update("jax_enable_x64", True)
     if dry_run:
@@ -410,9 +457,8 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     options = dict(out=out, force=force, max_group_bytes=max_group_bytes, copy_tokenizer=copy_tokenizer, card=write_model_card)
     with team.output_slot(out, force, config, options) as slot, _opened(config) as (base, experts, grams):
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
-        if plan.guesses and team.lead:
-            warnings.warn("the layout of some tensors is a guess (--dry-run shows the plan): "
-                          + "; ".join(plan.guesses), stacklevel=2)
+        _warn_guesses(plan, team.lead)
+        _stored_float64(work, [base, *experts])
         side_files = plan_side_files(config.base_model)
         share = team.assign(plan, config.method, config.multi_device)
         resolved = prepare(config.method, _model_chunks(plan, [base, *experts], progress and team.lead, share.prepare),

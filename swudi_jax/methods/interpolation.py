@@ -26,12 +26,16 @@ copied), each from its published definition:
 Layout: ``row_wise`` and ``filter_wise`` refer to the tensor as stored by PyTorch/HF
 (out, in) — the project's maths layout; transpose a Flax kernel first.
 
-dtypes: everything here computes in float32 (float64 for float64 inputs) and rounds the
-result once to the inputs' dtype. mergekit does so for slerp; for nuslerp, multislerp,
-model_stock and nearswap it computes in the merge dtype itself (bf16 arithmetic for a
-bf16 merge), and karcher keeps its unit vectors in that dtype: with bf16/float16 inputs the
-two agree to a few units in the last place (measured ≤ 2.7e-2 of the largest |value| for
-bf16, ≤ 1.1e-3 for float16), not bit for bit; slerp is bit-exact.
+dtypes: each method computes as mergekit's PyTorch code does in the inputs' dtype: in
+float32 (float64 for float64 inputs), every operation's result rounded to bf16/float16 when
+the inputs are (:func:`~swudi_jax.methods.sparsify.rounder`), with PyTorch's rules for a
+scalar operand (a Python number on the right of ``*``/``/`` stays float32, one added or
+compared is rounded first; ``t / x`` is ``reciprocal(x)·t``; a float32 0-dim tensor on the
+left of ``*`` is rounded first) and true division (:func:`~swudi_jax.maths.linalg.divide`).
+slerp works in float32 and rounds once, as mergekit's; karcher's norms are float32. On the
+cross-check cases every bf16/float16 entry equals mergekit 0.1.5's
+(``benchmarks/mergekit_crosscheck``). With float32 inputs (``dtype: float32``) nothing is
+rounded: the more precise result.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swudi_jax.maths.linalg import HIGHEST, compute_dtype
+from swudi_jax.maths.linalg import HIGHEST, compute_dtype, divide
+from swudi_jax.methods.sparsify import rounder
 from swudi_jax.maths.validation import is_concrete
 
 
@@ -97,43 +102,54 @@ def slerp(v0: jax.Array, v1: jax.Array, t: Any, *, dot_threshold: float = 0.9995
 # ----------------------------------------------------------------------------- nuslerp
 
 
+def nuslerp_t(weight: Any) -> jax.Array | np.ndarray:
+    """nuslerp's t = w2 / (w1 + w2) (0.5 when |w1 + w2| < 1e-6): in float64 on the host, as
+    mergekit computes it in Python, when the weights are concrete; else in float32."""
+    if is_concrete(weight):
+        w = np.broadcast_to(np.asarray(weight, np.float64), (2,))
+        total = w[0] + w[1]
+        return np.float32(0.5 if abs(total) < 1e-6 else w[1] / total)
+    w = jnp.broadcast_to(jnp.asarray(weight, jnp.float32), (2,))
+    total = w[0] + w[1]
+    return jnp.where(jnp.abs(total) < 1e-6, 0.5, w[1] / jnp.where(jnp.abs(total) < 1e-6, 1, total))
+
+
 @partial(jax.jit, static_argnames=("row_wise", "flatten", "eps"))
-def _nuslerp(models, weight, base, *, row_wise, flatten, eps):
-    work = compute_dtype(models.dtype)
+def _nuslerp(models, t, base, *, row_wise, flatten, eps):
+    r, work = rounder(models.dtype), compute_dtype(models.dtype)
     x = models.astype(work)
     if base is not None:
-        x = x - base.astype(work)[None]
-    w = weight.astype(work)
-    total = w[0] + w[1]
-    t = jnp.where(jnp.abs(total) < 1e-6, 0.5, w[1] / jnp.where(jnp.abs(total) < 1e-6, 1, total))
+        x = r(x - base.astype(work)[None])
+    t = t.astype(work)
     shape = x.shape[1:]
     if flatten:
         x = x.reshape(2, -1)
     elif row_wise:
         x = jnp.swapaxes(x, 1, -1)
     v0, v1 = x[0], x[1]
-    u0 = v0 / jnp.maximum(_norm(v0, keepdims=True), 1e-7)
-    u1 = v1 / jnp.maximum(_norm(v1, keepdims=True), 1e-7)
-    cos = jnp.clip(jnp.sum(u0 * u1, axis=-1, keepdims=True), -1, 1)
-    colinear = (1 - jnp.square(cos)) <= eps**2
-    theta = jnp.arccos(jnp.where(colinear, 0, cos))
-    s = jnp.where(colinear, 1, jnp.sin(theta))
-    out = (jnp.sin((1 - t) * theta) * v0 + jnp.sin(t * theta) * v1) / s
-    out = jnp.where(colinear, (1 - t) * v0 + t * v1, out)
+    u0 = r(divide(v0, r(jnp.maximum(r(_norm(v0, keepdims=True)), 1e-7))))
+    u1 = r(divide(v1, r(jnp.maximum(r(_norm(v1, keepdims=True)), 1e-7))))
+    cos = jnp.clip(r(jnp.sum(r(u0 * u1), axis=-1, keepdims=True)), -1, 1)
+    colinear = r(1 - r(jnp.square(cos))) <= eps**2
+    theta = r(jnp.arccos(jnp.where(colinear, 0, cos)))
+    s = r(jnp.sin(theta))
+    out = r(divide(r(r(r(jnp.sin(r((1 - t) * theta))) * v0) + r(r(jnp.sin(r(t * theta))) * v1)), jnp.where(colinear, 1, s)))
+    out = jnp.where(colinear, r(r((1 - t) * v0) + r(t * v1)), out)
     if not flatten and row_wise:
         out = jnp.swapaxes(out, 0, -1)
     out = out.reshape(shape)
     if base is not None:
-        out = out + base.astype(work)
+        out = r(out + base.astype(work))
     return out.astype(models.dtype)
 
 
 def nuslerp(models: jax.Array, weight: Any, base: jax.Array | None = None, *, row_wise: bool = False,
-            flatten: bool = True, eps: float = 1e-8) -> jax.Array:
+            flatten: bool = True, eps: float = 1e-8, t: Any = None) -> jax.Array:
     """mergekit ``nuslerp`` of one tensor (exactly two non-base models).
 
     Args:
       models: θ1, θ2 stacked (2, ...). weight: (2,) per-model weights (required; t = w2/(w1+w2)).
+      t: the interpolation factor, when already computed from the weights (:func:`nuslerp_t`).
       base: θ0 (...) or None; with a base the task vectors are interpolated and θ0 added.
       row_wise: interpolate vectors along axis 0 instead of the last axis (``flatten=False``).
       flatten: interpolate the whole flattened tensor (mergekit's default).
@@ -142,8 +158,9 @@ def nuslerp(models: jax.Array, weight: Any, base: jax.Array | None = None, *, ro
         raise ValueError(f"nuslerp takes exactly 2 models stacked on axis 0, got shape {tuple(models.shape)}")
     if base is not None:
         _check_pair(models[0], base, ("each model", "base"))
-    weight = jnp.broadcast_to(jnp.asarray(weight, jnp.float32), (2,))
-    return _nuslerp(models, weight, base, row_wise=bool(row_wise), flatten=bool(flatten), eps=float(eps))
+    t = nuslerp_t(weight) if t is None else t
+    return _nuslerp(models, jnp.asarray(t, jnp.float32), base, row_wise=bool(row_wise),
+                    flatten=bool(flatten), eps=float(eps))
 
 
 # ----------------------------------------------------------------------------- multislerp
@@ -151,29 +168,32 @@ def nuslerp(models: jax.Array, weight: Any, base: jax.Array | None = None, *, ro
 
 @partial(jax.jit, static_argnames=("normalize_weights", "eps"))
 def _multislerp(models, weight, base, *, normalize_weights, eps):
-    work = compute_dtype(models.dtype)
+    r, work = rounder(models.dtype), compute_dtype(models.dtype)
     n = models.shape[0]
     x = models.astype(work)
     if base is not None:
-        x = x - base.astype(work)[None]
+        x = r(x - base.astype(work)[None])
     flat = x.reshape(n, -1)
-    w = weight.astype(work)
+    w = r(weight.astype(work))
     if normalize_weights:
-        w = w / jnp.sum(w)
-    norms = _norm(flat, keepdims=True)
-    units = flat / (norms + eps)
-    mean = jnp.sum(units * w[:, None], axis=0)
-    mean_norm = _norm(mean)
-    degenerate = mean_norm < eps
-    mean = mean / jnp.where(degenerate, 1, mean_norm)
-    tangent = units - jnp.sum(units * mean, axis=-1, keepdims=True) * mean
-    t = jnp.sum(tangent * w[:, None], axis=0)
-    tn = _norm(t) + eps
-    out = (mean * jnp.cos(tn) + t * (jnp.sin(tn) / tn)) * jnp.sum(norms[:, 0] * w)
-    fallback = jnp.sum(flat * w[:, None], axis=0) if n == 2 else jnp.full_like(out, jnp.nan)
+        w = r(divide(w, r(jnp.sum(w))))
+    eps_r = r(jnp.asarray(eps, work))  # PyTorch adds a Python scalar in the tensor's dtype
+    norms = r(_norm(flat, keepdims=True))
+    units = r(divide(flat, r(norms + eps_r)))
+    mean = r(jnp.sum(r(units * w[:, None]), axis=0))
+    mean_norm = r(_norm(mean))
+    degenerate = mean_norm < eps_r
+    mean = r(divide(mean, jnp.where(degenerate, 1, mean_norm)))
+    dots = r(jnp.sum(r(units * mean), axis=-1, keepdims=True))
+    tangent = r(units - r(dots * mean))
+    t = r(jnp.sum(r(tangent * w[:, None]), axis=0))
+    tn = r(r(_norm(t)) + eps_r)
+    out = r(r(mean * r(jnp.cos(tn))) + r(t * r(r(jnp.sin(tn)) / tn)))
+    out = r(out * r(jnp.sum(r(norms[:, 0] * w))))
+    fallback = r(r(flat[0] * w[0]) + r(flat[1] * w[1])) if n == 2 else jnp.full_like(out, jnp.nan)
     out = jnp.where(degenerate, fallback, out).reshape(models.shape[1:])
     if base is not None:
-        out = out + base.astype(work)
+        out = r(out + base.astype(work))
     return out.astype(models.dtype)
 
 
@@ -206,38 +226,54 @@ def multislerp(models: jax.Array, weight: Any, base: jax.Array | None = None, *,
 # ----------------------------------------------------------------------------- karcher
 
 
-@partial(jax.jit, static_argnames=("max_iter", "tol"))
-def _karcher(models, alphas, *, max_iter, tol):
-    work = compute_dtype(models.dtype)
-    n = models.shape[0]
-    flat = models.reshape(n, -1).astype(work)
-    a = alphas.astype(work)
-    norms = _norm(flat)
-    units = flat / jnp.where(norms == 0, 1, norms)[:, None]
-    valid = norms > tol
-    va = jnp.where(valid, a, 0)
-    na = va / jnp.where(jnp.sum(va) == 0, 1, jnp.sum(va))
-    mean = jnp.sum(units * na[:, None], axis=0)
-    mean_norm = _norm(mean)
-    first = units[jnp.argmax(valid)]
-    mean = jnp.where(mean_norm < tol, first, mean / jnp.where(mean_norm < tol, 1, mean_norm))
+def _karcher_step(units, na, valid, tol, r, work):
+    """One fixed-point step's new mean (or None to stop) as mergekit takes it: per model in
+    order, the tangent term α·θ/sin θ·(u − ⟨μ, u⟩μ) added in the merge dtype (skipped when
+    θ < tol); the norms, and the exponential map's scalars, in float32."""
 
     def step(_, carry):
         mean, done = carry
-        dot = jnp.clip(units @ mean, -1.0, 1.0)
-        theta = jnp.arccos(dot)
-        move = valid & (theta >= tol)
-        coef = jnp.where(move, na * theta / jnp.where(move, jnp.sin(theta), 1), 0)
-        tangent = jnp.sum(coef[:, None] * (units - dot[:, None] * mean[None]), axis=0)
+        tangent = jnp.zeros_like(mean)
+        for i in range(units.shape[0]):
+            dot = jnp.clip(r(jnp.dot(mean, units[i], precision=HIGHEST)), -1.0, 1.0)
+            theta = r(jnp.arccos(dot))
+            coef = r(na[i] * r(theta / jnp.where(theta == 0, 1, r(jnp.sin(theta)))))
+            term = r(coef * r(units[i] - r(dot * mean)))
+            tangent = jnp.where(valid[i] & (theta >= tol), r(tangent + term), tangent)
         tn = _norm(tangent)
         stop = done | (tn < tol)
-        new = jnp.cos(tn) * mean + jnp.sin(tn) * (tangent / jnp.where(tn < tol, 1, tn))
+        # a float32 0-dim tensor on the left of PyTorch's multiply is cast to the other's dtype first
+        new = r(r(r(jnp.cos(tn)) * mean) + r(r(jnp.sin(tn)) * r(divide(tangent, jnp.where(tn < tol, 1, tn)))))
         un = _norm(new)
-        new = jnp.where(un > tol, new / jnp.where(un > tol, un, 1), new)
+        new = jnp.where(un > tol, r(divide(new, jnp.where(un > tol, un, 1))), new)
         return jnp.where(stop, mean, new), stop
 
-    mean, _ = jax.lax.fori_loop(0, max_iter, step, (mean, jnp.asarray(False)))
-    out = jnp.sum(a * norms) * mean
+    return step
+
+
+@partial(jax.jit, static_argnames=("max_iter", "tol"))
+def _karcher(models, alphas, *, max_iter, tol):
+    r, work = rounder(models.dtype), compute_dtype(models.dtype)
+    n = models.shape[0]
+    flat = models.reshape(n, -1).astype(work)
+    a = alphas.astype(work)
+    norms = _norm(flat, axis=-1)
+    units = r(divide(flat, jnp.where(norms == 0, 1, norms)[:, None]))
+    valid = norms > tol
+    va = jnp.where(valid, a, 0)
+    na = va / jnp.where(jnp.sum(va) == 0, 1, jnp.sum(va))
+    mean = jnp.zeros_like(units[0])
+    for i in range(n):
+        mean = jnp.where(valid[i], r(mean + r(na[i] * units[i])), mean)
+    mean_norm = _norm(mean)
+    first = units[jnp.argmax(valid)]
+    mean = jnp.where(mean_norm < tol, first, r(divide(mean, jnp.where(mean_norm < tol, 1, mean_norm))))
+    mean, _ = jax.lax.fori_loop(0, max_iter, _karcher_step(units, na, valid, tol, r, work),
+                                (mean, jnp.asarray(False)))
+    scale = jnp.zeros((), work)
+    for i in range(n):
+        scale = scale + a[i] * norms[i]
+    out = r(r(scale) * mean)
     out = jnp.where(jnp.any(valid), out, jnp.zeros_like(out))
     return out.reshape(models.shape[1:]).astype(models.dtype)
 
@@ -271,26 +307,29 @@ def karcher(models: jax.Array, weight: Any = None, *, max_iter: int = 10, tol: f
 
 @partial(jax.jit, static_argnames=("filter_wise",))
 def _model_stock(base, models, *, filter_wise):
-    work = compute_dtype(models.dtype)
+    r, work = rounder(models.dtype), compute_dtype(models.dtype)
     n = models.shape[0]
     w0, ws = base.astype(work), models.astype(work)
     if filter_wise:
         if w0.ndim == 1:
             w0, ws = w0[None], ws[:, None]
-        x = ws - w0[None]                                  # (N, ..., C)
     else:
         w0, ws = w0.reshape(-1), ws.reshape(n, -1)
-        x = ws - w0[None]
-    norms = _norm(x)                                       # (N, ...)
-    dots = jnp.einsum("i...c,j...c->ij...", x, x, precision=HIGHEST)
-    prod = jnp.maximum(norms[:, None] * norms[None, :], 1e-6)
-    cos = jnp.clip(dots / prod, -1, 1)
-    iu, ju = np.triu_indices(n, k=1)
-    cos_theta = jnp.mean(cos[iu, ju], axis=0)[..., None]
-    den = 1 + (n - 1) * cos_theta
+    x = r(ws - w0[None])                                   # (N, ..., C)
+    norms = r(_norm(x))                                    # (N, ...)
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            prod = r(jnp.maximum(r(norms[i] * norms[j]), 1e-6))
+            cos.append(jnp.clip(r(divide(r(jnp.sum(r(x[i] * x[j]), axis=-1)), prod)), -1, 1))
+    cos_theta = r(jnp.mean(jnp.stack(cos), axis=0))[..., None]
+    den = r(1 + r((n - 1) * cos_theta))
     singular = jnp.abs(den) < 1e-6
-    t = jnp.where(singular, 0, n * cos_theta / jnp.where(singular, 1, den))
-    out = t * jnp.mean(ws, axis=0) + (1 - t) * w0
+    t = jnp.where(singular, 0, r(divide(r(n * cos_theta), jnp.where(singular, 1, den))))
+    total = ws[0]
+    for i in range(1, n):
+        total = r(total + ws[i])
+    out = r(r(t * r(divide(total, jnp.asarray(n, work)))) + r(r(1 - t) * w0))
     return out.reshape(base.shape).astype(models.dtype)
 
 
@@ -313,10 +352,11 @@ def model_stock(base: jax.Array, models: jax.Array, *, filter_wise: bool = False
 
 @jax.jit
 def _nearswap(v0, v1, t):
-    work = compute_dtype(v0.dtype)
+    r, work = rounder(v0.dtype), compute_dtype(v0.dtype)
     a, b = v0.astype(work), v1.astype(work)
-    w = jnp.clip(t.astype(work) / jnp.maximum(jnp.abs(a - b), 1e-6), 0, 1)
-    return (w * b + (1 - w) * a).astype(v0.dtype)
+    # PyTorch's t / tensor is reciprocal(tensor) · t
+    w = jnp.clip(r(r(1 / r(jnp.maximum(jnp.abs(r(a - b)), 1e-6))) * t.astype(work)), 0, 1)
+    return r(r(w * b) + r(r(1 - w) * a)).astype(v0.dtype)
 
 
 def nearswap(v0: jax.Array, v1: jax.Array, t: Any) -> jax.Array:
@@ -330,4 +370,4 @@ def nearswap(v0: jax.Array, v1: jax.Array, t: Any) -> jax.Array:
     return _nearswap(v0, v1, _scalar(t, "t"))
 
 
-__all__ = ["karcher", "model_stock", "multislerp", "nearswap", "nuslerp", "slerp"]
+__all__ = ["karcher", "model_stock", "multislerp", "nearswap", "nuslerp", "nuslerp_t", "slerp"]

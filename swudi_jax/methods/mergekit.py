@@ -24,6 +24,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from swudi_jax.maths.linalg import compute_dtype, round_to
 from swudi_jax.maths.validation import check_number
 from swudi_jax.methods import interpolation as ip
 from swudi_jax.methods import mergekit_family as mf
@@ -34,7 +35,7 @@ from swudi_jax.methods.spec import COMPUTE_DTYPES, MethodSpec, typed_options
 
 MERGEKIT = "mergekit 0.1.5 semantics (arcee-ai/mergekit, merge_methods/); "
 ANY_DTYPE = COMPUTE_DTYPES
-"""The family computes in the merge's dtype, rounding per operation as mergekit's PyTorch code."""
+"""mergekit's methods compute in the merge's dtype, rounding per operation as its PyTorch code."""
 
 
 def _need(value: Any, name: str, method: str) -> Any:
@@ -80,9 +81,14 @@ def slerp(models, base=None, *, t=None):
     return ip.slerp(base, models[0], _need(t, "t", "slerp"))
 
 
-def nuslerp(models, base=None, *, weight=1.0, nuslerp_row_wise=False, nuslerp_flatten=True):
+def nuslerp(models, base=None, *, weight=1.0, nuslerp_row_wise=False, nuslerp_flatten=True, t=None):
     """slerp of two models (or their task vectors, with a base) at t = w2 / (w1 + w2)."""
-    return ip.nuslerp(models, weight, base, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
+    return ip.nuslerp(models, weight, base, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten, t=t)
+
+
+def _nuslerp_t(options: Mapping[str, Any], path: str, layer: int, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The tensor's t from its host weights in float64, as mergekit computes it in Python."""
+    return {"t": ip.nuslerp_t(options["weight"])}
 
 
 def multislerp(models, base=None, *, weight=1.0, normalize_weights=True, eps=1e-8):
@@ -108,6 +114,12 @@ def nearswap(models, base=None, *, t=None):
 def arcee_fusion(models, base=None, *, seed=0, key=None):
     """The base plus the other model's most important changes (importance = |Δ|·KL)."""
     return msel.arcee_fusion(base, models[0], key=key)
+
+
+def ramplus_tl(models, base=None, *, r=0.1, alpha=0.2, epsilon=1e-5):
+    """RAM+ on the task vectors (rounded to the merge dtype); θ0 + M rounded once, as mergekit."""
+    tau = round_to(models.astype(compute_dtype(models.dtype)) - base.astype(compute_dtype(models.dtype)), models.dtype)
+    return msel.ramplus_tl(tau.astype(models.dtype), r=r, alpha=alpha, epsilon=epsilon, base=base)
 
 
 def passthrough(models, *, scale=1.0):
@@ -161,16 +173,13 @@ DELLA_LINEAR = _task_arithmetic(mf.della_linear, DELLA_SRC + " without sign elec
 SCE = _family("sce", mf.sce, "Wan et al., FuseChat (SCE), arXiv 2408.07990", tensor=("select_topk",),
               validate=_check_select)
 RAM = _family("ram", msel.ram, "Reinforced Agent Merging", tensor=("epsilon",))
-RAMPLUS_TL = _family("ramplus_tl", msel.ramplus_tl, "Reinforced Agent Merging+ (tensor-local)",
-                     tensor=("r", "alpha", "epsilon"))
 
 
 def _on_models(name, fn, source, *, base, n_experts, per_expert=(), tensor=(), validate=None, leaf=None,
                inputs=("base",)):
     return typed_options(MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, operand="models", base=base,
                                     n_experts=n_experts, per_expert=per_expert, tensor_options=tensor,
-                                    validate=validate, leaf_inputs=leaf, inputs=inputs,
-                                    compute_dtypes=("float32", "float64")))
+                                    validate=validate, leaf_inputs=leaf, inputs=inputs, compute_dtypes=ANY_DTYPE))
 
 
 LINEAR = dataclasses.replace(
@@ -180,7 +189,7 @@ LINEAR = dataclasses.replace(
 SLERP = _on_models("slerp", slerp, "spherical linear interpolation (Shoemake 1985)", base="required",
                    n_experts=(1, 1), tensor=("t",), validate=_check_t)
 NUSLERP = _on_models("nuslerp", nuslerp, "slerp at t = w2/(w1 + w2), of task vectors when a base is given",
-                     base="optional", n_experts=(2, 2), per_expert=("weight",))
+                     base="optional", n_experts=(2, 2), per_expert=("weight",), leaf=_nuslerp_t, inputs=("base", "t"))
 MULTISLERP = _on_models("multislerp", multislerp, "barycentric slerp of N models (Goddard 2024)", base="optional",
                         n_experts=(1, None), per_expert=("weight",))
 KARCHER = _on_models("karcher", karcher, "the Karcher (Riemannian) mean on the sphere", base="joins",
@@ -189,6 +198,8 @@ MODEL_STOCK = _on_models("model_stock", model_stock, "Jang et al., Model Stock, 
                          base="required", n_experts=(2, None))
 NEARSWAP = _on_models("nearswap", nearswap, "take the other model's value where it is near the base's",
                       base="required", n_experts=(1, 1), tensor=("t",), validate=_check_t)
+RAMPLUS_TL = _on_models("ramplus_tl", ramplus_tl, "Reinforced Agent Merging+ (tensor-local)", base="required",
+                        n_experts=(1, None), tensor=("r", "alpha", "epsilon"))
 ARCEE_FUSION = _on_models("arcee_fusion", arcee_fusion, "Arcee Fusion (importance = |Δ|·KL, IQR threshold)",
                           base="required", n_experts=(1, 1), leaf=_keys, inputs=("base", "key"))
 PASSTHROUGH = _on_models("passthrough", passthrough, "the one input model's tensor, unchanged", base="unused",

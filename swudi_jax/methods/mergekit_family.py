@@ -36,10 +36,10 @@ explicit with ``lax.reduce_precision`` because XLA may keep excess precision; su
 accumulate in float32 and round once). As mergekit's CPU path: magnitudes are ranked in
 float32; a bf16 tensor's random keep probabilities (d, and DELLA's rank formula) are built
 in bf16, a float16 tensor's in float32, and float16 random sparsifiers rescale in float32.
-On tie-free inputs this is bit-exact against mergekit 0.1.5 (see
-``benchmarks/mergekit_crosscheck``); where equal magnitudes straddle a cut, mergekit's
-unstable torch sort picks arbitrarily and we keep the earlier entry.
-:func:`linear` computes in float32 (float64 for float64 inputs) and casts back, as mergekit.
+Equal magnitudes at a cut are kept as mergekit's CPU sort keeps them
+(:mod:`swudi_jax.methods.sort_order`), so this is bit-exact against mergekit 0.1.5 (see
+``benchmarks/mergekit_crosscheck``). :func:`linear` accumulates model by model in float32
+(float64 for float64 inputs) and casts back, as mergekit.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ import numpy as np
 
 from swudi_jax.methods import consensus as _consensus
 from swudi_jax.methods import sparsify as _sparsify
-from swudi_jax.maths.linalg import HIGHEST, compute_dtype, is_floating
+from swudi_jax.maths.linalg import compute_dtype, divide, is_floating
 from swudi_jax.maths.validation import check_number, is_concrete
 
 SUM_EPS = 1e-8
@@ -79,7 +79,7 @@ def _combine(delta, weight, lam, *, consensus, normalize):
         total = rnd(jnp.sum(w))
         divisor = jnp.where(jnp.abs(total) < SUM_EPS, 1, total)
     if normalize:
-        merged = rnd(merged / divisor)
+        merged = rnd(divide(merged, divisor))
     return rnd(merged * jnp.asarray(lam, work)).astype(delta.dtype)
 
 
@@ -295,9 +295,11 @@ FAMILY: tuple[TaskArithmetic, ...] = (
 def _linear(models, weight, *, normalize):
     work = compute_dtype(models.dtype)
     w = weight.astype(work)
-    out = jnp.tensordot(w, models.astype(work), axes=(0, 0), precision=HIGHEST)
+    out = jnp.zeros(models.shape[1:], work)
+    for i in range(models.shape[0]):  # mergekit accumulates model by model, in float32
+        out = out + models[i].astype(work) * w[i]
     if normalize:
-        out = out / jnp.sum(w)
+        out = divide(out, jnp.sum(w))
     return out.astype(models.dtype)
 
 
@@ -340,7 +342,7 @@ def _sce(tau, select_topk):
     agree = _consensus.agreement_mask(x, "sum")
     energy = rnd(jnp.mean(rnd(jnp.square(x)).reshape(x.shape[0], -1), axis=1))
     total = rnd(jnp.sum(energy))
-    w = jnp.where(jnp.abs(total) < 1e-6, 1.0 / x.shape[0], rnd(energy / total))
+    w = jnp.where(jnp.abs(total) < 1e-6, 1.0 / x.shape[0], rnd(divide(energy, total)))
     w = w.reshape((-1,) + (1,) * (x.ndim - 1))
     erased = jnp.where(agree, w, 0)
     merged = rnd(jnp.sum(rnd(x * erased), axis=0))

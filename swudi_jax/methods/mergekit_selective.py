@@ -18,11 +18,11 @@ copied):
   PRNG key draws them (mergekit's torch draws cannot be reproduced), and tensors up to that
   size are exact.
 
-dtypes: computed in float32 (float64 for float64 inputs) and rounded to the inputs' dtype.
-RAM rounds its shared-entry average and sum as mergekit's bf16/float16 path does (bit-exact
-on the cross-check); mergekit's RAM+ promotes to float32 through its λ and returns float32,
-rounded here once; arcee_fusion's softmax and KL run in float32, where mergekit runs them
-in the merge dtype, so a half-precision merge can move the threshold.
+dtypes: computed in float32 (float64 for float64 inputs), each PyTorch operation's result
+rounded to the inputs' bf16/float16 as mergekit's code rounds it: RAM's shared-entry average
+and sum; RAM+'s float32 λ promotes its sum to float32, so θ0 + M is rounded once (mergekit
+returns float32 there); arcee_fusion's softmax, KL, importance and threshold in the merge
+dtype, and θ0 + (θ1 − θ0)·mask rounded once (mergekit's mask is float32).
 """
 
 from __future__ import annotations
@@ -33,34 +33,37 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from swudi_jax.maths.linalg import compute_dtype
+from swudi_jax.maths.linalg import compute_dtype, divide
 from swudi_jax.methods.sparsify import rounder
 
 QUANTILE_SAMPLE_SIZE = 1_000_000
 
 
 @partial(jax.jit, static_argnames=("plus",))
-def _ram(tau, epsilon, r, alpha, *, plus):
+def _ram(tau, base, epsilon, r, alpha, *, plus):
     work = compute_dtype(tau.dtype)
+    rnd = rounder(tau.dtype)
     n = tau.shape[0]
     x = tau.reshape(n, -1).astype(work)
-    touched = jnp.abs(x) > epsilon
+    touched = jnp.abs(x) > rnd(epsilon.astype(work))  # PyTorch compares with the scalar in the tensor's dtype
     count = jnp.sum(touched, axis=0)
     unique, shared = count == 1, count > 1
     x = jnp.where(touched, x, 0)
     scale = jnp.ones((n, 1), work)
     if plus:
-        n_shared = jnp.sum(touched & shared, axis=1).astype(work)
-        n_unique = jnp.sum(touched & unique, axis=1).astype(work)
-        rho = n_shared / jnp.maximum(n_unique, epsilon)
-        scale = (1 + r * jnp.clip(rho, 0, alpha))[:, None]
+        n_shared = jnp.sum(touched & shared, axis=1).astype(jnp.float32)
+        n_unique = jnp.sum(touched & unique, axis=1).astype(jnp.float32)
+        rho = divide(n_shared, jnp.maximum(n_unique, epsilon))
+        scale = (1 + r * jnp.clip(rho, 0, alpha))[:, None].astype(work)
     # the shared entries' division happens in the merge dtype in mergekit (bf16: rounded);
     # plain RAM's sum too, while RAM+'s float32 λ promotes the rest to float32
-    rnd = rounder(tau.dtype)
     parts = jnp.where(unique, x * scale, 0) + jnp.where(shared, rnd(x / jnp.maximum(count, 1)), 0)
     merged = jnp.sum(parts, axis=0)
     merged = merged if plus else rnd(merged)
-    return merged.reshape(tau.shape[1:]).astype(tau.dtype)
+    merged = merged.reshape(tau.shape[1:])
+    if base is not None:  # RAM+ in mergekit: θ0 + M in float32, rounded once when saved
+        return (base.astype(work) + merged).astype(base.dtype)
+    return merged.astype(tau.dtype)
 
 
 def ram(tau: jax.Array, *, epsilon: Any = 1e-5) -> jax.Array:
@@ -69,34 +72,46 @@ def ram(tau: jax.Array, *, epsilon: Any = 1e-5) -> jax.Array:
     Args:
       tau: task vectors (N, ...). epsilon: the "touched" threshold on |τi| (default 1e-5).
     """
-    return _ram(tau, jnp.asarray(epsilon, jnp.float32), jnp.float32(0), jnp.float32(0), plus=False)
+    return _ram(tau, None, jnp.asarray(epsilon, jnp.float32), jnp.float32(0), jnp.float32(0), plus=False)
 
 
-def ramplus_tl(tau: jax.Array, *, r: Any = 0.1, alpha: Any = 0.2, epsilon: Any = 1e-5) -> jax.Array:
-    """mergekit ``ramplus_tl`` of one tensor: RAM with each model's unique entries scaled by λi."""
-    return _ram(tau, jnp.asarray(epsilon, jnp.float32), jnp.asarray(r, jnp.float32),
+def ramplus_tl(tau: jax.Array, *, r: Any = 0.1, alpha: Any = 0.2, epsilon: Any = 1e-5,
+               base: jax.Array | None = None) -> jax.Array:
+    """mergekit ``ramplus_tl`` of one tensor: RAM with each model's unique entries scaled by λi.
+
+    Returns M, or with ``base`` the merged weights θ0 + M: mergekit's float32 λ promotes M to
+    float32, so θ0 + M is rounded once to θ0's dtype (M alone would be rounded twice)."""
+    return _ram(tau, base, jnp.asarray(epsilon, jnp.float32), jnp.asarray(r, jnp.float32),
                 jnp.asarray(alpha, jnp.float32), plus=True)
 
 
 @jax.jit
 def _importance(base, other):
-    work = compute_dtype(base.dtype)
+    """|θ1 − θ0|·KL(p‖q) per row, each PyTorch operation rounded to the inputs' dtype."""
+    r, work = rounder(base.dtype), compute_dtype(base.dtype)
     b, o = base.astype(work), other.astype(work)
-    p = jax.nn.softmax(o, axis=-1) + 1e-8
-    q = jax.nn.softmax(b, axis=-1) + 1e-8
-    kl = jnp.sum(p * jnp.log(p / q), axis=-1, keepdims=True)
-    return jnp.abs(o - b) * kl
+    eps = r(jnp.asarray(1e-8, work))  # PyTorch adds a Python scalar in the tensor's dtype
+
+    def softmax(v):
+        e = jnp.exp(v - jnp.max(v, axis=-1, keepdims=True))
+        return r(divide(e, jnp.sum(e, axis=-1, keepdims=True)))
+
+    p, q = r(softmax(o) + eps), r(softmax(b) + eps)
+    kl = r(jnp.sum(r(p * r(jnp.log(r(p / q)))), axis=-1, keepdims=True))
+    return r(jnp.abs(r(o - b)) * kl)
 
 
 @jax.jit
 def _fuse(base, other, importance, sample):
+    r = rounder(base.dtype)
     s = jnp.sort(sample)
     last = s.shape[0] - 1
     q1, med, q3 = s[int(0.25 * last)], s[int(0.5 * last)], s[int(0.75 * last)]
-    threshold = med + 1.5 * (q3 - q1)
+    threshold = r(med + r(1.5 * r(q3 - q1)))
     work = importance.dtype
     b, o = base.astype(work), other.astype(work)
-    return (b + (o - b) * (importance >= threshold)).astype(base.dtype)
+    # mergekit's mask is float32: θ0 + (θ1 − θ0)·mask is float32, rounded once when saved
+    return (b + r(o - b) * (importance >= threshold)).astype(base.dtype)
 
 
 def arcee_fusion(base: jax.Array, other: jax.Array, *, key: jax.Array | None = None) -> jax.Array:

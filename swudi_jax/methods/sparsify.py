@@ -16,8 +16,10 @@ whole model) and optionally rescales the survivors. With per-model parameters d 
 - ``variance_topk_mask`` (SCE's "select", Wan et al. 2024, arXiv 2408.07990): one mask for
   all models, the k = ⌊d·#{var ≠ 0}⌋ entries of largest variance across models.
 
-d ≥ 1 returns τi unchanged; d ≤ 0 returns zeros. Ties in magnitude are broken by flat index
-(first wins in each sort direction; mergekit's torch sort leaves that order unspecified).
+d ≥ 1 returns τi unchanged; d ≤ 0 returns zeros. Equal magnitudes at a cut are kept as
+mergekit's PyTorch CPU sort and top-k leave them (:mod:`swudi_jax.methods.sort_order`: the
+standard library's introsort and introselect, computed on the host through
+``jax.pure_callback``), so the kept sets are mergekit's in every dtype, bf16 included.
 
 Rescaling of the survivors m ⊙ τi (mergekit 0.1.5 ``rescale: true`` means "l1"):
 ``"l1"``/``"l2"``/``"linf"`` multiply by ‖τi‖/‖m ⊙ τi‖ in that norm unless either norm is
@@ -47,8 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swudi_jax.maths.linalg import compute_dtype
+from swudi_jax.maths.linalg import compute_dtype, round_to
 from swudi_jax.maths.validation import is_concrete
+from swudi_jax.methods import sort_order
 
 SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
 RESCALES = ("l1", "l2", "linf", "keep_prob")
@@ -142,81 +145,48 @@ def ranks(mag: jax.Array, descending: bool) -> jax.Array:
     return inverse.reshape(order.shape)
 
 
-def order_keys(mag: jax.Array, descending: bool) -> jax.Array:
-    """int32 keys of magnitudes ``mag`` ≥ 0 (or NaN) that sort as ``mag`` sorts.
-
-    The bits of a non-negative float32 are an int32 that grows with the value, so ascending
-    keys are those bits and descending keys their negatives; NaN, last in either direction
-    as in JAX's sort, is one key above all others (the keys span < 2³¹, so their
-    differences stay in int32). Equal magnitudes get equal keys.
-    """
-    bits = jax.lax.bitcast_convert_type(mag.astype(jnp.float32), jnp.int32)
-    keys = -bits if descending else bits
-    nan_key = 1 if descending else int(np.float32(np.inf).view(np.int32)) + 1
-    return jnp.where(jnp.isnan(mag), nan_key, keys)
+def _leading(arrays: list[np.ndarray], trailing: list[int]) -> tuple[tuple[int, ...], list[np.ndarray]]:
+    """Arrays from ``jax.pure_callback(..., vmap_method="expand_dims")`` broadcast over their
+    leading (batch) axes and flattened to one: (leading shape, [(B, *trailing) arrays])."""
+    lead = np.broadcast_shapes(*(a.shape[:a.ndim - t] for a, t in zip(arrays, trailing)))
+    flat = [np.broadcast_to(a, lead + a.shape[a.ndim - t:]).reshape((-1,) + a.shape[a.ndim - t:])
+            for a, t in zip(arrays, trailing)]
+    return lead, flat
 
 
-def _least(count_at: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array,
-           target: jax.Array) -> jax.Array:
-    """The least integer v in [lo, hi] with count_at(v) ≥ target, by bisection.
-
-    ``count_at`` is non-decreasing and count_at(hi) ≥ target; ⌈log2(hi − lo + 1)⌉ counts.
-    """
-    def step(state):
-        low, high = state
-        mid = low + (high - low) // 2
-        ok = count_at(mid) >= target
-        return jnp.where(ok, low, mid + 1), jnp.where(ok, mid, high)
-
-    return jax.lax.while_loop(lambda state: state[0] < state[1], step, (lo, hi))[1]
-
-
-def first_in_order(keys: jax.Array, count: jax.Array) -> jax.Array:
-    """Mask of the ``count`` entries first in the stable ascending sort of the 1-D int32 ``keys``.
-
-    Entry i is kept iff #{j: key_j < key_i} + #{j < i: key_j = key_i} < count (its position in
-    that sort; equal keys in index order), found without sorting: the cut key t is the least
-    v with #{key ≤ v} ≥ count (bisection on v, ≤ 31 counts), every key < t is kept, and of the
-    keys = t the first need = count − #{key < t} by index, their end the least c with
-    #{i < c: key_i = t} ≥ need (bisection on c, skipped when all keys = t are needed).
-    count ≤ 0 keeps nothing, count ≥ D everything.
-    """
-    size = keys.shape[0]
-    count = jnp.clip(jnp.asarray(count, jnp.int32), 0, size)
-    if size == 0:
-        return jnp.zeros((0,), bool)
-    index = jnp.arange(size, dtype=jnp.int32)
-    low, high = jnp.min(keys), jnp.max(keys)
-    cut = _least(lambda v: jnp.sum(keys <= v, dtype=jnp.int32), jnp.where(count > 0, low, high), high, count)
-    below, tied = keys < cut, keys == cut
-    need = count - jnp.sum(below, dtype=jnp.int32)
-    whole = (need == jnp.sum(tied, dtype=jnp.int32)) | (need <= 0)
-    start = jnp.where(whole, jnp.where(need > 0, size, 0), 0)
-    end = _least(lambda c: jnp.sum(tied & (index < c), dtype=jnp.int32), start, jnp.where(whole, start, size), need)
-    return (below | (tied & (index < end))) & (count > 0)
+def _host_windows(mag, window, *, descending: bool) -> np.ndarray:
+    lead, (mag, window) = _leading([np.asarray(mag), np.asarray(window)], [1, 1])
+    out = [sort_order.window_of_sort(m, int(w[0]), int(w[1]), descending) for m, w in zip(mag, window)]
+    return np.stack(out).reshape(lead + mag.shape[1:])
 
 
 def window_mask(mag: jax.Array, window: jax.Array, descending: bool) -> jax.Array:
-    """Entries of the 1-D ``mag`` whose stable-sort position (:func:`ranks`) lies in [lo, hi).
+    """Entries of the 1-D ``mag`` at positions [lo, hi) of PyTorch's CPU sort of it (mergekit's
+    ``argsort(|τ|, descending=True)[:k]`` and ``sort(|τ|).indices[lo:hi]``), equal magnitudes
+    at a cut kept as that sort leaves them (:mod:`swudi_jax.methods.sort_order`, on the host
+    through ``jax.pure_callback``; jit- and vmap-able, ``window`` may be traced)."""
+    return jax.pure_callback(partial(_host_windows, descending=bool(descending)),
+                             jax.ShapeDtypeStruct(mag.shape, jnp.bool_), mag, jnp.asarray(window, jnp.int32),
+                             vmap_method="expand_dims")
 
-    Equal to ``(ranks(mag, descending) >= lo) & (ranks(mag, descending) < hi)``, computed by
-    :func:`first_in_order` (two selections, no sort); a window starting at 0 needs one.
-    """
-    keys = order_keys(mag, descending)
-    return first_in_order(keys, window[1]) & ~first_in_order(keys, window[0])
+
+def _host_topk(values, count) -> np.ndarray:
+    lead, (values, count) = _leading([np.asarray(values), np.asarray(count)], [1, 0])
+    out = [sort_order.topk_mask(v, int(k)) for v, k in zip(values, count)]
+    return np.stack(out).reshape(lead + values.shape[1:])
+
+
+def topk_mask(values: jax.Array, count: jax.Array) -> jax.Array:
+    """Mask of the ``count`` entries of the 1-D ``values`` that PyTorch's CPU ``topk`` returns
+    (ties as its selection leaves them; host NumPy through ``jax.pure_callback``)."""
+    return jax.pure_callback(_host_topk, jax.ShapeDtypeStruct(values.shape, jnp.bool_), values,
+                             jnp.asarray(count, jnp.int32), vmap_method="expand_dims")
 
 
 def rounder(dtype) -> Callable[[jax.Array], jax.Array]:
-    """Round work-dtype values to ``dtype``'s precision (identity for float32/float64).
-
-    PyTorch computes each bf16/float16 operation in float32 and rounds its result; XLA may
-    keep excess precision between fused operations, so the rounding is made explicit with
-    ``lax.reduce_precision`` wherever mergekit's result depends on it.
-    """
-    if dtype in (jnp.bfloat16, jnp.float16):
-        info = jnp.finfo(dtype)
-        return lambda x: jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-    return lambda x: x
+    """``x ↦ x`` rounded to ``dtype``'s precision (:func:`~swudi_jax.maths.linalg.round_to`;
+    the identity for float32/float64): where mergekit's PyTorch code rounds an operation's result."""
+    return partial(round_to, dtype=dtype)
 
 
 def _rescale(x: jax.Array, kept: jax.Array, keep_prob: jax.Array | None, norm: str | None,
@@ -394,10 +364,10 @@ def variance_topk_mask(tau: jax.Array, density: Any, rnd: Callable | None = None
     count is data-dependent, so it is computed in float32 in the graph.
     """
     var = (rnd or (lambda v: v))(jnp.var(tau, axis=0))
-    flat = jnp.abs(var).reshape(-1).astype(jnp.float32)
+    flat = jnp.abs(var).reshape(-1)
     d = jnp.asarray(density, jnp.float32)
     k = jnp.floor(jnp.sum(var != 0).astype(jnp.float32) * d).astype(jnp.int32)
-    keep = first_in_order(order_keys(flat, descending=True), k)
+    keep = topk_mask(flat, k)
     keep = jnp.where(d >= 1, True, jnp.where(d <= 0, False, keep))
     return keep.reshape(var.shape)
 
@@ -407,13 +377,12 @@ __all__ = [
     "SPARSIFIERS",
     "check_rescale",
     "draw_uniforms",
-    "first_in_order",
-    "order_keys",
     "per_model",
     "rank_windows",
     "ranks",
     "rounder",
     "sparsify",
+    "topk_mask",
     "variance_topk_mask",
     "window_mask",
 ]

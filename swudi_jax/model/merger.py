@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from swudi_jax.maths.linalg import compute_dtype, is_floating
+from swudi_jax.maths.linalg import compute_dtype, is_floating, round_to
 from swudi_jax.maths.placement import explicit_sharding, place
 from swudi_jax.maths.validation import check_choice, check_finite, is_concrete
 from swudi_jax.methods.registry import DEFAULT_METHOD, resolve
@@ -177,16 +177,6 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def _rounded(x: jax.Array) -> jax.Array:
-    """x rounded to its own dtype: a half-precision difference is computed in float32 by XLA
-    and may keep that excess precision in later fused operations; PyTorch (mergekit) rounds
-    each operation's result, so the task vectors are rounded explicitly."""
-    if x.dtype in (jnp.bfloat16, jnp.float16):
-        info = jnp.finfo(x.dtype)
-        return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-    return x
-
-
 def over_layers(fn, array_axes: tuple):
     """``fn`` over the leading (layer) axis of (x, base, *arrays): ``jax.vmap``, or for a group of
     one layer a plain call (XLA CPU runs a batch of one 10–15% slower than the unbatched op)."""
@@ -221,7 +211,7 @@ def _group_fn(method: MethodSpec, apply_method: bool, static: tuple, array_names
         models = experts.astype(dtype)
         if apply_method and on_models:  # the method returns the merged weights themselves
             return over_layers(one, array_axes)(models, base_w, *arrays).astype(base.dtype)
-        tau = _rounded(models - base_w[:, None])
+        tau = round_to(models - base_w[:, None], dtype)  # PyTorch rounds the difference
         if apply_method:
             merged = over_layers(one, array_axes)(tau, base_w, *arrays)
         else:  # the mean task vector, of the weighted ones when the method has per-expert weights
@@ -430,7 +420,7 @@ def _run_group(resolved: Resolved, plans, base, experts, apply_method: bool, fla
         arrays, names, axes = _mean_inputs(resolved, plans, n_experts, flat, size, tensor_options)
     static = {k: v for k, v in resolved.options.items()
               if not (k in method.array_options and v is not None) and k not in names}
-    work = compute_dtype(base.dtype, requested=dtype, defined_in=method.compute_dtypes)
+    work = compute_dtype(base.dtype, experts.dtype, requested=dtype, defined_in=method.compute_dtypes)
     fn = _group_fn(method, apply_method, _hashable(static), tuple(names), tuple(axes), work, has_base)
     return fn(base, experts, resolved.scale, *arrays)
 
@@ -467,8 +457,10 @@ def merge_group(
         (:func:`swudi_jax.scale.sharding.merge_sharded`), False never, "auto" when more than
         one device exists and a layer's task vectors reach ``sharding.DEFAULT_SHARD_BYTES``.
       tensor_options: per-tensor values of the method's varying options (:data:`TensorOptions`).
-      dtype: the compute dtype asked for (None: float32, float64 for float64 inputs); a method
-        not defined in it computes in float32 (:func:`~swudi_jax.maths.linalg.compute_dtype`).
+      dtype: the compute dtype asked for (None: the inputs' own dtype for a method defined in
+        it, as mergekit computes in the stored dtype; else float32, float64 for float64
+        inputs); a method not defined in a requested dtype computes in float32
+        (:func:`~swudi_jax.maths.linalg.compute_dtype`).
       has_base: False when the merge has no base model (methods whose ``base`` is "optional"
         or "joins"); ``base_arrays`` then only give the shapes and dtypes (pass any model's).
       pad_to: pad the stacked axis to this size (:func:`swudi_jax.model.batching.padded_sizes`)
@@ -594,7 +586,7 @@ def merge(
       tensor_options: per-tensor values of the method's varying options, ``(path, layer) ->
         {option: value}`` (see :func:`merge_group`); per-expert options such as ``weight``
         may also be given once as a list of N values.
-      dtype: the compute dtype (None: float32, float64 for float64 inputs; see :func:`merge_group`).
+      dtype: the compute dtype (None: as stored for mergekit's methods, else float32; see :func:`merge_group`).
       **options: the method's options (e.g. ``time``, ``rank_ratio`` for SWUDI;
         ``density``, ``trim`` for TIES; ``drop``, ``seed`` for DARE).
     Returns:
