@@ -34,7 +34,7 @@ import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from swudi_jax.checkpoint.io.sources import ModelSource
 from swudi_jax.checkpoint.merge_plan import MergePlan
 from swudi_jax.checkpoint.output_checks import checked_outputs
 from swudi_jax.checkpoint.output_files import CONFIG_NAME, write_beside
+from swudi_jax.checkpoint.report_files import REPORT_JSON, write_report
 from swudi_jax.checkpoint.stream import run_overlapped, run_sequential
 from swudi_jax.maths.linalg import is_floating
 from swudi_jax.maths.validation import non_finite
@@ -58,6 +59,7 @@ from swudi_jax.model.batching import compile_groups, padded_sizes
 from swudi_jax.model.flat import mismatch
 from swudi_jax.model.layout import LeafPlan
 from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, chunk_plans, chunk_stack, merge_group, prepare
+from swudi_jax.model.report import ReportCollector
 
 
 
@@ -96,19 +98,42 @@ def _check_same_tensors(base: ckio.CheckpointReader, experts: Sequence[ckio.Chec
         raise ValueError(f"{expert.path}: tensor {found.path!r} has {found.kind} {got}, the base has {base_value}")
 
 
-def _check_grams(config: MergeConfig, plans: Sequence[LeafPlan], grams: ckio.CheckpointReader | None) -> None:
-    if config.method.spec.kind != "data":
-        return
-    n = len(config.models)
-    for p in plans:
-        if p.kind != "linear":
-            continue
+def _check_grams(plans: Sequence[LeafPlan], grams: ckio.CheckpointReader, n: int, required: bool) -> None:
+    """Every linear weight's Grams present (``required``, for data methods) or those present of the
+    right shape and none for another tensor (``--score``'s calibration Grams)."""
+    linear = [p for p in plans if p.kind == "linear"]
+    for p in linear:
         want = (n, p.maths_shape[1], p.maths_shape[1]) if p.layers == 1 else (p.layers, n, p.maths_shape[1], p.maths_shape[1])
         if p.path not in grams.keys():
+            if not required:
+                continue
             raise ValueError(f"{grams.path}: no input Grams for linear weight {p.path!r} (expected shape {list(want)})")
         if grams.shape_dtype(p.path)[0] != want:
             raise ValueError(f"{grams.path}: Grams of {p.path!r} have shape {list(grams.shape_dtype(p.path)[0])}, "
                              f"expected {list(want)}")
+    extra = sorted(set(grams.keys()) - {p.path for p in linear})
+    if extra and not required:
+        raise ValueError(f"{grams.path}: Grams for {extra[:5]}, which are not linear weights of the base "
+                         f"(linear weights: {[p.path for p in linear][:3]}...)")
+
+
+class _GramReader(Mapping):
+    """A Grams checkpoint as the ``{path: (N, n, n)}`` mapping the report reads, tensor by tensor
+    (each checked finite when read)."""
+
+    def __init__(self, reader: ckio.CheckpointReader):
+        self.reader = reader
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.reader.keys():
+            raise KeyError(key)
+        return _read_group(self.reader, [key])[key]
+
+    def __iter__(self):
+        return iter(self.reader.keys())
+
+    def __len__(self) -> int:
+        return len(self.reader.keys())
 
 
 def _read_group(reader: ckio.CheckpointReader, keys: Sequence[str]) -> dict[str, np.ndarray]:
@@ -148,7 +173,8 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
     out_format = base.format if config.out_format == "auto" else config.out_format
     plans, guesses = rules.plan_with_guesses(_signature(base))
     mk.check_layer_range(config.layer_range, base.keys(), f"config {config.source}: `slices`")
-    _check_grams(config, plans, grams)
+    if config.method.spec.kind == "data":
+        _check_grams(plans, grams, len(config.models), required=True)
     elementwise = config.method.spec.kind == "elementwise"
     groups = compile_groups(plans, max_group_bytes, copies=len(experts) + 2, elementwise=elementwise)
     out_dtypes = {}
@@ -247,7 +273,8 @@ def _warn_zero_task_vectors(config: MergeConfig, same_as_base: Sequence[bool]) -
 def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                       dry_run: bool = False, progress: bool = True,
                       max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES, copy_tokenizer: bool = True,
-                      overlap: bool = True, timings: dict | None = None) -> Path:
+                      overlap: bool = True, timings: dict | None = None, report: bool = False,
+                      score: str | os.PathLike | None = None) -> Path:
     """Merge the checkpoints a config names into ``out``, streaming one tensor group at a time.
 
     Args:
@@ -264,6 +291,12 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
       overlap: read the next group and write the previous one while this one merges
         (:mod:`swudi_jax.checkpoint.stream`; same results as ``overlap=False``, at most 2 groups held).
       timings: if a dict, filled with the merge loop's busy seconds per stage and its wall time.
+      report: also write ``merge_report.json``, ``merge_report.txt`` and (with matplotlib)
+        ``merge_report.png`` into ``out`` (:mod:`swudi_jax.checkpoint.report_files`) and print
+        the layers with the most interference left; the merged weights are the same either way.
+      score: a checkpoint of per-task input Grams (as ``grams`` in a config: ``{tensor name:
+        (N, n, n)}``): the report also gives the residual-energy diagnostic ρ of the merge and
+        of each expert for the linear weights found in it (implies ``report``).
     Returns:
       ``out`` as a Path.
     Raises:
@@ -274,7 +307,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     config = config if isinstance(config, MergeConfig) else load_config(config)
     inputs = [p for s in config.sources for p in (s.path, s.adapter) if p is not None]
     out = check_output_target(out, protected=[config.source, config.base_model, *config.models, *inputs, config.grams,
-                                              config.tokenizer_source], force=force)
+                                              config.tokenizer_source, score], force=force)
     method = config.method.spec
     work = method.work_dtype(config.dtype)
     if work == "float64":
@@ -282,13 +315,18 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     if dry_run:
         print(plan_checkpoints(config, max_group_bytes=max_group_bytes).describe())
         return out
-    with OutputSlot(out, force=force) as slot, _opened(config) as (base, experts, grams):
+    with OutputSlot(out, force=force) as slot, _opened(config) as (base, experts, grams), \
+            _calibration(score) as calibration:
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
         if plan.guesses:
             warnings.warn("the layout of some tensors is a guess (--dry-run shows the plan): "
                           + "; ".join(plan.guesses), stacklevel=2)
+        if calibration is not None:
+            _check_grams(plan.plans, calibration.reader, len(experts), required=False)
         side_files = plan_side_files(config.base_model)
         resolved = prepare(config.method, _model_chunks(plan, base, experts, progress))
+        collector = None if not (report or calibration) else \
+            ReportCollector(resolved, len(experts), [str(m) for m in config.models], calibration)
         metadata = getattr(base, "metadata", None) or None
         entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
         resolver = tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
@@ -304,7 +342,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
             group = list(plan.groups[g])
             merged = merge_group(group, arrays[0], arrays[1], resolved, arrays[2],
                                  config.multi_device, resolver, work, config.has_base,
-                                 pad_to=sizes[g], host_output=True)
+                                 pad_to=sizes[g], host_output=True, report=collector)
             return checked_outputs(merged, {p.path: plan.out_dtypes[p.path] for p in group}, config.merge_method)
 
         def write(g, merged):  # the write-behind thread, in group order
@@ -320,8 +358,24 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
             timings.update(split.as_dict())
         _warn_zero_task_vectors(config, same_as_base)
         write_beside(plan, tmp, copy_tokenizer, side_files, resolved.scale)
+        lines = [] if collector is None else [collector.result().summary(), *write_report(collector.result(), tmp)]
         slot.publish()
+    for line in lines:
+        print(line.replace(REPORT_JSON, str(out / REPORT_JSON)))
     return out
+
+
+@contextlib.contextmanager
+def _calibration(path: str | os.PathLike | None) -> Iterator[_GramReader | None]:
+    """``--score``'s Grams checkpoint, opened for the run (None without one)."""
+    if path is None:
+        yield None
+        return
+    reader = _open(Path(path), "auto", "--score")
+    try:
+        yield _GramReader(reader)
+    finally:
+        reader.close()
 
 
 __all__ = ["CONFIG_NAME", "MergePlan", "merge_checkpoints", "plan_checkpoints", "plan_merge"]

@@ -1,0 +1,128 @@
+"""What a merge left of the task interference, one layer at a time: the merge report's maths.
+
+One linear layer in maths layout, task vectors τi (N, m, n), wi = 1/max(‖τi‖²_F, 1e-12), any
+merged task vector θ (m, n) (design MATH.md §1–3, §6):
+
+    I_i(θ) = wi ‖(θ − τi) τiᵀ‖²_F               task i's interference (SWUDI's objective, per task)
+    I(θ)   = Σi I_i(θ);   I(Σ τj) is what plain task arithmetic at scale 1 leaves
+
+The spectrum of C = Σi wi τiᵀτi under a method's filter h = make_h(λ) (λ ascending, clamped
+at 1e-8, Σλ = N): the kept rank K = #{h > 0}, the share of C's trace on those directions
+Σ_{h>0} λ / Σ λ, λ_max, and the filter's effective rank Σ h (its degrees of freedom: K for a
+hard top-K filter, less for a soft one).
+
+What a sparsifying method keeps, δi (N, ...): the kept density #{δi ≠ 0}/size per task and
+the sign-conflict share, the fraction of entries where some δi > 0 and some δj < 0.
+
+With per-task input Grams Gk (N, n, n) (design §6; ωk = 1): the residual loss
+L(X) = Σk tr((X − τk) Gk (X − τk)ᵀ) and energy E = Σk tr(τk Gk τkᵀ), so that
+ρ(X) = 1 − L(X)/E, for X = θ and for each expert's own X = τj.
+
+Every function is pure and jit/vmap-able, takes compute-dtype arrays and runs its matmuls at
+``precision=HIGHEST``; none forms more than one m×m or n×n product per task at a time.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from swudi_jax.maths import solvers
+from swudi_jax.maths.filters import EIG_FLOOR
+from swudi_jax.maths.gram import symmetric_gram
+from swudi_jax.maths.linalg import HIGHEST
+from swudi_jax.maths.spectral import FilterFactory, interference_operator, task_sum, task_weights, weighted_rows
+
+
+def task_interference(theta: jnp.ndarray, tau: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
+    """I_i(θ) = wi ‖(θ − τi) τiᵀ‖²_F for each task: (N,).
+
+    One task at a time (``lax.map``), by the cheaper association: the m×m product
+    (θ − τi) τiᵀ when m ≤ n, else tr((θ − τi) Gi (θ − τi)ᵀ) with the n×n Gram Gi = τiᵀ τi
+    (a 30522 × 384 embedding never forms a 30522² matrix).
+    """
+    m, n = theta.shape
+
+    def one(task):
+        t, w = task
+        x = theta - t
+        if m <= n:
+            p = jnp.matmul(x, t.T, precision=HIGHEST)
+            return w * jnp.sum(p * p)
+        return w * jnp.sum(jnp.matmul(x, symmetric_gram(t), precision=HIGHEST) * x)
+
+    return lax.map(one, (tau, weights))
+
+
+def interference_pair(theta: jnp.ndarray, tau: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """{"per_task_sum": I_i(Σj τj), "per_task_merged": I_i(θ)}, each (N,)."""
+    w = task_weights(tau)
+    total = task_sum(tau)
+    return {"per_task_sum": task_interference(total, tau, w), "per_task_merged": task_interference(theta, tau, w)}
+
+
+def clamped_spectrum(tau: jnp.ndarray) -> jnp.ndarray:
+    """C's n eigenvalues, ascending, clamped at 1e-8: from the N·m × N·m Gram M Mᵀ when
+    N·m < n (C's other eigenvalues are 0), else from C itself."""
+    n_tasks, m, n = tau.shape
+    w = task_weights(tau)
+    if n_tasks * m < n:
+        small = jnp.linalg.eigvalsh(symmetric_gram(weighted_rows(tau, w).T))
+        return solvers.pad_spectrum(jnp.maximum(small, EIG_FLOOR), n)
+    return jnp.maximum(jnp.linalg.eigvalsh(interference_operator(tau, w)), EIG_FLOOR)
+
+
+def spectral_statistics(tau: jnp.ndarray, make_h: FilterFactory) -> dict[str, jnp.ndarray]:
+    """The filter ``make_h`` on C's clamped spectrum: kept_rank K, trace_kept, lambda_max,
+    effective_rank (module docstring)."""
+    lam = clamped_spectrum(tau)
+    h = make_h(lam, tau.shape[1:]).astype(lam.dtype)
+    kept = h > 0
+    return {
+        "kept_rank": jnp.sum(kept),
+        "trace_kept": jnp.sum(jnp.where(kept, lam, 0)) / jnp.sum(lam),
+        "lambda_max": lam[-1],
+        "effective_rank": jnp.sum(h),
+    }
+
+
+def kept_statistics(kept: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """{"density": (N,) share of each δi's entries that are non-zero, "sign_conflict": share of
+    entries where the kept values have both signs}."""
+    flat = kept.reshape(kept.shape[0], -1)
+    conflict = jnp.any(flat > 0, axis=0) & jnp.any(flat < 0, axis=0)
+    return {"density": jnp.mean(flat != 0, axis=1), "sign_conflict": jnp.mean(conflict)}
+
+
+def residual_terms(theta: jnp.ndarray, tau: jnp.ndarray, grams: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """{"energy": E, "loss_merged": L(θ), "loss_experts": (N,) L(τj)} (module docstring).
+
+    (derived) L(X) = tr(X Ḡ Xᵀ) − 2⟨X, P⟩ + E with Ḡ = Σk Gk and P = Σk τk Gk, so the N + 1
+    losses cost one m·n² product each. Losses are clamped at 0 (a sum of PSD quadratic forms).
+    """
+    m, n = theta.shape
+
+    def one(acc, task):
+        t, g = task
+        tg = jnp.matmul(t, g, precision=HIGHEST)
+        return (acc[0] + g, acc[1] + tg, acc[2] + jnp.sum(tg * t)), None
+
+    zero = jnp.zeros((), theta.dtype)
+    (g_sum, p, energy), _ = lax.scan(one, (jnp.zeros((n, n), theta.dtype), jnp.zeros((m, n), theta.dtype), zero),
+                                     (tau, grams))
+
+    def loss(x):
+        quad = jnp.sum(jnp.matmul(x, g_sum, precision=HIGHEST) * x)
+        return jnp.maximum(quad - 2.0 * jnp.sum(x * p) + energy, 0)
+
+    return {"energy": energy, "loss_merged": loss(theta), "loss_experts": lax.map(loss, tau)}
+
+
+__all__ = [
+    "clamped_spectrum",
+    "interference_pair",
+    "kept_statistics",
+    "residual_terms",
+    "spectral_statistics",
+    "task_interference",
+]
