@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-group-size", metavar="N", default=None,
                         help="cap on the bytes of one tensor group from all models held at once (default 1GiB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--report", action="store_true",
+                        help="also write OUT/merge_report.json, .txt and .png (per linear layer the task interference "
+                             "left by the merge; the picture needs matplotlib) and print the worst layers")
+    parser.add_argument("--score", metavar="CALIB",
+                        help="per-task input Grams {tensor: (N, n, n)} of calibration data (as a config's `grams`): "
+                             "the report also gives the residual-energy score rho of the merge and of each expert")
     parser.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
                         help="copy the tokenizer files to OUT (default: yes)")
     parser.add_argument("--lazy-unpickle", action="store_true", help="mergekit's flag; no effect here (see below)")
@@ -134,7 +140,7 @@ def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> 
         config = load_config(args.config, overrides=overrides)
         out = merge_checkpoints(config, args.out, force=args.force, dry_run=args.dry_run,
                                 progress=not args.no_progress, max_group_bytes=group,
-                                copy_tokenizer=args.copy_tokenizer)
+                                copy_tokenizer=args.copy_tokenizer, report=args.report, score=args.score)
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"swudi-merge: interrupted by {signal.Signals(signum).name}; no output written", file=sys.stderr)

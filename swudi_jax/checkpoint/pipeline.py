@@ -51,7 +51,7 @@ from swudi_jax.checkpoint.io.sources import ModelSource
 from swudi_jax.checkpoint.merge_plan import MergePlan
 from swudi_jax.checkpoint.output_checks import checked_outputs
 from swudi_jax.checkpoint.output_files import CONFIG_NAME, write_beside
-from swudi_jax.checkpoint.report_files import REPORT_JSON, write_report
+from swudi_jax.checkpoint.report_files import write_report
 from swudi_jax.checkpoint.stream import run_overlapped, run_sequential
 from swudi_jax.maths.linalg import is_floating
 from swudi_jax.maths.validation import non_finite
@@ -291,12 +291,10 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
       overlap: read the next group and write the previous one while this one merges
         (:mod:`swudi_jax.checkpoint.stream`; same results as ``overlap=False``, at most 2 groups held).
       timings: if a dict, filled with the merge loop's busy seconds per stage and its wall time.
-      report: also write ``merge_report.json``, ``merge_report.txt`` and (with matplotlib)
-        ``merge_report.png`` into ``out`` (:mod:`swudi_jax.checkpoint.report_files`) and print
-        the layers with the most interference left; the merged weights are the same either way.
-      score: a checkpoint of per-task input Grams (as ``grams`` in a config: ``{tensor name:
-        (N, n, n)}``): the report also gives the residual-energy diagnostic ρ of the merge and
-        of each expert for the linear weights found in it (implies ``report``).
+      report: also write the merge report into ``out`` and print its summary (same weights;
+        :mod:`swudi_jax.checkpoint.report_files`).
+      score: a checkpoint of per-task input Grams ``{tensor: (N, n, n)}`` (as a config's
+        ``grams``): the report then gives ρ of the merge and of each expert (implies ``report``).
     Returns:
       ``out`` as a Path.
     Raises:
@@ -304,36 +302,24 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
       naming the file and tensor, before any output is in place; OSError naming the file
       being written (disk full, file-size limit).
     """
-    config = config if isinstance(config, MergeConfig) else load_config(config)
-    inputs = [p for s in config.sources for p in (s.path, s.adapter) if p is not None]
-    out = check_output_target(out, protected=[config.source, config.base_model, *config.models, *inputs, config.grams,
-                                              config.tokenizer_source, score], force=force)
+    config, out, work = _start(config, out, force, score)
     method = config.method.spec
-    work = method.work_dtype(config.dtype)
-    if work == "float64":
-        jax.config.update("jax_enable_x64", True)
     if dry_run:
         print(plan_checkpoints(config, max_group_bytes=max_group_bytes).describe())
         return out
     with OutputSlot(out, force=force) as slot, _opened(config) as (base, experts, grams), \
-            _calibration(score) as calibration:
+            _Reporting.opened(report, score) as reporting:
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
         if plan.guesses:
             warnings.warn("the layout of some tensors is a guess (--dry-run shows the plan): "
                           + "; ".join(plan.guesses), stacklevel=2)
-        if calibration is not None:
-            _check_grams(plan.plans, calibration.reader, len(experts), required=False)
         side_files = plan_side_files(config.base_model)
         resolved = prepare(config.method, _model_chunks(plan, base, experts, progress))
-        collector = None if not (report or calibration) else \
-            ReportCollector(resolved, len(experts), [str(m) for m in config.models], calibration)
-        metadata = getattr(base, "metadata", None) or None
-        entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
+        collector = reporting.start(plan, resolved)
         resolver = tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
         same_as_base = [config.has_base and method.base != "joins"] * len(experts)  # a joining base is an input
         tmp = slot.tmp
-        target = ckio.weights_path(tmp, plan.out_format)
-        writer = ckio.open_writer(target, plan.out_format, entries, shard_size=_shard_bytes(plan), metadata=metadata)
+        target, writer = _open_weights(plan, base, tmp)
         sizes = padded_sizes(plan.groups, method.kind == "elementwise")
 
         read = _group_reader(plan, base, experts, grams, work, same_as_base)
@@ -358,24 +344,70 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
             timings.update(split.as_dict())
         _warn_zero_task_vectors(config, same_as_base)
         write_beside(plan, tmp, copy_tokenizer, side_files, resolved.scale)
-        lines = [] if collector is None else [collector.result().summary(), *write_report(collector.result(), tmp)]
+        reporting.write(tmp, out)
         slot.publish()
-    for line in lines:
-        print(line.replace(REPORT_JSON, str(out / REPORT_JSON)))
+    reporting.show()
     return out
 
 
-@contextlib.contextmanager
-def _calibration(path: str | os.PathLike | None) -> Iterator[_GramReader | None]:
-    """``--score``'s Grams checkpoint, opened for the run (None without one)."""
-    if path is None:
-        yield None
-        return
-    reader = _open(Path(path), "auto", "--score")
-    try:
-        yield _GramReader(reader)
-    finally:
-        reader.close()
+def _start(config: MergeConfig | str | os.PathLike, out, force: bool, score) -> tuple[MergeConfig, Path, str]:
+    """(the config, OUT checked against every input, the compute dtype), x64 turned on for float64."""
+    config = config if isinstance(config, MergeConfig) else load_config(config)
+    inputs = [p for s in config.sources for p in (s.path, s.adapter) if p is not None]
+    out = check_output_target(out, protected=[config.source, config.base_model, *config.models, *inputs, config.grams,
+                                              config.tokenizer_source, score], force=force)
+    work = config.method.spec.work_dtype(config.dtype)
+    if work == "float64":
+        jax.config.update("jax_enable_x64", True)
+    return config, out, work
+
+
+def _open_weights(plan: MergePlan, base: ckio.CheckpointReader, tmp: Path):
+    """(the weights file, its writer) in the temporary output folder, with the base's metadata."""
+    metadata = getattr(base, "metadata", None) or None
+    entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
+    target = ckio.weights_path(tmp, plan.out_format)
+    return target, ckio.open_writer(target, plan.out_format, entries, shard_size=_shard_bytes(plan), metadata=metadata)
+
+
+class _Reporting:
+    """``--report`` and ``--score`` for one run: the calibration Grams, the collector the merge
+    shows its linear groups to, the report's files and the summary printed at the end."""
+
+    def __init__(self, wanted: bool, calibration: _GramReader | None):
+        self.wanted, self.calibration = wanted or calibration is not None, calibration
+        self.collector: ReportCollector | None = None
+        self.lines: list[str] = []
+
+    @classmethod
+    @contextlib.contextmanager
+    def opened(cls, report: bool, score: str | os.PathLike | None) -> Iterator["_Reporting"]:
+        reader = None if score is None else _open(Path(score), "auto", "--score")
+        try:
+            yield cls(report, None if reader is None else _GramReader(reader))
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def start(self, plan: MergePlan, resolved) -> ReportCollector | None:
+        """The collector for the merge (None when no report was asked for); the Grams checked first."""
+        n = len(plan.config.models)
+        if self.calibration is not None:
+            _check_grams(plan.plans, self.calibration.reader, n, required=False)
+        if self.wanted:
+            names = [str(m) for m in plan.config.models]
+            self.collector = ReportCollector(resolved, n, names, self.calibration)
+        return self.collector
+
+    def write(self, folder: Path, out: Path) -> None:
+        """The report's files into ``folder`` (the temporary output that becomes ``out``)."""
+        if self.collector is not None:
+            result = self.collector.result()
+            self.lines = [result.summary(), write_report(result, folder, shown_as=str(out))]
+
+    def show(self) -> None:
+        for line in self.lines:
+            print(line)
 
 
 __all__ = ["CONFIG_NAME", "MergePlan", "merge_checkpoints", "plan_checkpoints", "plan_merge"]

@@ -83,8 +83,10 @@ def _second_panel(report: MergeReport):
 
 def _panel(fig, ax, report: MergeReport, value, title: str, cmap: str, norm, text, colorbar_ticks=None) -> None:
     labels, cols, grid = report_grid(report, value)
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-    image.cmap.set_bad("#dddddd")
+    from matplotlib import colormaps
+
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=colormaps[cmap].with_extremes(bad="#dddddd"), norm=norm,
+                      aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_ylabel("layer", fontsize=8)
@@ -128,26 +130,27 @@ def report_figure(reports: Sequence[MergeReport], titles: Sequence[str] | None =
     return fig
 
 
-def write_report(report: MergeReport, directory: str | Path) -> list[str]:
+def write_report(report: MergeReport, directory: str | Path, shown_as: str | None = None) -> str:
     """Write the JSON, the table and (with matplotlib) the picture into ``directory``.
 
     Returns:
-      Lines for the user: what was written, or how to get the picture.
+      A line for the user naming what was written (in ``shown_as``, default ``directory``: the
+      folder the files end up in), or how to get the missing picture.
     """
     directory = Path(directory)
+    shown_as = str(directory) if shown_as is None else shown_as
     with atomic_file(directory / REPORT_JSON) as tmp:
         tmp.write_text(json.dumps(report.to_dict(), indent=1, allow_nan=False) + "\n")
     with atomic_file(directory / REPORT_TEXT) as tmp:
         tmp.write_text(report.summary() + "\n\n" + report.table() + "\n" + "".join(f"note: {n}\n" for n in report.notes))
-    written = [REPORT_JSON, REPORT_TEXT]
+    written = f"merge report: {shown_as}/{REPORT_JSON}, {shown_as}/{REPORT_TEXT}"
     try:
         fig = report_figure([report])
     except ImportError:
-        return [f"merge report: {', '.join(written)} written; {REPORT_PNG} not drawn: matplotlib is not installed "
-                f"({PICTURE_EXTRA})"]
+        return f"{written} written; {REPORT_PNG} not drawn: matplotlib is not installed ({PICTURE_EXTRA})"
     with atomic_file(directory / REPORT_PNG) as tmp:
         fig.savefig(tmp, dpi=130)
-    return [f"merge report: {', '.join(written + [REPORT_PNG])} written"]
+    return f"{written}, {shown_as}/{REPORT_PNG} written"
 
 
 def read_report(path: str | Path) -> MergeReport:

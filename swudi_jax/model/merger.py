@@ -477,20 +477,30 @@ def merge_group(
     # host arrays: NumPy layout transforms, one transfer each way (the host stacks are freed here)
     base, experts = jax.device_put(stack_group(plans, *(host or (base_arrays, expert_arrays)), flat,
                                                None if sharded else size))
+    merged = _merge_stacked(resolved, plans, base, experts, sharded, apply_method, flat, size, grams, tensor_options,
+                            dtype, has_base, report)
+    return _unstacked(plans, merged, flat, host is not None, host_output)
+
+
+def _merge_stacked(resolved: Resolved, plans, base, experts, sharded: bool, apply_method: bool, flat: bool, size: int,
+                   grams, tensor_options, dtype, has_base: bool, report: ReportCollector | None):
+    """The group's merged stack, by the row-sharded path or one compiled call; a linear group
+    is then shown to ``report``."""
+    method, n_experts = resolved.spec, experts.shape[1]
     work = compute_dtype(base.dtype, requested=dtype, defined_in=method.compute_dtypes)
     size = experts.shape[0] if sharded else size
     inputs = None if sharded and report is None else _call_inputs(
-        resolved, plans, len(expert_arrays), apply_method, flat, size, grams, tensor_options)
+        resolved, plans, n_experts, apply_method, flat, size, grams, tensor_options)
     if sharded:
         weights = None
         if "weight" in method.per_expert:
-            weights = [v["weight"] for v in layer_options(resolved, plans, len(expert_arrays), tensor_options)]
+            weights = [v["weight"] for v in layer_options(resolved, plans, n_experts, tensor_options)]
         merged = _merge_layers_sharded(base, experts, resolved, weights)
     else:
         merged = _run_group(resolved, base, experts, apply_method, inputs, work, has_base)
-    if report is not None and kind == "linear":
+    if report is not None and plans[0].kind == "linear":
         report.observe(plans, base, experts, merged, inputs, work, has_base)
-    return _unstacked(plans, merged, flat, host is not None, host_output)
+    return merged
 
 
 def _unstacked(plans, merged, flat: bool, from_host: bool, host_output: bool) -> dict[str, Any]:
@@ -564,9 +574,7 @@ def merge(
         {option: value}`` (see :func:`merge_group`); per-expert options such as ``weight``
         may also be given once as a list of N values.
       dtype: the compute dtype (None: float32, float64 for float64 inputs; see :func:`merge_group`).
-      report: also return a :class:`~swudi_jax.model.report.MergeReport` (per linear layer the
-        task interference of Σ τi and of the merge, the method's kept rank or density): the
-        result is then ``(merged, report)``; the merged parameters are the same either way.
+      report: also return the :class:`~swudi_jax.model.report.MergeReport`: ``(merged, report)``.
       **options: the method's options (e.g. ``time``, ``rank_ratio`` for SWUDI;
         ``density``, ``trim`` for TIES; ``drop``, ``seed`` for DARE).
     Returns:
@@ -591,15 +599,23 @@ def merge(
             if plan.kind == "linear":
                 stack_grams([plan], grams, len(expert_flats))
     resolved = prepare(resolved, model_task_vector_chunks(plans, base_flat, expert_flats))
+    collector = ReportCollector(resolved, len(expert_flats)) if report else None
+    merged = _merge_groups(plans, base_flat, expert_flats, resolved, max_group_bytes, collector, grams=grams,
+                           multi_device=multi_device, tensor_options=tensor_options, dtype=dtype)
+    out = given.rebuild(unflatten(treedef, merged, base_flat))
+    return (out, collector.result()) if report else out
+
+
+def _merge_groups(plans, base_flat, expert_flats, resolved: Resolved, max_group_bytes: int | None,
+                  report: ReportCollector | None, **group_options: Any) -> dict[str, Any]:
+    """{path: merged leaf} of a whole model: its compile groups merged one after the other."""
     merged: dict[str, Any] = {}
     elementwise = resolved.spec.kind == "elementwise"
     groups = compile_groups(plans, max_group_bytes, copies=len(expert_flats) + 1, elementwise=elementwise)
-    collector = ReportCollector(resolved, len(expert_flats)) if report else None
     for group, size in zip(groups, padded_sizes(groups, elementwise)):
-        merged.update(merge_group(group, base_flat, expert_flats, resolved, grams, multi_device, tensor_options,
-                                  dtype, pad_to=size, report=collector))
-    out = given.rebuild(unflatten(treedef, merged, base_flat))
-    return (out, collector.result()) if report else out
+        merged.update(merge_group(group, base_flat, expert_flats, resolved, pad_to=size, report=report,
+                                  **group_options))
+    return merged
 
 
 def _warn_left_out(given: ModelInput) -> None:

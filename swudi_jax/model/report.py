@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from swudi_jax.maths import diagnostics
@@ -302,11 +302,17 @@ class ReportCollector:
                 row += 1
 
     def result(self) -> MergeReport:
-        """The report of everything observed so far."""
+        """The report of everything observed so far, layers in path order (numbers by value)."""
         r = self.resolved
+        layers = sorted(self.layers, key=lambda x: (_natural(x.path), -1 if x.index is None else x.index))
         options = {} if r is None else {k: jsonable(v) for k, v in r.options.items()}
         return MergeReport(None if r is None else r.spec.name, options, None if r is None else r.scale,
-                           self.expert_names, tuple(self.layers), tuple(self.notes))
+                           self.expert_names, tuple(layers), tuple(self.notes))
+
+
+def _natural(path: str) -> tuple:
+    """A sort key that orders the numbers in a path by value ("layers.2" before "layers.10")."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", path) if p)
 
 
 def _layer(plan: LeafPlan, index: int | None, stats: Mapping[str, np.ndarray], row: int) -> LayerReport:
