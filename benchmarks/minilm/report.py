@@ -2,6 +2,7 @@
 
     python -m benchmarks.minilm.report                 # every method of the MiniLM table
     python -m benchmarks.minilm.report --methods swudi ties_paper --repeats 3
+    python -m benchmarks.minilm.report --methods          # timing only (the ranking kept)
 
 Three measurements on the cached experts (``python -m benchmarks.minilm.finetune`` first):
 
@@ -150,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--methods", nargs="+", default=list(TABLE_METHODS))
-    parser.add_argument("--timed", nargs="+", default=["swudi", "ties_paper"])
+    parser.add_argument("--methods", nargs="*", default=list(TABLE_METHODS),
+                        help="methods to rank (none: keep the last run's rows)")
+    parser.add_argument("--timed", nargs="*", default=["swudi", "ties_paper"],
+                        help="methods to time with and without --report (none: keep the last timings)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--calib", type=int, default=256)
     args = parser.parse_args(argv)
@@ -163,10 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.out / "work"
     workdir.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
-    result = {"timing": time_report(setup, workdir, args.timed, args.repeats, args.calib, log)}
-    result["rows"] = rank_methods(setup, workdir, args.methods, args.calib, log)
-    result["spearman_with_mean_acc"] = correlations(result["rows"])
-    write_json(args.out / "report_vs_accuracy.json", result)
+    path = args.out / "report_vs_accuracy.json"
+    result = json.loads(path.read_text()) if path.is_file() else {}  # a part not run keeps its last figures
+    if args.timed:
+        result["timing"] = time_report(setup, workdir, args.timed, args.repeats, args.calib, log)
+    if args.methods:
+        result["rows"] = rank_methods(setup, workdir, args.methods, args.calib, log)
+        result["spearman_with_mean_acc"] = correlations(result["rows"])
+    write_json(path, result)
     if {"swudi", "ties_paper"} <= set(args.methods):
         draw(workdir, args.out / "report_swudi_ties.png")
     print(tables(result))

@@ -120,7 +120,7 @@ def report_figure(reports: Sequence[MergeReport], titles: Sequence[str] | None =
     axes = iter(fig.subplots(1, n_panels, squeeze=False)[0])
     for report, title, second in panels:
         overall = report.overall()["ratio"]
-        _panel(fig, next(axes), report, lambda x: None if not x.ratio else math.log10(x.ratio),
+        _panel(fig, next(axes), report, lambda x: None if x.ratio is None else math.log10(max(x.ratio, 10 ** -limit)),
                f"{title}: interference ratio (overall {overall:.3g})" if overall else f"{title}: interference ratio",
                "RdBu_r", Normalize(-limit, limit), lambda x: "" if x.ratio is None else f"{x.ratio:.2f}",
                ([math.log10(t) for t in ticks], [f"{t:g}" for t in ticks]))

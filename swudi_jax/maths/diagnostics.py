@@ -34,31 +34,33 @@ from swudi_jax.maths.linalg import HIGHEST
 from swudi_jax.maths.spectral import FilterFactory, interference_operator, task_sum, task_weights, weighted_rows
 
 
-def task_interference(theta: jnp.ndarray, tau: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
-    """I_i(θ) = wi ‖(θ − τi) τiᵀ‖²_F for each task: (N,).
+def task_interference(thetas: jnp.ndarray, tau: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
+    """I_i(θk) = wi ‖(θk − τi) τiᵀ‖²_F for k merged task vectors θk (k, m, n): shape (k, N).
 
-    One task at a time (``lax.map``), by the cheaper association: the m×m product
-    (θ − τi) τiᵀ when m ≤ n, else tr((θ − τi) Gi (θ − τi)ᵀ) with the n×n Gram Gi = τiᵀ τi
-    (a 30522 × 384 embedding never forms a 30522² matrix).
+    One task at a time (``lax.map``), by the cheaper association: the m×m products
+    (θk − τi) τiᵀ when m ≤ n, else ⟨Xkᵀ Xk, Gi⟩ with Xk = θk − τi and the n×n Gram
+    Gi = τiᵀ τi formed once for every θk (a 30522 × 384 embedding never forms a 30522²
+    matrix; symmetric Grams cost about half a general product).
     """
-    m, n = theta.shape
+    m, n = thetas.shape[1:]
 
     def one(task):
         t, w = task
-        x = theta - t
+        x = thetas - t
         if m <= n:
             p = jnp.matmul(x, t.T, precision=HIGHEST)
-            return w * jnp.sum(p * p)
-        return w * jnp.sum(jnp.matmul(x, symmetric_gram(t), precision=HIGHEST) * x)
+            return w * jnp.sum(p * p, axis=(1, 2))
+        gram = symmetric_gram(t)  # tr(X G Xᵀ) = ⟨XᵀX, G⟩: two symmetric Grams, no general product
+        # ≥ 0 (two PSD matrices); rounding can dip below where the true value is ~0
+        return w * jnp.maximum(jnp.stack([jnp.sum(symmetric_gram(xk) * gram) for xk in x]), 0)
 
-    return lax.map(one, (tau, weights))
+    return lax.map(one, (tau, weights)).T
 
 
 def interference_pair(theta: jnp.ndarray, tau: jnp.ndarray) -> dict[str, jnp.ndarray]:
     """{"per_task_sum": I_i(Σj τj), "per_task_merged": I_i(θ)}, each (N,)."""
-    w = task_weights(tau)
-    total = task_sum(tau)
-    return {"per_task_sum": task_interference(total, tau, w), "per_task_merged": task_interference(theta, tau, w)}
+    both = task_interference(jnp.stack([task_sum(tau), theta]), tau, task_weights(tau))
+    return {"per_task_sum": both[0], "per_task_merged": both[1]}
 
 
 def clamped_spectrum(tau: jnp.ndarray) -> jnp.ndarray:
