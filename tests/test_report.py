@@ -84,6 +84,12 @@ def test_spectral_figures_equal_the_filter_on_the_numpy_spectrum(models):
         assert s["trace_kept"] == pytest.approx(lam[-k:].sum() / lam.sum(), rel=1e-10)
         assert s["effective_rank"] == pytest.approx(h.sum(), rel=1e-10)
         assert layer.kept is None
+    with jax.enable_x64(True):  # an expert of weight 0 is not in the merge's C, nor in the report's
+        _, weighted = sj.merge(base, experts, "swudi", report=True, weight=[1.0, 0.0, 2.0])
+    for layer in weighted.layers:
+        tau, _ = maths_stacks(base, experts, experts[0], layer.path.split("/")[0])
+        c = sum(tau[i].T @ tau[i] / np.sum(tau[i] ** 2) for i in (0, 2))
+        assert layer.spectral["lambda_max"] == pytest.approx(np.linalg.eigvalsh(c)[-1], rel=1e-10)
 
 
 def test_kept_density_and_sign_conflict_of_a_per_tensor_trim(models):

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
+from jax.scipy.linalg import eigh_tridiagonal
 
 from swudi_jax.maths import solvers
 from swudi_jax.maths.filters import EIG_FLOOR
 from swudi_jax.maths.gram import symmetric_gram
 from swudi_jax.maths.linalg import HIGHEST
-from swudi_jax.maths.spectral import FilterFactory, interference_operator, task_sum, task_weights, weighted_rows
+from swudi_jax.maths.spectral import NORM_FLOOR, FilterFactory, squared_norms, task_sum, task_weights, weighted_rows
 
 
 def task_interference(thetas: jnp.ndarray, tau: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
@@ -63,21 +64,39 @@ def interference_pair(theta: jnp.ndarray, tau: jnp.ndarray) -> dict[str, jnp.nda
     return {"per_task_sum": both[0], "per_task_merged": both[1]}
 
 
-def clamped_spectrum(tau: jnp.ndarray) -> jnp.ndarray:
-    """C's n eigenvalues, ascending, clamped at 1e-8: from the N·m × N·m Gram M Mᵀ when
-    N·m < n (C's other eigenvalues are 0), else from C itself."""
+def eigenvalues(c: jnp.ndarray) -> jnp.ndarray:
+    """The eigenvalues of a symmetric matrix, ascending, without its eigenvectors: one
+    tridiagonal reduction and bisection (``jnp.linalg.eigvalsh`` computes the eigenvectors too,
+    ~10× the time for n = 1536 on a CPU)."""
+    _, d, e, _ = lax.linalg.tridiagonal(c)
+    return jnp.sort(eigh_tridiagonal(d, e, eigvals_only=True))
+
+
+def clamped_spectrum(tau: jnp.ndarray, expert_weights: jnp.ndarray | None = None) -> jnp.ndarray:
+    """The n eigenvalues of C for the task vectors ai·τi (ai: ``expert_weights``, default 1),
+    ascending, clamped at 1e-8: from the N·m × N·m Gram M Mᵀ when N·m < n (C's other
+    eigenvalues are 0), else from C = Σi ci τiᵀτi, ci = ai²/max(ai²‖τi‖², 1e-12), summed one
+    task at a time (no weighted copy of the stack)."""
     n_tasks, m, n = tau.shape
-    w = task_weights(tau)
+    a2 = jnp.ones((n_tasks,), tau.dtype) if expert_weights is None else jnp.square(expert_weights.astype(tau.dtype))
+    coeffs = a2 / jnp.maximum(a2 * squared_norms(tau), NORM_FLOOR)
     if n_tasks * m < n:
-        small = jnp.linalg.eigvalsh(symmetric_gram(weighted_rows(tau, w).T))
+        small = eigenvalues(symmetric_gram(weighted_rows(tau, coeffs).T))
         return solvers.pad_spectrum(jnp.maximum(small, EIG_FLOOR), n)
-    return jnp.maximum(jnp.linalg.eigvalsh(interference_operator(tau, w)), EIG_FLOOR)
+
+    def one(acc, task):
+        t, c = task
+        return acc + c * symmetric_gram(t), None
+
+    gram, _ = lax.scan(one, jnp.zeros((n, n), tau.dtype), (tau, coeffs))
+    return jnp.maximum(eigenvalues(gram), EIG_FLOOR)
 
 
-def spectral_statistics(tau: jnp.ndarray, make_h: FilterFactory) -> dict[str, jnp.ndarray]:
-    """The filter ``make_h`` on C's clamped spectrum: kept_rank K, trace_kept, lambda_max,
-    effective_rank (module docstring)."""
-    lam = clamped_spectrum(tau)
+def spectral_statistics(tau: jnp.ndarray, make_h: FilterFactory,
+                        expert_weights: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
+    """The filter ``make_h`` on C's clamped spectrum (of the task vectors the method sees,
+    ai·τi): kept_rank K, trace_kept, lambda_max, effective_rank (module docstring)."""
+    lam = clamped_spectrum(tau, expert_weights)
     h = make_h(lam, tau.shape[1:]).astype(lam.dtype)
     kept = h > 0
     return {
@@ -122,6 +141,7 @@ def residual_terms(theta: jnp.ndarray, tau: jnp.ndarray, grams: jnp.ndarray) -> 
 
 __all__ = [
     "clamped_spectrum",
+    "eigenvalues",
     "interference_pair",
     "kept_statistics",
     "residual_terms",

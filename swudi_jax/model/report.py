@@ -220,8 +220,7 @@ def _stats_fn(resolved: Resolved | None, names: tuple, axes: tuple, spectral: bo
         inputs = dict(zip(names, arrays))
         out = diagnostics.interference_pair(theta, tau)
         if spectral:  # the filter sees the task vectors the method sees (its per-expert weights applied)
-            weighted = tau * inputs["weight"].astype(tau.dtype)[:, None, None] if "weight" in inputs else tau
-            out.update(diagnostics.spectral_statistics(weighted, make_h))
+            out.update(diagnostics.spectral_statistics(tau, make_h, inputs.get("weight")))
         if kept:
             out.update(diagnostics.kept_statistics(spec.kept(tau, **static, **inputs)))
         if scored:
