@@ -185,8 +185,9 @@ def test_grid_puts_layers_down_and_module_types_across():
     assert cols == ["self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj", "model.embed_tokens"]
     assert cells[-1] == (0, 3) and cells[0] == (1, 0)
     assert grid_position(_layer("params/blocks/kernel", 3)) == (("", 3), "params.blocks")
-    assert grid_position(_layer("encoder.layer.5.attention.self.query.weight")) == (("encoder.layer", 5),
-                                                                                   "attention.self.query")
+    assert grid_position(_layer("encoder.layer.5.attention.self.value.weight")) == (("encoder.layer", 5),
+                                                                                   "attention.self.value")
+    assert grid_position(_layer("layers/3/attn/q/kernel/value")) == (("layers", 3), "attn.q")  # an NNX state
     two_stacks = [_layer("vision.layers.0.fc.weight"), _layer("text.layers.0.fc.weight")]
     assert grid_layout(MergeReport(None, {}, None, ("a",), tuple(two_stacks)))[0] == ["vision.layers 0", "text.layers 0"]
 

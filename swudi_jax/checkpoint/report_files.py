@@ -28,7 +28,7 @@ REPORT_TEXT = "merge_report.txt"
 REPORT_PNG = "merge_report.png"
 PICTURE_EXTRA = "pip install 'swudi_jax[plot]'"
 NO_LAYER = "(no layer)"
-_SUFFIXES = ("weight", "kernel", "value")
+_SUFFIXES = ("weight", "kernel")
 
 
 def grid_position(layer: LayerReport) -> tuple[tuple[str, int], str]:
@@ -37,7 +37,9 @@ def grid_position(layer: LayerReport) -> tuple[tuple[str, int], str]:
     it without its trailing weight/kernel name; a path without a number goes to row
     (:data:`NO_LAYER`, -1)."""
     parts = [p for p in re.split(r"[./]", layer.path) if p]
-    while len(parts) > 1 and parts[-1] in _SUFFIXES:
+    if len(parts) > 2 and parts[-1] == "value" and parts[-2] in _SUFFIXES:  # an NNX state's .../kernel/value
+        parts.pop()
+    if len(parts) > 1 and parts[-1] in _SUFFIXES:
         parts.pop()
     if layer.index is not None:
         return ("", layer.index), ".".join(parts)
@@ -93,15 +95,22 @@ def _panel(fig, ax, report: MergeReport, value, title: str, cmap: str, norm, tex
     ax.set_title(title, fontsize=9)
     if len(cols) <= 12 and len(labels) <= 40:
         for layer, (i, j) in zip(report.layers, grid_layout(report)[2]):
-            ax.text(j, i, text(layer), ha="center", va="center", fontsize=6)
+            r, g, b, _ = image.cmap(norm(grid[i, j])) if np.isfinite(grid[i, j]) else (1, 1, 1, 1)
+            ax.text(j, i, text(layer), ha="center", va="center", fontsize=6,
+                    color="white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
     bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
     if colorbar_ticks is not None:
         bar.set_ticks(colorbar_ticks[0], labels=colorbar_ticks[1])
     bar.ax.tick_params(labelsize=7)
 
 
+RATIO_LIMIT = 2.0
+"""The ratio colour scale spans 10^±limit, limit ≤ this (ratios beyond take the end colours)."""
+
+
 def report_figure(reports: Sequence[MergeReport], titles: Sequence[str] | None = None):
-    """A matplotlib Figure of one or more reports side by side (shared ratio colour scale).
+    """A matplotlib Figure of one or more reports, one row each: the interference ratio grid
+    (one colour scale for all) and beside it the kept rank or sign-conflict grid.
 
     Raises:
       ImportError: matplotlib is not installed (``pip install 'swudi_jax[plot]'``).
@@ -111,22 +120,28 @@ def report_figure(reports: Sequence[MergeReport], titles: Sequence[str] | None =
 
     titles = list(titles or [r.method or "merge" for r in reports])
     ratios = [x.ratio for r in reports for x in r.layers if x.ratio]
-    limit = max([0.3] + [abs(math.log10(v)) for v in ratios])
-    ticks = [t for t in (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100) if abs(math.log10(t)) <= limit + 1e-9]
-    panels = [(r, t, _second_panel(r)) for r, t in zip(reports, titles)]
-    n_panels = sum(1 + (p is not None) for _, _, p in panels)
-    labels, cols, _ = grid_layout(reports[0])
-    fig = Figure(figsize=(n_panels * (1.6 + 0.5 * len(cols)), 1.8 + 0.24 * len(labels)), layout="constrained")
-    axes = iter(fig.subplots(1, n_panels, squeeze=False)[0])
-    for report, title, second in panels:
+    limit = min(RATIO_LIMIT, max([0.3] + [abs(math.log10(v)) for v in ratios]))
+    ticks = [t for t in ((0.01, 0.1, 1, 10, 100) if limit > 1 else (0.3, 0.5, 1, 2, 3))
+             if abs(math.log10(t)) <= limit + 1e-9]
+    second = [_second_panel(r) for r in reports]
+    columns = 1 + any(p is not None for p in second)
+    shapes = [grid_layout(r)[:2] for r in reports]
+    width = max(len(cols) for _, cols in shapes)
+    heights = [1.6 + 0.22 * len(labels) + 0.09 * max(map(len, cols)) for labels, cols in shapes]
+    fig = Figure(figsize=(columns * (2.2 + 0.42 * width), sum(heights)), layout="constrained")
+    axes = fig.subplots(len(reports), columns, squeeze=False, gridspec_kw={"height_ratios": heights})
+    for row, (report, title, extra) in enumerate(zip(reports, titles, second)):
         overall = report.overall()["ratio"]
-        _panel(fig, next(axes), report, lambda x: None if x.ratio is None else math.log10(max(x.ratio, 10 ** -limit)),
-               f"{title}: interference ratio (overall {overall:.3g})" if overall else f"{title}: interference ratio",
-               "RdBu_r", Normalize(-limit, limit), lambda x: "" if x.ratio is None else f"{x.ratio:.2f}",
+        _panel(fig, axes[row, 0], report,
+               lambda x: None if x.ratio is None else math.log10(min(max(x.ratio, 10 ** -limit), 10 ** limit)),
+               f"{title}: interference ratio" + (f" (overall {overall:.3g})" if overall is not None else ""),
+               "RdBu_r", Normalize(-limit, limit), lambda x: "" if x.ratio is None else f"{x.ratio:.2g}",
                ([math.log10(t) for t in ticks], [f"{t:g}" for t in ticks]))
-        if second is not None:
-            name, value, cmap, text = second
-            _panel(fig, next(axes), report, value, f"{title}: {name}", cmap, Normalize(0, 1), text)
+        if extra is not None:
+            name, value, cmap, text = extra
+            _panel(fig, axes[row, 1], report, value, f"{title}: {name}", cmap, Normalize(0, 1), text)
+        elif columns > 1:
+            axes[row, 1].set_axis_off()
     return fig
 
 
