@@ -82,7 +82,9 @@ def main() -> None:
 
     rows = [("base (pre-trained)", base, 0.0)]
     rows += [(f"expert {i}", e, 0.0) for i, e in enumerate(experts)]
-    for method in ["task_arithmetic", "average", "ties", "dare", "wudi", "pinv", "swudi", "swudi_a"]:
+    methods = ["task_arithmetic", "task_arithmetic_paper", "average", "ties", "dare", "wudi", "pinv", "swudi",
+               "swudi_a"]
+    for method in methods:
         start = time.perf_counter()
         merged = sj.merge(base, experts, method=method, layout="flax")
         jax.block_until_ready(merged)
@@ -95,8 +97,11 @@ def main() -> None:
         accs = [accuracy(model, p, x, y) for x, y in test_sets]
         timing = f"{seconds:9.2f}" if seconds else " " * 9
         print(f"{name:<20}" + "".join(f"{a:8.3f}" for a in accs) + f"{np.mean(accs):8.3f}" + timing)
-    print("\nmerge s includes compilation; methods use their defaults "
-          "(task arithmetic and DARE λ = 0.3, SWUDI t = 1300, r = 0.65).")
+    scales = ", ".join(f"{m} {sj.registry.default_scale(m):g}" for m in methods)  # what ran, read from the registry
+    swudi = sj.registry.resolve("swudi").options
+    print(f"\nmerge s includes compilation; every method at its defaults. Scale s in base + s·(merged task vector): "
+          f"{scales} (mergekit's task_arithmetic sums the task vectors; task_arithmetic_paper is the paper's λ). "
+          f"SWUDI t = {swudi['time']:g}, r = {swudi['rank_ratio']:g}.")
 
 
 if __name__ == "__main__":

@@ -56,11 +56,16 @@ def family(root: Path, n_experts: int = 3, seed: int = 0, dtype=np.float32) -> d
     return models
 
 
-def run(root: Path, config: dict, name: str = "out", **kwargs) -> dict[str, np.ndarray]:
-    """Write ``config`` as YAML in ``root``, merge it into ``root/name`` and read the result."""
+def write(root: Path, name: str, config: dict) -> Path:
+    """``config`` as ``root/<name>.yaml``; returns its path."""
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    merge_checkpoints(path, root / name, progress=False, **kwargs)
+    return path
+
+
+def run(root: Path, config: dict, name: str = "out", **kwargs) -> dict[str, np.ndarray]:
+    """Write ``config`` as YAML in ``root``, merge it into ``root/name`` and read the result."""
+    merge_checkpoints(write(root, name, config), root / name, progress=False, **kwargs)
     return ckio.load(root / name)
 
 

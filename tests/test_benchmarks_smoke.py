@@ -60,3 +60,19 @@ def test_time_calls_keeps_every_repeat_and_rejects_zero_repeats(monkeypatch):
     assert len(calls) == 5 and len(timing.times) == 3 and timing.median >= 0
     with pytest.raises(ValueError, match="repeats"):
         _measure.time_calls(lambda: None, repeats=0)
+
+
+def test_multihost_projection_splits_a_70b_merge_and_stops_at_its_largest_layer(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import multihost
+
+    out = tmp_path / "multihost.json"
+    payload = multihost.main(["--project-only", "--project-hosts", "1", "4", "1000", "--out", str(out)])
+    projection = json.loads(out.read_text())["projection"]
+    assert projection == json.loads(json.dumps(payload["projection"]))
+    hours = [row["hours"] for row in projection["hosts"]]
+    assert hours[0] == pytest.approx(projection["total_hours_one_host"])
+    assert hours[1] == pytest.approx(hours[0] / 4, rel=0.01)  # 560 layers balance well over 4 hosts
+    assert hours[2] * 3600 == pytest.approx(projection["largest_layer_s"])  # one layer per host: the largest bounds it
+    # down_proj (n = 28672) costs more than q_proj (n = 8192): the eigh grows as n³
+    assert projection["per_layer_s"]["down_proj"] > 10 * projection["per_layer_s"]["q_proj"]

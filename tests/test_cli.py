@@ -99,7 +99,9 @@ def test_output_has_weights_side_files_resolved_config_and_model_card(on_disk):
     card = (out / "README.md").read_text()
     assert "arxiv.org/abs/2606.07289" in card and "- **Base model:** `base`" in card and "`time` | `5.0`" in card
     front = yaml.safe_load(card.split("---\n")[1])
-    assert front == {"base_model": "base", "library_name": "transformers", "tags": ["merge", "swudi_jax", "swudi"]}
+    assert front == {"base_model": "base", "library_name": "transformers",
+                     "tags": ["mergekit", "merge", "swudi_jax", "swudi"]}  # mergekit's tags: the Hub sees a merge
+    assert (out / "mergekit_config.yml").read_text() == (root / "merge.yaml").read_text()  # as mergekit writes it
     for written in out.iterdir():  # no absolute path of this machine anywhere in the text files
         if written.suffix in (".md", ".yaml", ".json"):
             assert str(root) not in written.read_text() and str(root.resolve()) not in written.read_text(), written

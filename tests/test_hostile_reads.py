@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from swudi_jax.checkpoint import io as ckio
+from swudi_jax.checkpoint.cli import main
 from swudi_jax.checkpoint.io import confine, hub, output, peft
 from swudi_jax.checkpoint.io.safetensors_io import SafetensorsReader
 
@@ -41,19 +43,77 @@ def test_snapshot_folder_linked_out_of_its_repo_is_refused(tmp_path, monkeypatch
         hub.resolve("org/evil")
 
 
-def test_refs_main_pointing_out_of_the_cache_is_refused(tmp_path, monkeypatch):
-    ckio.save(tmp_path / "outside" / "evil", flat(1))
+def opened_under(folder: Path) -> list[str]:
+    """Start recording every file opened under ``folder`` (Python's audit events: ``open``,
+    ``os.open``); returns the list that fills up (the hook stays for the session, recording
+    only while ``folder`` exists)."""
+    seen: list[str] = []
+    prefix = str(folder.resolve()) + os.sep
+
+    def hook(event, args):
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)) and folder.exists():
+            path = os.path.realpath(os.fsdecode(args[0]))
+            if path.startswith(prefix):
+                seen.append(path)
+
+    sys.addaudithook(hook)
+    return seen
+
+
+def test_refs_main_pointing_out_of_the_cache_is_refused_and_nothing_outside_is_read(tmp_path, monkeypatch, capsys):
+    """refs/main holding ../../../outside/evil names a valid checkpoint outside the cache: the run
+    stops before any output with the refusal naming the refs entry, and no file outside is opened
+    (not even by huggingface_hub, which reads ``trees/<ref>.json`` before returning a snapshot)."""
+    outside = {k: v + 1000 for k, v in flat(1).items()}
+    ckio.save(tmp_path / "outside" / "evil", outside)
+    (tmp_path / "outside" / "evil" / "config.json").write_text(SECRET)
+    (tmp_path / "outside" / "evil.json").write_text(SECRET)  # where huggingface_hub looks for its tree cache
+    for name, seed in (("base", 0), ("e0", 2)):
+        ckio.save(tmp_path / name, flat(seed))
     repo = tmp_path / "hub" / "models--org--evil"
     (repo / "snapshots").mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("../../../outside/evil")
+    assert (repo / "snapshots" / "../../../outside/evil" / "model.safetensors").is_file()  # a valid target
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    try:
+    opened = opened_under(tmp_path / "outside")
+    with pytest.raises(ckio.CheckpointError, match=r"models--org--evil/refs/main does not hold a commit hash "
+                                                    r"\(it holds '../../../outside/evil'\).*refusing to follow it"):
         hub.resolve("org/evil")
-    except ckio.CheckpointError as exc:
-        assert "outside" not in str(exc) or "not a snapshot inside" in str(exc) or "not in the Hugging Face cache" in str(exc)
-    else:
-        pytest.fail("refs/main leading out of the cache was followed")
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"base_model: {tmp_path / 'base'}\nmodels: [{tmp_path / 'e0'}, org/evil]\n"
+                      "merge_method: task_arithmetic\n")
+    assert main([str(config), str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("swudi-merge: error: config ") and "`models[1]`: Hub model 'org/evil'" in err, err
+    assert "does not hold a commit hash" in err and SECRET not in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and opened == []
+
+
+def test_model_files_named_directly_follow_the_folder_rule(tmp_path, capsys, monkeypatch):
+    """A model file named in the config is read when it resolves inside the folder holding it (a
+    link within that folder, or a path through a linked folder, which is yours); a link from that
+    folder to a file outside it is refused before it is opened."""
+    models = tmp_path / "models"
+    (models / "sub").mkdir(parents=True)
+    ckio.save(models / "base.safetensors", flat(0))
+    ckio.save(models / "sub" / "e0.safetensors", flat(1))
+    ckio.save(tmp_path / "outside.safetensors", {k: v + 1000 for k, v in flat(2).items()})
+    (models / "e0.safetensors").symlink_to("sub/e0.safetensors")
+    (models / "e1.safetensors").symlink_to("../outside.safetensors")
+    (tmp_path / "linked").symlink_to(models)
+    monkeypatch.chdir(tmp_path)
+    opened = opened_under(tmp_path / "outside.safetensors")
+    for name, entries, code in (("inside", ["linked/e0.safetensors", "models/sub/e0.safetensors"], 0),
+                                ("outward", ["models/e0.safetensors", "models/e1.safetensors"], 1)):
+        (tmp_path / f"{name}.yaml").write_text(f"base_model: linked/base.safetensors\nmodels: {entries}\n"
+                                               "merge_method: task_arithmetic\n")
+        assert main([f"{name}.yaml", f"out_{name}", "--no-progress"]) == code
+    err = capsys.readouterr().err
+    assert ckio.load(tmp_path / "out_inside")["a.weight"] is not None and not (tmp_path / "out_outward").exists()
+    assert f"models[1]: safetensors file {models / 'e1.safetensors'} resolves to {tmp_path / 'outside.safetensors'}, " \
+           f"outside the model folder {models}; refusing to open it" in err
+    assert opened == []
 
 
 def adapter(root: Path) -> Path:

@@ -102,3 +102,60 @@ def test_all_zero_experts_get_the_mean():
     factors = [(np.zeros((4, 2), np.float32), np.ones((2, 9), np.float32)),
                (np.zeros((4, 1), np.float32), np.ones((1, 9), np.float32))]
     np.testing.assert_array_equal(merge_lora(factors), np.zeros((4, 9), np.float32))
+
+
+def test_per_expert_weights_scale_the_experts():
+    with jax.enable_x64(True):
+        factors = lora_experts(7)
+        weights = [0.5, 2.0, -1.0]
+        weighted = np.stack([w * b @ a for w, (b, a) in zip(weights, factors)])
+        got = merge_lora(factors, "swudi", weight=weights)
+        assert rel_err(got, sj.swudi(weighted, solver="full")) <= 1e-11
+
+
+@pytest.mark.parametrize("method, options", [("swudi", {"time": 300.0, "rank_ratio": 0.85}), ("swudi_a", {}),
+                                             ("pinv", {}), ("iwudi", {"filter": "tikhonov", "alpha": 0.01})])
+def test_merged_factors_multiply_to_the_merge_and_have_rank_sum(method, options):
+    with jax.enable_x64(True):
+        factors = lora_experts(8)
+        b, a = sj.lora.merge_lora_factors(factors, method, **options)
+        assert b.shape == (24, 9) and a.shape == (9, 80)  # ranks 2 + 3 + 4
+        assert rel_err(b @ a, merge_lora(factors, method, **options)) <= 1e-11
+        # the dense reference on C's range ("lowrank": N·m = 72 <= n); "full" would divide C's null-space
+        # rounding noise by the 1e-8 floor for pinv
+        assert rel_err(b @ a, sj.get_method(method).fn(dense(factors), solver="lowrank", **options)) <= 1e-10
+
+
+def test_an_expert_that_does_not_touch_the_weight_is_a_zero_task_vector():
+    with jax.enable_x64(True):
+        factors = lora_experts(9)
+        pairs = [factors[0], None, factors[2]]
+        for init in ("sum", "mean"):
+            resolved = sj.resolve("swudi", {"init": init})
+            b, a = sj.lora.spectral_factors(pairs, resolved, (24, 80))
+            stack = np.stack([factors[0][0] @ factors[0][1], np.zeros((24, 80)), factors[2][0] @ factors[2][1]])
+            assert rel_err(b @ a, sj.swudi(stack, init=init, solver="full")) <= 1e-10
+
+
+def test_truncated_factors_are_the_best_rank_r_approximation():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(10)
+        b, a = rng.normal(size=(30, 12)), rng.normal(size=(12, 50))
+        u, s, vt = np.linalg.svd(b @ a)
+        b5, a5, sigma = sj.lora.truncate_factors(b, a, 5)
+        assert b5.shape == (30, 5) and a5.shape == (5, 50)
+        np.testing.assert_allclose(sigma, s[:12], rtol=1e-10)
+        assert rel_err(b5 @ a5, (u[:, :5] * s[:5]) @ vt[:5]) <= 1e-10
+        assert np.linalg.norm(b @ a - b5 @ a5) == pytest.approx(np.sqrt(np.sum(s[5:12] ** 2)), rel=1e-10)
+        b20, a20, _ = sj.lora.truncate_factors(b, a, 20)  # more than the rank: exact
+        assert b20.shape == (30, 12) and rel_err(b20 @ a20, b @ a) <= 1e-12
+        with pytest.raises(ValueError, match="rank must be a positive integer"):
+            sj.lora.truncate_factors(b, a, 0)
+
+
+def test_combined_factors_are_the_weighted_sum():
+    factors = lora_experts(11)
+    b, a = sj.lora.combine_factors([factors[0], None, factors[2]], [0.5, 3.0, -2.0])
+    assert b.shape == (24, 6)
+    want = 0.5 * factors[0][0] @ factors[0][1] - 2.0 * factors[2][0] @ factors[2][1]
+    assert rel_err(b @ a, want) <= 1e-6

@@ -12,13 +12,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 import yaml
-from mergekit_checkpoints import LAYERS, f64, family, layer_t, llama, run, save_model
+from mergekit_checkpoints import f64, family, layer_t, llama, run, save_model, write
 
 import swudi_jax as sj
 from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint import mergekit_config as mk
 from swudi_jax.checkpoint.cli import main
-from swudi_jax.checkpoint.config import ConfigError, load_config, parse_config, parse_shard_size
+from swudi_jax.checkpoint.config import ConfigError, load_config, parse_config, parse_size
 from swudi_jax.methods import registry
 
 
@@ -26,12 +26,6 @@ from swudi_jax.methods import registry
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("mergekit_dialect")
     return root, family(root, n_experts=2, seed=1)
-
-
-def write(root, name, config):
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 # ----------------------------------------------------------------------------- settings
@@ -115,17 +109,19 @@ def test_mixed_dtype_inputs_are_cast_and_out_dtype_sets_torch_dtype(tmp_path):
 # ----------------------------------------------------------------------------- models, warnings, refusals
 
 
-def test_base_among_models_duplicates_and_experts_equal_to_the_base_warn(models, tmp_path):
+def test_base_among_models_is_the_base_and_duplicates_and_experts_equal_to_the_base_warn(models, tmp_path, recwarn):
     root, m = models
-    with pytest.warns(UserWarning, match="is the base model"):
-        config = load_config(write(root, "habit", {"models": ["base", "e0", "e1"], "base_model": "base",
-                                                   "merge_method": "ties", "parameters": {"density": 0.5}}))
-    assert len(config.models) == 2
-    with pytest.warns(UserWarning, match="appears twice"):
-        load_config(write(root, "twice", {"models": ["e0", "e0"], "base_model": "base", "merge_method": "ties"}))
+    config = load_config(write(root, "habit", {"models": ["base", "e0", "e1"], "base_model": "base",
+                                               "merge_method": "ties", "parameters": {"density": 0.5}}))
+    assert len(config.models) == 2 and config.model_labels == ("models[1]", "models[2]")
+    assert "models[0] is the base model: it is the base, not an expert, as in mergekit" in config.notes
+    assert not recwarn.list  # mergekit's own form (its ties examples list the base): a note, no warning
+    with pytest.warns(UserWarning, match=r"appears twice among the models \(models\[1\] and models\[2\]\)"):
+        load_config(write(root, "twice", {"models": ["base", "e0", "e0"], "base_model": "base", "merge_method": "ties"}))
     shutil.copytree(root / "base", root / "base_copy", dirs_exist_ok=True)
-    with pytest.warns(UserWarning, match=r"models\[1\] .* equals the base model in every tensor"):
-        run(root, {"models": ["e0", "base_copy"], "base_model": "base", "merge_method": "task_arithmetic"}, "zero_tv")
+    with pytest.warns(UserWarning, match=r"models\[2\] \(base_copy\) equals the base model in every tensor"):
+        run(root, {"models": ["base", "e0", "base_copy"], "base_model": "base", "merge_method": "task_arithmetic"},
+            "zero_tv")
     # linear: a configured base joins the inputs, as in mergekit (here with its own weight)
     got = run(root, {"models": [{"model": "base", "parameters": {"weight": 2.0}},
                                 {"model": "e0", "parameters": {"weight": 1.0}}],
@@ -137,9 +133,8 @@ def test_base_among_models_duplicates_and_experts_equal_to_the_base_warn(models,
 
 @pytest.mark.parametrize("config, message", [
     ({"models": ["e0", "e1"], "merge_method": "ties"}, r"`base_model` is required by merge method 'ties'"),
-    ({"slices": [{"sources": [{"model": "e0", "layer_range": [0, 2]}]},
-                 {"sources": [{"model": "e1", "layer_range": [1, 3]}]}], "merge_method": "passthrough"},
-     r"slices that select, repeat or stack layers .* not supported"),
+    ({"modules": {"vision_tower": {"slices": [{"sources": [{"model": "e0", "layer_range": [0, 2]}]}]}},
+      "merge_method": "passthrough"}, r"the modules of multi-module architectures"),
     ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties", "tokenizer_source": "union"},
      r"tokenizer_source 'union' is not supported: it builds a new vocabulary"),
     ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties", "chat_template": "chatml"},
@@ -156,15 +151,6 @@ def test_what_is_not_supported_is_refused_with_a_reason(models, config, message)
     root, _ = models
     with pytest.raises(ConfigError, match=message):
         load_config(write(root, "bad", config))
-
-
-def test_a_slice_of_part_of_the_layers_is_refused_at_planning(models):
-    root, _ = models
-    config = {"slices": [{"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "e0", "layer_range": [0, 2]}]}],
-              "base_model": "base", "merge_method": "slerp", "parameters": {"t": 0.5}}
-    with pytest.raises(ValueError, match=rf"layer_range \[0, 2\] is not the models' whole range \[0, {LAYERS}\]"):
-        run(root, config, "part")
-    assert not (root / "part").exists()
 
 
 # ----------------------------------------------------------------------------- tokenizer, CLI
@@ -189,26 +175,29 @@ def test_tokenizer_source_chat_template_and_the_resolved_config(models, tmp_path
     assert not (tmp_path / "plain" / "tokenizer.json").exists()
 
 
-def test_shard_sizes_count_parameters_or_bytes():
-    assert parse_shard_size("5B", "x").value == 5 * 10**9 and parse_shard_size("5B", "x").unit == "parameters"
-    assert parse_shard_size("500M", "x").value == 5 * 10**8
-    assert (parse_shard_size("5GB", "x").value, parse_shard_size("5GB", "x").unit) == (5 * 10**9, "bytes")
-    assert parse_shard_size(1000, "x").unit == "bytes"
-
-
 def test_mergekit_cli_flags(models, tmp_path, capsys):
+    """--out-shard-size as mergekit's parse_kmb: K/M/B are thousands/millions/billions of bytes."""
     root, _ = models
     config = write(root, "cli", {"models": ["e0", "e1"], "base_model": "base", "merge_method": "task_arithmetic"})
     assert main([str(config), str(tmp_path / "a"), "--lazy-unpickle", "--allow-crimes", "--copy-tokenizer",
                  "--out-shard-size", "300", "--no-progress"]) == 0
     bytes_shards = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
-    assert main([str(config), str(tmp_path / "b"), "--out-shard-size", "75", "--no-progress"]) == 0  # 75 bytes
-    assert main([str(config), str(tmp_path / "c"), "--out-shard-size", "75B", "--no-progress"]) == 0  # 75e9 parameters
+    assert main([str(config), str(tmp_path / "b"), "--out-shard-size", "1K", "--no-progress"]) == 0  # 1000 bytes
+    assert main([str(config), str(tmp_path / "c"), "--out-shard-size", "75B", "--no-progress"]) == 0  # 75e9 bytes
+    index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())
+    sizes = {}
+    with ckio.open_checkpoint(tmp_path / "b") as reader:
+        for key, shard in index["weight_map"].items():
+            shape, dtype = reader.shape_dtype(key)
+            sizes[shard] = sizes.get(shard, 0) + int(np.prod(shape)) * dtype.itemsize
+    assert len(sizes) > 1 and all(size <= 1000 for size in sizes.values())  # bytes: numel × element size
     assert len(list((tmp_path / "c").glob("*.safetensors"))) == 1 < len(bytes_shards)
     for folder in ("a", "b", "c"):
         np.testing.assert_array_equal(ckio.load(tmp_path / folder)["lm_head.weight"],
                                       ckio.load(tmp_path / "a")["lm_head.weight"])
+    assert parse_size("5B", "x") == 5 * 10**9 == load_config(config).out_shard_size  # mergekit's default
     if jax.default_backend() == "cpu":
+        capsys.readouterr()
         assert main([str(config), str(tmp_path / "d"), "--cuda"]) == 1
         assert "--cuda: JAX sees no accelerator" in capsys.readouterr().err
         assert not (tmp_path / "d").exists()

@@ -69,7 +69,7 @@ DEFAULTS = {
     "model_stock": ({"filter_wise": False}, 1.0),
     "nearswap": ({"t": None}, 1.0),
     "arcee_fusion": ({"seed": 0}, 1.0),
-    "passthrough": ({"scale": None}, 1.0),
+    "passthrough": ({"scale": 1.0}, 1.0),  # mergekit's None (no scaling) is 1 here: a per-model option
 }
 
 
@@ -134,7 +134,7 @@ def test_public_layer_functions_outside_the_registry():
     assert keyword_defaults(sj.layerwise_merge) == {"method": "output_space", "inputs": "merged", "targets": "local",
                                                     "weights": None, "scale": 1.0, "prefix": "params"}
     assert keyword_defaults(sj.merge_lora) == {"method": "swudi"}
-    assert keyword_defaults(sj.merge_sharded) == {"method": "swudi"}  # solver: the method's own option
+    assert keyword_defaults(sj.merge_sharded) == {"mesh": None, "method": "swudi"}  # solver: the method's own option
 
 
 def test_method_constants():
@@ -200,7 +200,7 @@ def test_whole_model_merge_defaults():
     assert keyword_defaults(pipeline.plan_merge)["max_group_bytes"] == 1 << 30
     assert layout.DEFAULT_HEAD_PATTERNS == ("lm_head*",)
     assert layout.LeafRules() == layout.LeafRules(layout="flax", include=None, exclude=(), head_patterns=("lm_head*",),
-                                                  input_axes=(), scan_patterns=(), scan_axis=0, others="mean")
+                                                  input_axes=(), scan_patterns=None, scan_axis=0, others="mean")
     assert layout.DEFAULT_INPUT_AXES == {"query/kernel": 1, "key/kernel": 1, "value/kernel": 1, "q_proj/kernel": 1,
                                          "k_proj/kernel": 1, "v_proj/kernel": 1, "out/kernel": 2, "o_proj/kernel": 2}
 
@@ -214,8 +214,8 @@ def test_merge_config_defaults(tmp_path):
     want = {"scale": None, "include": None, "exclude": None, "head_patterns": None, "others": "mean",
             "input_axes": None, "scan_patterns": None, "scan_axis": 0, "multi_device": "auto", "layout": "auto",
             "dtype": "float32", "out_dtype": None, "format": "auto", "out_format": "auto",
-            "out_shard_size": 5 * 1024**3, "grams": None, "allow_download": False}
-    assert DEFAULT_SHARD_SIZE == 5 * 1024**3  # 5 GiB per output file
+            "out_shard_size": 5 * 10**9, "grams": None, "allow_download": False}
+    assert DEFAULT_SHARD_SIZE == 5 * 10**9  # mergekit's "5B": 5·10⁹ bytes per output file
     fields = {f.name: f.default for f in dataclasses.fields(MergeConfig)}
     assert {k: fields[k] for k in want} == want
     # parse_config fills absent keys with its own defaults: they must be the same

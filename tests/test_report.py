@@ -231,3 +231,80 @@ def test_cli_report_and_score_write_the_files_and_change_no_weight_byte(on_disk,
     ckio.save(bad, {"model.norm.weight": np.ones((3, 8, 8), np.float32)})
     assert main([str(config), str(root / "refused"), "--no-progress", "--score", str(bad)]) == 1
     assert "not linear weights" in capsys.readouterr().err and not (root / "refused").exists()
+
+
+def _same_weights(a, b) -> None:
+    files = [sorted(p.glob("*.safetensors")) for p in (a, b)]
+    assert [p.name for p in files[0]] == [p.name for p in files[1]] and files[0]
+    for x, y in zip(*files):
+        assert x.read_bytes() == y.read_bytes(), x.name
+
+
+def test_lora_factor_tensors_are_left_out_and_named_and_no_byte_changes(tmp_path):
+    """Adapters merged from their factors: the tensors every adapter updates (q, v) have no dense
+    task vector; the report leaves them out, naming them, and reports the densified ones."""
+    from test_lora_checkpoints import MODULES, PROJ, QV, tiny_llama, write_adapter
+
+    from swudi_jax.checkpoint.pipeline import merge_checkpoints
+    rng = np.random.default_rng(0)
+    base = tiny_llama(rng)
+    ckio.save(tmp_path / "base", base)
+    targets = sorted(p.split(".")[-1] for p in PROJ)
+    write_adapter(tmp_path / "a1", base, rng, MODULES, {"r": 4, "lora_alpha": 8, "target_modules": targets})
+    write_adapter(tmp_path / "a2", base, rng, QV, {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]})
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"base_model": "base", "models": ["a1", "a2"], "merge_method": "swudi"}))
+    merge_checkpoints(config, tmp_path / "plain", progress=False)
+    merge_checkpoints(config, tmp_path / "reported", progress=False, report=True)
+    _same_weights(tmp_path / "plain", tmp_path / "reported")
+    report = sj.read_report(tmp_path / "reported")
+    factored = {f"{m}.weight" for m in QV}
+    reported = {x.path for x in report.layers}
+    assert reported and not reported & factored
+    assert {f"{m}.weight" for m in MODULES if m not in QV} <= reported
+    [note] = [n for n in report.notes if "LoRA factors" in n]
+    assert all(p in note for p in factored)
+    with pytest.raises(ValueError, match="--report and --score cover merges written as weights"):
+        merge_checkpoints(_with(config, out_format="peft"), tmp_path / "adapter", progress=False, report=True)
+    assert not (tmp_path / "adapter").exists()
+
+
+def _with(config, **changes):
+    changed = config.with_name(f"changed_{config.name}")
+    changed.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), **changes}))
+    return changed
+
+
+def test_distributed_report_is_refused_before_anything_starts(on_disk):
+    from swudi_jax.checkpoint.pipeline import merge_checkpoints
+    root, config = on_disk
+    with pytest.raises(ValueError, match="--report and --score need every layer in one process"):
+        merge_checkpoints(config, root / "many", progress=False, distributed=True, report=True)
+    assert not (root / "many").exists()
+
+
+def test_slices_report_the_slices_of_every_model_and_name_the_others(tmp_path):
+    """A slice of the base and both experts is reported as the merge of those tensors; a slice of
+    the base and one expert is left out (its task columns would name the wrong experts), named."""
+    from mergekit_checkpoints import family
+
+    from swudi_jax.checkpoint.pipeline import merge_checkpoints
+    m = family(tmp_path, n_experts=2)
+    config = tmp_path / "sliced.yaml"
+    config.write_text(yaml.safe_dump({"slices": [
+        {"sources": [{"model": s, "layer_range": [0, 2]} for s in ("base", "e0", "e1")]},
+        {"sources": [{"model": s, "layer_range": [2, 3]} for s in ("base", "e0")]}],
+        "merge_method": "task_arithmetic", "base_model": "base", "dtype": "float32"}))
+    merge_checkpoints(config, tmp_path / "plain", progress=False)
+    merge_checkpoints(config, tmp_path / "reported", progress=False, report=True)
+    _same_weights(tmp_path / "plain", tmp_path / "reported")
+    report = sj.read_report(tmp_path / "reported")
+    layers = {x.path.split(".")[2] for x in report.layers if x.path.startswith("model.layers.")}
+    assert layers == {"0", "1"} and "model.embed_tokens.weight" in {x.path for x in report.layers}  # the first slice's
+    [note] = [n for n in report.notes if "a slice merging other models" in n]
+    assert "model.layers.2.self_attn.q_proj.weight" in note
+    layer = next(x for x in report.layers if x.path == "model.layers.1.mlp.up_proj.weight")
+    w0 = m["base"][layer.path].astype(np.float64)  # torch's (out, in): the maths layout
+    tau = np.stack([m[e][layer.path].astype(np.float64) - w0 for e in ("e0", "e1")])
+    merged = ckio.load(tmp_path / "plain")[layer.path].astype(np.float64) - w0
+    np.testing.assert_allclose(layer.per_task_merged, numpy_interference(merged, tau), rtol=1e-3)

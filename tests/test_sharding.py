@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from conftest import random_task_vectors
@@ -132,6 +133,8 @@ def test_bad_arguments_are_rejected_before_compute():
     mesh = make_row_mesh()
     with pytest.raises(ValueError, match="mesh"):
         merge_sharded(tau, "cpu")
+    with pytest.raises(ValueError, match="an axis named 'rows'"):
+        merge_sharded(tau, jax.make_mesh((1,), ("data",)))
     with pytest.raises(ValueError, match="method"):
         merge_sharded(tau, mesh, "ties_paper")
     with pytest.raises(ValueError, match="no option"):
@@ -154,3 +157,62 @@ def test_should_shard_needs_several_devices_and_a_big_stack():
     assert should_shard((8, 64, 64), 2, threshold_bytes=8 * 64 * 64 * 4)
     assert not should_shard((8, 64, 64), 2, threshold_bytes=8 * 64 * 64 * 4 + 1)
     assert DEFAULT_SHARD_BYTES == 256 * 2**20
+
+
+# ----------------------------------------------------------------------------- any mesh (issue 19)
+
+MERGE_MESHES = ["explicit", "auto", "grid", "grid_auto"]
+
+
+@pytest.mark.parametrize("mesh", MERGE_MESHES)
+@pytest.mark.parametrize("multi_device", [True, False])
+def test_merge_of_params_sharded_over_any_mesh_equals_the_numpy_merge_and_keeps_their_sharding(eight_devices, mesh,
+                                                                                             multi_device):
+    case = eight_devices["any_mesh"][f"merge_{mesh}_{multi_device}"]
+    assert case["rel_err"] <= (1e-5 if multi_device else 0.0)
+    assert case["kept"]  # every leaf on its base leaf's mesh (axis types included) with its spec
+    assert case["sharded_layers"] == (2 if multi_device else 0)  # both Dense kernels took the row-sharded path
+    explicit = mesh in ("explicit", "grid")
+    assert any("@rows" in t for t in case["types"]) == explicit  # the sharding is in the type on Explicit axes
+    if mesh == "grid":
+        assert "float32[48@data,64@rows]" in case["types"]
+
+
+def test_merge_with_the_mesh_in_context_and_an_elementwise_method_on_explicit_axes(eight_devices):
+    report = eight_devices["any_mesh"]
+    assert report["merge_explicit_in_context"]["rel_err"] <= 1e-5 and report["merge_explicit_in_context"]["kept"]
+    assert report["merge_explicit_ties"]["rel_err"] == 0.0 and report["merge_explicit_ties"]["kept"]
+
+
+@pytest.mark.parametrize("case", ["swudi_False", "swudi_True", "ties_False", "ties_True"])
+def test_explicit_params_stacked_on_their_devices_as_on_an_accelerator(eight_devices, case):
+    result = eight_devices["any_mesh"]["accelerator_path"][case]
+    assert result["rel_err"] <= 1e-5 and result["kept"]
+
+
+def test_numpy_inputs_land_on_the_default_device(eight_devices):
+    assert eight_devices["any_mesh"]["numpy_inputs_devices"] == ["cpu:0"]
+
+
+@pytest.mark.parametrize("how", ["named", "from_context", "jit"])
+def test_merge_sharded_under_a_context_mesh(eight_devices, how):
+    result = eight_devices["any_mesh"]["context"][how]
+    assert result["rel_err"] <= 1e-5 and result["mesh_kept"]
+    assert result["type"] == "float32[64@rows,48]"
+
+
+def test_merge_sharded_on_a_two_dimensional_mesh_splits_rows_over_its_rows_axis(eight_devices):
+    result = eight_devices["any_mesh"]["grid_merge_sharded"]
+    assert result["rel_err"] <= 1e-5 and result["mesh_kept"]
+    assert result["type"] == "float32[64@rows,48]"
+
+
+@pytest.mark.parametrize("method, tol", [("swudi", 1e-5), ("swudi_a", 1e-5), ("iwudi", 1e-4), ("pinv", 1e-3),
+                                         ("swudi_grid", 1e-5)])
+def test_layer_functions_take_a_stack_on_explicit_axes_and_return_on_its_sharding(eight_devices, method, tol):
+    runs = eight_devices["any_mesh"]["layer"][method]
+    assert set(runs) == ({"eager", "jit", "jit_in_context"} if method.startswith("swudi") and method != "swudi_a"
+                         else {"eager", "jit"})
+    want = "float32[64@rows,48@data]" if method == "swudi_grid" else "float32[64@rows,48]"
+    for result in runs.values():
+        assert result["rel_err"] <= tol and result["mesh_kept"] and result["type"] == want

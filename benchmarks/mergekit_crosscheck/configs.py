@@ -3,11 +3,12 @@
 Optional, not part of the tests (mergekit and torch live in their own venv, never the project's):
 
     python3 -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit
-    PYTHONPATH=. python benchmarks/mergekit_crosscheck/configs.py WORKDIR [/tmp/mkvenv/bin/mergekit-yaml]
+    PYTHONPATH=. python benchmarks/mergekit_crosscheck/configs.py WORKDIR [/tmp/mkvenv/bin/mergekit-yaml] [NAME,...]
 
 Writes tiny Llama checkpoints (``tests/mergekit_checkpoints.py``, with a config.json that
 transformers and mergekit accept) under WORKDIR, runs each config through both tools and
-prints, per config, the largest |difference| over all tensors relative to the largest |value|.
+prints, per config, the largest |difference| over all tensors relative to the largest |value|,
+whether both wrote the same tensor names, and config.json's ``num_hidden_layers`` on each side.
 The random methods (dare_*, della*) are left out: mergekit's torch draws cannot be reproduced.
 """
 
@@ -62,6 +63,47 @@ CONFIGS = {
 }
 
 
+SCALE_OUT = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]
+
+
+def _src(model: str, start: int, end: int, **parameters) -> dict:
+    return {"model": model, "layer_range": [start, end], **({"parameters": parameters} if parameters else {})}
+
+
+SLICES = {
+    "passthrough_franken": {"slices": [{"sources": [_src("e0", 0, 2)]}, {"sources": [_src("e1", 1, 3)]}],
+                            "merge_method": "passthrough"},
+    "passthrough_solar_scale": {"slices": [{"sources": [_src("base", 0, 2)]},
+                                           {"sources": [_src("base", 1, 3)], "parameters": {"scale": SCALE_OUT}}],
+                                "merge_method": "passthrough"},
+    # a per-model option's filter reads the source's name: e0's layer 1 is output layer 0
+    "passthrough_source_scale": {"slices": [{"sources": [_src("e0", 1, 3, scale=[{"filter": "layers.1.", "value": 0.5},
+                                                                                 {"value": 1.0}])]},
+                                            {"sources": [_src("e1", 2, 3)]}],
+                                 "merge_method": "passthrough"},
+    "slerp_per_slice_t": {"slices": [{"sources": [_src("base", 0, 2), _src("e0", 0, 2)], "parameters": {"t": [0.1, 0.9]}},
+                                     {"sources": [_src("base", 2, 3), _src("e0", 2, 3)], "parameters": {"t": [0.2, 0.6]}}],
+                          "merge_method": "slerp", "base_model": "base", "parameters": {"t": 0.5}},
+    "slerp_shifted_ranges": {"slices": [{"sources": [_src("base", 0, 2), _src("e0", 1, 3)]}],
+                             "merge_method": "slerp", "base_model": "base", "parameters": {"t": 0.3}},
+    "task_arithmetic_shifted_filters": {
+        "slices": [{"sources": [_src("base", 1, 3), _src("e0", 0, 2, weight=0.5),
+                                _src("e1", 1, 3, weight=[{"filter": "layers.2.", "value": 0.1}, {"value": 0.8}])]}],
+        "merge_method": "task_arithmetic", "base_model": "base",
+        "parameters": {"lambda": [{"filter": "layers.1.", "value": 0.5}, {"value": 1.0}]}},
+    "ties_modules_default_models": {
+        "modules": {"default": {"models": [{"model": "e0", "parameters": {"weight": 0.3, "density": 0.5}},
+                                           {"model": "e1", "parameters": {"weight": 0.6, "density": 0.7}}],
+                                "parameters": {"lambda": 0.7}}},
+        "merge_method": "ties", "base_model": "base"},
+    "task_arithmetic_last_slice_zipped": {
+        "slices": [{"sources": [_src("base", 0, 1), _src("e0", 0, 1)]},
+                   {"sources": [_src("base", 1, 3), _src("e0", 1, 3), _src("e1", 1, 3)]}],
+        "merge_method": "task_arithmetic", "base_model": "base", "parameters": {"weight": 1.0}},
+}
+CONFIGS.update(SLICES)
+
+
 def llama_config(folder: Path) -> None:
     content = json.loads((folder / "config.json").read_text())
     content.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
@@ -81,7 +123,12 @@ def absolute(value, root: Path):
     return value
 
 
-def main(workdir: str, mergekit_yaml: str = "/tmp/mkvenv/bin/mergekit-yaml") -> None:
+def _layers(folder: Path):
+    path = folder / "config.json"
+    return json.loads(path.read_text()).get("num_hidden_layers") if path.is_file() else None
+
+
+def main(workdir: str, mergekit_yaml: str = "/tmp/mkvenv/bin/mergekit-yaml", names: str | None = None) -> None:
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "base").exists():
@@ -89,6 +136,8 @@ def main(workdir: str, mergekit_yaml: str = "/tmp/mkvenv/bin/mergekit-yaml") -> 
         for name in ("base", "e0", "e1", "e2"):
             llama_config(root / name)
     for name, config in CONFIGS.items():
+        if names and name not in names.split(","):
+            continue
         config = {"dtype": "float32", **config}
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -108,12 +157,14 @@ def main(workdir: str, mergekit_yaml: str = "/tmp/mkvenv/bin/mergekit-yaml") -> 
                 continue
         a, b = ckio.load(ours), ckio.load(theirs)
         worst, scale = 0.0, 0.0
-        for key in a:
+        shared = [k for k in a if k in b]
+        for key in shared:
             x, y = np.asarray(a[key], np.float64), np.asarray(b[key], np.float64)
             worst, scale = max(worst, float(np.max(np.abs(x - y)))), max(scale, float(np.max(np.abs(y))))
-        same = sum(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+        same = sum(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in shared)
         print(f"{name:18s} max |ours - mergekit| = {worst:.3g} ({worst / scale:.2g} of max |value|); "
-              f"{same}/{len(a)} tensors bit-identical; keys equal: {set(a) == set(b)}")
+              f"{same}/{len(a)} tensors bit-identical; keys equal: {set(a) == set(b)}; "
+              f"num_hidden_layers ours {_layers(ours)}, mergekit {_layers(theirs)}")
 
 
 if __name__ == "__main__":

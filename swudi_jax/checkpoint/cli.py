@@ -10,27 +10,78 @@ so that the clean-up finishes (SIGKILL cannot be caught: the next run to the sam
 what a killed run left, see :mod:`swudi_jax.checkpoint.io.output`). The console script enters
 through :mod:`swudi_jax_cli`, which blocks these signals before jax is imported; ``main``
 unblocks them once its handlers are in place.
+
+``--distributed`` (or ``--coordinator``, ``--num-processes``, ``--process-id``) runs the merge as one
+of several processes on JAX's distributed runtime (:mod:`swudi_jax.checkpoint.distributed`); each
+process prints its share to stderr, and the processes leave the runtime together once OUT is published.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 
-from swudi_jax.checkpoint.config import ConfigError, parse_shard_size, parse_size
+from swudi_jax.checkpoint.config import ConfigError, parse_size
 
-MERGEKIT_FLAGS = """mergekit's flags:
+MERGEKIT_FLAGS = """What mergekit-yaml's flags do here:
   --copy-tokenizer/--no-copy-tokenizer  as mergekit (default: copy the base's, or tokenizer_source's, files)
-  --lazy-unpickle   accepted, no effect: tensors are always read one group at a time, and PyTorch pickles
-                    (.bin) are never unpickled here (safetensors, orbax, msgpack, npz only)
+  --write-model-card/--no-write-model-card  as mergekit: README.md and mergekit_config.yml, or neither
+                    (merge_config.yaml, the resolved config, is always written)
+  --out-shard-size  bytes per shard, as mergekit's: "5B" = 5·10⁹ bytes (its default), "500M"; also "2GiB"
+  --random-seed N   the seed of the methods that draw at random (dare_*, della*, dare, arcee_fusion)
+  -j/--num-threads N  compute on at most N CPU cores (the process's CPU affinity, which sizes XLA's pool)
+  --quiet           no progress bar (as --no-progress)
   --cuda            require the accelerator JAX has (JAX uses a GPU/TPU whenever it sees one; this makes
-                    its absence an error instead of a CPU run)
+                    its absence an error instead of a CPU run); --gpu-rich implies it, as in mergekit
+  --trust-remote-code  accepted; no code from a model folder is ever run here (tensors are read as data,
+                    side files copied from an allow-list), so there is nothing to trust
   --allow-crimes    accepted; it lifts no check: models must have the same tensor names and shapes, since
                     a merge here combines tensors path by path (mergekit's crimes mix architectures)
-  --out-shard-size  "5B" is 5 billion parameters per shard (mergekit's default); "5GB" is 5 gigabytes
+  accepted with no effect (one line says so): --lazy-unpickle (PyTorch pickles are never unpickled),
+                    --low-cpu-memory, --read-to-gpu, --multi-gpu, --device, --clone-tensors, --async-write,
+                    --write-threads, --no-safe-serialization (safetensors or orbax only), --lora-merge-cache,
+                    --lora-merge-dtype, --transformers-cache (the Hub cache is HF_HUB_CACHE/HF_HOME), -v
 """
+
+NO_EFFECT = {
+    # dest: (mergekit's default, how the flag is spelled when it differs from that default)
+    "lazy_unpickle": (False, "--lazy-unpickle"), "low_cpu_memory": (False, "--low-cpu-memory"),
+    "read_to_gpu": (False, "--read-to-gpu"), "multi_gpu": (False, "--multi-gpu"),
+    "clone_tensors": (False, "--clone-tensors"), "async_write": (False, "--async-write"),
+    "safe_serialization": (True, "--no-safe-serialization"), "device": (None, "--device"),
+    "write_threads": (None, "--write-threads"), "lora_merge_cache": (None, "--lora-merge-cache"),
+    "lora_merge_dtype": (None, "--lora-merge-dtype"), "transformers_cache": (None, "--transformers-cache"),
+    "verbosity": (0, "-v"),
+}
+"""mergekit's flags that change nothing here (its memory, device, writer and cache settings)."""
+
+
+def _mergekit_arguments(parser: argparse.ArgumentParser) -> None:
+    """mergekit-yaml's flags (``mergekit/options.py``), with its spellings and --no- forms."""
+    flag = argparse.BooleanOptionalAction
+    group = parser.add_argument_group("mergekit's flags", "accepted as mergekit-yaml takes them (see below)")
+    group.add_argument("--copy-tokenizer", action=flag, default=True, help="copy the tokenizer files to OUT")
+    group.add_argument("--write-model-card", action=flag, default=True,
+                       help="write README.md and mergekit_config.yml (default: yes)")
+    group.add_argument("--random-seed", type=int, metavar="N", help="seed of the methods that draw at random")
+    group.add_argument("-j", "--num-threads", type=int, metavar="N", help="compute on at most N CPU cores")
+    group.add_argument("--quiet", action=flag, default=False, help="no progress bar")
+    group.add_argument("--cuda", action=flag, default=False, help="require the accelerator JAX has")
+    group.add_argument("--gpu-rich", action="store_true", help="as mergekit: implies --cuda")
+    group.add_argument("--trust-remote-code", action=flag, default=False, help="accepted; no code is ever run")
+    group.add_argument("--allow-crimes", action=flag, default=False, help="accepted; lifts no check")
+    for dest, (default, spelled) in NO_EFFECT.items():
+        name = "--" + dest.replace("_", "-")
+        if dest == "verbosity":
+            group.add_argument("-v", dest=dest, action="count", default=0, help="no effect")
+        elif isinstance(default, bool):
+            group.add_argument(name, action=flag, default=default, help="no effect")
+        else:
+            group.add_argument(name, type=int if dest == "write_threads" else str, metavar="X", help="no effect")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="validate everything and print the plan; write nothing")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT once the new merge is complete")
     parser.add_argument("--out-shard-size", metavar="N",
-                        help="per output safetensors shard: parameters as mergekit counts them (5B = 5 billion, 500M) "
-                             "or bytes (5GB, 2GiB, 2000000000)")
+                        help="bytes per output safetensors shard, as mergekit: 5B = 5·10⁹ bytes (the default), "
+                             "500M, or 5GB, 2GiB, 2000000000")
     parser.add_argument("--max-group-size", metavar="N", default=None,
                         help="cap on the bytes of one tensor group from all models held at once (default 1GiB)")
+    parser.add_argument("--out-adapter", action="store_true",
+                        help="write the merge of LoRA adapters as one PEFT adapter (out_format: peft)")
+    parser.add_argument("--adapter-rank", metavar="R", type=int,
+                        help="with --out-adapter: truncate each module to rank R (best approximation; error reported)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--report", action="store_true",
                         help="also write OUT/merge_report.json, .txt and .png (per linear layer the task interference "
@@ -56,20 +111,66 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score", metavar="CALIB",
                         help="per-task input Grams {tensor: (N, n, n)} of calibration data (as a config's `grams`): "
                              "the report also gives the residual-energy score rho of the merge and of each expert")
-    parser.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
-                        help="copy the tokenizer files to OUT (default: yes)")
-    parser.add_argument("--lazy-unpickle", action="store_true", help="mergekit's flag; no effect here (see below)")
-    parser.add_argument("--cuda", action="store_true", help="require the accelerator JAX has (see below)")
-    parser.add_argument("--allow-crimes", action="store_true", help="mergekit's flag; lifts no check (see below)")
+    _mergekit_arguments(parser)
+    many = parser.add_argument_group("many processes (README, 'Many hosts')")
+    many.add_argument("--distributed", action="store_true",
+                      help="run as one of several processes on JAX's distributed runtime, the values below taken "
+                           "from the cluster environment (SLURM, Open MPI, Cloud TPU pod) where not given")
+    many.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address for the runtime (implies --distributed)")
+    many.add_argument("--num-processes", metavar="P", type=int, help="how many processes (implies --distributed)")
+    many.add_argument("--process-id", metavar="I", type=int, help="this process, 0 to P-1 (implies --distributed)")
+    many.add_argument("--heartbeat-timeout", metavar="S", type=int,
+                      help="seconds after which a silent process counts as dead and every process stops (default 100)")
     return parser
 
 
-def _require_accelerator() -> None:
+def _flag_notes(args: argparse.Namespace) -> str | None:
+    """One line naming the mergekit flags given that change nothing here, or None."""
+    ignored = [spelled for dest, (default, spelled) in NO_EFFECT.items() if getattr(args, dest) not in (default, None)]
+    parts = [f"{', '.join(ignored)}: no effect here (mergekit's memory, device, writer and cache settings)"] \
+        if ignored else []
+    if args.trust_remote_code:
+        parts.append("--trust-remote-code: no code from a model folder is ever run here (nothing to trust)")
+    if args.allow_crimes:
+        parts.append("--allow-crimes: lifts no check (models must have the same tensor names and shapes)")
+    return "; ".join(parts) or None
+
+
+def _limit_threads(count: int) -> None:
+    """At most ``count`` CPU cores for this process (its CPU affinity: XLA sizes its CPU thread pool
+    from it when the backend starts, and threads started later inherit it)."""
+    if count < 1:
+        raise ValueError(f"--num-threads must be at least 1, got {count}")
+    if not hasattr(os, "sched_setaffinity"):
+        warnings.warn("--num-threads has no effect on this platform (no CPU affinity)", stacklevel=2)
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cores[:count])
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr (no category, file or source line)."""
+    print(f"swudi-merge: warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+
+
+def _start_distributed(args) -> bool:
+    """Join JAX's distributed runtime when asked to (before any other JAX call); whether it was."""
+    if not (args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None):
+        if args.heartbeat_timeout is not None:
+            raise ValueError("--heartbeat-timeout applies to a distributed run (--distributed, --coordinator, ...)")
+        return False
+    from swudi_jax.checkpoint.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id, heartbeat_timeout_s=args.heartbeat_timeout)
+    return True
+
+
+def _require_accelerator(flag: str) -> None:
     import jax
 
     if jax.default_backend() == "cpu":
-        raise ValueError("--cuda: JAX sees no accelerator (its backend is cpu); install jax with CUDA support "
-                         "(pip install 'jax[cuda12]') or leave --cuda out to merge on the CPU")
+        raise ValueError(f"{flag}: JAX sees no accelerator (its backend is cpu); install jax with CUDA support "
+                         "(pip install 'jax[cuda12]') or leave it out to merge on the CPU")
 
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -109,38 +210,69 @@ def _redeliver_swallowed(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+def _run(args: argparse.Namespace, distributed: bool):
+    """The merge the parsed arguments ask for (the signal handlers are in place; ``distributed``:
+    this process joined JAX's distributed runtime); returns OUT and what it holds ("adapter" or
+    "checkpoint")."""
+    from swudi_jax.checkpoint.compile_cache import enable_compile_cache
+    from swudi_jax.checkpoint.pipeline import merge_checkpoints
+
+    enable_compile_cache()
+    from swudi_jax.checkpoint.config import load_config
+    from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES
+
+    notes = _flag_notes(args)
+    if notes:
+        print(f"swudi-merge: note: {notes}", file=sys.stderr)
+    overrides = {}
+    if args.out_shard_size is not None:
+        size = args.out_shard_size
+        overrides["out_shard_size"] = int(size) if size.strip().isdigit() else size
+        parse_size(overrides["out_shard_size"], "--out-shard-size")
+    if args.out_adapter:
+        overrides["out_format"] = "peft"
+    if args.adapter_rank is not None:
+        overrides["adapter_rank"] = args.adapter_rank
+    if args.num_threads is not None:
+        _limit_threads(args.num_threads)
+    if args.cuda or args.gpu_rich:
+        _require_accelerator("--cuda" if args.cuda else "--gpu-rich (implies --cuda, as in mergekit)")
+    group = DEFAULT_MAX_GROUP_BYTES if args.max_group_size is None else parse_size(args.max_group_size, "--max-group-size")
+    config = load_config(args.config, overrides=overrides, random_seed=args.random_seed)
+    timings: dict = {}
+    out = merge_checkpoints(config, args.out, force=args.force, dry_run=args.dry_run,
+                            progress=not (args.no_progress or args.quiet), max_group_bytes=group,
+                            copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
+                            distributed=distributed, timings=timings, report=args.report, score=args.score)
+    if distributed:  # every process has finished: say what it did, leave the runtime together
+        import jax
+
+        from swudi_jax.checkpoint.work_split import describe_share
+
+        if "share" in timings:
+            print(f"swudi-merge: {describe_share(timings['share'], timings['wall_s'])}", file=sys.stderr)
+        jax.distributed.shutdown()
+    return out, "adapter" if config.out_format == "peft" else "checkpoint"
+
+
 def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> int:
     """Run the command; returns its exit status. ``restore_signals=False`` (the console script,
     which exits next) leaves the clean-up's handlers in place: a signal still pending as ``main``
-    returns is then dropped instead of reaching Python's default handler after the clean-up."""
+    returns is then dropped instead of reaching Python's default handler after the clean-up.
+    Warnings print as one line each (``swudi-merge: warning: ...``)."""
     args = build_parser().parse_args(argv)
     # a kill cleans up like Ctrl-C; a signal the caller ignores (nohup: SIGHUP) stays ignored
     previous = {signum: signal.signal(signum, _interrupt) for signum in HANDLED_SIGNALS
                 if signal.getsignal(signum) is not signal.SIG_IGN}
     previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
-        # the console script (swudi_jax_cli) blocked them before the heavy imports: a signal sent
-        # during those is delivered here, to the handlers above
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-        from swudi_jax.checkpoint.compile_cache import enable_compile_cache
-        from swudi_jax.checkpoint.pipeline import merge_checkpoints
-
-        enable_compile_cache()
-        from swudi_jax.checkpoint.config import load_config
-        from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES
-
-        overrides = {}
-        if args.out_shard_size is not None:
-            size = args.out_shard_size
-            overrides["out_shard_size"] = int(size) if size.strip().isdigit() else size
-            parse_shard_size(overrides["out_shard_size"], "--out-shard-size")
-        if args.cuda:
-            _require_accelerator()
-        group = DEFAULT_MAX_GROUP_BYTES if args.max_group_size is None else parse_size(args.max_group_size, "--max-group-size")
-        config = load_config(args.config, overrides=overrides)
-        out = merge_checkpoints(config, args.out, force=args.force, dry_run=args.dry_run,
-                                progress=not args.no_progress, max_group_bytes=group,
-                                copy_tokenizer=args.copy_tokenizer, report=args.report, score=args.score)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            # the console script (swudi_jax_cli) blocked them before the heavy imports: a signal sent
+            # during those is delivered here, to the handlers above
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            out, what = _run(args, _start_distributed(args))
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"swudi-merge: interrupted by {signal.Signals(signum).name}; no output written", file=sys.stderr)
@@ -154,12 +286,23 @@ def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> 
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         sys.unraisablehook = previous_hook
+        if affinity is not None and os.sched_getaffinity(0) != affinity:
+            os.sched_setaffinity(0, affinity)  # an in-process caller gets its cores back
         for signum, handler in previous.items() if restore_signals else ():
             signal.signal(signum, handler)
     if not args.dry_run:
-        print(f"merged checkpoint written to {out}")
+        print(f"merged {what} written to {out}")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = [
+    "HANDLED_SIGNALS",
+    "MERGEKIT_FLAGS",
+    "Interrupted",
+    "build_parser",
+    "main",
+]

@@ -25,42 +25,51 @@ Example::
     layout: auto                       # torch (HF, weight is (out, in)), flax (kernel is (in, out)), or auto:
                                        # from the names (kernel: flax, weight: torch), else safetensors: torch
     dtype: float32                     # compute dtype (float64 turns on jax_enable_x64)
-    out_dtype: null                    # null keeps each tensor's base dtype
+    out_dtype: null                    # null: `dtype` when one is given (float32 here, as mergekit),
+                                       # else each tensor's base dtype
     format: auto                       # input format; out_format defaults to it
-    out_format: auto
-    out_shard_size: 5B                 # per safetensors shard: parameters ("5B" = 5 billion, "500M")
-                                       # or bytes ("5GB", "2GiB", an int)
+    out_format: auto                   # or peft: a merge of LoRA adapters written as one adapter
+    adapter_rank: null                 # out_format peft: truncate each module to this rank (null: exact, Σ rᵢ)
+    out_shard_size: 5B                 # bytes per safetensors shard: mergekit's "5B" (5·10⁹ bytes),
+                                       # "500M", or "5GB", "2GiB", an int
     tokenizer_source: base             # base, or a model path whose tokenizer files OUT gets
     chat_template: auto                # auto (the models' own) or Jinja text, set in tokenizer_config.json
 
 mergekit's schema is accepted as mergekit writes it (see :mod:`swudi_jax.checkpoint.mergekit_config`):
 per-model ``parameters`` in ``models:`` entries, values that vary per tensor (conditional
-``filter:`` lists, layer gradients), ``lambda`` for ``lam``, a one-slice ``slices:`` form,
+``filter:`` lists, layer gradients), ``lambda`` for ``lam``, ``slices:`` and ``modules:``
+(frankenmerges, depth up-scaling, per-slice ranges and parameters: :mod:`swudi_jax.checkpoint.slices`),
 ``base_model`` left out for methods that need none, the base listed among ``models`` (it is
-the base, not an expert: dropped with a warning) and ``dtype: bfloat16``.
+the base, not an expert, as in mergekit; noted) and ``dtype: bfloat16``. What mergekit accepts
+and ignores is accepted with one warning naming it: top-level keys its schema does not know
+(``name:``) and the parameters of its other methods that this one has not (``int8_mask`` on
+``swudi``, ``t`` on ``ties``).
 
-Relative paths are resolved against the config file's directory. Patterns follow
+Relative paths are resolved against the working directory, as mergekit resolves them; one that
+exists only beside the config file is read from there. Patterns follow
 :mod:`swudi_jax.model.layout`: a glob matching the path or a tail of it after a "/" or "."
 separator (``lm_head*``), or ``re:<regex>`` searched anywhere in the path.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
 import yaml
 
 from swudi_jax.checkpoint import mergekit_config as mk
+from swudi_jax.checkpoint import slices as sl
 from swudi_jax.checkpoint.io import FORMATS, CheckpointError
-from swudi_jax.checkpoint.io.sources import ModelSource, parse_model
+from swudi_jax.checkpoint.io.sources import ModelSource, local_path, parse_model
 from swudi_jax.checkpoint.yaml_loader import load_yaml
 from swudi_jax.methods import registry
 from swudi_jax.methods.spec import Resolved
@@ -69,23 +78,16 @@ from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, OTHERS, LeafRules
 LAYOUTS = ("auto", "torch", "flax")
 COMPUTE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 OUT_DTYPES = ("float32", "float64", "float16", "bfloat16")
-DEFAULT_SHARD_SIZE = 5 * 1024**3
-_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+ADAPTER_FORMAT = "peft"
+"""``out_format: peft``: the merge written as one PEFT LoRA adapter (experts: adapters over the base)."""
+DEFAULT_SHARD_SIZE = 5 * 10**9
+"""Bytes per output shard by default: mergekit's "5B"."""
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_COUNTS = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+"""Byte units: mergekit's ``parse_kmb`` suffixes K, M, B (thousands, millions, billions of bytes:
+its writer sums numel × element size), and KB/MB/GB/TB, KiB/MiB/GiB/TiB."""
 OPTION_ALIASES = {"lambda": "lam"}
 """mergekit parameter names spelled differently here (``lambda`` is a Python keyword)."""
-
-
-@dataclass(frozen=True)
-class ShardSize:
-    """A shard size as parameters (mergekit's "5B": 5 billion) or as bytes ("5GB")."""
-
-    value: int
-    unit: str  # "bytes" or "parameters"
-
-    def bytes_for(self, itemsize: int) -> int:
-        return self.value if self.unit == "bytes" else self.value * int(itemsize)
 
 
 class ConfigError(ValueError):
@@ -114,6 +116,7 @@ class MergeConfig:
     out_dtype: str | None = None
     format: str = "auto"
     out_format: str = "auto"
+    adapter_rank: int | None = None
     out_shard_size: int = DEFAULT_SHARD_SIZE
     grams: Path | None = None
     source: Path | None = None
@@ -121,15 +124,18 @@ class MergeConfig:
     sources: tuple[ModelSource, ...] = ()  # base then experts as resolved (Hub ids, adapters, orbax steps)
     has_base: bool = True                  # False: no base_model (sources[0] is the first model, for structure)
     model_parameters: tuple[Mapping[str, Any], ...] = ()  # per expert: its own mergekit `parameters`
+    model_labels: tuple[str, ...] = ()     # per expert: where the config lists it (`models[2]`, `base_model`)
     tensor_parameters: Mapping[str, Any] = field(default_factory=dict)  # global settings that vary per tensor
-    layer_range: tuple[int, int] | None = None  # a one-slice `slices:` config's range (the whole model)
+    modules: tuple[sl.ModuleSlices, ...] | None = None  # `slices:`/`modules:`: what each output layer is made of
     tokenizer_source: Path | None = None   # a model folder whose tokenizer files replace the base's
     chat_template: str | None = None       # template text for tokenizer_config.json
-    out_shard_unit: str = "bytes"          # out_shard_size counts "bytes" or "parameters"
     notes: tuple[str, ...] = ()            # what the config's mergekit settings mean here (printed, in the card)
     given: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
     """The checkpoint entries as written in the config (``base_model``, ``models``, ``grams``,
-    ``tokenizer_source``), ``models`` in the order of the resolved experts."""
+    ``tokenizer_source``), ``models`` in the order of the resolved experts; with ``slices``,
+    ``sources``: every source's entry, in the order of :attr:`sources`."""
+    source_text: str | None = field(default=None, compare=False, repr=False)
+    """The config file's text as read (written to OUT as ``mergekit_config.yml``, as mergekit does)."""
     method: Resolved | None = field(default=None, compare=False, repr=False)
     """The method resolved once by the parser (spec, options, scale): what the pipeline runs;
     nothing below looks it up by name again, so an unregistered spec merges from disk too."""
@@ -148,8 +154,8 @@ class MergeConfig:
         paths stay relative), not the absolute paths of this machine.
         """
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key in ("source", "sources", "given", "notes", "has_base", "model_parameters", "tensor_parameters",
-                    "layer_range", "out_shard_unit", "method"):
+        for key in ("source", "sources", "given", "notes", "has_base", "model_parameters", "model_labels",
+                    "tensor_parameters", "modules", "source_text", "method"):
             out.pop(key)
         for key, value in out.items():
             if isinstance(value, Path):
@@ -163,15 +169,17 @@ class MergeConfig:
             out["base_model"] = self.sources[0].spec()
             out["models"] = [s.spec() for s in self.sources[1:]]
         if as_given and self.given:
-            out.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.given.items()})
-        if not self.has_base or self.method.spec.base == "joins":
+            out.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.given.items()
+                        if k != "sources"})
+        if self.modules is not None:
+            entries = list(self.given["sources"]) if as_given and self.given else [s.spec() for s in self.sources]
+            del out["models"]
+            out.update(sl.to_raw(self.modules, entries))
+        if not self.has_base or (self.method.spec.base == "joins" and self.modules is None):
             out["base_model"] = None  # a joining base is among the models already
         if any(self.model_parameters):
             out["models"] = [{**(m if isinstance(m, dict) else {"model": m}), "parameters": _plain(dict(p))} if p else m
                              for m, p in zip(out["models"], self.model_parameters)]
-        if self.out_shard_unit == "parameters":
-            count = self.out_shard_size
-            out["out_shard_size"] = f"{count // 1000}K" if count % 1000 == 0 else f"{count / 1000}K"
         return out
 
     def leaf_rules(self, layout: str | None = None) -> LeafRules:
@@ -198,24 +206,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def parse_shard_size(value: Any, where: str) -> ShardSize:
-    """A shard size: bytes as an int or with a byte unit ("500MB", "5GB", "2GiB"), or a
-    parameter count as mergekit writes it ("5B" = 5 billion parameters, mergekit's default;
-    "500M", "1.5K"). A bare "B" is billions here, never bytes.
-    """
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z])\s*", value)
-        if match and match.group(2).upper() in _COUNTS:
-            count = int(float(match.group(1)) * _COUNTS[match.group(2).upper()])
-            if count <= 0:
-                raise ConfigError(f"{where} must be positive, got {value!r}")
-            return ShardSize(count, "parameters")
-    return ShardSize(parse_size(value, where), "bytes")
-
-
 def parse_size(value: Any, where: str) -> int:
-    """Bytes from an int or a string such as ``"500MB"`` or ``"2GiB"`` (a unit is a byte unit;
-    "5B" is refused: mergekit reads it as 5 billion parameters, see :func:`parse_shard_size`)."""
+    """Bytes from an int or a string: ``"5B"`` (mergekit's ``parse_kmb``: K, M, B are thousands,
+    millions, billions of bytes), ``"500MB"``, ``"2GiB"`` (see :data:`_UNITS`)."""
     if isinstance(value, bool):
         raise ConfigError(f"{where} must be a positive size in bytes, got {value!r}")
     if isinstance(value, (int, np.integer)):
@@ -223,8 +216,8 @@ def parse_size(value: Any, where: str) -> int:
     elif isinstance(value, str):
         match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
         if not match or match.group(2).upper() not in _UNITS:
-            raise ConfigError(f"{where} must be bytes or a size like '500MB' or '2GiB' (or, for a shard size, "
-                              f"a parameter count like '5B'), got {value!r}")
+            raise ConfigError(f"{where} must be a size in bytes: an integer, mergekit's '5B' (billions of bytes), "
+                              f"'500M', or '500MB', '2GiB'; got {value!r}")
         size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
     else:
         raise ConfigError(f"{where} must be a positive size in bytes, got {value!r}")
@@ -262,7 +255,7 @@ def _given(value: Any) -> Any:
     return str(value)
 
 
-def _path(value: Any, base_dir: Path, where: str) -> Path:
+def _path(value: Any, base_dir: tuple[Path, ...], where: str) -> Path:
     if isinstance(value, Mapping):
         extra = sorted(set(value) - {"model"})
         if "model" not in value or extra:
@@ -270,8 +263,7 @@ def _path(value: Any, base_dir: Path, where: str) -> Path:
         value = value["model"]
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise ConfigError(f"{where} must be a path, got {value!r}")
-    path = Path(os.path.expanduser(str(value)))
-    path = path if path.is_absolute() else (base_dir / path)
+    path = local_path(str(value), base_dir, where)
     if not path.exists():
         raise ConfigError(f"{where}: {path} does not exist")
     return path.resolve()
@@ -279,8 +271,22 @@ def _path(value: Any, base_dir: Path, where: str) -> Path:
 
 _KEYS = ("base_model", "models", "merge_method", "parameters", "scale", "include", "exclude",
          "head_patterns", "others", "input_axes", "scan_patterns", "scan_axis", "multi_device", "layout",
-         "dtype", "out_dtype", "format", "out_format", "out_shard_size", "grams", "allow_download",
-         "slices", "tokenizer_source", "tokenizer", "chat_template")
+         "dtype", "out_dtype", "format", "out_format", "adapter_rank", "out_shard_size", "grams", "allow_download",
+         "slices", "modules", "tokenizer_source", "tokenizer", "chat_template")
+
+
+def _option_names(params: Mapping[Any, Any], where: str) -> dict[str, Any]:
+    """``params`` with mergekit's spellings mapped to the options' names (``lambda`` → ``lam``);
+    one option given under both spellings is refused, naming both."""
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in params.items():
+        option = OPTION_ALIASES.get(str(key), str(key))
+        if option in out:
+            raise ConfigError(f"{where} gives both `{spelled[option]}` and `{key}`: they are one option (`lam` is "
+                              "mergekit's `lambda`, a Python keyword); keep one")
+        out[option], spelled[option] = value, str(key)
+    return out
 
 
 def _split_entry(entry: Any, where: str) -> tuple[Any, dict[str, Any]]:
@@ -290,22 +296,26 @@ def _split_entry(entry: Any, where: str) -> tuple[Any, dict[str, Any]]:
         if not isinstance(params, Mapping):
             raise ConfigError(f"{where}.parameters must be a mapping of parameter: value, got {params!r}")
         rest = {k: v for k, v in entry.items() if k != "parameters"}
-        return (rest["model"] if set(rest) == {"model"} else rest), {OPTION_ALIASES.get(k, k): v for k, v in params.items()}
+        return (rest["model"] if set(rest) == {"model"} else rest), _option_names(params, f"{where}.parameters")
     return entry, {}
 
 
-def _check_settings(method, settings: Mapping[str, Any], where: str) -> None:
-    """Every scalar a setting can take passes the method's checks (mergekit's schema first)."""
+def _check_settings(method, settings: Mapping[str, Any], where: str, model: Any = None) -> None:
+    """Every scalar a setting can take passes the method's checks (mergekit's schema first); a
+    refusal names the file and the key (``where`` names the mapping: ``config x.yaml: `parameters```)
+    and the model."""
     for key, value in settings.items():
+        at = (f"{where[:-1]}.{key}`" if where.endswith("`") else f"{where}.{key}") + \
+            ("" if model is None else f" (model {model})")
         try:
-            mk.check_setting(value, f"{where}.{key}")
+            mk.check_setting(value, at)
         except mk.SettingError as exc:
             raise ConfigError(str(exc)) from None
         for leaf in _leaves(value):
             try:
                 method.resolve({key: leaf})
             except ValueError as exc:
-                raise ConfigError(f"{where}.{key}: {exc}") from None
+                raise ConfigError(f"{at}: {exc}") from None
 
 
 def _leaves(value: Any) -> list[Any]:
@@ -314,7 +324,7 @@ def _leaves(value: Any) -> list[Any]:
     return [] if value is None else [value]
 
 
-def _tokenizer_source(raw: Mapping[str, Any], base_dir: Path, name: str) -> tuple[str | None, Any]:
+def _tokenizer_source(raw: Mapping[str, Any], base_dir: tuple[Path, ...], name: str) -> tuple[str | None, Any]:
     value = raw.get("tokenizer_source")
     tokenizer = raw.get("tokenizer")
     if tokenizer is not None:
@@ -341,9 +351,13 @@ def _check_top_level(raw: Any, name: str, overrides: Mapping[str, Any] | None):
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{name}: expected a mapping of settings, got {type(raw).__name__}")
     raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    unknown = sorted(set(raw) - set(_KEYS))
-    if unknown:
-        raise ConfigError(f"{name}: unknown key(s) {unknown}; known keys: {list(_KEYS)}")
+    unknown = sorted(set(map(str, raw)) - set(_KEYS))
+    if unknown:  # mergekit's schema ignores keys it does not know (`name:`, notes): so does this one, saying so
+        hints = [f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k)
+                 for k in unknown for close in [difflib.get_close_matches(k, _KEYS, n=1)]]
+        warnings.warn(f"{name}: top-level key(s) {', '.join(hints)} have no effect (not config settings; ignored, "
+                      f"as mergekit ignores them)", stacklevel=3)
+        raw = {k: v for k, v in raw.items() if str(k) not in unknown}
     if raw.get("merge_method") is None:
         raise ConfigError(f"{name}: `merge_method` is required")
     try:
@@ -356,32 +370,24 @@ def _check_top_level(raw: Any, name: str, overrides: Mapping[str, Any] | None):
     return raw, method
 
 
-def _models_and_parameters(raw: Mapping[str, Any], name: str):
-    """(models entries, global parameters with mergekit's names mapped, layer range) from
-    ``models:`` or a one-slice ``slices:``."""
+def _global_parameters(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The global ``parameters`` with mergekit's names mapped."""
     global_params = raw.get("parameters") or {}
     if not isinstance(global_params, Mapping):
         raise ConfigError(f"{name}: `parameters` must be a mapping of option: value, got {global_params!r}")
-    global_params = {OPTION_ALIASES.get(k, k): v for k, v in global_params.items()}
-    layer_range = None
-    if raw.get("slices") is not None:
-        if raw.get("models") is not None:
-            raise ConfigError(f"{name}: give `models` or `slices`, not both")
-        try:
-            models, slice_params, layer_range = mk.slices_as_models(raw["slices"], f"{name}: `slices`")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        global_params = {**global_params, **{OPTION_ALIASES.get(k, k): v for k, v in slice_params.items()}}
-    else:
-        models = raw.get("models")
+    return _option_names(global_params, f"{name}: `parameters`")
+
+
+def _models_list(raw: Mapping[str, Any], name: str) -> list:
+    models = raw.get("models")
     if models is None:
-        raise ConfigError(f"{name}: `models` is required")
+        raise ConfigError(f"{name}: `models` is required (or mergekit's `slices` / `modules`)")
     if not isinstance(models, (list, tuple)):
         raise ConfigError(f"{name}: `models` must be a list of checkpoint paths, got {models!r}")
-    return models, global_params, layer_range
+    return list(models)
 
 
-def _sources(raw: Mapping[str, Any], entries, base_dir: Path, name: str):
+def _sources(raw: Mapping[str, Any], entries, base_dir: tuple[Path, ...], name: str):
     """The base's and the experts' resolved sources (Hub ids, adapters, orbax steps)."""
     allow_download = raw.get("allow_download", False)
     try:
@@ -395,34 +401,35 @@ def _sources(raw: Mapping[str, Any], entries, base_dir: Path, name: str):
     return base_source, expert_sources
 
 
-def _place_base(raw, method, name: str, base_source, expert_sources: list, model_params: list, given_models: list,
-                notes: list) -> None:
-    """The base among the models (a mergekit habit) is the base, not a zero task vector; a base
-    that joins the method's inputs (mergekit's linear, karcher) is added to them. In place."""
+def _place_base(raw, method, base_source, expert_sources: list, model_params: list, given_models: list,
+                labels: list, notes: list) -> None:
+    """The base among the models (mergekit's form: slerp lists both its models) is the base, as in
+    mergekit, not a zero task vector; a base that joins the method's inputs (mergekit's linear,
+    karcher) is added to them. In place (``labels`` name each expert as the config does)."""
     if base_source is not None and base_source in expert_sources:
         index = expert_sources.index(base_source)
         if method.base == "joins":
-            notes.append(f"the base model is models[{index}]: it is one of {method.name}'s inputs, as in mergekit")
+            notes.append(f"the base model is {labels[index]}: it is one of {method.name}'s inputs, as in mergekit")
         else:
-            warnings.warn(f"{name}: `models[{index}]` is the base model; it is the base, not an expert (a zero task "
-                          "vector would shrink the others' mean): left out of the experts", stacklevel=3)
-            del expert_sources[index], model_params[index], given_models[index]
+            notes.append(f"{labels[index]} is the base model: it is the base, not an expert, as in mergekit")
+            del expert_sources[index], model_params[index], given_models[index], labels[index]
     elif base_source is not None and method.base == "joins":
         expert_sources.insert(0, base_source)  # mergekit adds a configured base to the inputs
         model_params.insert(0, {})
         given_models.insert(0, _given(raw["base_model"]))
+        labels.insert(0, "base_model")
         notes.append(f"base_model joins {method.name}'s inputs (mergekit adds it to the models)")
     elif base_source is not None and method.base == "unused":
         notes.append(f"base_model is not used by {method.name}")
 
 
-def _check_expert_sources(method, expert_sources, name: str) -> None:
-    seen: dict[ModelSource, int] = {}
-    for i, src in enumerate(expert_sources):
+def _check_expert_sources(method, expert_sources, labels, name: str) -> None:
+    seen: dict[ModelSource, str] = {}
+    for label, src in zip(labels, expert_sources):
         if src in seen:
-            warnings.warn(f"{name}: model {src.describe()} appears twice among the models (entries {seen[src]} and "
-                          f"{i}): it counts twice in the merge", stacklevel=3)
-        seen.setdefault(src, i)
+            warnings.warn(f"{name}: model {src.describe()} appears twice among the models ({seen[src]} and "
+                          f"{label}): it counts twice in the merge", stacklevel=3)
+        seen.setdefault(src, label)
     low, high = method.n_experts
     if len(expert_sources) < max(low, 1) or (high is not None and len(expert_sources) > high):
         words = {1: "one", 2: "two"}
@@ -432,11 +439,14 @@ def _check_expert_sources(method, expert_sources, name: str) -> None:
                           f"counted), got {len(expert_sources)}")
 
 
-def _split_parameters(method, global_params, model_params: list, name: str):
-    """Plain values are options; settings that vary per tensor go to the resolver; per-model
-    parameters that are not the method's per-model options are dropped with a warning (in place)."""
-    options, tensor_settings = {}, {}
+def _global_options(method, global_params, name: str):
+    """(plain options, per-tensor settings) of the global parameters; mergekit's parameters the
+    method has not (``int8_mask`` on slerp, ``density`` on swudi, ...) are dropped with one warning."""
+    options, tensor_settings, ignored = {}, {}, []
     for key, value in global_params.items():
+        if key not in method.defaults and key in mk.MERGEKIT_PARAMETERS:
+            ignored.append(key)
+            continue
         if key not in method.defaults:
             try:
                 method.resolve({key: value})
@@ -450,16 +460,44 @@ def _split_parameters(method, global_params, model_params: list, name: str):
             raise ConfigError(f"{name}: `parameters.{key}` must be one value for the whole model (it changes the "
                               f"computation itself); the options of {method.name!r} that may vary per tensor are "
                               f"{list(method.varying) or 'none'}")
+    if ignored:
+        spelled = [{v: k for k, v in OPTION_ALIASES.items()}.get(k, k) for k in ignored]
+        warnings.warn(f"{name}: `parameters` {spelled} have no effect with merge_method {method.name!r} (options "
+                      "of other mergekit methods; ignored, as mergekit ignores them)", stacklevel=4)
     _check_settings(method, tensor_settings, f"{name}: `parameters`")
-    for i, params in enumerate(model_params):
-        ignored = sorted(set(params) - set(method.per_expert))
-        if ignored:
-            warnings.warn(f"{name}: `models[{i}].parameters` {ignored} are not per-model options of "
-                          f"{method.name!r} (those are {list(method.per_expert) or 'none'}); ignored, as mergekit "
-                          "does", stacklevel=3)
-            model_params[i] = {k: v for k, v in params.items() if k in method.per_expert}
-        _check_settings(method, model_params[i], f"{name}: `models[{i}].parameters`")
     return options, tensor_settings
+
+
+def _split_parameters(method, global_params, model_params: list, labels, given_models, name: str):
+    """Plain values are options; settings that vary per tensor go to the resolver; per-model
+    parameters that are not the method's per-model options are dropped with one warning (in place)."""
+    options, tensor_settings = _global_options(method, global_params, name)
+    ignored = {}
+    for i, (label, given, params) in enumerate(zip(labels, given_models, model_params)):
+        if set(params) - set(method.per_expert):
+            ignored[label] = sorted(set(params) - set(method.per_expert))
+            model_params[i] = {k: v for k, v in params.items() if k in method.per_expert}
+        _check_settings(method, model_params[i], f"{name}: `{label}.parameters`", given)
+    if ignored:
+        which = "; ".join(f"`{label}.parameters` {keys}" for label, keys in ignored.items())
+        warnings.warn(f"{name}: {which}: not per-model options of {method.name!r} (those are "
+                      f"{list(method.per_expert) or 'none'}); no effect, as in mergekit", stacklevel=3)
+    return options, tensor_settings
+
+
+def _with_random_seed(method, global_params: dict[str, Any], random_seed: int | None, name: str) -> dict[str, Any]:
+    """The command line's ``--random-seed`` as the ``seed`` of a method that draws at random
+    (``dare_*``, ``della*``, ``dare``, ``arcee_fusion``'s quantile sample); said to have no effect otherwise."""
+    if random_seed is None:
+        return global_params
+    if "seed" not in method.defaults:
+        warnings.warn(f"--random-seed has no effect: merge_method {method.name!r} draws nothing at random",
+                      stacklevel=3)
+        return global_params
+    if global_params.get("seed", random_seed) != random_seed:
+        raise ConfigError(f"{name}: `parameters.seed` is {global_params['seed']!r} and --random-seed is "
+                          f"{random_seed}: they set the same seed; give one")
+    return {**global_params, "seed": random_seed}
 
 
 def _check_joined_weight(method, base_source, expert_sources, model_params, options, tensor_settings, name) -> None:
@@ -471,7 +509,7 @@ def _check_joined_weight(method, base_source, expert_sources, model_params, opti
                               "`weight`: list it among `models` with one, give a global weight, or drop base_model")
 
 
-def _method_settings(raw, method, options, base_dir: Path, name: str, notes: list):
+def _method_settings(raw, method, options, base_dir: tuple[Path, ...], name: str, notes: list):
     """(the resolved method, grams path, compute dtype, out dtype)."""
     scale = raw.get("scale")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale)):
@@ -498,7 +536,20 @@ def _method_settings(raw, method, options, base_dir: Path, name: str, notes: lis
     return resolved, grams, dtype, out_dtype
 
 
-def _structure_and_outputs(raw, base_dir: Path, name: str, base_source):
+def _adapter_rank(raw: Mapping[str, Any], name: str) -> int | None:
+    """``adapter_rank``: a positive integer, only with ``out_format: peft``."""
+    rank = raw.get("adapter_rank")
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"{name}: `adapter_rank` must be a positive integer or null, got {rank!r}")
+    if raw.get("out_format") != ADAPTER_FORMAT:
+        raise ConfigError(f"{name}: `adapter_rank` truncates a written LoRA adapter; it needs `out_format: "
+                          f"{ADAPTER_FORMAT}` (got out_format {raw.get('out_format', 'auto')!r})")
+    return rank
+
+
+def _structure_and_outputs(raw, base_dir: tuple[Path, ...], name: str, base_source):
     """The checks of input_axes, scan_axis, tokenizer_source and chat_template."""
     input_axes = raw.get("input_axes")
     if input_axes is not None and not isinstance(input_axes, Mapping):
@@ -521,43 +572,143 @@ def _structure_and_outputs(raw, base_dir: Path, name: str, base_source):
     return input_axes, scan_axis, tokenizer_value, tokenizer_path, chat_template
 
 
-def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | os.PathLike | None = None,
-                 overrides: Mapping[str, Any] | None = None) -> MergeConfig:
-    """Validate a config mapping (every check that needs no tensor data) into a MergeConfig.
+class _Inputs(NamedTuple):
+    """The models a config reads and how: ``sources`` (the reference first: the base, else the
+    first model), per-model parameters and the entries as written, the global options and the
+    settings that vary per tensor, and the slices (None for the ``models:`` form)."""
 
-    Args:
-      raw: the parsed YAML mapping (the project's keys or mergekit's schema).
-      base_dir: directory relative paths are resolved against.
-      source: the config file, named in error messages.
-      overrides: values that replace the file's (e.g. ``out_shard_size`` from the command line).
-    """
-    name = f"config {source}" if source else "config"
-    raw, method = _check_top_level(raw, name, overrides)
-    notes: list[str] = []
-    base_dir = Path(base_dir)
-    models, global_params, layer_range = _models_and_parameters(raw, name)
+    base: ModelSource | None
+    sources: tuple[ModelSource, ...]
+    model_params: list
+    given_models: list
+    options: dict
+    tensor_settings: dict
+    modules: tuple[sl.ModuleSlices, ...] | None = None
+    given_sources: list | None = None
+    labels: tuple[str, ...] = ()
+
+
+def _models_form(raw, method, base_dir: tuple[Path, ...], name: str, global_params, notes: list) -> _Inputs:
+    """A ``models:`` config: the base and the experts, each expert's parameters."""
+    models = _models_list(raw, name)
     if raw.get("base_model") is None and method.base == "required":
         raise ConfigError(f"{name}: `base_model` is required by merge method {method.name!r}")
     entries = [_split_entry(m, f"{name}: `models[{i}]`") for i, m in enumerate(models)]
     base_source, expert_sources = _sources(raw, entries, base_dir, name)
     model_params = [p for _, p in entries]
     given_models = [_given(m) for m, _ in entries]
-    _place_base(raw, method, name, base_source, expert_sources, model_params, given_models, notes)
-    _check_expert_sources(method, expert_sources, name)
-    options, tensor_settings = _split_parameters(method, global_params, model_params, name)
+    labels = [f"models[{i}]" for i in range(len(entries))]
+    _place_base(raw, method, base_source, expert_sources, model_params, given_models, labels, notes)
+    _check_expert_sources(method, expert_sources, labels, name)
+    options, tensor_settings = _split_parameters(method, global_params, model_params, labels, given_models, name)
     _check_joined_weight(method, base_source, expert_sources, model_params, options, tensor_settings, name)
-    resolved, grams, dtype, out_dtype = _method_settings(raw, method, options, base_dir, name, notes)
+    reference = base_source if base_source is not None else expert_sources[0]
+    return _Inputs(base_source, (reference, *expert_sources), model_params, given_models, options, tensor_settings,
+                   labels=tuple(labels))
+
+
+def _slice_settings(method, name: str):
+    """``check(parameters, where, per_model)`` for :func:`swudi_jax.checkpoint.slices.parse_modules`:
+    names that are not the method's options (per-model ones, for a source) are ignored with a
+    warning, as mergekit ignores them; a slice's or module's options must be ones that may vary
+    per tensor (mergekit would change the computation itself per slice: refused)."""
+
+    def check(params: Any, where: str, per_model: bool) -> dict[str, Any]:
+        if params is None:
+            return {}
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"{where} must be a mapping of parameter: value, got {params!r}")
+        params = _option_names(params, where)
+        known = method.per_expert if per_model else tuple(method.defaults)
+        ignored = sorted(set(params) - set(known))
+        if ignored:
+            what = "per-model options" if per_model else "options"
+            warnings.warn(f"{where} {ignored} are not {what} of {method.name!r} (those are {list(known) or 'none'}); "
+                          "ignored, as mergekit ignores them", stacklevel=5)
+            params = {k: v for k, v in params.items() if k in known}
+        for key in params:
+            if key not in method.varying:
+                raise ConfigError(f"{where}.{key}: one value for the whole model (it changes the computation itself): "
+                                  f"give it in the global `parameters`; the options of {method.name!r} that may vary "
+                                  f"per slice are {list(method.varying) or 'none'}")
+        _check_settings(method, params, where)
+        return params
+
+    return check
+
+
+def _sliced_form(raw, method, base_dir: tuple[Path, ...], name: str, global_params, notes: list) -> _Inputs:
+    """A ``slices:`` or ``modules:`` config (:mod:`swudi_jax.checkpoint.slices`): every model the
+    slices read, the reference first (the base, else the first slice's first source)."""
+    if raw.get("models") is not None:
+        raise ConfigError(f"{name}: give one of `models`, `slices` or `modules` (mergekit's rule)")
+    if method.kind == "data":
+        raise ConfigError(f"{name}: {method.name!r} reads input Grams keyed by the models' tensor names; slices "
+                          "rename layers, so it does not take `slices`")
+    allow_download = raw.get("allow_download", False)
+    sources: list[ModelSource] = []
+    given: list[Any] = []
+
+    def index_of(entry: Any, where: str) -> int:
+        try:
+            src = parse_model(entry, base_dir, where, allow_download=allow_download, base=base_source)
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
+        if src not in sources:
+            sources.append(src)
+            given.append(_given(entry))
+        return sources.index(src)
+
+    base_source = None
+    if raw.get("base_model") is not None:
+        base_source = sources[index_of(raw["base_model"], f"{name}: `base_model`")]
+    try:
+        modules = sl.parse_modules(raw, method, index_of, 0 if base_source is not None else None,
+                                   _slice_settings(method, name), name)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    options, tensor_settings = _split_parameters(method, global_params, [], [], [], name)
+    notes.extend(sl.describe_modules(modules, given))
+    return _Inputs(base_source, tuple(sources), [{}] * (len(sources) - 1), given[1:], options, tensor_settings,
+                   modules, given)
+
+
+def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | os.PathLike | None = None,
+                 overrides: Mapping[str, Any] | None = None, config_dir: str | os.PathLike | None = None,
+                 random_seed: int | None = None) -> MergeConfig:
+    """Validate a config mapping (every check that needs no tensor data) into a MergeConfig.
+
+    Args:
+      raw: the parsed YAML mapping (the project's keys or mergekit's schema).
+      base_dir: directory relative paths are resolved against (the working directory, as mergekit).
+      config_dir: the config file's folder: a relative path that does not exist under ``base_dir``
+        but does here is read from here (configs written beside their models); None: none.
+      source: the config file, named in error messages.
+      overrides: values that replace the file's (e.g. ``out_shard_size`` from the command line).
+      random_seed: the command line's ``--random-seed``: the ``seed`` option of a method that has one.
+    """
+    name = f"config {source}" if source else "config"
+    raw, method = _check_top_level(raw, name, overrides)
+    notes: list[str] = []
+    base_dir = (Path(base_dir),) if config_dir is None else (Path(base_dir), Path(config_dir))
+    form = _sliced_form if raw.get("slices") is not None or raw.get("modules") is not None else _models_form
+    global_params = _with_random_seed(method, _global_parameters(raw, name), random_seed, name)
+    inputs = form(raw, method, base_dir, name, global_params, notes)
+    base_source = inputs.base
+    resolved, grams, dtype, out_dtype = _method_settings(raw, method, inputs.options, base_dir, name, notes)
     input_axes, scan_axis, tokenizer_value, tokenizer_path, chat_template = _structure_and_outputs(
         raw, base_dir, name, base_source)
-    shard = parse_shard_size(raw.get("out_shard_size", DEFAULT_SHARD_SIZE), f"{name}: `out_shard_size`")
-    reference = base_source if base_source is not None else expert_sources[0]
-    given = {"base_model": _given(raw["base_model"]) if base_source is not None else None, "models": given_models,
+    shard = parse_size(raw.get("out_shard_size", DEFAULT_SHARD_SIZE), f"{name}: `out_shard_size`")
+    given = {"base_model": _given(raw["base_model"]) if base_source is not None else None,
+             "models": inputs.given_models, **({} if inputs.given_sources is None else {"sources": inputs.given_sources}),
              **({} if grams is None else {"grams": _given(raw["grams"])}),
              **({} if tokenizer_path is None else {"tokenizer_source": _given(tokenizer_value)})}
-    sources = (reference, *expert_sources)
+    sources, reference, model_params, tensor_settings = inputs.sources, inputs.sources[0], inputs.model_params, inputs.tensor_settings
     config = MergeConfig(
         base_model=reference.path,
-        models=tuple(s.main for s in expert_sources),
+        models=tuple(s.main for s in sources[1:]),
         merge_method=method.name,
         parameters=dict(resolved.options),
         scale=None if raw.get("scale") is None else resolved.scale,
@@ -573,19 +724,20 @@ def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str | o
         dtype=dtype,
         out_dtype=None if out_dtype is None else _choice(out_dtype, OUT_DTYPES, f"{name}: `out_dtype`"),
         format=_choice(raw.get("format", "auto"), ("auto", *FORMATS), f"{name}: `format`"),
-        out_format=_choice(raw.get("out_format", "auto"), ("auto", *FORMATS), f"{name}: `out_format`"),
-        out_shard_size=shard.value,
+        out_format=_choice(raw.get("out_format", "auto"), ("auto", *FORMATS, ADAPTER_FORMAT), f"{name}: `out_format`"),
+        adapter_rank=_adapter_rank(raw, name),
+        out_shard_size=shard,
         grams=grams,
         source=None if source is None else Path(source),
         allow_download=raw.get("allow_download", False),
         sources=sources,
         has_base=base_source is not None,
         model_parameters=tuple(model_params),
+        model_labels=inputs.labels,
         tensor_parameters=tensor_settings,
-        layer_range=layer_range,
+        modules=inputs.modules,
         tokenizer_source=tokenizer_path,
         chat_template=chat_template,
-        out_shard_unit=shard.unit,
         notes=tuple(notes),
         given=given,
         method=resolved,
@@ -607,11 +759,15 @@ def tensor_resolver(config: MergeConfig, paths, layers):
                                config.tensor_parameters, list(paths), layers, config.parameters)
 
 
-def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> MergeConfig:
-    """Read and validate a YAML merge config; relative paths are taken from its directory."""
+def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,
+                random_seed: int | None = None) -> MergeConfig:
+    """Read and validate a YAML merge config. Relative paths are taken from the working
+    directory, as mergekit takes them, or, when they exist only there, from the config's folder.
+    ``random_seed``: the command line's ``--random-seed`` (see :func:`parse_config`)."""
     path = Path(path)
     try:
-        raw = load_yaml(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = load_yaml(text)
     except OSError as exc:
         raise ConfigError(f"config {path}: cannot read ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
@@ -619,9 +775,27 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
                           f"{exc.start}); is it a YAML file?") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path}: invalid YAML ({exc})".replace("\n", " ")) from None
-    return parse_config(raw, base_dir=path.parent, source=path, overrides=overrides)
+    config = parse_config(raw, base_dir=Path.cwd(), config_dir=path.parent, source=path, overrides=overrides,
+                          random_seed=random_seed)
+    return replace(config, source_text=text)
 
 
 def numpy_dtype(name: str) -> np.dtype:
     """The NumPy dtype for a config dtype name (bfloat16 via ml_dtypes)."""
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+__all__ = [
+    "COMPUTE_DTYPES",
+    "DEFAULT_SHARD_SIZE",
+    "LAYOUTS",
+    "OPTION_ALIASES",
+    "OUT_DTYPES",
+    "ConfigError",
+    "MergeConfig",
+    "load_config",
+    "numpy_dtype",
+    "parse_config",
+    "parse_size",
+    "tensor_resolver",
+]

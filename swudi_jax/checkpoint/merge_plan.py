@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from swudi_jax.checkpoint.config import MergeConfig
+from swudi_jax.checkpoint.slices import SlicePlan
 from swudi_jax.model.layout import LeafPlan, describe_groups
 
 
@@ -25,6 +26,13 @@ class MergePlan:
     groups: tuple[tuple[LeafPlan, ...], ...]
     out_dtypes: Mapping[str, np.dtype]
     guesses: tuple[str, ...] = ()
+    sliced: SlicePlan | None = None  # with `slices:`, every output tensor's recipe
+
+    def has_base(self, group: int) -> bool:
+        """Whether group ``group`` is merged with a base (with slices: its slice's)."""
+        if self.sliced is None:
+            return self.config.has_base
+        return self.sliced.has_base(self.groups[group][0].path)
 
     def describe(self) -> str:
         """A table: each tensor, its shape and dtype, its kind, what merges it, and its group."""
@@ -34,7 +42,8 @@ class MergePlan:
         summary = (f"{len(self.plans)} tensors in {len(self.groups)} groups "
                    f"({', '.join(f'{v} {k}' for k, v in counts.items())}); method {method}, layout {self.layout}, "
                    f"{self.in_format} -> {self.out_format}, largest group {self.largest_group_bytes():,} bytes "
-                   f"x {len(self.config.models) + 1} models")
+                   f"x {len(self.config.models) + 1} models"
+                   + (f"; {len(self.sliced.layers)} output layers" if self.sliced is not None else ""))
         notes = [f"note: {n}" for n in self.config.notes] + [f"guess: {g}" for g in self.guesses]
         return "\n".join(lines + ["", summary] + notes)
 

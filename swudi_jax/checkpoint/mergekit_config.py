@@ -20,11 +20,8 @@ What a mergekit YAML says beyond one value per option, read as mergekit 0.1.5 re
   ``layer.7``) and L is the number of distinct indices; a scanned (stacked) leaf gives each
   layer its index in the stack.
 
-Slices: a ``slices:`` list with one slice whose sources all take the same, whole layer range
-is the ``models:`` form (each source's ``parameters`` are that model's, the slice's are
-global over the file's). Anything else — several slices, different ranges — builds a model
-of other layers (frankenmerges, layer stacking, mergekit's ``passthrough`` use): refused,
-since a merge here combines tensors of identical shapes path by path.
+``slices:`` and ``modules:`` (which source layers make each output layer, per-slice
+parameters and layer fractions) are read in :mod:`swudi_jax.checkpoint.slices`.
 """
 
 from __future__ import annotations
@@ -40,12 +37,17 @@ from typing import Any
 import numpy as np
 
 from swudi_jax.checkpoint.io.side_files import copy_side_files, plan_side_files
+from swudi_jax.methods.mergekit import MERGEKIT_METHODS
 
 LAYER_RE = re.compile(r"(?:^|[./])(?:layers|layer|h|blocks|block)[./](\d+)(?=[./]|$)")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
                    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
 SCALAR_TYPES = (bool, int, float, str)
+MERGEKIT_PARAMETERS = frozenset(name for spec in MERGEKIT_METHODS for name in spec.defaults)
+"""The parameter names of mergekit's methods (``lambda`` as ``lam``): a config may carry those its
+method has not (mergekit reads the ones its method declares and ignores the rest; its schema
+likewise ignores top-level keys it does not know)."""
 
 
 class SettingError(ValueError):
@@ -167,55 +169,6 @@ class TensorParameters:
         return out
 
 
-# ----------------------------------------------------------------------------- slices
-
-
-def slices_as_models(slices: Any, where: str) -> tuple[list[dict[str, Any]], dict[str, Any], tuple[int, int]]:
-    """A ``slices:`` list that is the ``models:`` form: (model entries, slice parameters, layer range).
-
-    Raises:
-      ValueError naming the key, for anything that selects or stacks layers.
-    """
-    refuse = ("slices that select, repeat or stack layers (frankenmerges, mergekit's passthrough layer stacking) "
-              "are not supported: swudi-merge combines tensors of identical shapes path by path. Only one slice "
-              "whose sources all take the same, whole layer range is accepted (it is the `models:` form)")
-    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], Mapping):
-        raise ValueError(f"{where}: {refuse}; got {len(slices) if isinstance(slices, list) else slices!r} slice(s)")
-    piece = slices[0]
-    extra = sorted(set(piece) - {"sources", "parameters"})
-    if extra:
-        raise ValueError(f"{where}[0]: unknown key(s) {extra}; a slice has `sources` and `parameters`")
-    sources = piece.get("sources")
-    if not isinstance(sources, list) or not sources:
-        raise ValueError(f"{where}[0].sources must be a list of {{model, layer_range}}")
-    ranges = set()
-    models = []
-    for i, source in enumerate(sources):
-        if not isinstance(source, Mapping) or "model" not in source:
-            raise ValueError(f"{where}[0].sources[{i}] must be a mapping with `model`, got {source!r}")
-        bad = sorted(set(source) - {"model", "layer_range", "parameters"})
-        if bad:
-            raise ValueError(f"{where}[0].sources[{i}]: unsupported key(s) {bad}")
-        layer_range = source.get("layer_range")
-        if not (isinstance(layer_range, list) and len(layer_range) == 2 and all(isinstance(v, int) for v in layer_range)):
-            raise ValueError(f"{where}[0].sources[{i}].layer_range must be [start, end], got {layer_range!r}")
-        ranges.add(tuple(layer_range))
-        models.append({k: v for k, v in source.items() if k != "layer_range"})
-    if len(ranges) != 1:
-        raise ValueError(f"{where}: {refuse}; the sources take the layer ranges {sorted(ranges)}")
-    return models, dict(piece.get("parameters") or {}), ranges.pop()
-
-
-def check_layer_range(layer_range: tuple[int, int] | None, paths: Sequence[str], where: str) -> None:
-    """The slice's layer range must be every layer of the models."""
-    if layer_range is None:
-        return
-    count = len({i for i in (layer_index(p) for p in paths) if i is not None})
-    if tuple(layer_range) != (0, count):
-        raise ValueError(f"{where}: layer_range {list(layer_range)} is not the models' whole range [0, {count}]: "
-                         "selecting layers builds another architecture, which is not supported here")
-
-
 # ----------------------------------------------------------------------------- tokenizer, chat template
 
 
@@ -300,9 +253,9 @@ def set_torch_dtype(out: Path, dtype: str) -> bool:
 
 
 __all__ = [
+    "MERGEKIT_PARAMETERS",
     "SettingError",
     "TensorParameters",
-    "check_layer_range",
     "check_setting",
     "copy_tokenizer",
     "evaluate_setting",
@@ -311,7 +264,6 @@ __all__ = [
     "layer_index",
     "resolve_chat_template",
     "set_torch_dtype",
-    "slices_as_models",
     "tokenizer_files",
     "write_chat_template",
 ]

@@ -79,3 +79,9 @@ def _refuse(key: str, value, method: str) -> None:
         f"{bad.size}, first at index {first}, in {value.dtype}; the inputs were checked finite, so the "
         "merge overflowed (task vectors too large for the compute dtype? try dtype: float64, a smaller "
         "scale, or another method); nothing was written")
+
+
+__all__ = [
+    "NonFiniteOutput",
+    "checked_outputs",
+]

@@ -1,5 +1,6 @@
 """The files a merge writes beside the weights (mergekit's output side effects): the base's side
-files, the tokenizer (``tokenizer_source``) and chat template, config.json's ``torch_dtype``, the
+files, the tokenizer (``tokenizer_source``) and chat template, config.json's ``torch_dtype`` (and,
+with slices, its layer count), the
 config as the user wrote it and the model card with its Hub front matter."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from swudi_jax.checkpoint import mergekit_config as mk
+from swudi_jax.checkpoint import slices as sl
 from swudi_jax.checkpoint.config import MergeConfig
 from swudi_jax.checkpoint.io.reader import naming_file
 from swudi_jax.checkpoint.io.side_files import copy_side_files
@@ -17,10 +19,14 @@ from swudi_jax.checkpoint.merge_plan import MergePlan
 
 PAPER = "https://arxiv.org/abs/2606.07289"
 CONFIG_NAME = "merge_config.yaml"
+MERGEKIT_CONFIG_NAME = "mergekit_config.yml"
+"""mergekit's name for the config beside a merge (the config file's text, as mergekit writes it)."""
 
 
 def _library_name(side_files: Sequence[str], out_format: str) -> str:
-    """The Hub's ``library_name``: what loads the folder (sentence-transformers, transformers, else swudi_jax)."""
+    """The Hub's ``library_name``: what loads the folder (peft, sentence-transformers, transformers, else swudi_jax)."""
+    if out_format == "peft":
+        return "peft"
     if "modules.json" in side_files or "config_sentence_transformers.json" in side_files:
         return "sentence-transformers"
     if out_format == "safetensors" and "config.json" in side_files:
@@ -58,7 +64,12 @@ def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) ->
     given = c.to_dict(as_given=True)
     method = c.method.spec
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in given["parameters"].items()) or "| (none) | |"
-    experts = "\n".join(f"  - `{p}`" for p in given["models"])
+    if c.modules is None:
+        label, listed = f"Experts ({len(c.models)})", given["models"]
+    else:  # every model the slices read (see the notes for which layers)
+        listed = (c.given or {}).get("sources") or [s.spec() for s in c.sources]
+        label = f"Models read by the slices ({len(listed)})"
+    experts = "\n".join(f"  - `{p}`" for p in listed)
     counts = {k: sum(p.kind == k for p in plan.plans) for k in ("linear", "mean", "keep", "passthrough")}
     notes = "".join(f"\n- {n}" for n in c.notes)
     notes += "".join(f"\n- per-tensor `{k}`: `{v}`" for k, v in c.tensor_parameters.items())
@@ -71,7 +82,8 @@ def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) ->
     base = f"`{(c.given or {}).get('base_model') or c.base_model}`" if c.has_base else \
         "none (the tensor layout and side files come from the first model)"
     front = yaml.safe_dump({"base_model": given["base_model"], "library_name": _library_name(side_files, plan.out_format),
-                            "tags": ["merge", "swudi_jax", c.merge_method]}, sort_keys=False, default_flow_style=None)
+                            "tags": ["mergekit", "merge", "swudi_jax", c.merge_method]}, sort_keys=False,
+                           default_flow_style=None)
     return f"""---
 {front}---
 # Merged model ({c.merge_method})
@@ -79,7 +91,7 @@ def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) ->
 Made with swudi_jax `swudi-merge`: {formula}
 
 - **Base model:** {base}
-- **Experts ({len(c.models)}):**
+- **{label}:**
 {experts}
 - **Method:** `{c.merge_method}` ({method.kind}); source: {method.source}
 - **Layout:** {plan.layout}; **tensors:** {counts['linear']} merged by the method as linear maps, {counts['mean']} by the
@@ -91,22 +103,38 @@ Made with swudi_jax `swudi-merge`: {formula}
 {params}
 {notes}
 The full resolved config is in `{CONFIG_NAME}`, checkpoint paths as the original config wrote them (relative
-ones are relative to that config's folder: re-run from there with `swudi-merge {CONFIG_NAME} OUT`).
+ones are relative to the folder the merge ran in: re-run from there with `swudi-merge {CONFIG_NAME} OUT`).
 
 SWUDI paper: arXiv 2606.07289, {PAPER}.
 """
 
 
-def write_beside(plan: MergePlan, tmp: Path, copy_tokenizer: bool, side_files: Sequence[str], scale: float) -> None:
+def write_beside(plan: MergePlan, tmp: Path, copy_tokenizer: bool, side_files: Sequence[str], scale: float,
+                 write_model_card: bool = True) -> None:
     """The files beside the weights: the base's side files, the tokenizer and chat template, the
-    config as written and the model card."""
+    config as written and, unless ``write_model_card`` is off (mergekit's flag), the model card and
+    ``mergekit_config.yml``."""
     config = plan.config
     copied = copy_side_files(config.base_model, tmp, side_files)
     copied = _finish_side_files(config, tmp, copy_tokenizer, copied)
+    if plan.sliced is not None:
+        sl.write_layer_count(tmp / "config.json", plan.sliced)
+    files = {CONFIG_NAME: config.to_yaml(as_given=True)}
+    if write_model_card:
+        files[MERGEKIT_CONFIG_NAME] = config.source_text or files[CONFIG_NAME]
+        files["README.md"] = model_card(plan, scale, copied)
+    for name, text in files.items():
+        with naming_file(tmp / name):
+            (tmp / name).write_text(text, encoding="utf-8")
+
+
+def write_adapter_beside(plan: MergePlan, tmp: Path, scale: float) -> None:
+    """The files beside a written adapter: the config as written and the model card (no base
+    side files: an adapter folder holding a config.json would read as a whole model)."""
     with naming_file(tmp / CONFIG_NAME):
-        (tmp / CONFIG_NAME).write_text(config.to_yaml(as_given=True))
+        (tmp / CONFIG_NAME).write_text(plan.config.to_yaml(as_given=True))
     with naming_file(tmp / "README.md"):
-        (tmp / "README.md").write_text(model_card(plan, scale, copied))
+        (tmp / "README.md").write_text(model_card(plan, scale))
 
 
-__all__ = ["CONFIG_NAME", "PAPER", "model_card", "write_beside"]
+__all__ = ["CONFIG_NAME", "MERGEKIT_CONFIG_NAME", "PAPER", "model_card", "write_adapter_beside", "write_beside"]

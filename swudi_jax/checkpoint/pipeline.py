@@ -23,6 +23,9 @@ The steps, each finished before the next begins:
    the config (checkpoint paths as written in it) and a model card are added, and the
    directory is moved to OUT if OUT is still what the run saw at the start.
 
+With ``distributed=True`` the same steps run in every process of JAX's distributed runtime, each
+on its share of the groups, and process 0 takes step 5 (:mod:`swudi_jax.checkpoint.distributed`).
+
 Every file read from a model folder resolves inside it (:mod:`swudi_jax.checkpoint.io.confine`). Any
 failure or interrupt before the move removes the temporary directory: OUT is either absent
 (or, with ``force``, its previous content) or complete. Inputs are only read.
@@ -31,6 +34,7 @@ failure or interrupt before the move removes the temporary directory: OUT is eit
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import warnings
@@ -42,15 +46,19 @@ import jax
 import numpy as np
 
 from swudi_jax.checkpoint import io as ckio
-from swudi_jax.checkpoint import mergekit_config as mk
-from swudi_jax.checkpoint.config import MergeConfig, load_config, numpy_dtype, tensor_resolver
-from swudi_jax.checkpoint.io.output import OutputSlot, check_output_target
+from swudi_jax.checkpoint import slices as sl
+from swudi_jax.checkpoint.adapter_output import check_adapter_output, merge_to_adapter
+from swudi_jax.checkpoint.config import ADAPTER_FORMAT, MergeConfig, load_config, numpy_dtype, tensor_resolver
+from swudi_jax.checkpoint.distributed import Team
+from swudi_jax.checkpoint.global_groups import merge_global_groups
+from swudi_jax.checkpoint.io.output import check_output_target
 from swudi_jax.checkpoint.io.reader import naming_file
 from swudi_jax.checkpoint.io.side_files import plan_side_files
 from swudi_jax.checkpoint.io.sources import ModelSource
+from swudi_jax.checkpoint.lora_factors import FactorMerge, plan_factor_merge
 from swudi_jax.checkpoint.merge_plan import MergePlan
 from swudi_jax.checkpoint.output_checks import checked_outputs
-from swudi_jax.checkpoint.output_files import CONFIG_NAME, write_beside
+from swudi_jax.checkpoint.output_files import CONFIG_NAME, write_adapter_beside, write_beside
 from swudi_jax.checkpoint.report_files import write_report
 from swudi_jax.checkpoint.stream import run_overlapped, run_sequential
 from swudi_jax.maths.linalg import is_floating
@@ -65,11 +73,17 @@ from swudi_jax.model.report import ReportCollector
 
 def _open(path, fmt: str, who: str) -> ckio.CheckpointReader:
     """A reader over a path or a resolved :class:`~swudi_jax.checkpoint.io.sources.ModelSource` (Hub snapshot,
-    PEFT adapter over its base, orbax step/item)."""
+    PEFT adapter over its base, orbax step/item); a checkpoint holding no tensor is refused (a wrong
+    folder: there is nothing to merge)."""
     try:
-        return path.open(fmt) if isinstance(path, ModelSource) else ckio.open_checkpoint(path, fmt)
+        reader = path.open(fmt) if isinstance(path, ModelSource) else ckio.open_checkpoint(path, fmt)
     except ckio.CheckpointError as exc:
         raise ckio.CheckpointError(f"{who}: {exc}") from None
+    if not reader.keys():
+        reader.close()
+        raise ckio.CheckpointError(f"{who}: {reader.path} holds no tensors ({reader.format} checkpoint with an empty "
+                                   "tensor list): nothing to merge; is it the model's folder?")
+    return reader
 
 
 def _signature(reader: ckio.CheckpointReader) -> dict[str, tuple]:
@@ -151,9 +165,11 @@ def _opened(config: MergeConfig) -> Iterator[tuple[ckio.CheckpointReader, list[c
     readers: list[ckio.CheckpointReader] = []
     try:
         sources = config.sources or (config.base_model, *config.models)
-        readers.append(_open(sources[0], config.format, "base_model"))
-        for i, path in enumerate(sources[1:]):
-            readers.append(_open(path, config.format, f"models[{i}]"))
+        labels = config.model_labels or [f"models[{i}]" for i in range(len(sources) - 1)]
+        first = "base_model" if config.has_base else next(iter(labels), "models[0]")
+        readers.append(_open(sources[0], config.format, first))
+        for label, path in zip(labels, sources[1:]):
+            readers.append(_open(path, config.format, label))
         grams = None
         if config.grams is not None:
             grams = _open(config.grams, "auto", "grams")
@@ -164,25 +180,56 @@ def _opened(config: MergeConfig) -> Iterator[tuple[ckio.CheckpointReader, list[c
             reader.close()
 
 
+def _sliced(config: MergeConfig, readers: Sequence[ckio.CheckpointReader]) -> sl.SlicePlan:
+    """The recipe of every output tensor of a ``slices:`` config (headers only)."""
+    names = [s.describe() for s in config.sources]
+    plan = sl.plan_tensors(config.modules, config.method.spec, [_signature(r) for r in readers], names,
+                           f"config {config.source}")
+    if config.method.spec.preparation(config.method.options) is not None and len(plan.input_sets()) > 1:
+        raise ValueError(f"config {config.source}: {config.merge_method!r} runs a whole-model pass over one set of "
+                         "models; these slices merge different sets of models")
+    return plan
+
+
+def _groups(plans: Sequence[LeafPlan], sliced: sl.SlicePlan | None, max_group_bytes, copies: int,
+            elementwise: bool) -> list[list[LeafPlan]]:
+    """The compile groups; with slices, the tensors merged from one set of models group together."""
+    if sliced is None:
+        return compile_groups(plans, max_group_bytes, copies=copies, elementwise=elementwise)
+    parts: dict[tuple, list[LeafPlan]] = {}
+    for p in plans:
+        parts.setdefault(sliced.recipes[p.path].input_set, []).append(p)
+    return [g for part in parts.values() for g in compile_groups(part, max_group_bytes, copies=copies,
+                                                                  elementwise=elementwise)]
+
+
 def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequence[ckio.CheckpointReader],
                grams: ckio.CheckpointReader | None = None, *, max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES) -> MergePlan:
-    """Check the checkpoints against each other and decide every tensor's fate (no tensor data is read)."""
-    _check_same_tensors(base, experts)
+    """Check the checkpoints against each other and decide every tensor's fate (no tensor data is read).
+    With ``slices``, ``base`` and ``experts`` are the readers of ``config.sources``."""
+    sliced = None
+    if config.modules is None:
+        _check_same_tensors(base, experts)
+        signature = _signature(base)
+    else:
+        sliced = _sliced(config, [base, *experts])
+        signature = sliced.signature([_signature(r) for r in (base, *experts)])
     # layout "auto": from the leaf names (kernel: Flax, weight: torch), else from the format
-    rules = config.leaf_rules().for_paths(base.keys(), fallback="torch" if base.format == "safetensors" else "flax")
+    rules = config.leaf_rules().for_paths(list(signature), fallback="torch" if base.format == "safetensors" else "flax")
     out_format = base.format if config.out_format == "auto" else config.out_format
-    plans, guesses = rules.plan_with_guesses(_signature(base))
-    mk.check_layer_range(config.layer_range, base.keys(), f"config {config.source}: `slices`")
+    plans, guesses = rules.plan_with_guesses(signature)
     if config.method.spec.kind == "data":
         _check_grams(plans, grams, len(config.models), required=True)
+    if out_format == ADAPTER_FORMAT:
+        check_adapter_output(config, experts)
     elementwise = config.method.spec.kind == "elementwise"
-    groups = compile_groups(plans, max_group_bytes, copies=len(experts) + 2, elementwise=elementwise)
+    groups = _groups(plans, sliced, max_group_bytes, len(experts) + 2, elementwise)
     out_dtypes = {}
     for p in plans:
         floating = p.kind != "passthrough"
         out_dtypes[p.path] = numpy_dtype(config.out_dtype) if (config.out_dtype and floating) else np.dtype(p.dtype)
     return MergePlan(config, rules.layout, base.format, out_format, tuple(plans), tuple(tuple(g) for g in groups),
-                     out_dtypes, guesses)
+                     out_dtypes, guesses, sliced)
 
 
 def plan_checkpoints(config: MergeConfig | str | os.PathLike, *,
@@ -200,16 +247,27 @@ def _compute(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]
     return {k: a.astype(target, copy=False) if is_floating(a.dtype) else a for k, a in arrays.items()}
 
 
-def _model_chunks(plan: MergePlan, base, experts, progress: bool):
+def _read_inputs(plan: MergePlan, readers: Sequence[ckio.CheckpointReader], keys: Sequence[str],
+                 expert_keys: Sequence[str] | None = None):
+    """(base arrays, expert arrays) of output tensors ``keys`` (one group), each {key: array};
+    with slices, read from each recipe's sources (:meth:`~swudi_jax.checkpoint.slices.SlicePlan.read`).
+    ``expert_keys``: the experts' tensors to read, when not all of ``keys`` (the rest merge from
+    LoRA factors, never with slices)."""
+    if plan.sliced is not None:
+        return plan.sliced.read(keys, readers, _read_group)
+    expert_keys = keys if expert_keys is None else expert_keys
+    return _read_group(readers[0], keys), [_read_group(e, expert_keys) for e in readers[1:]]
+
+
+def _model_chunks(plan: MergePlan, readers, progress: bool, groups: Sequence[int] | None = None):
     """``chunks(leaves)``: the selected tensors' task-vector stacks in float32, read group by
-    group from disk (``leaves``: see :data:`~swudi_jax.methods.spec.CHUNK_LEAVES`)."""
+    group from disk (``leaves``: see :data:`~swudi_jax.methods.spec.CHUNK_LEAVES`), from
+    ``groups`` only when given (this process's share of a distributed merge)."""
 
     def chunks(leaves: str = "merged"):
-        selected = [chunk_plans(g, leaves) for g in plan.groups]
+        selected = [chunk_plans(plan.groups[g], leaves) for g in (range(len(plan.groups)) if groups is None else groups)]
         for group in _progress([g for g in selected if g], progress, "whole-model pass"):
-            keys = [p.path for p in group]
-            base_arrays = _read_group(base, keys)
-            expert_arrays = [_read_group(e, keys) for e in experts]
+            base_arrays, expert_arrays = _read_inputs(plan, readers, [p.path for p in group])
             for leaf in group:
                 b = base_arrays[leaf.path].astype(np.float32)
                 yield chunk_stack(leaf, np.stack([e[leaf.path].astype(np.float32) - b for e in expert_arrays]), leaves)
@@ -225,16 +283,19 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="group", file=sys.stderr, leave=False)
 
 
-def _group_reader(plan: MergePlan, base, experts, grams, work: str, same_as_base: list[bool]):
+def _group_reader(plan: MergePlan, readers, grams, work: str, same_as_base: list[bool], factors: FactorMerge):
     """``read(g)`` for the prefetch thread: group g's inputs read, checked finite on the host and
-    cast to the compute dtype (and its Grams); notes in ``same_as_base`` which experts still equal the base."""
+    cast to the compute dtype (and its Grams); the experts' tensors that merge from LoRA factors
+    (``factors``) are not read. Notes in ``same_as_base`` which experts still equal the base."""
 
     def read(g):
         keys = [p.path for p in plan.groups[g]]
-        base_arrays = _compute(_read_group(base, keys), work)
-        expert_arrays = [_compute(_read_group(e, keys), work) for e in experts]
-        for i, arrays in enumerate(expert_arrays):
-            same_as_base[i] = same_as_base[i] and all(np.array_equal(arrays[k], base_arrays[k]) for k in keys)
+        dense = [k for k in keys if k not in factors.paths]
+        base_arrays, expert_arrays = _read_inputs(plan, readers, keys, dense)
+        base_arrays, expert_arrays = _compute(base_arrays, work), [_compute(e, work) for e in expert_arrays]
+        for i, arrays in enumerate(expert_arrays if plan.sliced is None else ()):
+            same_as_base[i] = same_as_base[i] and factors.unchanged(i, keys) and all(
+                np.array_equal(arrays[k], base_arrays[k]) for k in dense)
         group_grams = None
         if grams is not None and plan.groups[g][0].kind == "linear":
             group_grams = _read_group(grams, keys)
@@ -243,12 +304,40 @@ def _group_reader(plan: MergePlan, base, experts, grams, work: str, same_as_base
     return read
 
 
-def _shard_bytes(plan: MergePlan) -> int:
-    """The output shard size in bytes (mergekit's "parameters" count times the widest out dtype)."""
-    size = plan.config.out_shard_size
-    if plan.config.out_shard_unit == "parameters":
-        size *= max((np.dtype(d).itemsize for d in plan.out_dtypes.values()), default=4)
-    return size
+def _group_stages(plan: MergePlan, resolved, resolver, work: str, multi_device, factors: FactorMerge, writer,
+                  target: Path, reporting: "_Reporting"):
+    """The merge loop's ``compute(g, arrays)`` (the caller's thread: group g's tensors merged in one
+    compiled call, those in ``factors.paths`` from their LoRA factors, results checked finite; the
+    dense linear ones shown to the report, if any) and ``write(g, merged)`` (the write-behind
+    thread, in group order)."""
+    config = plan.config
+    sizes = padded_sizes(plan.groups, resolved.spec.kind == "elementwise")
+
+    def compute(g, arrays):
+        group = list(plan.groups[g])
+        dense = [p for p in group if p.path not in factors.paths]
+        merged = merge_group(dense, arrays[0], arrays[1], resolved, arrays[2], multi_device, resolver, work,
+                             plan.has_base(g), pad_to=sizes[g], host_output=True,
+                             report=reporting.collector_for(plan, g, [p.path for p in group if p.path in factors.paths]))
+        merged.update(factors.merge([p for p in group if p.path in factors.paths], arrays[0]))
+        return checked_outputs(merged, {p.path: plan.out_dtypes[p.path] for p in group}, config.merge_method)
+
+    def write(g, merged):
+        with naming_file(target):
+            for key in (p.path for p in plan.groups[g]):
+                writer.write(key, merged[key])
+
+    return compute, write
+
+
+def _dense_reader(plan: MergePlan, readers, work: str):
+    """``read(keys)``: the base's and the experts' arrays, checked finite, in the compute dtype."""
+
+    def read(keys):
+        base_arrays, expert_arrays = _read_inputs(plan, readers, keys)
+        return _compute(base_arrays, work), [_compute(e, work) for e in expert_arrays]
+
+    return read
 
 
 @contextlib.contextmanager
@@ -263,18 +352,48 @@ def _closing(writer, target: Path) -> Iterator[None]:
         writer.close()
 
 
-def _warn_zero_task_vectors(config: MergeConfig, same_as_base: Sequence[bool]) -> None:
+def _resolver(plan: MergePlan):
+    """The per-tensor option values: mergekit's per-model and per-tensor settings, or with slices
+    the slice's (:class:`~swudi_jax.checkpoint.slices.SliceParameters`)."""
+    config = plan.config
+    if plan.sliced is not None:
+        return sl.SliceParameters(config.method.spec, config.modules, plan.sliced, config.tensor_parameters,
+                                  config.parameters)
+    return tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
+
+
+def _publish(plan: MergePlan, slot, copy_tokenizer: bool, side_files: Sequence[str], scale: float,
+             write_model_card: bool) -> None:
+    """The files beside the weights, then the move to OUT (process 0's, once every process has written)."""
+    write_beside(plan, slot.tmp, copy_tokenizer, side_files, scale, write_model_card)
+    slot.publish()
+
+
+def _publish_adapter(plan: MergePlan, slot, experts, base, resolved, resolver, work: str, progress: bool) -> None:
+    """``out_format: peft``: the merge from the adapters' factors written as one PEFT adapter, then
+    the move to OUT (one process)."""
+    merge_to_adapter(plan, experts, _dense_reader(plan, [base, *experts], work), resolved, resolver, work,
+                     slot.tmp, progress=lambda items: _progress(items, progress, "merging"))
+    write_adapter_beside(plan, slot.tmp, resolved.scale)
+    slot.publish()
+
+
+def _warn_zero_task_vectors(config: MergeConfig, same_as_base: Sequence[bool], lead: bool = True) -> None:
+    if not lead:
+        return
+    given = (config.given or {}).get("models") or config.models
     for i, same in enumerate(same_as_base):
         if same:
-            warnings.warn(f"models[{i}] ({config.models[i]}) equals the base model in every tensor: its task "
-                          "vector is zero", stacklevel=3)
+            label = config.model_labels[i] if config.model_labels else f"models[{i}]"
+            warnings.warn(f"{label} ({given[i]}) equals the base model in every tensor: its task vector is zero",
+                          stacklevel=3)
 
 
 def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                       dry_run: bool = False, progress: bool = True,
                       max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES, copy_tokenizer: bool = True,
-                      overlap: bool = True, timings: dict | None = None, report: bool = False,
-                      score: str | os.PathLike | None = None) -> Path:
+                      overlap: bool = True, timings: dict | None = None, write_model_card: bool = True,
+                      distributed: bool = False, report: bool = False, score: str | os.PathLike | None = None) -> Path:
     """Merge the checkpoints a config names into ``out``, streaming one tensor group at a time.
 
     Args:
@@ -291,8 +410,13 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
       overlap: read the next group and write the previous one while this one merges
         (:mod:`swudi_jax.checkpoint.stream`; same results as ``overlap=False``, at most 2 groups held).
       timings: if a dict, filled with the merge loop's busy seconds per stage and its wall time.
+      write_model_card: README.md and ``mergekit_config.yml`` too (mergekit's ``--write-model-card``).
+      distributed: be one of the processes of JAX's distributed runtime, each calling this with the same
+        arguments: each merges its share and process 0 publishes OUT, byte for byte the single-process
+        merge (:mod:`swudi_jax.checkpoint.distributed`; the runtime started from the environment if need be).
       report: also write the merge report into ``out`` and print its summary (same weights;
-        :mod:`swudi_jax.checkpoint.report_files`).
+        :mod:`swudi_jax.checkpoint.report_files`); one process only, dense output only (refused with
+        ``distributed`` and ``out_format: peft``).
       score: a checkpoint of per-task input Grams ``{tensor: (N, n, n)}`` (as a config's
         ``grams``): the report then gives ρ of the merge and of each expert (implies ``report``).
     Returns:
@@ -307,45 +431,42 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
     if dry_run:
         print(plan_checkpoints(config, max_group_bytes=max_group_bytes).describe())
         return out
-    with OutputSlot(out, force=force) as slot, _opened(config) as (base, experts, grams), \
+    _check_one_output(config, distributed, report or score is not None)
+    team = Team.start(distributed)  # one process, or this process's part in a distributed merge
+    options = dict(out=out, force=force, max_group_bytes=max_group_bytes, copy_tokenizer=copy_tokenizer, card=write_model_card)
+    with team.output_slot(out, force, config, options) as slot, _opened(config) as (base, experts, grams), \
             _Reporting.opened(report, score) as reporting:
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
-        if plan.guesses:
+        if plan.guesses and team.lead:
             warnings.warn("the layout of some tensors is a guess (--dry-run shows the plan): "
                           + "; ".join(plan.guesses), stacklevel=2)
         side_files = plan_side_files(config.base_model)
-        resolved = prepare(config.method, _model_chunks(plan, base, experts, progress))
-        collector = reporting.start(plan, resolved)
-        resolver = tensor_resolver(config, [p.path for p in plan.plans], {p.path: p.layers for p in plan.plans})
-        same_as_base = [config.has_base and method.base != "joins"] * len(experts)  # a joining base is an input
-        tmp = slot.tmp
-        target, writer = _open_weights(plan, base, tmp)
-        sizes = padded_sizes(plan.groups, method.kind == "elementwise")
-
-        read = _group_reader(plan, base, experts, grams, work, same_as_base)
-
-        def compute(g, arrays):  # the caller's thread: one compiled call, results checked finite
-            group = list(plan.groups[g])
-            merged = merge_group(group, arrays[0], arrays[1], resolved, arrays[2],
-                                 config.multi_device, resolver, work, config.has_base,
-                                 pad_to=sizes[g], host_output=True, report=collector)
-            return checked_outputs(merged, {p.path: plan.out_dtypes[p.path] for p in group}, config.merge_method)
-
-        def write(g, merged):  # the write-behind thread, in group order
-            with naming_file(target):
-                for key in (p.path for p in plan.groups[g]):
-                    writer.write(key, merged[key])
-
+        share = team.assign(plan, config.method, config.multi_device)
+        resolved = prepare(config.method, _model_chunks(plan, [base, *experts], progress and team.lead, share.prepare),
+                           team.combine)
+        resolver = _resolver(plan)
+        if plan.out_format == ADAPTER_FORMAT:  # one PEFT adapter: the merge from the adapters' factors
+            _publish_adapter(plan, slot, experts, base, resolved, resolver, work, progress)
+            return out
+        reporting.start(plan, resolved)
+        # a joining base is an input; with slices each slice has its own inputs (not checked)
+        same_as_base = [config.has_base and method.base != "joins" and plan.sliced is None] * len(experts)
+        target, writer = _open_weights(plan, base, slot.tmp, team)
+        factors = plan_factor_merge(config, plan, experts, resolved, resolver, work)
+        read = _group_reader(plan, [base, *experts], grams, work, same_as_base, factors)
+        compute, write = _group_stages(plan, resolved, resolver, work, share.multi_device, factors, writer, target,
+                                       reporting)
         loop = run_overlapped if overlap else run_sequential
-        with _closing(writer, target):
-            split = loop(range(len(plan.groups)), read, compute, write,
-                         progress=lambda items: _progress(items, progress, "merging"))
+        with team.together("merging"), _closing(writer, target):
+            merge_global_groups(share.global_groups, read, plan, resolved, resolver, writer, team)
+            split = loop(share.local, read, compute, write,
+                         progress=lambda items: team.watch(_progress(items, progress and team.lead, "merging")))
         if timings is not None:
-            timings.update(split.as_dict())
-        _warn_zero_task_vectors(config, same_as_base)
-        write_beside(plan, tmp, copy_tokenizer, side_files, resolved.scale)
-        reporting.write(tmp, out)
-        slot.publish()
+            timings.update(split.as_dict(), share=share.summary())
+        _warn_zero_task_vectors(config, team.all(same_as_base), team.lead)
+        reporting.write(slot.tmp, out)
+        team.lead_step("publish", functools.partial(_publish, plan, slot, copy_tokenizer, side_files, resolved.scale,
+                                                    write_model_card))
     reporting.show()
     return out
 
@@ -362,12 +483,25 @@ def _start(config: MergeConfig | str | os.PathLike, out, force: bool, score) -> 
     return config, out, work
 
 
-def _open_weights(plan: MergePlan, base: ckio.CheckpointReader, tmp: Path):
+def _check_one_output(config: MergeConfig, distributed: bool, report: bool) -> None:
+    """Refuse what one process must write: a PEFT adapter, or the merge report (each process sees
+    only its share of the layers), in a distributed merge; the report of an adapter output."""
+    if distributed and config.out_format == ADAPTER_FORMAT:
+        raise ValueError(f"out_format {ADAPTER_FORMAT} is written by one process: run it without --distributed")
+    if distributed and report:
+        raise ValueError("--report and --score need every layer in one process; a --distributed merge splits the "
+                         "layers between processes: run the merge without --distributed for its report")
+    if report and config.out_format == ADAPTER_FORMAT:
+        raise ValueError(f"--report and --score cover merges written as weights; out_format {ADAPTER_FORMAT} writes "
+                         "an adapter: run with another out_format for the report (same merge)")
+
+
+def _open_weights(plan: MergePlan, base: ckio.CheckpointReader, tmp: Path, team: Team):
     """(the weights file, its writer) in the temporary output folder, with the base's metadata."""
-    metadata = getattr(base, "metadata", None) or None
     entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
     target = ckio.weights_path(tmp, plan.out_format)
-    return target, ckio.open_writer(target, plan.out_format, entries, shard_size=_shard_bytes(plan), metadata=metadata)
+    return target, team.open_writer(target, plan, entries, shard_size=plan.config.out_shard_size,
+                                    metadata=getattr(base, "metadata", None) or None)
 
 
 class _Reporting:
@@ -378,6 +512,7 @@ class _Reporting:
         self.wanted, self.calibration = wanted or calibration is not None, calibration
         self.collector: ReportCollector | None = None
         self.lines: list[str] = []
+        self.inputs: tuple = ()
 
     @classmethod
     @contextlib.contextmanager
@@ -389,14 +524,28 @@ class _Reporting:
             if reader is not None:
                 reader.close()
 
-    def start(self, plan: MergePlan, resolved) -> ReportCollector | None:
-        """The collector for the merge (None when no report was asked for); the Grams checked first."""
+    def start(self, plan: MergePlan, resolved) -> None:
+        """The collector for the merge (none when no report was asked for); the Grams checked first."""
         n = len(plan.config.models)
         if self.calibration is not None:
             _check_grams(plan.plans, self.calibration.reader, n, required=False)
         if self.wanted:
             names = [str(m) for m in plan.config.models]
             self.collector = ReportCollector(resolved, n, names, self.calibration)
+            self.inputs = (True, tuple(range(n + 1)))  # with slices: the base, then every model in order
+
+    def collector_for(self, plan: MergePlan, g: int, factored: Sequence[str]) -> ReportCollector | None:
+        """The collector group g's dense tensors are shown to, or None. Left out, and noted: the
+        tensors merged from LoRA factors (``factored``: no dense task vectors), and with slices the
+        groups of a slice that merges other models than the config's, in its order."""
+        if self.collector is None:
+            return None
+        self.collector.leave_out(factored, "merged from LoRA factors")
+        first = plan.groups[g][0]
+        if plan.sliced is not None and first.kind == "linear" and plan.sliced.recipes[first.path].input_set != self.inputs:
+            self.collector.leave_out([p.path for p in plan.groups[g]],
+                                     "a slice merging other models than the base and `models` in order")
+            return None
         return self.collector
 
     def write(self, folder: Path, out: Path) -> None:

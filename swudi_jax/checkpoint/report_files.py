@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -108,7 +109,7 @@ RATIO_LIMIT = 2.0
 """The ratio colour scale spans 10^±limit, limit ≤ this (ratios beyond take the end colours)."""
 
 
-def report_figure(reports: Sequence[MergeReport], titles: Sequence[str] | None = None):
+def report_figure(reports: Sequence[MergeReport], titles: Sequence[str] | None = None) -> Any:
     """A matplotlib Figure of one or more reports, one row each: the interference ratio grid
     (one colour scale for all) and beside it the kept rank or sign-conflict grid.
 

@@ -157,3 +157,13 @@ def make_tasks(seed: int = 0, *, n_tasks: int = 6, test_fraction: float = 0.3) -
         tasks.append(Task(name, train_x, train_y.astype(np.int32), test_x,
                           test_y.astype(np.int32), n_classes))
     return tasks
+
+
+__all__ = [
+    "IMAGE_SIDE",
+    "N_FEATURES",
+    "TASK_NAMES",
+    "Task",
+    "make_pretraining_task",
+    "make_tasks",
+]

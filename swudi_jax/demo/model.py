@@ -80,3 +80,13 @@ def dense_layers(backbone: dict) -> list[str]:
     paths = [p for p in flat if p.endswith("/kernel") and flat[p].ndim == 2]
     return sorted(paths, key=lambda p: int(p.split("/")[-2].rsplit("_", 1)[-1]))
 
+
+__all__ = [
+    "Backbone",
+    "Head",
+    "build_model",
+    "dense_layers",
+    "init_backbone",
+    "init_head",
+    "logits",
+]

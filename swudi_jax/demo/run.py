@@ -262,3 +262,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         _write_json_atomically(args.json, results)
     return 0
+
+
+__all__ = [
+    "FULL",
+    "QUICK",
+    "QUICK_METHODS",
+    "DemoConfig",
+    "Experts",
+    "calibration_grams",
+    "format_table",
+    "indistinct_experts",
+    "main",
+    "run_demo",
+    "train_experts",
+]

@@ -119,3 +119,10 @@ def evaluate(model: Backbone, backbone: dict, heads: Sequence[dict], tasks: Sequ
         raise ValueError(f"need one head per task, got {len(heads)} heads for {len(tasks)} tasks")
     return np.array([float(_accuracy(model, backbone, head, jnp.asarray(t.x_test), jnp.asarray(t.y_test)))
                      for head, t in zip(heads, tasks)])
+
+
+__all__ = [
+    "evaluate",
+    "finetune",
+    "pretrain",
+]

@@ -4,3 +4,5 @@
 (full / low-rank / top-K eigenpairs), ``validation`` (checks at the boundary) and ``linalg``
 (precision and dtype rules). Nothing here knows of paths, files or method names.
 """
+
+__all__: list[str] = []  # a namespace of submodules, each imported by its own path

@@ -19,6 +19,8 @@ from typing import Callable
 
 import jax.numpy as jnp
 
+from swudi_jax.maths.validation import check_number, is_concrete
+
 Filter = Callable[[jnp.ndarray], jnp.ndarray]
 RankRule = Callable[[jnp.ndarray], jnp.ndarray]
 
@@ -27,6 +29,10 @@ EIG_FLOOR = 1e-8
 
 
 def _check_nonnegative(name: str, value: float) -> None:
+    """A finite number >= 0, or a traced real scalar (under the caller's ``jax.jit``; unread)."""
+    if not is_concrete(value):
+        check_number(value, name, traceable=True)
+        return
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
@@ -254,3 +260,30 @@ def adaptive_rank(
     n = lam.shape[-1]
     upper = max(min_rank, round(max_rank_ratio * n))
     return jnp.clip(rule(lam, shape), min_rank, min(upper, n)).astype(jnp.int32)
+
+
+__all__ = [
+    "EIG_FLOOR",
+    "RANK_RULES",
+    "Filter",
+    "RankRule",
+    "adaptive_rank",
+    "aligned_exponential",
+    "cumulative_variance",
+    "entropy",
+    "exponential",
+    "gavish_donoho",
+    "get_rank_rule",
+    "hard_rank",
+    "identity",
+    "landweber",
+    "participation",
+    "participation_sqrt",
+    "power",
+    "product",
+    "rank_from_ratio",
+    "stable_rank",
+    "tikhonov",
+    "top_k",
+    "top_ratio",
+]

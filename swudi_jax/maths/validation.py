@@ -92,9 +92,52 @@ def check_choice(value: Any, name: str, choices) -> None:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
 
 
+def check_like_default(value: Any, name: str, default: Any, *, per_expert: bool = False) -> None:
+    """A user's option value of its default's kind, before any method-specific check: true or
+    false for a bool default; a finite number for a number default (an integer for an int
+    default), or, for a ``per_expert`` option, a list of one such number per model. Options
+    whose default is None or a string are the method's validator's to check; traced values
+    (per-tensor values under ``vmap``) were checked where they entered."""
+    if default is None or isinstance(default, str) or not is_concrete(value):
+        return
+    if isinstance(default, (bool, np.bool_)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return
+    if not isinstance(default, (int, float, np.number)):
+        return
+    integer = isinstance(default, (int, np.integer))
+    kind = "an integer" if integer else "a finite number"
+    values = np.asarray(value, dtype=object) if isinstance(value, (list, tuple)) else np.asarray(value)
+    ok_shape = values.ndim == 0 or (per_expert and values.ndim == 1 and values.size > 0)
+    items = values.reshape(-1).tolist() if ok_shape else []
+    numbers = all(isinstance(v, (int, np.integer) if integer else (int, float, np.number)) and not isinstance(v, bool)
+                  for v in items)
+    if not ok_shape or not numbers or not all(math.isfinite(float(v)) for v in items):
+        per_model = " or a list of one per model" if per_expert else ""
+        raise ValueError(f"{name} must be {kind}{per_model}, got {value!r}")
+
+
+def static_or_traced(value: Any) -> Any:
+    """A checked number as a Python float (a hashable static value), a traced one as it is."""
+    return float(value) if is_concrete(value) else value
+
+
 def check_number(value: Any, name: str, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, integer: bool = False) -> None:
-    """A finite real (or int) within [low, high] (``low_open`` makes the lower bound strict)."""
+                 low_open: bool = False, integer: bool = False, traceable: bool = False) -> None:
+    """A finite real (or int) within [low, high] (``low_open`` makes the lower bound strict).
+
+    A traced value (an argument of the caller's ``jax.jit``) is accepted as a real scalar when
+    ``traceable`` (its bounds cannot be read then: out-of-range values give out-of-range
+    results), else refused with a message saying the option must be a static Python number."""
+    if not is_concrete(value):
+        if not traceable:
+            raise ValueError(f"{name} must be a static Python number, got a traced value ({value.aval}): it decides "
+                             f"a shape, a loop count or a branch; close over it, or mark it static "
+                             f"(jax.jit(fn, static_argnames=({name!r},)))")
+        if value.shape != () or not jnp.issubdtype(value.dtype, jnp.number) or jnp.iscomplexobj(value):
+            raise ValueError(f"{name} must be a real scalar, got a traced {value.aval}")
+        return
     ok_type = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.number))
     if isinstance(value, bool) or not ok_type or not math.isfinite(float(value)):
         kind = "an integer" if integer else "a finite number"
@@ -103,3 +146,16 @@ def check_number(value: Any, name: str, *, low: float | None = None, high: float
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}, got {value!r}")
+
+
+__all__ = [
+    "all_finite",
+    "as_float_array",
+    "check_choice",
+    "check_finite",
+    "check_number",
+    "check_task_vectors",
+    "is_concrete",
+    "non_finite",
+    "static_or_traced",
+]

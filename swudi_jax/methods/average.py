@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from swudi_jax.methods.spec import MethodSpec
 
@@ -27,5 +28,12 @@ AVERAGE = MethodSpec(
     name="average",
     fn=average,
     kind="elementwise",
+    combination=lambda options, n: np.full(n, 1.0 / n),
     source="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
 )
+
+
+__all__ = [
+    "AVERAGE",
+    "average",
+]

@@ -105,3 +105,13 @@ DARE = MethodSpec(
     leaf_inputs=_leaf_keys,
     kept=dropped,
 )
+
+
+__all__ = [
+    "DARE",
+    "DEFAULT_DROP",
+    "THEN",
+    "dare",
+    "drop_and_rescale",
+    "leaf_key",
+]

@@ -25,10 +25,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from swudi_jax.maths import filters, solvers
 from swudi_jax.maths.spectral import INIT_MODES, filtered_merge
-from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors
+from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors, static_or_traced
+from swudi_jax.maths.placement import auto_axes_boundary
 from swudi_jax.methods.results import finite_result
 from swudi_jax.methods.spec import MethodSpec, SpectralFilter, expert_weighted
 
@@ -40,10 +42,10 @@ SOURCE = ("Wei et al., Closed-Form Spectral Regularization for Multi-Task Model 
 def check_iwudi_options(opts: Mapping[str, Any]) -> None:
     """ValueError naming the option for any bad value of :func:`iwudi`'s options."""
     check_choice(opts["filter"], "filter", IWUDI_FILTERS)
-    check_number(opts["time"], "time", low=0.0)
-    check_number(opts["alpha"], "alpha", low=0.0)
+    check_number(opts["time"], "time", low=0.0, traceable=True)
+    check_number(opts["alpha"], "alpha", low=0.0, traceable=True)
     check_number(opts["steps"], "steps", low=0, integer=True)
-    check_number(opts["eta_ratio"], "eta_ratio", low=0.0, high=2.0, low_open=True)
+    check_number(opts["eta_ratio"], "eta_ratio", low=0.0, high=2.0, low_open=True, traceable=True)
     check_choice(opts["init"], "init", INIT_MODES)
     check_choice(opts["solver"], "solver", solvers.SOLVERS)
     if opts["solver"] == "topk":
@@ -69,14 +71,15 @@ def iwudi_filter(filter: str, *, time: float, alpha: float, steps: int, eta_rati
     raise ValueError(f"filter must be one of {list(IWUDI_FILTERS)}, got {filter!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("filter", "time", "alpha", "steps", "eta_ratio", "init", "solver"))
+@functools.partial(jax.jit, static_argnames=("filter", "steps", "init", "solver"))
 def _iwudi(tau, filter, time, alpha, steps, eta_ratio, init, solver):
     make_h = iwudi_filter(filter, time=time, alpha=alpha, steps=steps, eta_ratio=eta_ratio)
     return filtered_merge(tau, make_h, init, solver)
 
 
+@auto_axes_boundary
 def iwudi(
-    tau,
+    tau: ArrayLike,
     *,
     filter: str = "exponential",
     time: float = 300.0,
@@ -97,6 +100,8 @@ def iwudi(
         ∈ (0, 2] (landweber; ≤ 1 for the plain gradient-descent reading).
       init: anchor θ0: "sum" (the reference's default), "mean" or "zero".
       solver: "auto", "full" or "lowrank" (every direction is filtered: no "topk").
+      ``time``, ``alpha`` and ``eta_ratio`` may be traced (arguments of the caller's ``jax.jit``);
+      ``steps`` (an integer power) and the choices must be static Python values.
     Returns:
       The merged task vector (m, n), in ``tau``'s dtype.
     """
@@ -106,7 +111,8 @@ def iwudi(
     from swudi_jax.methods.swudi import resolve_solver
 
     solver = resolve_solver(solver, tau.shape, None)
-    merged = _iwudi(tau, filter, float(time), float(alpha), int(steps), float(eta_ratio), init, solver)
+    merged = _iwudi(tau, filter, static_or_traced(time), static_or_traced(alpha), int(steps),
+                    static_or_traced(eta_ratio), init, solver)
     return finite_result(merged, tau, "iwudi")
 
 

@@ -17,9 +17,11 @@ no effect (in mergekit it only stores the sign-consensus mask as int8 to save me
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from swudi_jax.maths.validation import check_number
@@ -28,7 +30,7 @@ from swudi_jax.methods import mergekit_family as mf
 from swudi_jax.methods import mergekit_selective as msel
 from swudi_jax.methods import sparsify as sp
 from swudi_jax.methods.dare import leaf_key
-from swudi_jax.methods.spec import COMPUTE_DTYPES, MethodSpec
+from swudi_jax.methods.spec import COMPUTE_DTYPES, MethodSpec, typed_options
 
 MERGEKIT = "mergekit 0.1.5 semantics (arcee-ai/mergekit, merge_methods/); "
 ANY_DTYPE = COMPUTE_DTYPES
@@ -108,9 +110,10 @@ def arcee_fusion(models, base=None, *, seed=0, key=None):
     return msel.arcee_fusion(base, models[0], key=key)
 
 
-def passthrough(models, *, scale=None):
-    """The one input model's tensor (times ``scale`` if given)."""
-    return mf.passthrough(models[0], scale)
+def passthrough(models, *, scale=1.0):
+    """The one input model's tensor times ``scale``, a per-model option as in mergekit (whose
+    default, none, leaves the tensor as it is: so does 1 here)."""
+    return mf.passthrough(models[0], jnp.reshape(jnp.asarray(scale), (-1,))[0])
 
 
 def _check_select(options: Mapping[str, Any]) -> None:
@@ -131,12 +134,14 @@ def _task_arithmetic(family: mf.TaskArithmetic, source: str) -> MethodSpec:
     return MethodSpec(family.name, family, "elementwise", source=MERGEKIT + source,
                       per_expert=tuple(k for k in PER_MODEL if k in family.defaults), tensor_options=("lam",),
                       leaf_inputs=_family_inputs(family), validate=family.check, inputs=family.inputs,
-                      compute_dtypes=ANY_DTYPE, n_experts=(1, None), kept=family.kept)
+                      compute_dtypes=ANY_DTYPE, n_experts=(1, None), kept=family.kept,
+                      combination=family.coefficients if family.sparsification is None and family.consensus is None
+                      else None)
 
 
 def _family(name, fn, source, *, tensor, validate=None):
-    return MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, tensor_options=tensor, validate=validate,
-                      compute_dtypes=ANY_DTYPE, n_experts=(1, None))
+    return typed_options(MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, tensor_options=tensor,
+                                    validate=validate, compute_dtypes=ANY_DTYPE, n_experts=(1, None)))
 
 
 TA = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)"
@@ -162,13 +167,16 @@ RAMPLUS_TL = _family("ramplus_tl", msel.ramplus_tl, "Reinforced Agent Merging+ (
 
 def _on_models(name, fn, source, *, base, n_experts, per_expert=(), tensor=(), validate=None, leaf=None,
                inputs=("base",)):
-    return MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, operand="models", base=base,
-                      n_experts=n_experts, per_expert=per_expert, tensor_options=tensor, validate=validate,
-                      leaf_inputs=leaf, inputs=inputs, compute_dtypes=("float32", "float64"))
+    return typed_options(MethodSpec(name, fn, "elementwise", source=MERGEKIT + source, operand="models", base=base,
+                                    n_experts=n_experts, per_expert=per_expert, tensor_options=tensor,
+                                    validate=validate, leaf_inputs=leaf, inputs=inputs,
+                                    compute_dtypes=("float32", "float64")))
 
 
-LINEAR = _on_models("linear", linear, "Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)", base="joins",
-                    n_experts=(1, None), per_expert=("weight",), inputs=())
+LINEAR = dataclasses.replace(
+    _on_models("linear", linear, "Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)", base="joins",
+               n_experts=(1, None), per_expert=("weight",), inputs=()),
+    combination=mf.linear_coefficients)
 SLERP = _on_models("slerp", slerp, "spherical linear interpolation (Shoemake 1985)", base="required",
                    n_experts=(1, 1), tensor=("t",), validate=_check_t)
 NUSLERP = _on_models("nuslerp", nuslerp, "slerp at t = w2/(w1 + w2), of task vectors when a base is given",
@@ -184,7 +192,7 @@ NEARSWAP = _on_models("nearswap", nearswap, "take the other model's value where 
 ARCEE_FUSION = _on_models("arcee_fusion", arcee_fusion, "Arcee Fusion (importance = |Δ|·KL, IQR threshold)",
                           base="required", n_experts=(1, 1), leaf=_keys, inputs=("base", "key"))
 PASSTHROUGH = _on_models("passthrough", passthrough, "the one input model's tensor, unchanged", base="unused",
-                         n_experts=(1, 1), tensor=("scale",), inputs=())
+                         n_experts=(1, 1), per_expert=("scale",), inputs=())
 
 MERGEKIT_METHODS: tuple[MethodSpec, ...] = (
     LINEAR, TASK_ARITHMETIC, TIES, DARE_TIES, DARE_LINEAR, BREADCRUMBS, BREADCRUMBS_TIES, DELLA, DELLA_LINEAR,

@@ -254,6 +254,16 @@ class TaskArithmetic:
         if "seed" in options:
             check_number(options["seed"], "seed", low=0, integer=True)
 
+    def coefficients(self, options: Mapping[str, Any], n: int) -> np.ndarray:
+        """c (N,) with M = Σ ci τi, for the members without sparsifier and consensus (plain
+        task arithmetic): ci = λ wi, divided by Σ wj with ``normalize`` (by 1 when |Σ wj| < 1e-8)."""
+        if self.sparsification is not None or self.consensus is not None:
+            raise ValueError(f"{self.name}: its merged task vector is not a fixed combination of the task vectors")
+        weight = _sparsify.per_model(options["weight"], n, "weight")
+        total = float(np.sum(weight))
+        divisor = (1.0 if abs(total) < SUM_EPS else total) if options["normalize"] else 1.0
+        return np.asarray(weight, np.float64) * float(options["lam"]) / divisor
+
     def _options(self, tau: jax.Array, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         bound = self.__signature__.bind(tau, **kwargs)
         bound.apply_defaults()
@@ -305,6 +315,16 @@ def _linear(models, weight, *, normalize):
     if normalize:
         out = out / jnp.sum(w)
     return out.astype(models.dtype)
+
+
+def linear_coefficients(options: Mapping[str, Any], n: int) -> np.ndarray:
+    """c (N,) with the merged weight Σ ci θi of :func:`linear`: wi / Σ wj with ``normalize``, else wi."""
+    weight = np.asarray(_sparsify.per_model(options["weight"], n, "weight"), np.float64)
+    if options["normalize"]:
+        if weight.sum() == 0:
+            raise ValueError(f"linear with normalize: the weights sum to 0 ({weight.tolist()})")
+        return weight / weight.sum()
+    return weight
 
 
 def linear(models: jax.Array, weight: Any, *, normalize: bool = True) -> jax.Array:

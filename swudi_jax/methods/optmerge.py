@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.typing import ArrayLike
 
 from swudi_jax.maths.spectral import (
     HIGHEST,
@@ -44,6 +45,7 @@ from swudi_jax.maths.spectral import (
     with_mean_fallback,
 )
 from swudi_jax.maths.validation import check_number, check_task_vectors
+from swudi_jax.maths.placement import auto_axes_boundary
 from swudi_jax.methods.results import finite_result
 from swudi_jax.methods.spec import MethodSpec, expert_weighted
 
@@ -121,7 +123,8 @@ def _optmerge(tau, rank, steps, learning_rate):
     return with_mean_fallback(work, theta).astype(tau.dtype)
 
 
-def optmerge(tau, *, rank_ratio: float | None = None, steps: int = 300, learning_rate: float = 1e-5) -> jax.Array:
+@auto_axes_boundary
+def optmerge(tau: ArrayLike, *, rank_ratio: float | None = None, steps: int = 300, learning_rate: float = 1e-5) -> jax.Array:
     """OptMerge: Adam(``learning_rate``) for ``steps`` full-batch steps on
     L(θ) = Σi wi ‖(θ − Ti) Piᵀ‖²_F from θ0 = Σ τi (module docstring), in one ``lax.scan``; the
     defaults are the reference's (``wudi_merge_v2``), and the registry reads them from this signature.
@@ -150,7 +153,8 @@ def _optmerge_closed_form(tau, rank):
     return with_mean_fallback(work, theta).astype(tau.dtype)
 
 
-def optmerge_closed_form(tau, *, rank_ratio: float | None = None) -> jax.Array:
+@auto_axes_boundary
+def optmerge_closed_form(tau: ArrayLike, *, rank_ratio: float | None = None) -> jax.Array:
     """The minimiser of OptMerge's loss nearest θ0 = Σ τi: θ = θ0 + (D'C'⁺ − θ0) P, P the
     projector on range(C') (the limit of gradient flow from θ0). Not OptMerge's output
     (300 Adam steps at lr 1e-5 stop far from it); offered for analysis."""

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 
 from swudi_jax.methods.spec import MethodSpec
@@ -234,8 +235,9 @@ def check_row_systems_regular(systems: RowSystems, layer: str) -> None:
             )
 
 
-def output_space_qp(tau, grams, *, weights=None, basis=None, ridge: float = 1e-6,
-                    fallback_weight: float = DEFAULT_FALLBACK_WEIGHT, layer: str = "layer"):
+def output_space_qp(tau: ArrayLike, grams: ArrayLike, *, weights: ArrayLike | None = None,
+                    basis: str | ArrayLike | None = None, ridge: float = 1e-6,
+                    fallback_weight: float = DEFAULT_FALLBACK_WEIGHT, layer: str = "layer") -> tuple[jax.Array, jax.Array]:
     """Output-space projection merge of one linear layer: the diagonal QP and its ρ.
 
     Solves min over Δ = Σj diag(aj) Δj of L(Δ) = Σk ωk tr((Δ − Δk) Gk (Δ − Δk)ᵀ) as m
@@ -299,7 +301,8 @@ def _score(merged_tau, tau, grams, weights):
     return jnp.where(energy > 0, 1.0 - loss / jnp.where(energy > 0, energy, 1.0), jnp.nan)
 
 
-def residual_energy_score(merged_tau, tau, grams, *, weights=None) -> jax.Array:
+def residual_energy_score(merged_tau: ArrayLike, tau: ArrayLike, grams: ArrayLike, *,
+                          weights: ArrayLike | None = None) -> jax.Array:
     """ρ(Δ) = 1 − L(Δ)/E for any merged task vector Δ of one layer (any merging method).
 
     L(Δ) = Σk ωk tr((Δ − Δk) Gk (Δ − Δk)ᵀ), E = Σk ωk tr(Δk Gk Δkᵀ): the fraction of the
@@ -341,3 +344,26 @@ OUTPUT_SPACE = MethodSpec(
     "diagonal QP per output row, our reconstruction",
     validate=_validate_options,
 )
+
+
+__all__ = [
+    "BASES",
+    "DEFAULT_FALLBACK_WEIGHT",
+    "OUTPUT_SPACE",
+    "RowSystems",
+    "captured_fraction",
+    "check_grams",
+    "check_row_systems_regular",
+    "check_weights",
+    "energy_basis",
+    "output_space",
+    "output_space_qp",
+    "qp_merge",
+    "residual_energy_score",
+    "residual_loss",
+    "rotate_outputs",
+    "rotated_systems",
+    "row_systems",
+    "solve_rows",
+    "weights_or_ones",
+]

@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 
 from swudi_jax.methods.output_space import check_grams, check_weights, weights_or_ones
@@ -90,7 +91,8 @@ def _regmean(tau, grams, weights, alpha, ridge):
     return regmean_merge(tau, grams, weights, alpha, ridge)
 
 
-def regmean(tau, grams, *, alpha: float = DEFAULT_ALPHA, weights=None, ridge: float = 0.0,
+def regmean(tau: ArrayLike, grams: ArrayLike, *, alpha: float = DEFAULT_ALPHA, weights: ArrayLike | None = None,
+            ridge: float = 0.0,
             layer: str = "layer") -> jax.Array:
     """RegMean merged task vector Δ = (Σk ωk Δk G̃k)(Σk ωk G̃k)⁻¹ of one linear layer.
 
@@ -135,3 +137,14 @@ REGMEAN = MethodSpec(
     source="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023",
     validate=_validate_options,
 )
+
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "REGMEAN",
+    "check_denominator_regular",
+    "regmean",
+    "regmean_merge",
+    "regmean_solve",
+    "scale_off_diagonal",
+]

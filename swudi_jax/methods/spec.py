@@ -36,12 +36,13 @@ import inspect
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from swudi_jax.maths.linalg import compute_dtype
+from swudi_jax.maths.validation import check_like_default, is_concrete
 
 KINDS = ("linear", "elementwise", "data")
 OPERANDS = ("task_vectors", "models")
@@ -66,18 +67,38 @@ ChunkSource = Callable[[str], Iterable[Any]]
 a fresh iterable of task-vector stacks."""
 
 
+class Combine(NamedTuple):
+    """How a whole-model pass puts together what it computed from its chunks when the chunks are
+    spread over several processes (a distributed merge: each process reads only its share).
+
+    Attributes:
+      sum: a statistic (a NumPy array, or None where this process read no chunk) → its
+        elementwise sum over every process (exact for integer counts); None if none had one.
+      in_order: one value per chunk this process read, in reading order → every chunk's value, in
+        the order one process reading the whole model meets them (so float reductions over
+        them round as in a single-process merge).
+    """
+
+    sum: Callable[[Any], Any]
+    in_order: Callable[[Sequence[Any]], list[Any]]
+
+
+LOCAL = Combine(sum=lambda statistic: statistic, in_order=list)
+"""One process reads every chunk: nothing to combine."""
+
 
 class Preparation(NamedTuple):
     """A whole-model pass run before the per-leaf merge.
 
     Attributes:
       what: what the pass computes, for error messages (e.g. "trim='model' needs ...").
-      run: task-vector chunks → the options to add.
+      run: (task-vector chunks, :class:`Combine`) → the options to add; it passes what it
+        computed from its chunks through the combine before deciding (:data:`LOCAL` in one process).
       leaves: which stacks ``run`` reads, one of :data:`CHUNK_LEAVES` (default "merged").
     """
 
     what: str
-    run: Callable[[TaskVectorChunks], Mapping[str, Any]]
+    run: Callable[[TaskVectorChunks, Combine], Mapping[str, Any]]
     leaves: str = "merged"
 
 
@@ -122,6 +143,11 @@ class MethodSpec:
         (per-expert ones as (N,) NumPy arrays) and ``shape`` is one layer's (maths) shape.
       spectral_filter: for filtered spectral estimators, ``options -> SpectralFilter``, so
         the sharded and LoRA paths run the same filter.
+      combination: for methods whose result is a fixed linear combination of their operands,
+        ``combination(options, n) -> c`` (N,): the merged task vector is Σ ci τi (operand
+        "task_vectors", before the scale), or the merged weight Σ ci θi (operand "models").
+        ``options`` hold one tensor's values (per-expert ones as (N,) arrays). Merges of LoRA
+        adapters are then exact concatenated adapters (``out_format: peft``).
       aliases: other names the registry accepts for this method.
       per_expert: options taking one value per expert (a scalar is broadcast); the merger
         feeds each as an (N,) array per tensor.
@@ -151,6 +177,7 @@ class MethodSpec:
     prepare: Callable[[Mapping[str, Any]], Preparation | None] | None = None
     leaf_inputs: Callable[[Mapping[str, Any], str, int, tuple[int, ...]], Mapping[str, Any]] | None = None
     spectral_filter: Callable[[Mapping[str, Any]], SpectralFilter] | None = None
+    combination: Callable[[Mapping[str, Any], int], Any] | None = None
     aliases: tuple[str, ...] = field(default=())
     per_expert: tuple[str, ...] = ()
     tensor_options: tuple[str, ...] = ()
@@ -227,6 +254,12 @@ class MethodSpec:
         Raises:
           ValueError: an unknown or invalid option, or a scale that is not a finite number.
         """
+        traced = sorted(k for k, v in (options or {}).items() if not is_concrete(v) and k not in self.array_options)
+        if traced or not is_concrete(scale):
+            raise ValueError(f"{traced or ['scale']} of method {self.name!r} are traced values (jax.jit): a whole-model "
+                             "merge compiles once per option set and takes static Python values; close over them, "
+                             "or call the layer function under jax.jit (sj.swudi takes time, tikhonov_alpha and gamma "
+                             "traced, sj.iwudi time, alpha and eta_ratio)")
         resolved = self.resolve(options)
         if scale is None:
             scale = self.scale(resolved)
@@ -281,6 +314,23 @@ def keyword_defaults(fn: Callable, exclude: tuple[str, ...] = ()) -> dict[str, A
     return dict(_signature_defaults(fn, tuple(exclude)))
 
 
+def typed_options(spec: MethodSpec, names: Iterable[str] | None = None) -> MethodSpec:
+    """``spec`` whose ``validate`` first checks that each option in ``names`` (default: all) has
+    its default's kind (:func:`~swudi_jax.maths.validation.check_like_default`: true/false, a
+    finite number, an integer, one per model for per-expert options), then runs its own checks.
+    For methods whose validator does not check an option's kind itself."""
+    names = tuple(spec.defaults if names is None else names)
+    then = spec.validate
+
+    def validate(options: Mapping[str, Any]) -> None:
+        for name in names:
+            check_like_default(options[name], name, spec.defaults[name], per_expert=name in spec.per_expert)
+        if then is not None:
+            then(options)
+
+    return dataclasses.replace(spec, validate=validate)
+
+
 def expert_weighted(spec: MethodSpec, default: float = 1.0) -> MethodSpec:
     """``spec`` with a per-expert option ``weight`` scaling each task vector first:
     ``fn(τ; weight=w) = spec.fn(w1·τ1, …, wN·τN)`` (w scalar or (N,), default 1 = unchanged).
@@ -302,8 +352,9 @@ def expert_weighted(spec: MethodSpec, default: float = 1.0) -> MethodSpec:
     extra = inspect.Parameter("weight", inspect.Parameter.KEYWORD_ONLY, default=default)
     weighted.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
     weighted.__doc__ = (fn.__doc__ or "") + "\n\n    weight: per-expert scale of the task vectors (mergekit's per-model weight).\n"
-    return dataclasses.replace(spec, fn=weighted, defaults={**spec.defaults, "weight": default},
-                               per_expert=spec.per_expert + ("weight",))
+    weighted_spec = dataclasses.replace(spec, fn=weighted, defaults={**spec.defaults, "weight": default},
+                                        per_expert=spec.per_expert + ("weight",))
+    return typed_options(weighted_spec, ("weight",))
 
 
-__all__ = ["BASE_ROLES", "CHUNK_LEAVES", "COMPUTE_DTYPES", "ChunkSource", "KINDS", "OPERANDS", "MethodSpec", "Preparation", "Resolved", "SpectralFilter", "TaskVectorChunks", "expert_weighted", "keyword_defaults"]
+__all__ = ["BASE_ROLES", "CHUNK_LEAVES", "COMPUTE_DTYPES", "ChunkSource", "Combine", "LOCAL", "KINDS", "OPERANDS", "MethodSpec", "Preparation", "Resolved", "SpectralFilter", "TaskVectorChunks", "expert_weighted", "keyword_defaults", "typed_options"]

@@ -27,13 +27,15 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from swudi_jax.maths import filters, rank_rules_family, solvers
 from swudi_jax.maths.linalg import compute_dtype
 from swudi_jax.maths.spectral import INIT_MODES, Spectrum, anchor, filtered_merge, filtered_solution
 from swudi_jax.maths.spectral import interference_operator, normal_equation, right_hand_side, spectrum
 from swudi_jax.maths.spectral import task_weights, with_mean_fallback
-from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors
+from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors, static_or_traced
+from swudi_jax.maths.placement import auto_axes_boundary
 from swudi_jax.methods import swudi_family
 from swudi_jax.methods.results import finite_result
 from swudi_jax.methods.spec import MethodSpec, Preparation, SpectralFilter, expert_weighted, keyword_defaults
@@ -78,7 +80,8 @@ def _spectral_merge(tau, filter_fn, init, solver):
     return filtered_merge(tau, lambda lam, shape: filter_fn(lam), init, solver)
 
 
-def spectral_merge(tau, filter_fn: filters.Filter, *, init: str = "sum", solver: str = "auto") -> jax.Array:
+@auto_axes_boundary
+def spectral_merge(tau: ArrayLike, filter_fn: filters.Filter, *, init: str = "sum", solver: str = "auto") -> jax.Array:
     """The filtered estimator θ_h for any filter ``h = filter_fn(λ)`` (λ ascending, clamped).
 
     Args:
@@ -104,17 +107,19 @@ def swudi_filter(time: float, rank_ratio: float) -> filters.Filter:
     return filters.product(filters.exponential(time), filters.top_ratio(rank_ratio))
 
 
-@functools.partial(jax.jit, static_argnames=("time", "rank_ratio", "init", "solver"))
+@functools.partial(jax.jit, static_argnames=("rank_ratio", "init", "solver"))
 def _swudi(tau, time, rank_ratio, init, solver):
     h = swudi_filter(time, rank_ratio)
     n_top = filters.rank_from_ratio(rank_ratio, tau.shape[-1])
     return filtered_merge(tau, lambda lam, shape: h(lam), init, solver, n_top)
 
 
-def swudi(tau, *, time: float = 1300.0, rank_ratio: float = 0.65, init: str = "sum",
+@auto_axes_boundary
+def swudi(tau: ArrayLike, *, time: float = 1300.0, rank_ratio: float = 0.65, init: str = "sum",
           solver: str = "auto", tikhonov_alpha: float = 0.0, output_time: float | None = None,
           consensus_power: float = 0.0, consensus_floor: float = 0.0, gamma: float = 1.0,
-          filter: str = "exponential", alignment: float = 0.0, alignment_reference=None) -> jax.Array:
+          filter: str = "exponential", alignment: float = 0.0,
+          alignment_reference: float | ArrayLike | None = None) -> jax.Array:
     """SWUDI: h(λ) = (1 − exp(−λ t)) on the K = ⌈r·n⌉ largest eigenvalues, 0 elsewhere.
 
     Defaults are the paper's vision preset (t = 1300, r = 0.65); for LLM full-parameter
@@ -122,7 +127,10 @@ def swudi(tau, *, time: float = 1300.0, rank_ratio: float = 0.65, init: str = "s
 
     Args:
       tau: task vectors (N, m, n), maths layout.
-      time: gradient-flow time t ≥ 0 (t = 0 returns the anchor).
+      time: gradient-flow time t ≥ 0 (t = 0 returns the anchor); may be traced (an argument of
+        the caller's ``jax.jit``), as may ``tikhonov_alpha`` and ``gamma``. The options that set a
+        shape, a loop or a branch (``rank_ratio``: the rank K = ⌈r·n⌉; the others) must be static
+        Python values: a traced one is refused naming it.
       rank_ratio: r ∈ (0, 1], the kept fraction of directions.
       init: anchor θ0: "sum", "mean" or "zero".
       solver: "auto", "full", "lowrank" or "topk" (see the module docstring).
@@ -143,13 +151,13 @@ def swudi(tau, *, time: float = 1300.0, rank_ratio: float = 0.65, init: str = "s
     top = filters.rank_from_ratio(float(rank_ratio), tau.shape[-1])
     solver = resolve_solver(solver, tau.shape, top)
     if _paper_swudi(extra):
-        return finite_result(_swudi(tau, float(time), float(rank_ratio), init, solver), tau, "swudi")
+        return finite_result(_swudi(tau, static_or_traced(time), float(rank_ratio), init, solver), tau, "swudi")
     if float(alignment) > 0.0 and filter == "exponential" and alignment_reference is None:
         raise ValueError("alignment > 0 needs alignment_reference (λ̄_max, the geometric mean of every merged "
                          "layer's λ_max: swudi_family.alignment_reference_from_stacks); swudi_jax.merge computes it")
-    merged = swudi_family.swudi_family_layer(
-        tau, alignment_reference, time=float(time), rank_ratio=float(rank_ratio), init=init, solver=solver,
-        **swudi_family.swudi_float_options(extra))
+    static, traced = swudi_family.split_traced({"time": static_or_traced(time), **swudi_family.swudi_float_options(extra)})
+    merged = swudi_family.swudi_family_layer(tau, alignment_reference, traced, rank_ratio=float(rank_ratio), init=init,
+                                             solver=solver, **static)
     return finite_result(merged, tau, "swudi")
 
 
@@ -214,8 +222,9 @@ def _swudi_a(tau, rank_rule, min_rank, max_rank_ratio, init, solver):
     return filtered_merge(tau, rank_filter(rank_rule, min_rank, max_rank_ratio), init, solver)
 
 
+@auto_axes_boundary
 def swudi_a(
-    tau,
+    tau: ArrayLike,
     *,
     rank_rule: str = "participation_sqrt",
     min_rank: int = 1,
@@ -280,7 +289,7 @@ def _adaptive_rank(tau, rank_rule, min_rank, max_rank_ratio):
 
 
 def swudi_a_rank(
-    tau, *, rank_rule: str = "participation_sqrt", min_rank: int = 1, max_rank_ratio: float = 1.0,
+    tau: ArrayLike, *, rank_rule: str = "participation_sqrt", min_rank: int = 1, max_rank_ratio: float = 1.0,
     rank_scale: float = 1.0, init: str = "sum",
 ) -> jax.Array:
     """The K that :func:`swudi_a` keeps for this layer (an int32 scalar); ``init`` matters
@@ -301,7 +310,8 @@ def _pinv(tau, solver):
     return filtered_merge(tau, lambda lam, shape: filters.identity()(lam), "sum", solver)
 
 
-def pinv_merge(tau, *, solver: str = "auto") -> jax.Array:
+@auto_axes_boundary
+def pinv_merge(tau: ArrayLike, *, solver: str = "auto") -> jax.Array:
     """The pseudo-inverse closed form θ* = D C⁺ (h ≡ 1) on eigenvalues clamped at 1e-8.
 
     Directions with tiny λ amplify rounding (the paper reports θ* below WUDI for this
@@ -315,7 +325,7 @@ def pinv_merge(tau, *, solver: str = "auto") -> jax.Array:
 
 
 def _validate_swudi(options: Mapping[str, Any]) -> None:
-    check_number(options["time"], "time", low=0.0)
+    check_number(options["time"], "time", low=0.0, traceable=True)
     check_number(options["rank_ratio"], "rank_ratio", low=0.0, high=1.0, low_open=True)
     _check_init(options["init"])
     check_choice(options["solver"], "solver", solvers.SOLVERS)
@@ -360,7 +370,8 @@ def _swudi_prepare(options: Mapping[str, Any]) -> Preparation | None:
     if not swudi_family.needs_alignment_reference("swudi", options):
         return None
     return Preparation("alignment > 0 needs alignment_reference, λ̄_max over every merged linear layer",
-                       lambda chunks: {"alignment_reference": swudi_family.alignment_reference_from_stacks(chunks())},
+                       lambda chunks, combine: {"alignment_reference":
+                                                    swudi_family.alignment_reference_from_stacks(chunks(), combine)},
                        leaves="linear_maths")
 
 
@@ -371,3 +382,23 @@ SWUDI_A = expert_weighted(MethodSpec("swudi_a", swudi_a, "linear", source=SOURCE
                                      spectral_filter=_swudi_a_spectral_filter))
 PINV = expert_weighted(MethodSpec("pinv", pinv_merge, "linear", source=SOURCE + " (the h ≡ 1 closed form θ* = D C⁺)",
                                   validate=_validate_pinv, spectral_filter=_pinv_spectral_filter))
+
+
+__all__ = [
+    "LLM_PRESET",
+    "PAPER_OPTIONS",
+    "PINV",
+    "SOURCE",
+    "SWUDI",
+    "SWUDI_A",
+    "VISION_PRESET",
+    "pinv_merge",
+    "rank_filter",
+    "resolve_solver",
+    "spectral_merge",
+    "swudi",
+    "swudi_a",
+    "swudi_a_rank",
+    "swudi_a_top_count",
+    "swudi_filter",
+]

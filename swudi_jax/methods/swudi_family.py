@@ -51,7 +51,8 @@ from swudi_jax.maths.spectral import (
     weighted_rows,
     with_mean_fallback,
 )
-from swudi_jax.maths.validation import check_choice, check_number, is_concrete
+from swudi_jax.maths.validation import check_choice, check_number, is_concrete, static_or_traced
+from swudi_jax.methods.spec import LOCAL, Combine
 
 SWUDI_FILTERS = ("exponential", "none")
 OUTPUT_PATHS = ("auto", "direct", "range")
@@ -67,18 +68,19 @@ def _mm(a, b):
 def check_swudi_options(opts: Mapping[str, Any]) -> None:
     """ValueError naming the option for a bad value of one of SWUDI's further options (all of
     :func:`~swudi_jax.methods.swudi.swudi`'s but time, rank_ratio, init and solver)."""
-    check_number(opts["tikhonov_alpha"], "tikhonov_alpha", low=0.0)
+    check_number(opts["tikhonov_alpha"], "tikhonov_alpha", low=0.0, traceable=True)
     if opts["output_time"] is not None:
         check_number(opts["output_time"], "output_time", low=0.0)
     check_number(opts["consensus_power"], "consensus_power", low=0.0)
     check_number(opts["consensus_floor"], "consensus_floor", low=0.0, high=1.0)
-    check_number(opts["gamma"], "gamma", low=0.0)
+    check_number(opts["gamma"], "gamma", low=0.0, traceable=True)
     check_choice(opts["filter"], "filter", SWUDI_FILTERS)
     check_number(opts["alignment"], "alignment", low=0.0, high=2.0)
     ref = opts["alignment_reference"]
     if ref is not None and is_concrete(ref):
-        value = np.asarray(ref)
-        if value.shape != () or not np.isfinite(value) or value <= 0:
+        value = np.asarray(ref) if isinstance(ref, (int, float, np.number, np.ndarray, jnp.ndarray)) else np.asarray(None)
+        if isinstance(ref, bool) or value.shape != () or value.dtype.kind not in "iuf" or not np.isfinite(value) \
+                or value <= 0:
             raise ValueError(f"alignment_reference must be one finite number > 0 (λ̄_max), got {ref!r}")
 
 
@@ -165,17 +167,18 @@ def alignment_reference(lambda_max: Iterable[float] | jnp.ndarray) -> float:
     return float(np.exp(np.mean(np.log(np.maximum(values, filters.EIG_FLOOR)))))
 
 
-def alignment_reference_from_stacks(stacks: Iterable[Any]) -> float:
+def alignment_reference_from_stacks(stacks: Iterable[Any], combine: Combine = LOCAL) -> float:
     """λ̄_max from task-vector stacks of the merged **linear** layers in **maths layout**, each
     (N, m, n) or (L, N, m, n) for L layers of one shape (bias / norm leaves must not be passed:
-    they are not merged spectrally, and a transposed weight has another λ_max)."""
+    they are not merged spectrally, and a transposed weight has another λ_max). ``combine``: the
+    stacks are one process's share of the model; every λ_max is gathered in model order first."""
     values = []
     for stack in stacks:
         stack = jnp.asarray(stack)
         if stack.ndim not in (3, 4):
             raise ValueError(f"each stack must be (N, m, n) or (L, N, m, n) in maths layout, got shape {stack.shape}")
         values.append(np.asarray(jax.vmap(layer_lambda_max)(stack if stack.ndim == 4 else stack[None])))
-    return alignment_reference(values)
+    return alignment_reference(combine.in_order(values))
 
 
 def needs_alignment_reference(method_name: str, opts: Mapping[str, Any]) -> bool:
@@ -208,8 +211,8 @@ def swudi_h(lam: jnp.ndarray, *, time: float, rank_ratio: float, tikhonov_alpha:
                              "swudi_jax.merge computes it")
         flow = (filters.aligned_exponential(time, alignment, alignment_reference) if alignment > 0.0
                 else filters.exponential(time))
-        parts = [flow if abs(gamma - 1.0) <= 1e-8 else filters.power(gamma, flow)]
-        if tikhonov_alpha > 0.0:
+        parts = [flow if is_concrete(gamma) and abs(gamma - 1.0) <= 1e-8 else filters.power(gamma, flow)]
+        if not is_concrete(tikhonov_alpha) or tikhonov_alpha > 0.0:  # traced: λ/(λ + 0) = 1 on the clamped λ > 0
             parts.append(filters.tikhonov(tikhonov_alpha))
     return filters.product(*parts, filters.top_ratio(rank_ratio))(lam)
 
@@ -282,9 +285,14 @@ def consensus_weights(work: jnp.ndarray, v: jnp.ndarray, power: float, floor: fl
 @functools.partial(jax.jit, static_argnames=(
     "time", "rank_ratio", "init", "solver", "tikhonov_alpha", "output_time", "consensus_power",
     "consensus_floor", "gamma", "filter", "alignment"))
-def swudi_family_layer(tau, alignment_reference=None, *, time, rank_ratio, init, solver, tikhonov_alpha,
-                       output_time, consensus_power, consensus_floor, gamma, filter, alignment):
-    """SWUDI with every option (formula in the module docstring); options already checked."""
+def swudi_family_layer(tau, alignment_reference=None, traced=None, *, time=None, rank_ratio, init, solver,
+                       tikhonov_alpha=None, output_time, consensus_power, consensus_floor, gamma=None, filter, alignment):
+    """SWUDI with every option (formula in the module docstring); options already checked.
+    ``traced``: {name: value} of the options given as traced values (:data:`TRACEABLE`), whose
+    static keywords are then left out (:func:`split_traced`)."""
+    traced = traced or {}
+    time, tikhonov_alpha, gamma = (traced.get(k, v) for k, v in
+                                   (("time", time), ("tikhonov_alpha", tikhonov_alpha), ("gamma", gamma)))
     n = tau.shape[-1]
     work = tau.astype(compute_dtype(tau.dtype))
     w = task_weights(work)
@@ -346,14 +354,26 @@ def swudi_a_family_rank(tau, *, rank_rule, min_rank, max_rank_ratio, rank_scale,
         rank_scale=rank_scale, rhs_energy=jnp.sum(dv * dv, axis=0), anchor_energy=jnp.sum(t0v * t0v, axis=0))
 
 
+TRACEABLE = ("time", "tikhonov_alpha", "gamma")
+"""SWUDI's options that may be traced values: each enters h(λ) as a number, never as a shape or branch."""
+
+
+def split_traced(opts: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(static, traced): the :data:`TRACEABLE` options given as traced values go to ``traced``
+    (a dynamic argument of the compiled layer), every other option stays static."""
+    traced = {k: v for k, v in opts.items() if k in TRACEABLE and not is_concrete(v)}
+    return {k: v for k, v in opts.items() if k not in traced}, traced
+
+
 def swudi_float_options(opts: Mapping[str, Any]) -> dict[str, Any]:
-    """SWUDI's extra static options as hashable Python numbers (not ``alignment_reference``)."""
+    """SWUDI's extra static options as hashable Python numbers (not ``alignment_reference``);
+    the :data:`TRACEABLE` ones given traced stay as they are."""
     return {
-        "tikhonov_alpha": float(opts["tikhonov_alpha"]),
+        "tikhonov_alpha": static_or_traced(opts["tikhonov_alpha"]),
         "output_time": None if opts["output_time"] is None else float(opts["output_time"]),
         "consensus_power": float(opts["consensus_power"]),
         "consensus_floor": float(opts["consensus_floor"]),
-        "gamma": float(opts["gamma"]),
+        "gamma": static_or_traced(opts["gamma"]),
         "filter": opts["filter"],
         "alignment": float(opts["alignment"]),
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from swudi_jax.methods.spec import MethodSpec
 
@@ -31,5 +32,13 @@ TASK_ARITHMETIC = MethodSpec(
     fn=task_arithmetic,
     kind="elementwise",
     default_scale=DEFAULT_LAMBDA,
+    combination=lambda options, n: np.ones(n),
     source="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)",
 )
+
+
+__all__ = [
+    "DEFAULT_LAMBDA",
+    "TASK_ARITHMETIC",
+    "task_arithmetic",
+]

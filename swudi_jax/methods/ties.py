@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swudi_jax.methods.spec import MethodSpec, Preparation
-from swudi_jax.maths.validation import check_choice, check_number
+from swudi_jax.methods.spec import LOCAL, Combine, MethodSpec, Preparation
+from swudi_jax.maths.validation import check_choice, check_number, is_concrete
 
 TRIMS = ("model", "tensor")
 DEFAULT_DENSITY = 0.2
@@ -113,7 +113,8 @@ def _select_bin(counts: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def ties_model_thresholds(
-    task_vector_chunks: Iterable[Any] | Callable[[], Iterable[Any]], density: float = DEFAULT_DENSITY
+    task_vector_chunks: Iterable[Any] | Callable[[], Iterable[Any]], density: float = DEFAULT_DENSITY,
+    combine: Combine = LOCAL,
 ) -> np.ndarray:
     """The whole-model TIES trim: per task, the k-th largest |τi| over all chunks.
 
@@ -128,6 +129,8 @@ def ties_model_thresholds(
         iterable of them (it is called twice).
       density: the kept fraction per task, in (0, 1]; k = max(1, ⌊density · D⌋) with D the
         number of entries per task over all chunks.
+      combine: when the chunks are one process's share of the model, how the histograms and
+        entry counts meet (summed over the processes: integers, so the thresholds are exact).
     Returns:
       float32 thresholds (N,); TIES keeps entries with |τi| ≥ thresholds[i].
     """
@@ -148,8 +151,10 @@ def ties_model_thresholds(
         high = np.zeros((n_tasks, 1 << _HALF_BITS), np.int64) if high is None else high
         for i in range(n_tasks):
             high[i] += np.bincount(bits[i] >> _HALF_BITS, minlength=1 << _HALF_BITS)
-    if n_tasks is None or size == 0:
+    high, size = combine.sum(high), int(combine.sum(np.int64(size)))
+    if high is None or size == 0:
         raise ValueError("task_vector_chunks is empty: no entries to trim")
+    n_tasks = high.shape[0]
     k = np.full(n_tasks, kept_count(size, density), np.int64)
     high_bin, k_in_bin = _select_bin(high, k)
     low = np.zeros_like(high)
@@ -158,7 +163,7 @@ def ties_model_thresholds(
         for i in range(n_tasks):
             row = bits[i][(bits[i] >> _HALF_BITS) == high_bin[i]]
             low[i] += np.bincount(row & ((1 << _HALF_BITS) - 1), minlength=1 << _HALF_BITS)
-    low_bin, _ = _select_bin(low, k_in_bin)
+    low_bin, _ = _select_bin(combine.sum(low), k_in_bin)
     pattern = (high_bin.astype(np.uint32) << _HALF_BITS) | low_bin.astype(np.uint32)
     return pattern.view(np.float32)
 
@@ -168,6 +173,14 @@ def _validate(options: Mapping[str, Any]) -> None:
     check_choice(options["trim"], "trim", TRIMS)
     if options["thresholds"] is not None and options["trim"] != "model":
         raise ValueError("thresholds apply to trim='model' only")
+    given = options["thresholds"]
+    if given is not None and is_concrete(given):
+        try:
+            values = None if isinstance(given, (str, bool)) else np.asarray(given, np.float64)
+        except (TypeError, ValueError):
+            values = None
+        if values is None or values.ndim != 1 or not np.all(np.isfinite(values)):
+            raise ValueError(f"thresholds must be a list of one finite number per model, got {given!r}")
 
 
 def _model_trim(options: Mapping[str, Any]) -> Preparation | None:
@@ -175,7 +188,7 @@ def _model_trim(options: Mapping[str, Any]) -> Preparation | None:
     if options["trim"] != "model" or options["thresholds"] is not None:
         return None
     return Preparation("trim='model' needs the per-task thresholds of ties_model_thresholds() over the whole model",
-                       lambda chunks: {"thresholds": ties_model_thresholds(chunks, options["density"])})
+                       lambda chunks, combine: {"thresholds": ties_model_thresholds(chunks, options["density"], combine)})
 
 
 TIES = MethodSpec(
@@ -188,3 +201,15 @@ TIES = MethodSpec(
     prepare=_model_trim,
     kept=trimmed,
 )
+
+
+__all__ = [
+    "DEFAULT_DENSITY",
+    "TIES",
+    "TRIMS",
+    "disjoint_merge",
+    "kept_count",
+    "tensor_thresholds",
+    "ties",
+    "ties_model_thresholds",
+]

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.typing import ArrayLike
 
 from swudi_jax.maths.linalg import compute_dtype
 from swudi_jax.maths.spectral import (
@@ -33,6 +34,7 @@ from swudi_jax.maths.spectral import (
     wudi_loss,
 )
 from swudi_jax.maths.validation import check_choice, check_number, check_task_vectors
+from swudi_jax.maths.placement import auto_axes_boundary
 from swudi_jax.methods.results import finite_result
 from swudi_jax.methods.spec import MethodSpec, expert_weighted
 
@@ -81,14 +83,14 @@ _DEFAULT_OPTIMIZER = optax.adam(DEFAULT_LEARNING_RATE)
 
 
 def wudi_gd(
-    tau,
+    tau: ArrayLike,
     *,
     optimizer: optax.GradientTransformation | None = None,
     steps: int = 300,
     init: str = "sum",
     gradient: str = "reference",
     trajectory_every: int = 0,
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Iterative WUDI with any optax optimizer, all steps in one jit-compiled ``lax.scan``.
 
     Args:
@@ -115,6 +117,7 @@ def wudi_gd(
     return out if trajectory_every else finite_result(out, tau, "wudi")
 
 
+@auto_axes_boundary
 def wudi(
     tau: jax.Array,
     *,
@@ -153,3 +156,12 @@ def _validate(options: Mapping[str, Any]) -> None:
 WUDI = expert_weighted(MethodSpec(
     "wudi", wudi, "linear", validate=_validate,
     source="Cheng et al., Whoever Started the Interference Should End It, ICML 2025 (arXiv 2503.08099)"))
+
+
+__all__ = [
+    "DEFAULT_LEARNING_RATE",
+    "GRADIENTS",
+    "WUDI",
+    "wudi",
+    "wudi_gd",
+]

@@ -173,7 +173,7 @@ def input_grams(apply_fn: ApplyFn, variables, batches: Iterable, *, prefix: str 
     return host, counts
 
 
-def task_grams(apply_fn: ApplyFn, variables, batches_per_task: Sequence[Iterable], *,
+def task_grams(apply_fn: ApplyFn, variables: Any, batches_per_task: Sequence[Iterable], *,
                prefix: str = "params", layers: Sequence[str] | None = None) -> Calibration:
     """Per-task Grams of every Dense layer: expert k (or one shared model) on task k's batches.
 
@@ -205,3 +205,16 @@ def task_grams(apply_fn: ApplyFn, variables, batches_per_task: Sequence[Iterable
         grams={p: np.stack([r[0][p] for r in results]) for p in paths},
         counts={p: np.asarray([r[1][p] for r in results]) for p in paths},
     )
+
+
+__all__ = [
+    "ApplyFn",
+    "Calibration",
+    "batch_grams",
+    "dense_io",
+    "gram",
+    "input_grams",
+    "kernel_path",
+    "layer_order",
+    "task_grams",
+]

@@ -16,7 +16,9 @@ maths. A leaf gets one of four kinds:
 - ``"mean"``: every other floating leaf (biases, norms, conv kernels, the head): it gets
   the mean task vector (elementwise methods such as TIES apply themselves here too).
   ``others="keep"`` makes these keep the base value instead.
-- ``"keep"``: leaves matching ``exclude`` keep the base value.
+- ``"keep"``: leaves matching ``exclude`` keep the base value, and so do empty floating leaves
+  (a zero-size axis, e.g. (0, 16)): there is nothing to merge, every method's result is that
+  same empty tensor.
 - ``"passthrough"``: integer and boolean leaves are copied from the base unchanged.
 
 Patterns: a string is an ``fnmatch`` glob (``*`` also crosses separators) that must match
@@ -238,7 +240,7 @@ class LeafRules:
         plain = dict(path=stored, shape=shape, dtype=dtype, maths_shape=shape)
         if not is_floating(dtype):
             return LeafPlan(kind="passthrough", **plain)
-        if path_matches(path, self.exclude):
+        if path_matches(path, self.exclude) or math.prod(shape) == 0:
             return LeafPlan(kind="keep", **plain)
         other = LeafPlan(kind=self.others, **plain)
 

@@ -24,18 +24,20 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from swudi_jax.maths.linalg import compute_dtype, is_floating
-from swudi_jax.maths.validation import check_choice, check_finite
+from swudi_jax.maths.placement import explicit_sharding, place
+from swudi_jax.maths.validation import check_choice, check_finite, is_concrete
 from swudi_jax.methods.registry import DEFAULT_METHOD, resolve
-from swudi_jax.methods.spec import CHUNK_LEAVES, ChunkSource, MethodSpec, Resolved
+from swudi_jax.methods.spec import CHUNK_LEAVES, LOCAL, ChunkSource, Combine, MethodSpec, Resolved
 from swudi_jax.model.batching import (compile_groups, compile_key, group_size, hashable, host_array, host_group,
                                       is_flat, pad_layers, padded_sizes, stack_grams, stack_group, unstack_group)
 from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
 from swudi_jax.model.inputs import ModelInput, as_params
 from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, describe_groups, logical_paths, to_maths
 from swudi_jax.model.report import ReportCollector
-from swudi_jax.scale.sharding import make_row_mesh, merge_sharded, should_shard
+from swudi_jax.scale.sharding import merge_sharded, row_mesh, should_shard
 
 DEFAULT_MAX_GROUP_BYTES = 1 << 30
 """Stacked bytes (base and experts) of one compiled call before a group is split."""
@@ -151,13 +153,16 @@ def model_task_vector_chunks(
     return chunks
 
 
-def prepare(resolved: Resolved, chunks: ChunkSource) -> Resolved:
+def prepare(resolved: Resolved, chunks: ChunkSource, combine: Callable[[str], Combine] | None = None) -> Resolved:
     """``resolved`` with what the method's whole-model pass adds to its options (unchanged when
-    it needs none); ``chunks(leaves)`` gives the stacks the pass asks for (:attr:`Preparation.leaves`)."""
+    it needs none); ``chunks(leaves)`` gives the stacks the pass asks for (:attr:`Preparation.leaves`),
+    ``combine(leaves)`` how they meet when ``chunks`` holds only this process's share (default:
+    :data:`~swudi_jax.methods.spec.LOCAL`, every chunk is here)."""
     preparation = resolved.spec.preparation(resolved.options)
     if preparation is None:
         return resolved
-    return resolved.with_options(preparation.run(functools.partial(chunks, preparation.leaves)))
+    joined = LOCAL if combine is None else combine(preparation.leaves)
+    return resolved.with_options(preparation.run(functools.partial(chunks, preparation.leaves), joined))
 
 
 # ----------------------------------------------------------------------------- one group
@@ -228,9 +233,11 @@ def _check_multi_device(multi_device: Any) -> None:
         raise ValueError(f"multi_device must be True, False or 'auto', got {multi_device!r}")
 
 
-def _use_multi_device(multi_device: bool | str, resolved: Resolved, layer_shape: tuple[int, ...]) -> bool:
-    """True runs the row-sharded path; "auto" takes it for big layers when the method's
-    spectral filter accepts these options (else the dense path, which takes every option)."""
+def takes_sharded_path(multi_device: bool | str, resolved: Resolved, layer_shape: tuple[int, ...]) -> bool:
+    """Whether a linear layer of ``layer_shape`` (N, m, n) runs the row-sharded path over all of
+    ``jax.devices()`` (every process's, in a multi-process run): True forces it, "auto" takes it
+    for big layers when the method's spectral filter accepts these options (else the dense path,
+    which takes every option)."""
     _check_multi_device(multi_device)
     method = resolved.spec
     if method.spectral_filter is None or multi_device is False:
@@ -246,10 +253,11 @@ def _use_multi_device(multi_device: bool | str, resolved: Resolved, layer_shape:
     return True
 
 
-def _merge_layers_sharded(base, experts, resolved: Resolved, weights: Sequence[Any] | None = None) -> jax.Array:
-    """θ0 + s·merge_sharded(wi·τi) for each layer of a (G, N, m, n) stack, rows over all devices
+def _merge_layers_sharded(base, experts, resolved: Resolved, weights: Sequence[Any] | None = None,
+                          mesh: Mesh | None = None) -> jax.Array:
+    """θ0 + s·merge_sharded(wi·τi) for each layer of a (G, N, m, n) stack, rows over ``mesh``
+    (None: :func:`~swudi_jax.scale.sharding.row_mesh`'s choice) and each θ left there
     (``weights``: the per-expert weights of each layer, (N,) each, or None)."""
-    mesh = make_row_mesh()
     work = compute_dtype(base.dtype)
     whole = resolved.without(resolved.spec.varying)
     layers = []
@@ -259,6 +267,7 @@ def _merge_layers_sharded(base, experts, resolved: Resolved, weights: Sequence[A
         if weights is not None:
             tau = tau * jnp.asarray(weights[g], work)[:, None, None]
         merged = merge_sharded(tau, mesh, whole)
+        base_g = jax.device_put(base_g, merged.sharding)
         layers.append((base_g + resolved.scale * merged.astype(work)).astype(base.dtype))
     return jnp.stack(layers)
 
@@ -472,21 +481,22 @@ def merge_group(
         return {p.path: base_arrays[p.path] for p in plans}
     _check_method_for_group(resolved, len(expert_arrays), has_base)
     size = max(pad_to or 0, group_size(plans, method.kind == "elementwise"))
-    sharded = kind == "linear" and _use_multi_device(multi_device, resolved, (len(expert_arrays), *plans[0].maths_shape))
+    sharded = kind == "linear" and takes_sharded_path(multi_device, resolved, (len(expert_arrays), *plans[0].maths_shape))
     host = None if sharded else host_group(plans, base_arrays, expert_arrays)
     # host arrays: NumPy layout transforms, one transfer each way (the host stacks are freed here)
     base, experts = jax.device_put(stack_group(plans, *(host or (base_arrays, expert_arrays)), flat,
                                                None if sharded else size))
-    merged = _merge_stacked(resolved, plans, base, experts, sharded, apply_method, flat, size, grams, tensor_options,
+    mesh = row_mesh(like=base_arrays[plans[0].path]) if sharded else None
+    merged = _merge_stacked(resolved, plans, base, experts, mesh, apply_method, flat, size, grams, tensor_options,
                             dtype, has_base, report)
-    return _unstacked(plans, merged, flat, host is not None, host_output)
+    return _unstacked(plans, merged, flat, host is not None, host_output, base_arrays)
 
 
-def _merge_stacked(resolved: Resolved, plans, base, experts, sharded: bool, apply_method: bool, flat: bool, size: int,
-                   grams, tensor_options, dtype, has_base: bool, report: ReportCollector | None):
-    """The group's merged stack, by the row-sharded path or one compiled call; a linear group
-    is then shown to ``report``."""
-    method, n_experts = resolved.spec, experts.shape[1]
+def _merge_stacked(resolved: Resolved, plans, base, experts, mesh: Mesh | None, apply_method: bool, flat: bool,
+                   size: int, grams, tensor_options, dtype, has_base: bool, report: ReportCollector | None):
+    """The group's merged stack, by the row-sharded path over ``mesh`` (None: one compiled
+    call); a linear group is then shown to ``report``."""
+    method, n_experts, sharded = resolved.spec, experts.shape[1], mesh is not None
     work = compute_dtype(base.dtype, requested=dtype, defined_in=method.compute_dtypes)
     size = experts.shape[0] if sharded else size
     inputs = None if sharded and report is None else _call_inputs(
@@ -495,7 +505,7 @@ def _merge_stacked(resolved: Resolved, plans, base, experts, sharded: bool, appl
         weights = None
         if "weight" in method.per_expert:
             weights = [v["weight"] for v in layer_options(resolved, plans, n_experts, tensor_options)]
-        merged = _merge_layers_sharded(base, experts, resolved, weights)
+        merged = _merge_layers_sharded(base, experts, resolved, weights, mesh)
     else:
         merged = _run_group(resolved, base, experts, apply_method, inputs, work, has_base)
     if report is not None and plans[0].kind == "linear":
@@ -503,14 +513,25 @@ def _merge_stacked(resolved: Resolved, plans, base, experts, sharded: bool, appl
     return merged
 
 
-def _unstacked(plans, merged, flat: bool, from_host: bool, host_output: bool) -> dict[str, Any]:
+def _unstacked(plans, merged, flat: bool, from_host: bool, host_output: bool,
+               base_arrays: Mapping[str, Any]) -> dict[str, Any]:
     """The group's merged stack back as {path: array}: NumPy arrays for ``host_output``, else
-    JAX arrays (a group stacked on the host is unstacked there: no per-shape compilation)."""
+    JAX arrays with the base leaf's sharding (the default device for a NumPy base); a group
+    stacked on the host is unstacked there (no per-shape compilation)."""
     if from_host:
-        out = unstack_group(plans, np.asarray(merged), flat)
-        return out if host_output else {k: jax.device_put(v) for k, v in out.items()}
+        merged = np.asarray(merged)
+    elif flat and explicit_sharding(merged) is not None:  # its leaves are cut out of one vector: whole on each device
+        merged = place(merged, NamedSharding(merged.sharding.mesh, PartitionSpec()))
     out = unstack_group(plans, merged, flat)
-    return {k: np.asarray(v) for k, v in out.items()} if host_output else out
+    if host_output:
+        return {k: np.asarray(v) for k, v in out.items()}
+    return {k: jax.device_put(v, _placement(base_arrays[k])) for k, v in out.items()}
+
+
+def _placement(base_leaf: Any) -> Any:
+    """Where a merged leaf goes: the base leaf's sharding when it is a JAX array, else the
+    default device (None)."""
+    return base_leaf.sharding if isinstance(base_leaf, jax.Array) and is_concrete(base_leaf) else None
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -560,8 +581,8 @@ def merge(
       experts: a list of ≥ 2 pytrees with the same paths, shapes and dtypes.
       method: a registered method name (:func:`swudi_jax.methods.registry.available_methods`),
         a :class:`MethodSpec` (registered or not), or a :class:`Resolved` value.
-      scale: s; None means the method's default (``task_arithmetic_paper`` 0.3; mergekit's
-        ``task_arithmetic`` and the others 1).
+      scale: s; None: the method's default, 0.3 for ``task_arithmetic_paper`` and ``dare``
+        (the papers' λ), 1 for mergekit's ``task_arithmetic`` and every other method.
       rules: the structural rules as one :class:`LeafRules` value, or give them as the
         keywords ``layout`` ("flax": kernels (in, out); "torch": HF weights (out, in);
         "auto": from the leaf names), ``include``, ``exclude``, ``head_patterns``,
@@ -695,6 +716,7 @@ __all__ = [
     "layer_options",
     "merge",
     "merge_group",
+    "takes_sharded_path",
     "plan",
     "TreePlan",
     "chunk_plans",

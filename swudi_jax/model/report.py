@@ -149,6 +149,7 @@ class MergeReport:
         if o["rho"] is not None:
             experts = ", ".join(_fmt(r) for r in o["rho"]["experts"])
             lines.append(f"residual energy captured rho: merge {_fmt(o['rho']['merged'])}; experts alone {experts}")
+        lines += [f"note: {note}" for note in self.notes if note.startswith("not reported")]
         lines.append(f"the {min(k, len(self.layers))} layers with the most interference left:")
         for layer in self.worst(k):
             lines.append(f"  {layer.name}: {_fmt(layer.interference_merged)} ({layer.interference_merged / total:.0%} "
@@ -254,6 +255,12 @@ class ReportCollector:
         self.expert_names = tuple(expert_names or (f"expert {i}" for i in range(n_experts)))
         self.layers: list[LayerReport] = []
         self.notes: list[str] = []
+        self.left_out: dict[str, list[str]] = {}
+
+    def leave_out(self, paths: Sequence[str], why: str) -> None:
+        """Note linear weights the merge does not show to the report (a note per reason, naming them)."""
+        if paths:
+            self.left_out.setdefault(why, []).extend(paths)
 
     def _note(self, text: str) -> None:
         if text not in self.notes:
@@ -305,8 +312,9 @@ class ReportCollector:
         r = self.resolved
         layers = sorted(self.layers, key=lambda x: (_natural(x.path), -1 if x.index is None else x.index))
         options = {} if r is None else {k: jsonable(v) for k, v in r.options.items()}
+        left = [f"not reported ({why}): {', '.join(paths)}" for why, paths in self.left_out.items()]
         return MergeReport(None if r is None else r.spec.name, options, None if r is None else r.scale,
-                           self.expert_names, tuple(layers), tuple(self.notes))
+                           self.expert_names, tuple(layers), tuple(self.notes + left))
 
 
 def _natural(path: str) -> tuple:

@@ -29,6 +29,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 
 from swudi_jax.model.calibration import ApplyFn, dense_io, gram, layer_order
@@ -148,9 +149,10 @@ def _mean_merged(base_flat: dict, expert_flats: list[dict]) -> dict:
     return merged
 
 
-def layerwise_merge(apply_fn: ApplyFn, base, experts: Sequence, batches_per_task: Sequence[Iterable], *,
+def layerwise_merge(apply_fn: ApplyFn, base: Any, experts: Sequence[Any], batches_per_task: Sequence[Iterable], *,
                     method: str = "output_space", inputs: str = "merged", targets: str = "local",
-                    weights=None, scale: float = 1.0, prefix: str = "params", **options) -> LayerwiseResult:
+                    weights: ArrayLike | Sequence[float] | None = None, scale: float = 1.0, prefix: str = "params",
+                    **options: Any) -> LayerwiseResult:
     """Merge a Flax model's Dense layers one by one in forward order from calibration data.
 
     ``inputs="merged"`` is the sequential algorithm (RegMean++ with ``method="regmean"``);
@@ -218,7 +220,8 @@ def _merge_layer_jit(tau, stats, weights, method, options):
     return merge_layer(tau, stats, weights, method=method, options=dict(options))
 
 
-def layer_scores(base, experts: Sequence, merged, grams: dict[str, Any], *, weights=None) -> dict[str, float]:
+def layer_scores(base: Any, experts: Sequence[Any], merged: Any, grams: dict[str, Any], *,
+                 weights: ArrayLike | Sequence[float] | None = None) -> dict[str, float]:
     """ρ(Δ) = 1 − L(Δ)/E of every Dense kernel in ``grams`` for any merged model.
 
     Δ = merged kernel − base kernel, scored against the experts' task vectors with the
@@ -238,3 +241,15 @@ def layer_scores(base, experts: Sequence, merged, grams: dict[str, Any], *, weig
         scores[path] = float(residual_energy_score(delta.astype(dtype), tau.astype(dtype),
                                                    np.asarray(g).astype(dtype), weights=weights))
     return scores
+
+
+__all__ = [
+    "INPUTS",
+    "METHODS",
+    "TARGETS",
+    "LayerStats",
+    "LayerwiseResult",
+    "layer_scores",
+    "layerwise_merge",
+    "merge_layer",
+]

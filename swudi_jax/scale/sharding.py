@@ -1,7 +1,7 @@
 """The multi-device path for big layers: a layer's output rows split across devices.
 
-A stack of task vectors τ (N, m, n) is sharded along m (the output rows) over a 1-D
-:class:`jax.sharding.Mesh`. Each device holds τ[:, rows, :] and computes, with the same
+A stack of task vectors τ (N, m, n) is sharded along m (the output rows) over the ``"rows"`` axis
+of a :class:`jax.sharding.Mesh`. Each device holds τ[:, rows, :] and computes, with the same
 pure functions as the single-device path (:mod:`swudi_jax.maths.spectral`):
 
 - ‖τi‖² = Σ_devices ‖τi[rows]‖²                      (one psum of N numbers) → wi
@@ -19,10 +19,13 @@ M (N·m × n, smaller than C's n × n) are all-gathered, every device takes C's 
 eigenpairs from the N·m × N·m Gram M Mᵀ (:func:`swudi_jax.solvers.range_eigh`, replicated),
 and D[rows] = Σi wi (τi[rows] τiᵀ) τi from the gathered rows, with no n × n collective.
 
-Any 1-D mesh with axis ``"rows"`` is accepted: :func:`make_row_mesh`'s (``Auto`` axis) or
-``jax.make_mesh((k,), ("rows",))``'s (``Explicit`` axis in current JAX). The computation
-runs on an ``Auto`` view of the same devices; the input is resharded onto it when it
-arrives with another sharding, and the result is returned on the caller's mesh.
+Any mesh with an axis named ``"rows"`` is accepted, with ``Auto`` or ``Explicit`` axes:
+:func:`make_row_mesh`'s, ``jax.make_mesh((k,), ("rows",))``'s, an N-D mesh such as
+``jax.make_mesh((2, 4), ("data", "rows"))`` (the rows split over ``"rows"``; the devices
+along the other axes each hold a copy of their rows' work), or the context mesh
+(``jax.set_mesh``) when none is named. The shard_map runs on that mesh itself; the input is
+placed by rows first (``jax.device_put`` eagerly, ``jax.sharding.reshard`` or a sharding
+constraint under ``jax.jit``), so θ comes back on the caller's mesh.
 Zero rows change none of ‖τi‖², C, D or θ0, so a row count that does not divide over the
 devices is padded with zero rows and the padding stripped from the result (which is then
 returned replicated, with a warning: JAX arrays cannot be sharded unevenly).
@@ -41,6 +44,8 @@ where ``load_rows(index)`` reads only the rows ``index`` of the (N, m, n) stack 
 host's devices own (e.g. from a safetensors file). The psums above become cross-host
 collectives; ``theta.addressable_shards`` holds this host's rows, to be written by each
 host for its rows. Inputs that are not fully addressable skip the host-side NaN check.
+``swudi-merge`` run as several processes does exactly this for the layers it merges on the
+global mesh (:mod:`swudi_jax.checkpoint.global_groups`).
 """
 
 from __future__ import annotations
@@ -54,10 +59,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from swudi_jax.maths import solvers
 from swudi_jax.maths.linalg import HIGHEST, compute_dtype
+from swudi_jax.maths.placement import place
 from swudi_jax.maths.spectral import (
     NORM_FLOOR,
     Spectrum,
@@ -133,23 +139,52 @@ def _local_merge(tau_rows, make_h, init, shape, solver, n_top):
     return theta.astype(tau_rows.dtype)
 
 
+def _check_mesh(mesh: Any) -> Mesh:
+    if not isinstance(mesh, Mesh) or ROW_AXIS not in mesh.axis_names:
+        raise ValueError(f"mesh must be a jax.sharding.Mesh with an axis named {ROW_AXIS!r} (make_row_mesh(), "
+                         f"jax.make_mesh((k,), ({ROW_AXIS!r},)) or an N-D mesh naming one axis {ROW_AXIS!r}), got {mesh!r}")
+    return mesh
+
+
+def row_mesh(mesh: Mesh | None = None, like: Any = None) -> Mesh:
+    """The mesh a layer's rows split over: ``mesh`` when given; else the mesh ``like`` (an
+    array) is sharded over, when it has a ``"rows"`` axis; else the context mesh
+    (``jax.set_mesh``) when it has one; else :func:`make_row_mesh` over all devices."""
+    if mesh is not None:
+        return _check_mesh(mesh)
+    own = getattr(getattr(like, "sharding", None), "mesh", None)
+    if isinstance(own, Mesh) and ROW_AXIS in own.axis_names:
+        return own
+    context = jax.sharding.get_mesh()
+    if isinstance(context, Mesh) and ROW_AXIS in context.axis_names:
+        return context
+    return make_row_mesh()
+
+
 @functools.lru_cache(maxsize=64)
 def _sharded_fn(mesh, spec: MethodSpec, options: tuple, shape, padded_rows, solver, n_top):
+    """The jit-compiled stack → θ on ``mesh``: the input placed by rows (zero rows appended
+    first when the mesh does not divide m), one shard_map over the rows axis (the other axes
+    of an N-D mesh hold copies), the padding stripped from a replicated result."""
     spectral_filter = spec.spectral_filter(dict(options))
     local = functools.partial(_local_merge, make_h=spectral_filter.make_h, init=spectral_filter.init, shape=shape[1:],
                               solver=solver, n_top=n_top)
     mapped = jax.shard_map(local, mesh=mesh, in_specs=PartitionSpec(None, ROW_AXIS, None),
                            out_specs=PartitionSpec(ROW_AXIS, None))
     m = shape[1]
-    if padded_rows == m:
-        return jax.jit(mapped, in_shardings=row_sharding(mesh), out_shardings=row_sharding(mesh, 2))
 
-    def padded(tau):
-        tau = jnp.pad(tau, ((0, 0), (0, padded_rows - m), (0, 0)))
-        tau = lax.with_sharding_constraint(tau, row_sharding(mesh))
-        return mapped(tau)[:m]
+    def run(tau):
+        if padded_rows != m:
+            tau = jnp.pad(place(tau, replicated(mesh)), ((0, 0), (0, padded_rows - m), (0, 0)))
+        theta = mapped(place(tau, row_sharding(mesh)))
+        return theta if padded_rows == m else place(theta, replicated(mesh))[:m]
 
-    return jax.jit(padded, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    return jax.jit(run, out_shardings=row_sharding(mesh, 2) if padded_rows == m else replicated(mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
 
 
 def _sharded_solver(solver: str, method: str, top: int | None, shape: tuple[int, int, int]) -> tuple[str, int | None]:
@@ -166,7 +201,8 @@ def _sharded_solver(solver: str, method: str, top: int | None, shape: tuple[int,
     return solver, (top if solver == "topk" else None)
 
 
-def merge_sharded(tau: Any, mesh: Mesh, method: str | MethodSpec | Resolved = DEFAULT_METHOD, **options) -> jax.Array:
+def merge_sharded(tau: Any, mesh: Mesh | None = None, method: str | MethodSpec | Resolved = DEFAULT_METHOD,
+                  **options: Any) -> jax.Array:
     """Run a spectral layer method with ``tau``'s output rows split over ``mesh``.
 
     Same result as the single-device method to float rounding (the sums over rows are
@@ -174,10 +210,14 @@ def merge_sharded(tau: Any, mesh: Mesh, method: str | MethodSpec | Resolved = DE
     task for its n×n Gram; the eigendecomposition is replicated.
 
     Args:
-      tau: task vectors (N, m, n), maths layout; a NumPy array, a single-device array or an
-        already row-sharded global ``jax.Array`` (multi-host: see the module docstring).
-      mesh: a 1-D mesh with axis ``"rows"``: :func:`make_row_mesh` or
-        ``jax.make_mesh((k,), ("rows",))`` (Auto or Explicit axis).
+      tau: task vectors (N, m, n), maths layout; a NumPy array, an array on any device or
+        sharding (placed by rows first), or a traced value under ``jax.jit`` (multi-host: see
+        the module docstring).
+      mesh: a mesh with an axis named ``"rows"``, ``Auto`` or ``Explicit`` axes:
+        :func:`make_row_mesh`, ``jax.make_mesh((k,), ("rows",))``, or an N-D mesh such as
+        ``jax.make_mesh((2, 4), ("data", "rows"))`` (the rows split over ``"rows"``; the
+        devices along the other axes each compute the same rows). None: :func:`row_mesh` —
+        ``tau``'s own mesh, else the context mesh (``jax.set_mesh``), else all devices.
       method: a method with a spectral filter (swudi, swudi_a, pinv, iwudi), by name, as a
         spec, or already resolved (:func:`swudi_jax.methods.registry.resolve`; then no options).
       **options: the method's options (as :func:`swudi_jax.swudi` etc.). Its ``solver`` here is
@@ -186,11 +226,11 @@ def merge_sharded(tau: Any, mesh: Mesh, method: str | MethodSpec | Resolved = DE
         on the replicated C, for SWUDI); "auto" picks "lowrank" when N·m < n, else "topk" when
         n ≥ 1024 and K ≤ n/10, else "full".
     Returns:
-      The merged task vector (m, n), sharded by rows over ``mesh`` when the mesh size divides
-      m; otherwise computed on zero-padded rows and returned replicated, with a warning.
+      The merged task vector (m, n) on ``mesh``: sharded by rows over its ``"rows"`` axis when
+      that axis divides m; otherwise computed on zero-padded rows and returned replicated,
+      with a warning.
     """
-    if not isinstance(mesh, Mesh) or ROW_AXIS not in mesh.axis_names or len(mesh.axis_names) != 1:
-        raise ValueError(f"mesh must be a 1-D jax.sharding.Mesh with axis {ROW_AXIS!r} (make_row_mesh()), got {mesh!r}")
+    mesh = row_mesh(mesh, like=tau)
     resolved = resolve(method, options)
     spectral_filter = spectral(resolved)
     tau = as_float_array(tau, "tau")
@@ -209,33 +249,22 @@ def merge_sharded(tau: Any, mesh: Mesh, method: str | MethodSpec | Resolved = DE
             f"{padded_rows - m} zero rows of padding (exact) and returned replicated",
             stacklevel=2,
         )
-    run_mesh = auto_mesh(mesh)
-    placed = isinstance(tau, jax.Array) and is_concrete(tau)  # a traced tau (merge_sharded under jit) is placed by jit
-    if placed and padded_rows == m and not tau.sharding.is_equivalent_to(row_sharding(run_mesh), tau.ndim):
-        tau = jax.device_put(tau, row_sharding(run_mesh))  # e.g. placed on an Explicit mesh
-    elif placed and padded_rows != m and getattr(tau.sharding, "mesh", run_mesh) != run_mesh:
-        tau = jax.device_put(tau, NamedSharding(run_mesh, PartitionSpec()))
-    options = tuple(sorted(resolved.options.items()))
-    fn = _sharded_fn(run_mesh, resolved.spec, options, tuple(tau.shape), padded_rows, solver, n_top)
-    out = fn(tau)
-    if run_mesh is not mesh and is_concrete(out):  # the caller's own mesh (same devices, same layout: no copy)
-        out = jax.device_put(out, NamedSharding(mesh, out.sharding.spec))
-    return out
-
-
-def auto_mesh(mesh: Mesh) -> Mesh:
-    """``mesh`` itself when every axis is ``Auto``, else the same devices and axis names with
-    ``Auto`` axes (what the shard_map of :func:`merge_sharded` is written against)."""
-    types = getattr(mesh, "axis_types", None)
-    if types is None or all(t == AxisType.Auto for t in types):
-        return mesh
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+    fn = _sharded_fn(mesh, resolved.spec, tuple(sorted(resolved.options.items())), tuple(tau.shape), padded_rows,
+                     solver, n_top)
+    if not is_concrete(tau):  # under the caller's jit: placed inside, under the caller's context mesh
+        return fn(tau)
+    target = row_sharding(mesh) if padded_rows == m else replicated(mesh)
+    if not (isinstance(tau, jax.Array) and tau.sharding.is_equivalent_to(target, tau.ndim)):
+        tau = jax.device_put(tau, target)  # NumPy, one device, another mesh or layout
+    with jax.set_mesh(mesh):  # whatever mesh the caller's context holds, the shard_map's is this one
+        return fn(tau)
 
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
     "ROW_AXIS",
-    "auto_mesh",
+    "replicated",
+    "row_mesh",
     "make_row_mesh",
     "merge_sharded",
     "row_sharding",

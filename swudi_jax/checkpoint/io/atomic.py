@@ -130,3 +130,15 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+__all__ = [
+    "atomic_directory",
+    "atomic_file",
+    "check_output_free",
+    "current_umask",
+    "default_dir_mode",
+    "fsync_dir",
+    "fsync_tree",
+    "is_nonempty_dir",
+]

@@ -180,3 +180,16 @@ def plain_name(name: object, where: str, key: str) -> str:
         raise CheckpointError(f"{where}: entry {key!r} names {name!r}, which is not a plain file name inside the "
                               "model folder; refusing it")
     return name
+
+
+__all__ = [
+    "HF_CACHE_PREFIXES",
+    "check_tree",
+    "checked_file",
+    "confined_dir",
+    "confined_file",
+    "model_root",
+    "open_file",
+    "plain_name",
+    "read_file",
+]

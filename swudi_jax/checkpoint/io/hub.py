@@ -12,7 +12,10 @@ lookup uses ``snapshot_download(local_files_only=True)``, which only reads the c
 result is the snapshot folder, ``.../models--org--name/snapshots/<commit>``; readers open it
 like any local model folder (its files are symlinks into the repo's own ``blobs/``). The snapshot
 must resolve to a folder directly under the repository's own ``snapshots/``: a ``refs/main``
-holding ``../../../elsewhere`` or a snapshot linked out of the cache folder is refused.
+holding ``../../../elsewhere`` or a snapshot linked out of the cache folder is refused. The
+``refs/`` entry is checked first, by this module: it must hold a plain commit name, since
+``huggingface_hub`` joins its content to the repository's folders (``snapshots/``, ``trees/``)
+and would otherwise read files outside the cache before the snapshot could be checked.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import re
 from pathlib import Path
 
+from swudi_jax.checkpoint.io import confine
 from swudi_jax.checkpoint.io.reader import CheckpointError
 
 # org/name with Hub-legal characters, optionally @revision (branch names may hold "/")
@@ -70,6 +74,7 @@ def resolve(repo_id: str, revision: str | None = None, *, allow_download: bool =
         raise CheckpointError(f"{repo_id}: resolving Hub ids needs huggingface_hub (pip install huggingface_hub)") from None
     cache = cache_dir()
     where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    _check_ref(repo_folder(repo_id, cache), revision, where)
     try:
         folder = snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=not allow_download)
     except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types (offline, not found, HTTP)
@@ -88,6 +93,20 @@ def resolve(repo_id: str, revision: str | None = None, *, allow_download: bool =
     return _inside_repo(Path(folder), repo_folder(repo_id, cache), where)
 
 
+def _check_ref(repo: Path, revision: str | None, where: str) -> None:
+    """The ``refs/<revision>`` entry (``main`` by default), when the cache has one, is a regular
+    file inside the repository folder holding a plain commit name (letters and digits: no
+    ``/`` or ``..`` that would lead huggingface_hub out of the cache)."""
+    ref = repo / "refs" / (revision or "main")
+    if not os.path.lexists(ref) or os.path.isdir(ref):
+        return  # a commit given as the revision, or no such ref: huggingface_hub reports it
+    with confine.open_file(ref, repo, "Hub cache refs entry") as f:
+        content = f.read(256).decode("utf-8", "replace").strip()
+    if not re.fullmatch(r"[0-9A-Za-z]+", content):
+        raise CheckpointError(f"Hub model {where}: its cache entry {ref} does not hold a commit hash (it holds "
+                              f"{content[:80]!r}), so it would lead out of the cache folder; refusing to follow it")
+
+
 def _inside_repo(snapshot: Path, repo: Path, where: str) -> Path:
     """``repo/snapshots/<commit>`` for a snapshot folder that resolves directly under the repo's
     ``snapshots/``; a CheckpointError for one that leads elsewhere (a ``refs/main`` holding
@@ -103,3 +122,12 @@ def _inside_repo(snapshot: Path, repo: Path, where: str) -> Path:
 def commit_of(snapshot: Path) -> str:
     """The commit a snapshot folder holds (its name)."""
     return snapshot.name
+
+
+__all__ = [
+    "cache_dir",
+    "commit_of",
+    "parse_hub_id",
+    "repo_folder",
+    "resolve",
+]

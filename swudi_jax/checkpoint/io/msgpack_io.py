@@ -59,3 +59,11 @@ def write(path: str | os.PathLike, flat: Mapping[str, np.ndarray]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(serialization.msgpack_serialize(tree))
     return path
+
+
+__all__ = [
+    "SEP",
+    "MsgpackReader",
+    "is_msgpack",
+    "write",
+]

@@ -111,3 +111,11 @@ class NpzWriter:
     def abort(self) -> None:
         self._zip.close()
 
+
+__all__ = [
+    "DTYPES_KEY",
+    "EXTENDED",
+    "NpzReader",
+    "NpzWriter",
+    "is_npz",
+]

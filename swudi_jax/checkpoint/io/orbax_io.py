@@ -128,3 +128,10 @@ class OrbaxWriter:
     def abort(self) -> None:
         self._flat = {}
 
+
+__all__ = [
+    "SEP",
+    "OrbaxReader",
+    "OrbaxWriter",
+    "is_orbax",
+]

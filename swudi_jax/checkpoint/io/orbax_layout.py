@@ -121,3 +121,15 @@ def _item(step_dir: Path, item: str | None) -> Path:
         return step_dir / names[0]
     raise CheckpointError(f"{step_dir}: composite checkpoint with items {names} and none named "
                           f"{' or '.join(PREFERRED_ITEMS)}; choose one with `item:` (e.g. {{model: ..., item: {names[0]}}})")
+
+
+__all__ = [
+    "ITEM_MARKERS",
+    "PREFERRED_ITEMS",
+    "is_item",
+    "is_step",
+    "items",
+    "kind",
+    "locate",
+    "steps",
+]

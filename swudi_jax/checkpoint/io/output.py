@@ -301,3 +301,14 @@ class OutputSlot:
         self._published = True
         fsync_dir(self.out.parent)
         return self.out
+
+
+__all__ = [
+    "RESULT_MARKER",
+    "TAG",
+    "OutputError",
+    "OutputSlot",
+    "check_output_target",
+    "lock_path",
+    "stale_temporaries",
+]

@@ -21,8 +21,9 @@ vector is zero.
 :class:`LoraReader` presents base + ΔW lazily: ΔW of a tensor is formed only when that tensor
 is read (one group at a time in the streamed merge), so the pipeline merges adapters as it
 merges any dense expert. The dense expert is rounded to the base tensor's dtype, as a merged
-and saved PEFT model would be. Merging straight from the factors (``swudi_jax.lora``, no dense
-m × n delta per expert) is a later optimisation; it is not done here.
+and saved PEFT model would be. Its :attr:`LoraReader.updates` (the factors, per tensor) and
+:attr:`LoraReader.replaced` let the pipeline merge from the factors instead
+(:mod:`swudi_jax.checkpoint.lora_factors`).
 
 Every file is read through :func:`swudi_jax.checkpoint.io.confine.open_file`: an
 ``adapter_config.json`` or weights file that is a link out of the adapter folder is refused
@@ -87,6 +88,7 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
+    task_type: str | None = None
 
     def rank(self, module: str) -> int:
         return int(_pattern_value(self.rank_pattern, module, self.r))
@@ -156,7 +158,7 @@ def read_config(adapter_dir: Path) -> LoraConfig:
     return LoraConfig(path=path, r=r, lora_alpha=float(alpha), use_rslora=bool(raw.get("use_rslora", False)),
                       fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)), target_modules=targets,
                       rank_pattern=patterns["rank_pattern"], alpha_pattern=patterns["alpha_pattern"],
-                      base_model_name_or_path=raw.get("base_model_name_or_path"))
+                      base_model_name_or_path=raw.get("base_model_name_or_path"), task_type=raw.get("task_type"))
 
 
 def _load_bin(file: Path, root: Path) -> dict[str, np.ndarray]:
@@ -200,12 +202,14 @@ def load_weights(adapter_dir: Path) -> tuple[Path, dict[str, np.ndarray]]:
 
 @dataclass(frozen=True)
 class LoraUpdate:
-    """One module's factors: ΔW = scaling · B A, transposed when ``transpose``."""
+    """One module's factors: ΔW = scaling · B A, transposed when ``transpose`` (``fan_in_fan_out``
+    or an embedding, whose update is ``lora_embedding_A/B``)."""
 
     a: np.ndarray
     b: np.ndarray
     scaling: float
     transpose: bool
+    embedding: bool = False
 
     def delta(self, dtype=np.float32) -> np.ndarray:
         d = self.scaling * (self.b.astype(dtype) @ self.a.astype(dtype))
@@ -304,7 +308,7 @@ class LoraReader(BaseReader):
                                   + ("" if kind == "embedding" else f" (fan_in_fan_out={config.fan_in_fan_out})"))
         if target in self.replaced:
             raise CheckpointError(f"{file}: {target!r} is both replaced and LoRA-updated by the adapter")
-        return LoraUpdate(a=a, b=b, scaling=config.scaling(module), transpose=transpose)
+        return LoraUpdate(a=a, b=b, scaling=config.scaling(module), transpose=transpose, embedding=kind == "embedding")
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -327,3 +331,17 @@ class LoraReader(BaseReader):
 
     def close(self) -> None:
         self._base.close()
+
+
+__all__ = [
+    "BIN_NAME",
+    "CONFIG_NAME",
+    "PREFIX",
+    "SAFETENSORS_NAME",
+    "LoraConfig",
+    "LoraReader",
+    "LoraUpdate",
+    "is_adapter",
+    "load_weights",
+    "read_config",
+]

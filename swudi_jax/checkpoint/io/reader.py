@@ -122,3 +122,14 @@ def write_all(writer, arrays: Mapping[str, np.ndarray]) -> None:
         writer.abort()
         raise
     writer.close()
+
+
+__all__ = [
+    "BaseReader",
+    "CheckpointError",
+    "CheckpointReader",
+    "ShapeDtype",
+    "naming_file",
+    "reading_file",
+    "write_all",
+]

@@ -253,10 +253,15 @@ class SafetensorsWriter:
       entries: every tensor's (shape, dtype), in the order they should appear.
       shard_size: maximum bytes per shard (None: one file).
       metadata: the ``__metadata__`` string map (``{"format": "pt"}`` by default, as HF expects).
+      keys: the tensors this writer writes when several writers (processes) fill one layout
+        (default: all); ``close()`` checks these.
+      create: lay the shards out (headers written, files sized) and write the index at ``close()``;
+        False opens the shards another writer with the same arguments laid out, to fill ``keys``.
     """
 
     def __init__(self, path: str | os.PathLike, entries: Mapping[str, ShapeDtype], *,
-                 shard_size: int | None = None, metadata: Mapping[str, str] | None = None):
+                 shard_size: int | None = None, metadata: Mapping[str, str] | None = None,
+                 keys: Iterable[str] | None = None, create: bool = True):
         self.path = Path(path)
         metadata = {"format": "pt"} if metadata is None else metadata
         single_file = self.path.suffix == ".safetensors"
@@ -274,19 +279,20 @@ class SafetensorsWriter:
         self._total = 0
         for name, shard in zip(names, shards):
             raw, offsets = _header(shard, metadata)
-            f = open(name, "wb")
-            self._files.append(f)
             data_start = 8 + len(raw)
             size = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for s, d in shard.values())
             with naming_file(name):
-                f.write(struct.pack("<Q", len(raw)) + raw)
-                f.truncate(data_start + size)
+                f = open(name, "wb" if create else "r+b")
+                self._files.append(f)
+                if create:
+                    f.write(struct.pack("<Q", len(raw)) + raw)
+                    f.truncate(data_start + size)
             self._total += size
             for key, entry in shard.items():
                 self._where[key] = (f, data_start + offsets[key], entry)
                 self._weight_map[key] = name.name
-        self._index = None if single_file or len(shards) == 1 else self.path / INDEX_NAME
-        self._pending = set(self._where)
+        self._index = None if single_file or len(shards) == 1 or not create else self.path / INDEX_NAME
+        self._pending = set(self._where) if keys is None else set(keys)
 
     def write(self, key: str, array: np.ndarray) -> None:
         if key not in self._where:
@@ -295,10 +301,26 @@ class SafetensorsWriter:
         array = np.asarray(array)
         if tuple(array.shape) != shape or array.dtype != dtype:
             raise CheckpointError(f"{self.path}: tensor {key!r} is {array.dtype}{list(array.shape)}, planned {dtype}{list(shape)}")
+        self._put(f, offset, array)
+        self._pending.discard(key)
+
+    def write_slice(self, key: str, start: int, array: np.ndarray) -> None:
+        """Write ``array`` (C order) as the tensor's flat elements ``start``, ``start + 1``, ...: a
+        block of rows that the writer of another process does not write (not counted by ``close()``)."""
+        if key not in self._where:
+            raise CheckpointError(f"{self.path}: tensor {key!r} was not planned for this checkpoint")
+        f, offset, (shape, dtype) = self._where[key]
+        array = np.asarray(array)
+        if array.dtype != dtype or start < 0 or start + array.size > int(np.prod(shape, dtype=np.int64)):
+            raise CheckpointError(f"{self.path}: elements {start}..{start + array.size} of tensor {key!r} "
+                                  f"({dtype}{list(shape)}) given as {array.dtype}")
+        self._put(f, offset + start * dtype.itemsize, array)
+
+    @staticmethod
+    def _put(f, offset: int, array: np.ndarray) -> None:
         with naming_file(f.name):
             f.seek(offset)
             f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-        self._pending.discard(key)
 
     def close(self) -> None:
         """Flush and close every shard and write the index; raise if a tensor was never written."""
@@ -323,3 +345,18 @@ class SafetensorsWriter:
                 pass
         self._files = []
 
+
+__all__ = [
+    "CODES",
+    "DTYPES",
+    "INDEX_NAME",
+    "MAX_HEADER_BYTES",
+    "SINGLE_NAME",
+    "SafetensorsReader",
+    "SafetensorsWriter",
+    "is_safetensors",
+    "plan_shards",
+    "read_header",
+    "read_weight_map",
+    "shard_files",
+]

@@ -154,3 +154,14 @@ def copy_side_files(source: str | os.PathLike, out: str | os.PathLike,
     for item in files:
         _copy_one(item, root, Path(out))
     return [item.relative for item in files]
+
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_FILE_BYTES",
+    "MODULES_NAME",
+    "SIDE_FILES",
+    "SideFile",
+    "copy_side_files",
+    "plan_side_files",
+]

@@ -2,7 +2,7 @@
 
 A model is written as
 
-- a local path (file or folder, relative to the config's folder): safetensors, orbax (an item,
+- a local path (file or folder): safetensors, orbax (an item,
   a step, or a ``CheckpointManager`` root), msgpack or npz;
 - a Hugging Face Hub id ``org/name`` or ``org/name@revision`` that is not a local path: its
   snapshot folder in the local cache (:mod:`swudi_jax.checkpoint.io.hub`; downloaded only with
@@ -15,12 +15,15 @@ A model is written as
   default ``params``, ``default`` or the only one) for orbax folders.
 
 Local paths win: a string that exists as a path is never read as a Hub id or split at ``+``.
+A relative path is looked up in the search folders in order (:func:`local_path`; for a config
+file: the working directory, as mergekit resolves them, then the config's folder).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,10 +85,30 @@ class ModelSource:
         return reader if self.adapter is None else peft.LoraReader(reader, self.adapter)
 
 
-def _locate(text: str, base_dir: Path, where: str, allow_download: bool) -> tuple[Path, str | None] | None:
-    """A local path (resolved) or a Hub snapshot (with its ``org/name@commit``); None if neither form applies."""
+def search_dirs(base_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[Path, ...]:
+    """The folders relative paths are looked up in, in order (one folder or several)."""
+    if isinstance(base_dir, (str, os.PathLike)):
+        return (Path(base_dir),)
+    return tuple(Path(d) for d in base_dir)
+
+
+def local_path(text: str, dirs: Sequence[Path], where: str) -> Path:
+    """The path ``text`` names: itself when absolute, else under the first of ``dirs`` where it
+    exists (under the first when it exists nowhere). A relative path that exists under two of
+    them as different files is read from the first, with a warning naming both."""
     path = Path(os.path.expanduser(text))
-    path = path if path.is_absolute() else base_dir / path
+    if path.is_absolute():
+        return path
+    found = [d / path for d in dirs if (d / path).exists()]
+    if len(found) > 1 and found[0].resolve() != found[1].resolve():
+        warnings.warn(f"{where}: {text!r} exists both as {found[0]} (working directory) and {found[1]} (beside the "
+                      f"config): reading {found[0]}, as mergekit resolves relative paths", stacklevel=2)
+    return found[0] if found else dirs[0] / path
+
+
+def _locate(text: str, dirs: Sequence[Path], where: str, allow_download: bool) -> tuple[Path, str | None] | None:
+    """A local path (resolved) or a Hub snapshot (with its ``org/name@commit``); None if neither form applies."""
+    path = local_path(text, dirs, where)
     if path.exists():
         if path.is_symlink() and path.is_file():  # e.g. snapshots/<rev>/model.safetensors -> ../../blobs/<hash>:
             return path.parent.resolve() / path.name, None  # keep the name, whose suffix tells the format
@@ -106,28 +129,35 @@ def _text(value: Any, where: str) -> str:
     return str(value)
 
 
-def _must_locate(text: str, base_dir: Path, where: str, allow_download: bool) -> tuple[Path, str | None]:
-    found = _locate(text, base_dir, where, allow_download)
+def _must_locate(text: str, dirs: Sequence[Path], where: str, allow_download: bool) -> tuple[Path, str | None]:
+    found = _locate(text, dirs, where, allow_download)
     if found is None:
-        path = Path(os.path.expanduser(text))
-        raise CheckpointError(f"{where}: {path if path.is_absolute() else base_dir / path} does not exist")
+        raise CheckpointError(f"{where}: {_missing(text, dirs)}")
     return found
 
 
-def parse_model(value: Any, base_dir: str | os.PathLike, where: str, *, allow_download: bool = False,
-                base: ModelSource | None = None) -> ModelSource:
+def _missing(text: str, dirs: Sequence[Path]) -> str:
+    path = Path(os.path.expanduser(text))
+    if path.is_absolute() or len(dirs) == 1:
+        return f"{local_path(text, dirs, '')} does not exist"
+    return f"{text} does not exist in the working directory {dirs[0]} (nor beside the config, in {dirs[1]})"
+
+
+def parse_model(value: Any, base_dir: str | os.PathLike | Sequence[str | os.PathLike], where: str, *,
+                allow_download: bool = False, base: ModelSource | None = None) -> ModelSource:
     """Resolve one config model entry (see the module docstring) to a :class:`ModelSource`.
 
     Args:
       value: the entry as written (a string or a mapping).
-      base_dir: the folder relative paths start from (the config's).
+      base_dir: the folder relative paths start from, or the folders they are looked up in
+        (:func:`local_path`).
       where: the entry's name in error messages (``config x.yaml: `models[1]```).
       allow_download: let Hub ids missing from the cache be downloaded.
       base: the resolved base model, which a bare adapter is applied to (None for the base itself).
     Raises:
       CheckpointError naming ``where`` and the path, id or key that is wrong.
     """
-    base_dir = Path(base_dir)
+    dirs = search_dirs(base_dir)
     step = item = adapter_text = None
     if isinstance(value, Mapping):
         extra = sorted(set(map(str, value)) - set(MAPPING_KEYS))
@@ -143,18 +173,18 @@ def parse_model(value: Any, base_dir: str | os.PathLike, where: str, *, allow_do
             adapter_text = _text(value["adapter"], f"{where}: `adapter`")
         value = value["model"]
     text = _text(value, where)
-    found = _locate(text, base_dir, where, allow_download)
+    found = _locate(text, dirs, where, allow_download)
     if found is None and adapter_text is None and "+" in text:
         left, _, right = text.rpartition("+")
         if left and right:
-            found = _must_locate(left, base_dir, f"{where} (model of {text!r})", allow_download)
+            found = _must_locate(left, dirs, f"{where} (model of {text!r})", allow_download)
             adapter_text = right
             where = f"{where} (adapter of {text!r})"
     if found is None:
-        found = _must_locate(text, base_dir, where, allow_download)
+        found = _must_locate(text, dirs, where, allow_download)
     path, label = found
     if adapter_text is not None:
-        adapter, adapter_label = _must_locate(adapter_text, base_dir, where, allow_download)
+        adapter, adapter_label = _must_locate(adapter_text, dirs, where, allow_download)
         if not peft.is_adapter(adapter):
             raise CheckpointError(f"{where}: {adapter} is not a PEFT adapter folder (no {peft.CONFIG_NAME})")
         if peft.is_adapter(path):
@@ -169,3 +199,10 @@ def parse_model(value: Any, base_dir: str | os.PathLike, where: str, *, allow_do
                                   "set them on the base model")
         return ModelSource(base.path, path, base.step, base.item, base.hub, label)
     return ModelSource(path, None, step, item, label, None)
+
+
+__all__ = [
+    "MAPPING_KEYS",
+    "ModelSource",
+    "parse_model",
+]
