@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -74,7 +75,7 @@ def time_report(setup, workdir: Path, methods, repeats: int, calib: int, log=pri
                 shutil.rmtree(merged, ignore_errors=True)
                 if rep:
                     runs[kind].append((wall, peak))
-        out[name] = runs
+        out[name] = {**runs, "loadavg_after": os.getloadavg()}
         log(f"[{name}] plain {statistics.median(w for w, _ in runs['plain']):.2f}s, with --report "
             f"{statistics.median(w for w, _ in runs['report']):.2f}s")
     return out
