@@ -10,6 +10,7 @@ from swudi_jax.checkpoint import io
 from swudi_jax.checkpoint.compile_cache import enable_compile_cache
 from swudi_jax.checkpoint.config import MergeConfig, load_config
 from swudi_jax.checkpoint.pipeline import merge_checkpoints
+from swudi_jax.checkpoint.report_files import read_report, report_figure, write_report
 from swudi_jax.maths import filters, solvers, spectral
 from swudi_jax.maths.spectral import (
     filtered_solution,
@@ -41,6 +42,8 @@ from swudi_jax.methods.wudi import wudi_gd
 from swudi_jax.model import calibration, layout, sequential
 from swudi_jax.model.calibration import Calibration, task_grams
 from swudi_jax.model.merger import TreePlan, merge, merge_group, plan, plan_tree, task_vectors
+from swudi_jax.model.report import MergeReport
+from swudi_jax.model.score import score
 from swudi_jax.model.sequential import layer_scores, layerwise_merge
 from swudi_jax.scale import lora, sharding
 from swudi_jax.scale.lora import merge_lora
@@ -62,6 +65,7 @@ __all__ = [
     "LLM_PRESET",
     "MergeConfig",
     "MergeMethod",
+    "MergeReport",
     "MethodSpec",
     "Resolved",
     "TreePlan",
@@ -95,9 +99,12 @@ __all__ = [
     "plan_tree",
     "register",
     "regmean",
+    "read_report",
     "registry",
+    "report_figure",
     "residual_energy_score",
     "resolve",
+    "score",
     "right_hand_side",
     "sequential",
     "sharding",
@@ -114,4 +121,5 @@ __all__ = [
     "ties_model_thresholds",
     "wudi_gd",
     "wudi_loss",
+    "write_report",
 ]

@@ -119,6 +119,12 @@ def main():
                for _ in range(4)]
     whole = {shard: sj.merge(base, experts, "swudi", layout="torch", multi_device=shard) for shard in (True, False)}
     report["merge_shard_rel_err"] = max(rel_err(whole[True][k], whole[False][k]) for k in base)
+    reported = {shard: sj.merge(base, experts, "swudi", layout="torch", multi_device=shard, report=True)
+                for shard in (True, False)}
+    report["report_shard"] = {
+        "same_bytes": all(np.asarray(reported[True][0][k]).tobytes() == np.asarray(whole[True][k]).tobytes()
+                          for k in base),
+        "layers": [r[1].layers[0].to_dict() for r in (reported[True], reported[False])]}
     report["cases"] = dict(cases)
     report["any_mesh"] = any_mesh()
     print(json.dumps(report))

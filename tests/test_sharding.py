@@ -105,6 +105,15 @@ def test_whole_model_merge_takes_the_sharded_path_on_request_with_the_same_resul
     assert eight_devices["merge_shard_rel_err"] <= 1e-5
 
 
+def test_the_report_of_a_sharded_merge_matches_the_single_device_report(eight_devices):
+    shard = eight_devices["report_shard"]
+    assert shard["same_bytes"]  # report=True changes no merged byte on the sharded path either
+    sharded, single = shard["layers"]
+    assert sharded["spectral"]["kept_rank"] == single["spectral"]["kept_rank"] == 32  # ⌈0.65 · 48⌉
+    np.testing.assert_allclose(sharded["per_task_sum"], single["per_task_sum"], rtol=1e-6)
+    np.testing.assert_allclose(sharded["per_task_merged"], single["per_task_merged"], rtol=1e-4)
+
+
 def test_whole_model_merge_refuses_a_bad_shard_option_before_compute():
     base = {"w": np.ones((4, 6), np.float32)}
     experts = [{"w": np.full((4, 6), 1.0 + i, np.float32)} for i in range(1, 3)]

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import yaml
@@ -68,8 +69,8 @@ def swudi_merge_command() -> list[str]:
     return [found]
 
 
-def run_merge(config: dict, workdir: Path, name: str) -> tuple[Path, float, float]:
-    """Write ``config`` as YAML, run ``swudi-merge`` on it; (output dir, wall s, peak RSS MiB)."""
+def run_merge(config: dict, workdir: Path, name: str, flags: Sequence[str] = ()) -> tuple[Path, float, float]:
+    """Write ``config`` as YAML, run ``swudi-merge`` on it (with ``flags``); (output dir, wall s, peak RSS MiB)."""
     cfg_path = workdir / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     out = workdir / f"merged_{name}"
@@ -78,7 +79,7 @@ def run_merge(config: dict, workdir: Path, name: str) -> tuple[Path, float, floa
     log = workdir / f"{name}.log"
     start = time.perf_counter()
     with log.open("wb") as handle:
-        proc = subprocess.Popen([*swudi_merge_command(), str(cfg_path), str(out), "--no-progress"],
+        proc = subprocess.Popen([*swudi_merge_command(), str(cfg_path), str(out), "--no-progress", *flags],
                                 stdout=handle, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start

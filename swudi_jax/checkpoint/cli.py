@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter-rank", metavar="R", type=int,
                         help="with --out-adapter: truncate each module to rank R (best approximation; error reported)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--report", action="store_true",
+                        help="also write OUT/merge_report.json, .txt and .png (per linear layer the task interference "
+                             "left by the merge; the picture needs matplotlib) and print the worst layers")
+    parser.add_argument("--score", metavar="CALIB",
+                        help="per-task input Grams {tensor: (N, n, n)} of calibration data (as a config's `grams`): "
+                             "the report also gives the residual-energy score rho of the merge and of each expert")
     _mergekit_arguments(parser)
     many = parser.add_argument_group("many processes (README, 'Many hosts')")
     many.add_argument("--distributed", action="store_true",
@@ -237,7 +243,7 @@ def _run(args: argparse.Namespace, distributed: bool):
     out = merge_checkpoints(config, args.out, force=args.force, dry_run=args.dry_run,
                             progress=not (args.no_progress or args.quiet), max_group_bytes=group,
                             copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
-                            distributed=distributed, timings=timings)
+                            distributed=distributed, timings=timings, report=args.report, score=args.score)
     if distributed:  # every process has finished: say what it did, leave the runtime together
         import jax
 

@@ -39,7 +39,7 @@ import functools
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from swudi_jax.checkpoint.lora_factors import FactorMerge, plan_factor_merge
 from swudi_jax.checkpoint.merge_plan import MergePlan
 from swudi_jax.checkpoint.output_checks import checked_outputs
 from swudi_jax.checkpoint.output_files import CONFIG_NAME, write_adapter_beside, write_beside
+from swudi_jax.checkpoint.report_files import write_report
 from swudi_jax.checkpoint.stream import run_overlapped, run_sequential
 from swudi_jax.checkpoint.vocab_rows import VocabularyReaders
 from swudi_jax.maths.linalg import is_floating
@@ -69,6 +70,7 @@ from swudi_jax.model.batching import compile_groups, padded_sizes
 from swudi_jax.model.flat import mismatch
 from swudi_jax.model.layout import LeafPlan
 from swudi_jax.model.merger import DEFAULT_MAX_GROUP_BYTES, chunk_plans, chunk_stack, merge_group, prepare
+from swudi_jax.model.report import ReportCollector
 
 
 
@@ -113,19 +115,42 @@ def _check_same_tensors(base: ckio.CheckpointReader, experts: Sequence[ckio.Chec
         raise ValueError(f"{expert.path}: tensor {found.path!r} has {found.kind} {got}, the base has {base_value}")
 
 
-def _check_grams(config: MergeConfig, plans: Sequence[LeafPlan], grams: ckio.CheckpointReader | None) -> None:
-    if config.method.spec.kind != "data":
-        return
-    n = len(config.models)
-    for p in plans:
-        if p.kind != "linear":
-            continue
+def _check_grams(plans: Sequence[LeafPlan], grams: ckio.CheckpointReader, n: int, required: bool) -> None:
+    """Every linear weight's Grams present (``required``, for data methods) or those present of the
+    right shape and none for another tensor (``--score``'s calibration Grams)."""
+    linear = [p for p in plans if p.kind == "linear"]
+    for p in linear:
         want = (n, p.maths_shape[1], p.maths_shape[1]) if p.layers == 1 else (p.layers, n, p.maths_shape[1], p.maths_shape[1])
         if p.path not in grams.keys():
+            if not required:
+                continue
             raise ValueError(f"{grams.path}: no input Grams for linear weight {p.path!r} (expected shape {list(want)})")
         if grams.shape_dtype(p.path)[0] != want:
             raise ValueError(f"{grams.path}: Grams of {p.path!r} have shape {list(grams.shape_dtype(p.path)[0])}, "
                              f"expected {list(want)}")
+    extra = sorted(set(grams.keys()) - {p.path for p in linear})
+    if extra and not required:
+        raise ValueError(f"{grams.path}: Grams for {extra[:5]}, which are not linear weights of the base "
+                         f"(linear weights: {[p.path for p in linear][:3]}...)")
+
+
+class _GramReader(Mapping):
+    """A Grams checkpoint as the ``{path: (N, n, n)}`` mapping the report reads, tensor by tensor
+    (each checked finite when read)."""
+
+    def __init__(self, reader: ckio.CheckpointReader):
+        self.reader = reader
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.reader.keys():
+            raise KeyError(key)
+        return _read_group(self.reader, [key])[key]
+
+    def __iter__(self):
+        return iter(self.reader.keys())
+
+    def __len__(self) -> int:
+        return len(self.reader.keys())
 
 
 def _read_group(reader: ckio.CheckpointReader, keys: Sequence[str]) -> dict[str, np.ndarray]:
@@ -225,7 +250,8 @@ def plan_merge(config: MergeConfig, base: ckio.CheckpointReader, experts: Sequen
     rules = config.leaf_rules().for_paths(list(signature), fallback="torch" if base.format == "safetensors" else "flax")
     out_format = base.format if config.out_format == "auto" else config.out_format
     plans, guesses = rules.plan_with_guesses(signature)
-    _check_grams(config, plans, grams)
+    if config.method.spec.kind == "data":
+        _check_grams(plans, grams, len(config.models), required=True)
     if out_format == ADAPTER_FORMAT:
         check_adapter_output(config, experts)
     elementwise = config.method.spec.kind == "elementwise"
@@ -314,10 +340,11 @@ def _group_reader(plan: MergePlan, readers, grams, work: str, same_as_base: list
 
 
 def _group_stages(plan: MergePlan, resolved, resolver, work: str, multi_device, factors: FactorMerge, writer,
-                  target: Path):
+                  target: Path, reporting: "_Reporting"):
     """The merge loop's ``compute(g, arrays)`` (the caller's thread: group g's tensors merged in one
-    compiled call, those in ``factors.paths`` from their LoRA factors, results checked finite) and
-    ``write(g, merged)`` (the write-behind thread, in group order)."""
+    compiled call, those in ``factors.paths`` from their LoRA factors, results checked finite; the
+    dense linear ones shown to the report, if any) and ``write(g, merged)`` (the write-behind
+    thread, in group order)."""
     config = plan.config
     sizes = padded_sizes(plan.groups, resolved.spec.kind == "elementwise")
 
@@ -325,7 +352,8 @@ def _group_stages(plan: MergePlan, resolved, resolver, work: str, multi_device, 
         group = list(plan.groups[g])
         dense = [p for p in group if p.path not in factors.paths]
         merged = merge_group(dense, arrays[0], arrays[1], resolved, arrays[2], multi_device, resolver, work,
-                             plan.has_base(g), pad_to=sizes[g], host_output=True)
+                             plan.has_base(g), pad_to=sizes[g], host_output=True,
+                             report=reporting.collector_for(plan, g, [p.path for p in group if p.path in factors.paths]))
         merged.update(factors.merge([p for p in group if p.path in factors.paths], arrays[0]))
         return checked_outputs(merged, {p.path: plan.out_dtypes[p.path] for p in group}, config.merge_method)
 
@@ -412,7 +440,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
                       dry_run: bool = False, progress: bool = True,
                       max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES, copy_tokenizer: bool = True,
                       overlap: bool = True, timings: dict | None = None, write_model_card: bool = True,
-                      distributed: bool = False) -> Path:
+                      distributed: bool = False, report: bool = False, score: str | os.PathLike | None = None) -> Path:
     """Merge the checkpoints a config names into ``out``, streaming one tensor group at a time.
 
     Args:
@@ -433,6 +461,11 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
       distributed: be one of the processes of JAX's distributed runtime, each calling this with the same
         arguments: each merges its share and process 0 publishes OUT, byte for byte the single-process
         merge (:mod:`swudi_jax.checkpoint.distributed`; the runtime started from the environment if need be).
+      report: also write the merge report into ``out`` and print its summary (same weights;
+        :mod:`swudi_jax.checkpoint.report_files`); one process only, dense output only (refused with
+        ``distributed`` and ``out_format: peft``).
+      score: a checkpoint of per-task input Grams ``{tensor: (N, n, n)}`` (as a config's
+        ``grams``): the report then gives ρ of the merge and of each expert (implies ``report``).
     Returns:
       ``out`` as a Path.
     Raises:
@@ -440,22 +473,16 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
       naming the file and tensor, before any output is in place; OSError naming the file
       being written (disk full, file-size limit).
     """
-    config = config if isinstance(config, MergeConfig) else load_config(config)
-    inputs = [p for s in config.sources for p in (s.path, s.adapter) if p is not None]
-    out = check_output_target(out, protected=[config.source, config.base_model, *config.models, *inputs, config.grams,
-                                              config.tokenizer_source], force=force)
+    config, out, work = _start(config, out, force, score)
     method = config.method.spec
-    work = None if config.dtype is None else method.work_dtype(config.dtype)
-    if work == "float64":
-        jax.config.update("jax_enable_x64", True)
     if dry_run:
         print(plan_checkpoints(config, max_group_bytes=max_group_bytes).describe())
         return out
-    if distributed and config.out_format == ADAPTER_FORMAT:
-        raise ValueError(f"out_format {ADAPTER_FORMAT} is written by one process: run it without --distributed")
+    _check_one_output(config, distributed, report or score is not None)
     team = Team.start(distributed)  # one process, or this process's part in a distributed merge
     options = dict(out=out, force=force, max_group_bytes=max_group_bytes, copy_tokenizer=copy_tokenizer, card=write_model_card)
-    with team.output_slot(out, force, config, options) as slot, _opened(config) as (base, experts, grams):
+    with team.output_slot(out, force, config, options) as slot, _opened(config) as (base, experts, grams), \
+            _Reporting.opened(report, score) as reporting:
         plan = plan_merge(config, base, experts, grams, max_group_bytes=max_group_bytes)
         _warn_guesses(plan, team.lead)
         _stored_float64(work, [base, *experts])
@@ -467,15 +494,14 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         if plan.out_format == ADAPTER_FORMAT:  # one PEFT adapter: the merge from the adapters' factors
             _publish_adapter(plan, slot, experts, base, resolved, resolver, work, progress)
             return out
-        entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
+        reporting.start(plan, resolved)
         # a joining base is an input; with slices each slice has its own inputs (not checked)
         same_as_base = [config.has_base and method.base != "joins" and plan.sliced is None] * len(experts)
-        target = ckio.weights_path(slot.tmp, plan.out_format)
-        writer = team.open_writer(target, plan, entries, shard_size=config.out_shard_size,
-                                  metadata=getattr(base, "metadata", None) or None)
+        target, writer = _open_weights(plan, base, slot.tmp, team)
         factors = plan_factor_merge(config, plan, experts, resolved, resolver, work)
         read = _group_reader(plan, [base, *experts], grams, work, same_as_base, factors)
-        compute, write = _group_stages(plan, resolved, resolver, work, share.multi_device, factors, writer, target)
+        compute, write = _group_stages(plan, resolved, resolver, work, share.multi_device, factors, writer, target,
+                                       reporting)
         loop = run_overlapped if overlap else run_sequential
         with team.together("merging"), _closing(writer, target):
             merge_global_groups(share.global_groups, read, plan, resolved, resolver, writer, team)
@@ -484,8 +510,100 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.Pat
         if timings is not None:
             timings.update(split.as_dict(), share=share.summary())
         _warn_zero_task_vectors(config, team.all(same_as_base), team.lead)
+        reporting.write(slot.tmp, out)
         team.lead_step("publish", functools.partial(_publish, plan, slot, copy_tokenizer, side_files, resolved.scale,
                                                     write_model_card))
+    reporting.show()
     return out
+
+
+def _start(config: MergeConfig | str | os.PathLike, out, force: bool, score) -> tuple[MergeConfig, Path, str | None]:
+    """(the config, OUT checked against every input, the compute dtype: None when the config
+    gives none), x64 turned on for float64."""
+    config = config if isinstance(config, MergeConfig) else load_config(config)
+    inputs = [p for s in config.sources for p in (s.path, s.adapter) if p is not None]
+    out = check_output_target(out, protected=[config.source, config.base_model, *config.models, *inputs, config.grams,
+                                              config.tokenizer_source, score], force=force)
+    work = None if config.dtype is None else config.method.spec.work_dtype(config.dtype)
+    if work == "float64":
+        jax.config.update("jax_enable_x64", True)
+    return config, out, work
+
+
+def _check_one_output(config: MergeConfig, distributed: bool, report: bool) -> None:
+    """Refuse what one process must write: a PEFT adapter, or the merge report (each process sees
+    only its share of the layers), in a distributed merge; the report of an adapter output."""
+    if distributed and config.out_format == ADAPTER_FORMAT:
+        raise ValueError(f"out_format {ADAPTER_FORMAT} is written by one process: run it without --distributed")
+    if distributed and report:
+        raise ValueError("--report and --score need every layer in one process; a --distributed merge splits the "
+                         "layers between processes: run the merge without --distributed for its report")
+    if report and config.out_format == ADAPTER_FORMAT:
+        raise ValueError(f"--report and --score cover merges written as weights; out_format {ADAPTER_FORMAT} writes "
+                         "an adapter: run with another out_format for the report (same merge)")
+
+
+def _open_weights(plan: MergePlan, base: ckio.CheckpointReader, tmp: Path, team: Team):
+    """(the weights file, its writer) in the temporary output folder, with the base's metadata."""
+    entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
+    target = ckio.weights_path(tmp, plan.out_format)
+    return target, team.open_writer(target, plan, entries, shard_size=plan.config.out_shard_size,
+                                    metadata=getattr(base, "metadata", None) or None)
+
+
+class _Reporting:
+    """``--report`` and ``--score`` for one run: the calibration Grams, the collector the merge
+    shows its linear groups to, the report's files and the summary printed at the end."""
+
+    def __init__(self, wanted: bool, calibration: _GramReader | None):
+        self.wanted, self.calibration = wanted or calibration is not None, calibration
+        self.collector: ReportCollector | None = None
+        self.lines: list[str] = []
+        self.inputs: tuple = ()
+
+    @classmethod
+    @contextlib.contextmanager
+    def opened(cls, report: bool, score: str | os.PathLike | None) -> Iterator["_Reporting"]:
+        reader = None if score is None else _open(Path(score), "auto", "--score")
+        try:
+            yield cls(report, None if reader is None else _GramReader(reader))
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def start(self, plan: MergePlan, resolved) -> None:
+        """The collector for the merge (none when no report was asked for); the Grams checked first."""
+        n = len(plan.config.models)
+        if self.calibration is not None:
+            _check_grams(plan.plans, self.calibration.reader, n, required=False)
+        if self.wanted:
+            names = [str(m) for m in plan.config.models]
+            self.collector = ReportCollector(resolved, n, names, self.calibration)
+            self.inputs = (True, tuple(range(n + 1)))  # with slices: the base, then every model in order
+
+    def collector_for(self, plan: MergePlan, g: int, factored: Sequence[str]) -> ReportCollector | None:
+        """The collector group g's dense tensors are shown to, or None. Left out, and noted: the
+        tensors merged from LoRA factors (``factored``: no dense task vectors), and with slices the
+        groups of a slice that merges other models than the config's, in its order."""
+        if self.collector is None:
+            return None
+        self.collector.leave_out(factored, "merged from LoRA factors")
+        first = plan.groups[g][0]
+        if plan.sliced is not None and first.kind == "linear" and plan.sliced.recipes[first.path].input_set != self.inputs:
+            self.collector.leave_out([p.path for p in plan.groups[g]],
+                                     "a slice merging other models than the base and `models` in order")
+            return None
+        return self.collector
+
+    def write(self, folder: Path, out: Path) -> None:
+        """The report's files into ``folder`` (the temporary output that becomes ``out``)."""
+        if self.collector is not None:
+            result = self.collector.result()
+            self.lines = [result.summary(), write_report(result, folder, shown_as=str(out))]
+
+    def show(self) -> None:
+        for line in self.lines:
+            print(line)
+
 
 __all__ = ["CONFIG_NAME", "MergePlan", "merge_checkpoints", "plan_checkpoints", "plan_merge"]

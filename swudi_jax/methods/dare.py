@@ -67,11 +67,17 @@ def dare(
     Returns:
       The merged task vector τm, shape (...), in ``tau``'s dtype (apply λ as the scale).
     """
-    key = jax.random.PRNGKey(seed) if key is None else key
-    dropped = drop_and_rescale(tau, key, drop, rescale).astype(tau.dtype)
+    kept = dropped(tau, drop=drop, rescale=rescale, seed=seed, then=then, key=key)
     if then == "ties":
-        return disjoint_merge(dropped)
-    return jnp.sum(dropped, axis=0)
+        return disjoint_merge(kept)
+    return jnp.sum(kept, axis=0)
+
+
+def dropped(tau: jax.Array, *, drop: float = DEFAULT_DROP, rescale: bool = True, seed: int = 0,
+            then: str = "task_arithmetic", key: jax.Array | None = None) -> jax.Array:
+    """DARE's drop-and-rescale step τ̃ (N, ...) in ``tau``'s dtype (arguments as :func:`dare`)."""
+    key = jax.random.PRNGKey(seed) if key is None else key
+    return drop_and_rescale(tau, key, drop, rescale).astype(tau.dtype)
 
 
 def _validate(options: Mapping[str, Any]) -> None:
@@ -97,6 +103,7 @@ DARE = MethodSpec(
     source="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
     validate=_validate,
     leaf_inputs=_leaf_keys,
+    kept=dropped,
 )
 
 

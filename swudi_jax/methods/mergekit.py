@@ -146,7 +146,7 @@ def _task_arithmetic(family: mf.TaskArithmetic, source: str) -> MethodSpec:
     return MethodSpec(family.name, family, "elementwise", source=MERGEKIT + source,
                       per_expert=tuple(k for k in PER_MODEL if k in family.defaults), tensor_options=("lam",),
                       leaf_inputs=_family_inputs(family), validate=family.check, inputs=family.inputs,
-                      compute_dtypes=ANY_DTYPE, n_experts=(1, None),
+                      compute_dtypes=ANY_DTYPE, n_experts=(1, None), kept=family.kept,
                       combination=family.coefficients if family.sparsification is None and family.consensus is None
                       else None)
 

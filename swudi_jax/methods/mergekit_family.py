@@ -264,15 +264,31 @@ class TaskArithmetic:
         divisor = (1.0 if abs(total) < SUM_EPS else total) if options["normalize"] else 1.0
         return np.asarray(weight, np.float64) * float(options["lam"]) / divisor
 
-    def __call__(self, tau: jax.Array, **kwargs: Any) -> jax.Array:
+    def _options(self, tau: jax.Array, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         bound = self.__signature__.bind(tau, **kwargs)
         bound.apply_defaults()
         options = {k: v for k, v in bound.arguments.items() if k != "tau"}
         self.check(options)
+        return options
+
+    def __call__(self, tau: jax.Array, **kwargs: Any) -> jax.Array:
+        options = self._options(tau, kwargs)
         weight = options.pop("weight")
         return generalized_task_arithmetic(
             tau, weight, sparsification=self.sparsification, consensus=self.consensus,
             **{k: v for k, v in options.items() if k not in IGNORED})
+
+    def kept(self, tau: jax.Array, **kwargs: Any) -> jax.Array:
+        """δi = wi · sparsify(τi) (N, ...), what the sign consensus and the sum see (same
+        arguments as the method; τ itself, weighted, for task_arithmetic)."""
+        options = self._options(tau, kwargs)
+        if self.sparsification is not None:
+            tau = _sparsify.sparsify(
+                tau, self.sparsification, options["density"], gamma=options.get("gamma", 0.0),
+                epsilon=options.get("epsilon", 0.0), rescale=options["rescale"],
+                **{k: options[k] for k in self.inputs})
+        weight = jnp.asarray(_sparsify.per_model(options["weight"], tau.shape[0], "weight"), tau.dtype)
+        return tau * weight.reshape((-1,) + (1,) * (tau.ndim - 1))
 
 
 task_arithmetic = TaskArithmetic("task_arithmetic", None, None, normalize=False)

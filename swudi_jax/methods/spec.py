@@ -159,6 +159,10 @@ class MethodSpec:
       n_experts: (fewest, most or None) experts besides the base the method takes.
       compute_dtypes: the dtypes the method is defined in; a merge asked to compute in
         another runs in float32 (float64 stays float64).
+      kept: for methods that sparsify before they combine (TIES, DARE, mergekit's family),
+        ``kept(tau, **options, **inputs) -> (N, ...)``, called as ``fn`` is: the task vectors
+        as the method keeps them (δi, zero where dropped); the merge report reads its kept
+        density and sign-conflict share from them (:mod:`swudi_jax.model.report`).
     """
 
     name: str
@@ -181,6 +185,7 @@ class MethodSpec:
     base: str = "required"
     n_experts: tuple[int, int | None] = (2, None)
     compute_dtypes: tuple[str, ...] = ("float32", "float64")
+    kept: Callable | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -282,6 +287,13 @@ class Resolved(NamedTuple):
         """The same method with ``extra`` added to its options (a whole-model pass's results,
         or the options left after a path takes some of them out)."""
         return self._replace(options=MappingProxyType({**self.options, **extra}))
+
+    def static(self, fed: Iterable[str]) -> dict[str, Any]:
+        """The options passed to the layer function as plain keywords when the names in ``fed``
+        (and the array options that have a value) are fed to it as arrays."""
+        fed = set(fed)
+        return {k: v for k, v in self.options.items()
+                if not (k in self.spec.array_options and v is not None) and k not in fed}
 
     def without(self, names: Iterable[str]) -> "Resolved":
         """The same method without the options in ``names``."""

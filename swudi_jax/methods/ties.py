@@ -72,13 +72,24 @@ def ties(
     Returns:
       The merged task vector τm, shape (...), in ``tau``'s dtype (apply λ as the scale).
     """
+    return disjoint_merge(trimmed(tau, density=density, trim=trim, thresholds=thresholds))
+
+
+def trimmed(
+    tau: jax.Array,
+    *,
+    density: float = DEFAULT_DENSITY,
+    trim: str = "model",
+    thresholds: jax.Array | None = None,
+) -> jax.Array:
+    """TIES's trim step: τ̂i = τi where |τi| ≥ the task's threshold, else 0 (arguments as :func:`ties`)."""
     if thresholds is None:
         thresholds = tensor_thresholds(tau, density)
     elif trim != "model":
         raise ValueError("thresholds apply to trim='model' only; trim='tensor' computes its own")
     thresholds = jnp.asarray(thresholds, jnp.float32).reshape((-1,) + (1,) * (tau.ndim - 1))
     keep = jnp.abs(tau).astype(jnp.float32) >= thresholds
-    return disjoint_merge(jnp.where(keep, tau, jnp.zeros_like(tau)))
+    return jnp.where(keep, tau, jnp.zeros_like(tau))
 
 
 def _magnitude_bits(chunk: Any, n_tasks: int | None) -> np.ndarray:
@@ -188,6 +199,7 @@ TIES = MethodSpec(
     validate=_validate,
     array_options=("thresholds",),
     prepare=_model_trim,
+    kept=trimmed,
 )
 
 

@@ -205,6 +205,37 @@ def unstack_group(plans: Sequence[LeafPlan], merged: Any, flat: bool) -> dict[st
     return out
 
 
+def stack_grams(plans: Sequence[LeafPlan], grams: Mapping[str, Any] | None, n_experts: int) -> jnp.ndarray:
+    """The group's per-task input Grams stacked as its layers are: (layers, N, n, n), from
+    ``grams[path]`` of shape (N, n, n) or, for a scanned stack, (layers, N, n, n).
+
+    Raises:
+      ValueError naming the path: Grams missing or of the wrong shape.
+    """
+    stacked = []
+    for plan in plans:
+        if grams is None or plan.path not in grams:
+            raise ValueError(f"{plan.path!r}: this method needs the per-task input Gram matrices of the layer "
+                             f"(grams[{plan.path!r}] of shape (N, n, n)), none given")
+        g = jnp.asarray(grams[plan.path])
+        g = g[None] if g.ndim == 3 else g
+        n = plan.maths_shape[1]
+        if g.shape != (plan.layers, n_experts, n, n):
+            want = (n_experts, n, n) if plan.layers == 1 else (plan.layers, n_experts, n, n)
+            raise ValueError(f"grams[{plan.path!r}] has shape {tuple(jnp.shape(grams[plan.path]))}, expected {want}")
+        stacked.append(g)
+    return jnp.concatenate(stacked, axis=0)
+
+
+def hashable(value: Any) -> Any:
+    """Nested lists, tuples and mappings of option values as a hashable compile-cache key part."""
+    if isinstance(value, (list, tuple)):
+        return tuple(hashable(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, hashable(v)) for k, v in value.items()))
+    return value
+
+
 def pad_layers(array: Any, size: int) -> Any:
     """A per-layer input (G, ...) padded to ``size`` entries by repeating its last entry."""
     if array.shape[0] >= size:
@@ -217,10 +248,12 @@ __all__ = [
     "compile_groups",
     "compile_key",
     "group_size",
+    "hashable",
     "host_array",
     "host_group",
     "is_flat",
     "padded_sizes",
+    "stack_grams",
     "stack_group",
     "unstack_group",
 ]

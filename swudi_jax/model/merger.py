@@ -31,11 +31,12 @@ from swudi_jax.maths.placement import explicit_sharding, place
 from swudi_jax.maths.validation import check_choice, check_finite, is_concrete
 from swudi_jax.methods.registry import DEFAULT_METHOD, resolve
 from swudi_jax.methods.spec import CHUNK_LEAVES, LOCAL, ChunkSource, Combine, MethodSpec, Resolved
-from swudi_jax.model.batching import (compile_groups, compile_key, group_size, host_array, host_group, is_flat,
-                                      pad_layers, padded_sizes, stack_group, unstack_group)
+from swudi_jax.model.batching import (compile_groups, compile_key, group_size, hashable, host_array, host_group,
+                                      is_flat, pad_layers, padded_sizes, stack_grams, stack_group, unstack_group)
 from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
 from swudi_jax.model.inputs import ModelInput, as_params
 from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, describe_groups, logical_paths, to_maths
+from swudi_jax.model.report import ReportCollector
 from swudi_jax.scale.sharding import merge_sharded, row_mesh, should_shard
 
 DEFAULT_MAX_GROUP_BYTES = 1 << 30
@@ -169,14 +170,6 @@ def prepare(resolved: Resolved, chunks: ChunkSource, combine: Callable[[str], Co
 _COMPILED: dict[tuple, Callable] = {}
 
 
-def _hashable(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_hashable(v) for v in value)
-    if isinstance(value, Mapping):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    return value
-
-
 def over_layers(fn, array_axes: tuple):
     """``fn`` over the leading (layer) axis of (x, base, *arrays): ``jax.vmap``, or for a group of
     one layer a plain call (XLA CPU runs a batch of one 10–15% slower than the unbatched op)."""
@@ -288,22 +281,6 @@ def _flat_weights(plans: Sequence[LeafPlan], per_layer: Sequence[Mapping[str, An
     return out
 
 
-def _stack_grams(plans: Sequence[LeafPlan], grams: Mapping[str, Any] | None, n_experts: int) -> jnp.ndarray:
-    stacked = []
-    for plan in plans:
-        if grams is None or plan.path not in grams:
-            raise ValueError(f"{plan.path!r}: this method needs the per-task input Gram matrices of the layer "
-                             f"(grams[{plan.path!r}] of shape (N, n, n)), none given")
-        g = jnp.asarray(grams[plan.path])
-        g = g[None] if g.ndim == 3 else g
-        n = plan.maths_shape[1]
-        if g.shape != (plan.layers, n_experts, n, n):
-            want = (n_experts, n, n) if plan.layers == 1 else (plan.layers, n_experts, n, n)
-            raise ValueError(f"grams[{plan.path!r}] has shape {tuple(jnp.shape(grams[plan.path]))}, expected {want}")
-        stacked.append(g)
-    return jnp.concatenate(stacked, axis=0)
-
-
 TensorOptions = Callable[[str, "int | None"], Mapping[str, Any]]
 """``tensor_options(path, layer)`` → {option: value} for one tensor (``layer``: the index in a
 scanned stack, None for an unstacked leaf): the per-tensor values of the method's
@@ -353,7 +330,7 @@ def _group_inputs(resolved: Resolved, plans: Sequence[LeafPlan], grams: Mapping[
     method, opts = resolved.spec, resolved.options
     arrays, names, axes = [], [], []
     if method.kind == "data":
-        arrays.append(_stack_grams(plans, grams, n_experts))
+        arrays.append(stack_grams(plans, grams, n_experts))
         names.append("grams")
         axes.append(0)
     per_layer = layer_options(resolved, plans, n_experts, tensor_options)
@@ -409,19 +386,22 @@ def _mean_inputs(resolved: Resolved, plans, n_experts: int, flat: bool, size: in
     return [pad_layers(np.stack([v["weight"] for v in per_layer]).astype(np.float32), size)], ["weight"], [0]
 
 
-def _run_group(resolved: Resolved, plans, base, experts, apply_method: bool, flat: bool, size: int,
-               grams, tensor_options, dtype, has_base: bool):
+def _call_inputs(resolved: Resolved, plans, n_experts: int, apply_method: bool, flat: bool, size: int,
+                 grams, tensor_options) -> tuple[list, list, list]:
+    """(arrays, names, vmap axes) fed to the group's compiled call beside the stacks, per-layer
+    ones padded to ``size``: the method's inputs, or the mean's per-expert weights."""
+    if not apply_method:
+        return _mean_inputs(resolved, plans, n_experts, flat, size, tensor_options)
+    arrays, names, axes = _group_inputs(resolved, plans, grams, n_experts, tensor_options)
+    return [pad_layers(a, size) if ax == 0 else a for a, ax in zip(arrays, axes)], names, axes
+
+
+def _run_group(resolved: Resolved, base, experts, apply_method: bool, inputs: tuple[list, list, list], work,
+               has_base: bool):
     """One compiled call: the method (or the mean task vector) over the stacked group."""
-    method, n_experts = resolved.spec, experts.shape[1]
-    if apply_method:
-        arrays, names, axes = _group_inputs(resolved, plans, grams, n_experts, tensor_options)
-        arrays = [pad_layers(a, size) if ax == 0 else a for a, ax in zip(arrays, axes)]
-    else:
-        arrays, names, axes = _mean_inputs(resolved, plans, n_experts, flat, size, tensor_options)
-    static = {k: v for k, v in resolved.options.items()
-              if not (k in method.array_options and v is not None) and k not in names}
-    work = compute_dtype(base.dtype, experts.dtype, requested=dtype, defined_in=method.compute_dtypes)
-    fn = _group_fn(method, apply_method, _hashable(static), tuple(names), tuple(axes), work, has_base)
+    arrays, names, axes = inputs
+    fn = _group_fn(resolved.spec, apply_method, hashable(resolved.static(names)), tuple(names), tuple(axes), work,
+                   has_base)
     return fn(base, experts, resolved.scale, *arrays)
 
 
@@ -438,6 +418,7 @@ def merge_group(
     *,
     pad_to: int | None = None,
     host_output: bool = False,
+    report: ReportCollector | None = None,
 ) -> dict[str, jax.Array]:
     """Merge one group of leaves (one group key) in one compiled call.
 
@@ -468,6 +449,8 @@ def merge_group(
         (grams, per-tensor option values, leaf inputs) are padded like the layers, repeating
         the last layer's values.
       host_output: return NumPy arrays (the checkpoint writer's input) instead of JAX arrays.
+      report: a :class:`~swudi_jax.model.report.ReportCollector`; a linear group's stacks, merged
+        result and method inputs are shown to it (the merged arrays are not changed).
 
     Mean leaves under a method that is not elementwise may have several shapes (one dtype):
     they merge as one flat vector (:func:`swudi_jax.model.batching.compile_groups`); per-expert
@@ -495,15 +478,31 @@ def merge_group(
     # host arrays: NumPy layout transforms, one transfer each way (the host stacks are freed here)
     base, experts = jax.device_put(stack_group(plans, *(host or (base_arrays, expert_arrays)), flat,
                                                None if sharded else size))
+    mesh = row_mesh(like=base_arrays[plans[0].path]) if sharded else None
+    merged = _merge_stacked(resolved, plans, base, experts, mesh, apply_method, flat, size, grams, tensor_options,
+                            dtype, has_base, report)
+    return _unstacked(plans, merged, flat, host is not None, host_output, base_arrays)
+
+
+def _merge_stacked(resolved: Resolved, plans, base, experts, mesh: Mesh | None, apply_method: bool, flat: bool,
+                   size: int, grams, tensor_options, dtype, has_base: bool, report: ReportCollector | None):
+    """The group's merged stack, by the row-sharded path over ``mesh`` (None: one compiled
+    call); a linear group is then shown to ``report``."""
+    method, n_experts, sharded = resolved.spec, experts.shape[1], mesh is not None
+    work = compute_dtype(base.dtype, experts.dtype, requested=dtype, defined_in=method.compute_dtypes)
+    size = experts.shape[0] if sharded else size
+    inputs = None if sharded and report is None else _call_inputs(
+        resolved, plans, n_experts, apply_method, flat, size, grams, tensor_options)
     if sharded:
         weights = None
         if "weight" in method.per_expert:
-            weights = [v["weight"] for v in layer_options(resolved, plans, len(expert_arrays), tensor_options)]
-        merged = _merge_layers_sharded(base, experts, resolved, weights, row_mesh(like=base_arrays[plans[0].path]))
+            weights = [v["weight"] for v in layer_options(resolved, plans, n_experts, tensor_options)]
+        merged = _merge_layers_sharded(base, experts, resolved, weights, mesh)
     else:
-        merged = _run_group(resolved, plans, base, experts, apply_method, flat, size, grams, tensor_options, dtype,
-                            has_base)
-    return _unstacked(plans, merged, flat, host is not None, host_output, base_arrays)
+        merged = _run_group(resolved, base, experts, apply_method, inputs, work, has_base)
+    if report is not None and plans[0].kind == "linear":
+        report.observe(plans, base, experts, merged, inputs, work, has_base)
+    return merged
 
 
 def _unstacked(plans, merged, flat: bool, from_host: bool, host_output: bool,
@@ -558,6 +557,7 @@ def merge(
     multi_device: bool | str = "auto",
     tensor_options: TensorOptions | None = None,
     dtype: Any = None,
+    report: bool = False,
     **options: Any,
 ) -> Any:
     """Merge fine-tuned experts of one base model: θ = θ0 + s · merge(τ1, …, τN).
@@ -587,10 +587,11 @@ def merge(
         {option: value}`` (see :func:`merge_group`); per-expert options such as ``weight``
         may also be given once as a list of N values.
       dtype: the compute dtype (None: as stored for mergekit's methods, else float32; see :func:`merge_group`).
+      report: also return the :class:`~swudi_jax.model.report.MergeReport`: ``(merged, report)``.
       **options: the method's options (e.g. ``time``, ``rank_ratio`` for SWUDI;
         ``density``, ``trim`` for TIES; ``drop``, ``seed`` for DARE).
     Returns:
-      The merged parameters, with the structure and dtypes of ``base``.
+      The merged parameters, with the structure and dtypes of ``base`` (and the report).
     Raises:
       ValueError, before any compute, for an unknown method or option, fewer than two
       experts, differing paths, shapes or dtypes, NaN/Inf, or missing Grams.
@@ -609,15 +610,25 @@ def merge(
     if resolved.spec.kind == "data":
         for plan in plans:
             if plan.kind == "linear":
-                _stack_grams([plan], grams, len(expert_flats))
+                stack_grams([plan], grams, len(expert_flats))
     resolved = prepare(resolved, model_task_vector_chunks(plans, base_flat, expert_flats))
+    collector = ReportCollector(resolved, len(expert_flats)) if report else None
+    merged = _merge_groups(plans, base_flat, expert_flats, resolved, max_group_bytes, collector, grams=grams,
+                           multi_device=multi_device, tensor_options=tensor_options, dtype=dtype)
+    out = given.rebuild(unflatten(treedef, merged, base_flat))
+    return (out, collector.result()) if report else out
+
+
+def _merge_groups(plans, base_flat, expert_flats, resolved: Resolved, max_group_bytes: int | None,
+                  report: ReportCollector | None, **group_options: Any) -> dict[str, Any]:
+    """{path: merged leaf} of a whole model: its compile groups merged one after the other."""
     merged: dict[str, Any] = {}
     elementwise = resolved.spec.kind == "elementwise"
     groups = compile_groups(plans, max_group_bytes, copies=len(expert_flats) + 1, elementwise=elementwise)
     for group, size in zip(groups, padded_sizes(groups, elementwise)):
-        merged.update(merge_group(group, base_flat, expert_flats, resolved, grams, multi_device, tensor_options,
-                                  dtype, pad_to=size))
-    return given.rebuild(unflatten(treedef, merged, base_flat))
+        merged.update(merge_group(group, base_flat, expert_flats, resolved, pad_to=size, report=report,
+                                  **group_options))
+    return merged
 
 
 def _warn_left_out(given: ModelInput) -> None:
