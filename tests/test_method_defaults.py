@@ -14,6 +14,7 @@ from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint import pipeline
 from swudi_jax.checkpoint.config import DEFAULT_SHARD_SIZE, MergeConfig, parse_config
 from swudi_jax.maths import filters, solvers, spectral
+from swudi_jax.methods.spec import LOCAL
 from swudi_jax.methods import (
     dare,
     output_space,
@@ -129,7 +130,7 @@ def test_public_layer_functions_outside_the_registry():
                                                  "rank_scale": 1.0, "init": "sum"}
     assert keyword_defaults(sj.optmerge_closed_form) == {"rank_ratio": None}
     assert keyword_defaults(sj.spectral_merge) == {"init": "sum", "solver": "auto"}
-    assert keyword_defaults(sj.ties_model_thresholds) == {"density": 0.2}
+    assert keyword_defaults(sj.ties_model_thresholds) == {"density": 0.2, "combine": LOCAL}  # one process
     assert keyword_defaults(dare.drop_and_rescale) == {"rescale": True}
     assert keyword_defaults(sj.layerwise_merge) == {"method": "output_space", "inputs": "merged", "targets": "local",
                                                     "weights": None, "scale": 1.0, "prefix": "params"}
