@@ -17,6 +17,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from swudi_jax.maths.linalg import sum_leading
+
 CONSENSUS = ("sum", "count")
 
 
@@ -51,8 +53,8 @@ def disjoint_merge(delta: jax.Array, weight: jax.Array, method: str = "sum",
     rnd = rnd or (lambda x: x)
     mask = agreement_mask(delta, method)
     w = weight.reshape((-1,) + (1,) * (delta.ndim - 1))
-    merged = rnd(jnp.sum(jnp.where(mask, delta, jnp.zeros_like(delta)), axis=0))
-    divisor = rnd(jnp.sum(jnp.where(mask, w, jnp.zeros_like(w)), axis=0))
+    merged = rnd(sum_leading(jnp.where(mask, delta, jnp.zeros_like(delta))))
+    divisor = rnd(sum_leading(jnp.where(mask, w, jnp.zeros_like(w))))
     return merged, jnp.where(divisor == 0, jnp.ones_like(divisor), divisor)
 
 

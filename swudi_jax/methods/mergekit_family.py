@@ -56,7 +56,7 @@ import numpy as np
 
 from swudi_jax.methods import consensus as _consensus
 from swudi_jax.methods import sparsify as _sparsify
-from swudi_jax.maths.linalg import compute_dtype, divide, is_floating
+from swudi_jax.maths.linalg import compute_dtype, divide, is_floating, sum_leading
 from swudi_jax.maths.validation import check_number, is_concrete
 
 SUM_EPS = 1e-8
@@ -75,7 +75,7 @@ def _combine(delta, weight, lam, *, consensus, normalize):
     if consensus is not None:
         merged, divisor = _consensus.disjoint_merge(d, w, consensus, rnd)
     else:
-        merged = rnd(jnp.sum(d, axis=0))
+        merged = rnd(sum_leading(d))
         total = rnd(jnp.sum(w))
         divisor = jnp.where(jnp.abs(total) < SUM_EPS, 1, total)
     if normalize:
