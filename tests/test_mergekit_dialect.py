@@ -169,12 +169,6 @@ def test_base_among_models_is_the_base_and_duplicates_and_experts_equal_to_the_b
      r"'chatm' is neither a bundled template \(alpaca, chatml, exaone, llama3, mistral, zephyr\)"),
     ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties", "tokenizer_source": "union",
       "tokenizer": {"source": "union"}}, r"give `tokenizer_source` or `tokenizer`, not both"),
-    ({"slices": [{"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "e0", "layer_range": [0, 2]}]}],
-      "base_model": "base", "merge_method": "slerp", "parameters": {"t": 0.5}, "tokenizer_source": "union"},
-     r"`tokenizer_source` with `slices` is not supported: mergekit re-indexes the embedding rows among the first "
-     r"slice's models"),
-    ({"modules": {"default": {"models": ["e0", "e1"]}}, "base_model": "base", "merge_method": "ties",
-      "tokenizer": {"source": "base"}}, r"`tokenizer` with `modules` is not supported"),
     ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "task_arithmetic", "out_format": "peft",
       "tokenizer_source": "base"}, r"`tokenizer_source` with `out_format: peft` is not supported: a LoRA adapter"),
     ({"models": ["e0", "e1"], "base_model": "base", "merge_method": "ties",

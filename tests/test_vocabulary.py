@@ -226,3 +226,25 @@ def test_a_chat_template_name_is_written_into_the_tokenizer_config(models):
     run(root, config, "chat")
     assert json.loads((root / "chat" / "tokenizer_config.json").read_text())["chat_template"] == \
         chat_templates.BUNDLED["chatml"]
+
+
+def test_a_tokenizer_with_slices_runs_when_every_vocabulary_agrees_and_is_refused_otherwise(tmp_path):
+    """mergekit's slerp model cards write ``tokenizer_source: base`` beside ``slices:``: with the
+    models sharing the base's vocabulary the rows stay as they are and the output gets the base's
+    tokenizer; with vocabularies that differ the rows would be re-indexed per slice (not built):
+    refused before anything is written, naming both keys."""
+    family(tmp_path, n_experts=1, seed=7)
+    for name in ("base", "e0"):
+        write_tokenizer(tmp_path / name, BASE_VOCAB, SPECIAL)
+    config = {"slices": [{"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "e0", "layer_range": [0, 2]}]}],
+              "base_model": "base", "merge_method": "slerp", "parameters": {"t": 0.5}, "dtype": "float32",
+              "tokenizer_source": "base"}
+    out = run(tmp_path, config, "same_out")
+    assert token_ids(tmp_path / "same_out") == token_ids(tmp_path / "base")
+    plain = run(tmp_path, {k: v for k, v in config.items() if k != "tokenizer_source"}, "plain_out")
+    assert set(out) == set(plain) and all(np.array_equal(out[k], plain[k]) for k in out)
+    write_tokenizer(tmp_path / "e0", E0_VOCAB, SPECIAL)
+    with pytest.raises(CheckpointError, match=r"`tokenizer_source` with `slices`/`modules` needs the models' "
+                                              r"vocabularies to agree"):
+        run(tmp_path, config, "differ_out")
+    assert not (tmp_path / "differ_out").exists()

@@ -548,15 +548,10 @@ def _adapter_rank(raw: Mapping[str, Any], name: str) -> int | None:
 
 
 def _check_tokenizer_fits(raw: Mapping[str, Any], name: str) -> None:
-    """A vocabulary re-indexes each model's embedding and head rows from the rows of all the
-    models (:mod:`swudi_jax.checkpoint.vocab_rows`): refused where that is not the merge's input."""
+    """A vocabulary re-indexes each model's embedding and head rows (:mod:`swudi_jax.checkpoint.vocab_rows`):
+    refused for an adapter output (with ``slices:``/``modules:`` it must keep every model's rows
+    as they are, checked once the tokenizers are read: :func:`~swudi_jax.checkpoint.pipeline.merge_checkpoints`)."""
     key = "tokenizer" if raw.get("tokenizer") is not None else "tokenizer_source"
-    form = next((k for k in ("slices", "modules") if raw.get(k) is not None), None)
-    if form is not None:
-        raise ConfigError(f"{name}: `{key}` with `{form}` is not supported: mergekit re-indexes the embedding rows "
-                          "among the first slice's models and the head rows among the last slice's, while the "
-                          f"vocabulary here is built over every model; leave `{key}` out (the output keeps the base's "
-                          "tokenizer files, the first source's without base_model) or use the `models:` form")
     if raw.get("out_format") == ADAPTER_FORMAT:
         raise ConfigError(f"{name}: `{key}` with `out_format: {ADAPTER_FORMAT}` is not supported: a LoRA adapter "
                           "keeps base_model's vocabulary and cannot carry re-indexed embedding or head rows; leave "

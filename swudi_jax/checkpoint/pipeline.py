@@ -180,6 +180,13 @@ def _vocabulary_views(config: MergeConfig, readers: list) -> list:
                                                  if s.model is not None else s for t, s in spec.tokens.items()})
     try:
         vocab = voc.build_vocabulary(spec, base, folders, name, base_given=config.has_base)
+        if config.modules is not None and not vocab.identity:
+            key = "tokenizer" if "tokenizer" in config.tokenizer.given else "tokenizer_source"
+            raise voc.VocabularyError(
+                f"{name}: `{key}` with `slices`/`modules` needs the models' vocabularies to agree with the output's "
+                "(their embedding and head rows kept as they are); these differ, and mergekit then re-indexes "
+                "the embedding rows among the first slice's models and the head rows among the last slice's "
+                f"(not built here): use the `models:` form, or leave `{key}` out")
         dtype = None if config.dtype is None else numpy_dtype(config.dtype)
         views = VocabularyReaders(readers, slots, order, base if config.has_base else None, vocab, dtype, name)
         for reader in readers:
