@@ -97,13 +97,14 @@ def round_to(x: jax.Array, dtype: Any) -> jax.Array:
     return rounded
 
 
-def sum_leading(x: jax.Array) -> jax.Array:
+def sum_leading(x: jax.Array, dtype: Any = None) -> jax.Array:
     """Σ over axis 0 (the models) as sequential adds, x[0] + x[1] + ... (a sequential reduce's
-    order, and PyTorch's over a short leading axis). XLA CPU runs a float32 reduce over the
-    leading axis fused with a broadcast multiply (Σi wi·δi) in time quadratic in the rows — 41 s
-    for (3, 16000, 768), 0.4 s for (3, 1024, 768) — while these adds take linear time
-    (``benchmarks/README.md``, "Against mergekit-yaml")."""
-    return functools.reduce(jnp.add, [x[i] for i in range(x.shape[0])])
+    order, and PyTorch's over a short leading axis), accumulated in ``dtype`` (None: x's). XLA
+    CPU runs a float32 reduce over the leading axis fused with a broadcast multiply (Σi wi·δi)
+    in time quadratic in the rows — 41 s for (3, 16000, 768), 0.4 s for (3, 1024, 768) — while
+    these adds take linear time (``benchmarks/README.md``, "Against mergekit-yaml"); each slice's
+    conversion fuses into its add, so a bf16 stack summed in float32 is never widened whole."""
+    return functools.reduce(jnp.add, [x[i].astype(dtype or x.dtype) for i in range(x.shape[0])])
 
 
 __all__ = ["HIGHEST", "compute_dtype", "divide", "is_floating", "matmul", "round_to", "sum_leading"]

@@ -17,17 +17,18 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from swudi_jax.maths.linalg import sum_leading
+from swudi_jax.maths.linalg import compute_dtype, sum_leading
 
 CONSENSUS = ("sum", "count")
 
 
 def elect_sign(delta: jax.Array, method: str = "sum") -> jax.Array:
-    """γ ∈ {+1, −1} per entry (...,), in ``delta``'s dtype."""
-    if method == "sum":
-        score = jnp.sum(delta, axis=0)
+    """γ ∈ {+1, −1} per entry (...,), in ``delta``'s dtype (the sum accumulated in float32 for
+    bf16/f16 deltas, as PyTorch's sum)."""
+    if method == "sum":  # sequential adds: fused elementwise, no widened copy of the stack
+        score = sum_leading(delta, compute_dtype(delta.dtype))
     elif method == "count":
-        score = jnp.sum(jnp.sign(delta), axis=0)
+        score = sum_leading(jnp.sign(delta))
     else:
         raise ValueError(f"consensus must be one of {list(CONSENSUS)}, got {method!r}")
     one = jnp.ones((), delta.dtype)
@@ -41,7 +42,9 @@ def agreement_mask(delta: jax.Array, method: str = "sum") -> jax.Array:
 
 def disjoint_merge(delta: jax.Array, weight: jax.Array, method: str = "sum",
                    rnd: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
-    """(Σi mi δi, Σi mi wi with 0 → 1): the merged delta and its normaliser, both (...,).
+    """(Σi mi δi, Σi mi wi with 0 → 1): the merged delta and its normaliser, both (...,), summed
+    in the work dtype (:func:`~swudi_jax.maths.linalg.compute_dtype` of delta's: float32 for a
+    bf16 stack, which stays bf16 in memory).
 
     Args:
       delta: weighted deltas wi·τ̂i (N, ...).
@@ -53,8 +56,9 @@ def disjoint_merge(delta: jax.Array, weight: jax.Array, method: str = "sum",
     rnd = rnd or (lambda x: x)
     mask = agreement_mask(delta, method)
     w = weight.reshape((-1,) + (1,) * (delta.ndim - 1))
-    merged = rnd(sum_leading(jnp.where(mask, delta, jnp.zeros_like(delta))))
-    divisor = rnd(sum_leading(jnp.where(mask, w, jnp.zeros_like(w))))
+    work = compute_dtype(delta.dtype)
+    merged = rnd(sum_leading(jnp.where(mask, delta, jnp.zeros_like(delta)), work))
+    divisor = rnd(sum_leading(jnp.where(mask, w, jnp.zeros_like(w)), work))
     return merged, jnp.where(divisor == 0, jnp.ones_like(divisor), divisor)
 
 

@@ -71,11 +71,12 @@ def _combine(delta, weight, lam, *, consensus, normalize):
     rnd = _sparsify.rounder(delta.dtype)
     work = compute_dtype(delta.dtype)
     w = rnd(weight.astype(work))
-    d = rnd(delta.astype(work) * w.reshape((-1,) + (1,) * (delta.ndim - 1)))
+    # δi = wi·τi, rounded to delta's dtype, is held in it (bf16: half the bytes of float32)
+    d = rnd(delta.astype(work) * w.reshape((-1,) + (1,) * (delta.ndim - 1))).astype(delta.dtype)
     if consensus is not None:
         merged, divisor = _consensus.disjoint_merge(d, w, consensus, rnd)
     else:
-        merged = rnd(sum_leading(d))
+        merged = rnd(sum_leading(d, work))
         total = rnd(jnp.sum(w))
         divisor = jnp.where(jnp.abs(total) < SUM_EPS, 1, total)
     if normalize:

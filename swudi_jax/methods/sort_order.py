@@ -32,8 +32,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import ml_dtypes
 import numpy as np
 
+_FLOAT32_EXACT = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32))
 INSERTION_THRESHOLD = 16
 """Ranges this small are left to the final insertion sort (``std::sort``)."""
 SELECT_THRESHOLD = 3
@@ -41,11 +43,17 @@ SELECT_THRESHOLD = 3
 
 
 class _Order:
-    """Keys (float64, ascending comparison) and the original index of each, permuted together."""
+    """Keys (ascending comparison) and the original index of each, permuted together.
 
-    def __init__(self, keys: np.ndarray):
-        self.key = np.array(keys, np.float64).reshape(-1)
-        self.index = np.arange(self.key.size, dtype=np.int64)
+    float32 keys stay float32 (their comparisons are exact) and indices are int32 below 2**31
+    entries: a cut through a 12 M-entry tensor holds about 9 bytes per entry, not 16.
+    """
+
+    def __init__(self, keys: np.ndarray, copy: bool = True):
+        keys = np.asarray(keys).reshape(-1)
+        dtype = keys.dtype if keys.dtype in (np.float32, np.float64) else np.float64
+        self.key = np.array(keys, dtype, copy=True if copy else None)  # copy=False: the keys are ours to permute
+        self.index = np.arange(self.key.size, dtype=np.int32 if self.key.size < 2**31 else np.int64)
 
     def swap(self, a: int, b: int) -> None:
         self.key[[a, b]] = self.key[[b, a]]
@@ -70,23 +78,80 @@ def _median_to_first(s: _Order, result: int, a: int, b: int, c: int) -> None:
     s.swap(result, pick)
 
 
+BLOCK = 1 << 16
+"""Block of positions over which :func:`_partition` counts scan stops (its working memory)."""
+
+
+def _block_counts(mask: np.ndarray) -> np.ndarray:
+    """True entries per block of :data:`BLOCK` (a buffered sum: no int64 copy of the mask)."""
+    whole = mask.size // BLOCK * BLOCK
+    counts = mask[:whole].reshape(-1, BLOCK).sum(axis=1, dtype=np.int64)
+    return np.append(counts, np.count_nonzero(mask[whole:])) if whole < mask.size else counts
+
+
+def _pairs_before_crossing(left: np.ndarray, right: np.ndarray) -> int:
+    """m, the number of (left stop, right stop) pairs the two scans swap before they cross.
+
+    ``left``/``right`` mark the positions where the left (ascending) and right (descending)
+    scans stop. The j-th left stop pairs with the j-th right stop while it lies left of it, so
+    m = max over x of min(#left stops < x, #right stops ≥ x) (the first count grows with x, the
+    second falls): found from per-block counts, then exactly inside the block where they cross.
+    """
+    starts = np.arange(0, left.size, BLOCK)
+    bounds = np.append(starts, left.size)
+    below = np.concatenate([[0], np.cumsum(_block_counts(left))])
+    right_before = np.concatenate([[0], np.cumsum(_block_counts(right))])
+    above = right_before[-1] - right_before
+    b = int(np.flatnonzero(below <= above)[-1])
+    if b == starts.size:
+        return int(min(below[b], above[b]))
+    lo, hi = bounds[b], bounds[b + 1]
+    local_below = below[b] + np.concatenate([[0], np.cumsum(left[lo:hi], dtype=np.int64)])
+    local_above = above[b] - np.concatenate([[0], np.cumsum(right[lo:hi], dtype=np.int64)])
+    return int(np.max(np.minimum(local_below, local_above)))
+
+
+def _stops(mask: np.ndarray, count: int, from_end: bool = False) -> np.ndarray:
+    """The first ``count`` True positions of ``mask`` (from its end, in descending order, when
+    ``from_end``), found block by block: an array of ``count`` indices, not one per True."""
+    found, got = [], 0
+    starts = range(0, mask.size, BLOCK)
+    for start in (reversed(starts) if from_end else starts):
+        if got >= count:
+            break
+        where = np.flatnonzero(mask[start:start + BLOCK]) + start
+        where = where[::-1] if from_end else where
+        found.append(where[:count - got])
+        got += found[-1].size
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
 def _partition(s: _Order, first: int, last: int) -> int:
     """Median-of-three pivot moved to ``first``, then [first + 1, last) partitioned by it;
     returns the split. The k-th left stop pairs with the k-th right stop while it lies left
-    of it; after m swaps the left scan ends at the next left stop or the last right stop."""
+    of it; after m swaps the left scan ends at the next left stop or the last right stop.
+    Working memory: two boolean masks and 2m indices (not an index per stop)."""
     _median_to_first(s, first, first + 1, first + (last - first) // 2, last - 1)
     k = s.key
     pivot = k[first]
-    left = np.flatnonzero(~(k[first + 1:last] < pivot)) + (first + 1)
-    right = (np.flatnonzero(~(pivot < k[first:last])) + first)[::-1]  # the pivot itself stops it
-    n = min(left.size, right.size)
-    m = int(np.count_nonzero(left[:n] < right[:n]))
+    left = np.less(k[first:last], pivot)
+    np.logical_not(left, out=left)
+    left[0] = False  # the left scan starts after the pivot
+    right = np.less(pivot, k[first:last])
+    np.logical_not(right, out=right)  # the pivot itself stops it
+    m = _pairs_before_crossing(left, right)
+    lp = _stops(left, m + 1)
     if m == 0:
-        return int(left[0])
-    lp, rp = left[:m], right[:m]
+        return first + int(lp[0])
+    rp = _stops(right, m, from_end=True)
+    after = int(lp[m]) if lp.size > m else None
+    lp = lp[:m]
+    lp += first
+    rp += first
     k[lp], k[rp] = k[rp], k[lp].copy()
     s.index[lp], s.index[rp] = s.index[rp], s.index[lp].copy()
-    return int(min(left[m], right[m - 1])) if m < left.size else int(right[m - 1])
+    last_right = int(rp[-1]) - first
+    return first + (min(after, last_right) if after is not None else last_right)
 
 
 # ----------------------------------------------------------------------------- heaps (rare fallbacks)
@@ -158,7 +223,10 @@ def sorted_order(keys: np.ndarray, cuts: Sequence[int], depth: int | None = None
     """The original indices in ``std::sort`` order of ``keys`` (ascending), exact on each side
     of every cut: for each c in ``cuts`` the first c entries are the set ``std::sort`` puts
     there (their order among themselves is not settled). ``depth``: the level budget (tests)."""
-    s = _Order(keys)
+    return _sorted_order(_Order(keys), cuts, depth)
+
+
+def _sorted_order(s: _Order, cuts: Sequence[int], depth: int | None) -> np.ndarray:
     n = s.key.size
     cuts = np.unique(np.asarray(list(cuts), np.int64))
 
@@ -185,7 +253,10 @@ def sorted_order(keys: np.ndarray, cuts: Sequence[int], depth: int | None = None
 def selected_smallest(keys: np.ndarray, k: int, depth: int | None = None) -> np.ndarray:
     """Mask of the k entries a ``topk`` of the smallest ``keys`` returns: ``nth_element`` at
     k − 1, or a heap selection when k·64 ≤ n (PyTorch's choice); k ≤ 0 none, k ≥ n all."""
-    s = _Order(keys)
+    return _selected_smallest(_Order(keys), k, depth)
+
+
+def _selected_smallest(s: _Order, k: int, depth: int | None) -> np.ndarray:
     n = s.key.size
     mask = np.zeros(n, bool)
     if k <= 0 or n == 0:
@@ -213,28 +284,33 @@ def _nth_element(s: _Order, nth: int, level: int) -> None:
 
 
 def _ascending_keys(values: np.ndarray, descending: bool) -> np.ndarray:
-    """float64 keys whose ascending order is PyTorch's: NaN above every number (last ascending,
-    first descending), as its comparators put it; with a NaN present, the values' ranks."""
-    values = np.asarray(values, np.float64).reshape(-1)
-    nan = np.isnan(values)
+    """Keys whose ascending order is PyTorch's: NaN above every number (last ascending, first
+    descending), as its comparators put it; with a NaN present, the values' ranks. Floats of
+    up to 32 bits are ranked in float32 (exact, negation included), anything else in float64.
+    Always a new array (the sort permutes it in place)."""
+    keys = np.asarray(values).reshape(-1)
+    keys = keys.astype(np.float32 if keys.dtype in _FLOAT32_EXACT else np.float64)  # a copy
+    nan = np.isnan(keys)
     if nan.any():
-        _, values = np.unique(np.where(nan, np.inf, values), return_inverse=True)
-        values = np.where(nan, values.max(initial=0) + 1, values).astype(np.float64)
-    return -values if descending else values
+        _, keys = np.unique(np.where(nan, np.inf, keys), return_inverse=True)
+        keys = np.where(nan, keys.max(initial=0) + 1, keys).astype(np.float64)
+    if descending:
+        np.negative(keys, out=keys)
+    return keys
 
 
 def window_of_sort(values: np.ndarray, lo: int, hi: int, descending: bool) -> np.ndarray:
     """Mask of the entries at positions [lo, hi) of PyTorch's CPU ``sort(values, descending)``."""
-    values = _ascending_keys(values, descending)
-    order = sorted_order(values, (lo, hi))
-    mask = np.zeros(values.size, bool)
+    keys = _Order(_ascending_keys(values, descending), copy=False)
+    mask = np.zeros(keys.key.size, bool)
+    order = _sorted_order(keys, (lo, hi), None)
     mask[order[max(lo, 0):max(hi, 0)]] = True
     return mask
 
 
 def topk_mask(values: np.ndarray, k: int) -> np.ndarray:
     """Mask of the entries PyTorch's CPU ``topk(values, k, largest=True)`` returns (NaN largest)."""
-    return selected_smallest(_ascending_keys(values, descending=True), k)
+    return _selected_smallest(_Order(_ascending_keys(values, descending=True), copy=False), k, None)
 
 
 __all__ = ["sorted_order", "selected_smallest", "topk_mask", "window_of_sort"]

@@ -154,8 +154,8 @@ def _leading(arrays: list[np.ndarray], trailing: list[int]) -> tuple[tuple[int, 
     return lead, flat
 
 
-def _host_windows(mag, window, *, descending: bool) -> np.ndarray:
-    lead, (mag, window) = _leading([np.asarray(mag), np.asarray(window)], [1, 1])
+def _host_windows(bits, window, *, descending: bool, dtype: np.dtype) -> np.ndarray:
+    lead, (mag, window) = _leading([np.asarray(bits).view(dtype), np.asarray(window)], [1, 1])
     out = [sort_order.window_of_sort(m, int(w[0]), int(w[1]), descending) for m, w in zip(mag, window)]
     return np.stack(out).reshape(lead + mag.shape[1:])
 
@@ -164,10 +164,13 @@ def window_mask(mag: jax.Array, window: jax.Array, descending: bool) -> jax.Arra
     """Entries of the 1-D ``mag`` at positions [lo, hi) of PyTorch's CPU sort of it (mergekit's
     ``argsort(|τ|, descending=True)[:k]`` and ``sort(|τ|).indices[lo:hi]``), equal magnitudes
     at a cut kept as that sort leaves them (:mod:`swudi_jax.methods.sort_order`, on the host
-    through ``jax.pure_callback``; jit- and vmap-able, ``window`` may be traced)."""
-    return jax.pure_callback(partial(_host_windows, descending=bool(descending)),
-                             jax.ShapeDtypeStruct(mag.shape, jnp.bool_), mag, jnp.asarray(window, jnp.int32),
-                             vmap_method="expand_dims")
+    through ``jax.pure_callback``; jit- and vmap-able, ``window`` may be traced). Under
+    ``vmap`` the host ranks one model at a time, so it holds one model's magnitudes."""
+    # the magnitudes cross as their bit pattern: XLA CPU would widen a bf16/f16 operand to float32
+    bits = jax.lax.bitcast_convert_type(mag, jnp.dtype(f"uint{8 * mag.dtype.itemsize}"))
+    return jax.pure_callback(partial(_host_windows, descending=bool(descending), dtype=np.dtype(mag.dtype)),
+                             jax.ShapeDtypeStruct(mag.shape, jnp.bool_), bits, jnp.asarray(window, jnp.int32),
+                             vmap_method="sequential")
 
 
 def _host_topk(values, count) -> np.ndarray:
@@ -235,7 +238,7 @@ def _sparsify_one(x, density, gamma, epsilon, window, u, *, method: str, rescale
     xw = x.astype(compute_dtype(x.dtype))
     zero = jnp.zeros_like(xw)
     if method in _RANKED:
-        mag = jnp.abs(x).reshape(-1).astype(jnp.float32)
+        mag = jnp.abs(x).reshape(-1)  # exact in x's dtype; the host ranks it in float32 (float64 for float64)
         keep = window_mask(mag, window, descending=(method == "magnitude")).reshape(x.shape)
         prob = None
     elif method == "random":
