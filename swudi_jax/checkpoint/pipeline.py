@@ -443,6 +443,20 @@ def _stored_float64(work: str | None, readers) -> None:
         jax.config.update("jax_enable_x64", True)
 
 
+def _x64_restored(fn):
+    """A float64 merge turns ``jax_enable_x64`` on for the whole process (the prefetch and writer
+    threads must see it too); the caller's setting is restored when the merge returns or fails."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        before = bool(jax.config.jax_enable_x64)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            jax.config.update("jax_enable_x64", before)
+    return run
+
+
+@_x64_restored
 def merge_checkpoints(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                       dry_run: bool = False, progress: bool = True,
                       max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES, copy_tokenizer: bool = True,
