@@ -18,6 +18,7 @@ from test_lora_checkpoints import MODULES, QV, tiny_llama
 
 import swudi_jax as sj
 from swudi_jax.model import adapters
+from swudi_jax.model.flat import flatten
 
 OPTIONS = {"swudi": {"time": 300.0, "rank_ratio": 0.85}, "swudi_a": {}, "iwudi": {"time": 50.0}, "pinv": {}}
 WEIGHTS = [0.5, 1.0, 2.0]
@@ -251,3 +252,17 @@ def test_adapters_are_refused_naming_the_expert_path_and_shapes():
     scanned = sj.Adapter({"blocks/kernel": (np.ones((8, 2)), np.ones((2, 8)))})
     with pytest.raises(ValueError, match=r"expert 0: 'blocks/kernel' is not a 2-D .*base leaf \(3, 8, 8\)"):
         sj.merge(stacked, [scanned, scanned], "swudi", scan_patterns="blocks/*")
+
+
+def test_nnx_states_and_splits_read_as_the_module():
+    """nnx.state(model) and nnx.split(model) of a LoRA expert give the module's adapters; a plain
+    model's state is a dense expert."""
+    base = MLP(nnx.Rngs(0))
+    expert = nnx_experts(base)[2]
+    base_flat = flatten(nnx.to_pure_dict(nnx.state(base, nnx.Param)))[0]
+    plans = sj.plan(base).plans
+    read = adapters.read_experts([expert, nnx.state(expert), nnx.split(expert), nnx.state(base)], base_flat, plans)
+    for delta in read[:3]:
+        assert sorted(delta.factors) == ["down/kernel", "up/kernel"] and "down/kernel" not in delta.dense
+        np.testing.assert_array_equal(delta.factors["down/kernel"][1], expert.down.lora_b[...])
+    assert read[3].factors == {} and sorted(read[3].dense) == sorted(base_flat)
