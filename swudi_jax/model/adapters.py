@@ -19,7 +19,9 @@ pinv, iwudi) a leaf that every expert adapts by factors alone (no whole leaf giv
 (:func:`merge_from_factors`): θ = θ0 + s·B′A′ through the (Σ rᵢ)² problem of
 :func:`~swudi_jax.scale.lora.spectral_factors`, never forming an expert's m × n ΔW nor the n × n
 operator C (the maths: :mod:`swudi_jax.scale.lora`, MATH.md section 8). Every other leaf is
-densified, θ0 + s·left@right (:func:`densified`), and merged as a dense expert's.
+densified, θ0 + s·left@right (:func:`densified`), and merged as a dense expert's; so is every leaf
+of a list that mixes dense and LoRA experts, and of a merge with ``report=True`` or a whole-model
+pass (SWUDI's alignment), which read every expert's dense task vectors.
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ def _nnx_expert(flat: Mapping[str, Any], lora_paths: set[str], index: int, base_
         else:
             warnings.warn(f"{who}: the kernel under the nnx.LoRA at {path!r} differs from the base's: a full "
                           "fine-tune plus an adapter; its task vector (kernel − base) + lora_a @ lora_b is densified",
-                          stacklevel=4)
+                          stacklevel=5)
     return ExpertDelta(dense, checked)
 
 

@@ -581,8 +581,7 @@ def merge(
         as a pure dict, a flat dict of dotted names).
       experts: a list of ≥ 2 pytrees with the same paths, shapes and dtypes, or LoRA experts
         (:class:`~swudi_jax.scale.lora.Adapter`; NNX models with ``nnx.LoRALinear`` / ``nnx.LoRA``
-        layers over a plain base), merged from their factors where the method allows
-        (:mod:`swudi_jax.model.adapters`; with a report or a whole-model pass: densified).
+        layers over a plain base), merged from their factors where they can be (:mod:`swudi_jax.model.adapters`).
       method: a registered method name (:func:`swudi_jax.methods.registry.available_methods`),
         a :class:`MethodSpec` (registered or not), or a :class:`Resolved` value.
       scale: s; None: the method's default, 0.3 for ``task_arithmetic_paper`` and ``dare``
@@ -606,7 +605,8 @@ def merge(
       The merged parameters, with the structure and dtypes of ``base`` (and the report).
     Raises:
       ValueError, before any compute, for an unknown method or option, fewer than two
-      experts, differing paths, shapes or dtypes, NaN/Inf, or missing Grams.
+      experts, differing paths, shapes or dtypes, NaN/Inf, missing Grams, or adapter factors
+      whose path, shapes or leaf do not fit (naming the expert, the path and the shapes).
     """
     resolved = resolve(method, options, scale)
     _check_multi_device(multi_device)

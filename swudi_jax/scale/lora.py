@@ -59,6 +59,10 @@ class Adapter(NamedTuple):
         left = B (out × r), right = A (r × in). Ranks may differ between leaves and experts.
       scale: s, one float for every leaf or ``{path: float}`` (a path it leaves out: 1); PEFT's
         α/r (α/√r with rsLoRA). ``nnx.LoRA`` has no scale (1).
+
+    With swudi, swudi_a, pinv or iwudi, a 2-D linear leaf every expert adapts merges from the
+    factors: θ = θ0 + s·B′A′ of rank ≤ Σ rᵢ (this module's docstring; MATH.md section 8), the rest
+    densified (:mod:`swudi_jax.model.adapters`).
     """
 
     factors: Mapping[str, tuple[Any, Any]]
