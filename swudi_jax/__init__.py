@@ -46,7 +46,7 @@ from swudi_jax.model.report import MergeReport
 from swudi_jax.model.score import score
 from swudi_jax.model.sequential import layer_scores, layerwise_merge
 from swudi_jax.scale import lora, sharding
-from swudi_jax.scale.lora import merge_lora
+from swudi_jax.scale.lora import Adapter, merge_lora
 from swudi_jax.scale.sharding import make_row_mesh, merge_sharded
 
 # Aliases for the module paths of releases before the package was laid out by stage:
@@ -61,6 +61,7 @@ del _module
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
     "Calibration",
     "LLM_PRESET",
     "MergeConfig",

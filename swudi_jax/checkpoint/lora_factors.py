@@ -24,20 +24,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from swudi_jax.checkpoint.config import MergeConfig
 from swudi_jax.checkpoint.io import peft
 from swudi_jax.checkpoint.io.reader import CheckpointReader
 from swudi_jax.checkpoint.merge_plan import MergePlan
-from swudi_jax.maths.linalg import HIGHEST, compute_dtype
+from swudi_jax.maths.linalg import compute_dtype
 from swudi_jax.maths.validation import non_finite
 from swudi_jax.methods.spec import Resolved
+from swudi_jax.model import adapters
+from swudi_jax.model.adapters import factorable
 from swudi_jax.model.layout import LeafPlan
-from swudi_jax.model.merger import TensorOptions, layer_options
-from swudi_jax.scale.lora import fits_factors, runs_on_factors, spectral_factors
+from swudi_jax.model.merger import TensorOptions, expert_weights
+from swudi_jax.scale.lora import fits_factors, runs_on_factors
 
 
 def adapter_readers(config: MergeConfig, experts: Sequence[CheckpointReader]) -> list[peft.LoraReader | None] | None:
@@ -86,29 +86,7 @@ def stored_pair(update: peft.LoraUpdate, dtype) -> tuple[np.ndarray, np.ndarray]
 
 def maths_pair(update: peft.LoraUpdate, plan: LeafPlan, dtype) -> tuple[np.ndarray, np.ndarray]:
     """(Bm, Am) with the tensor's maths-layout ΔW (m outputs, n inputs) = Bm Am."""
-    b, a = stored_pair(update, dtype)
-    return (a.T, b.T) if plan.transpose else (b, a)
-
-
-def factorable(plan: LeafPlan) -> bool:
-    """A linear plan whose maths matrix is the 2-D tensor itself or its transpose."""
-    return (plan.kind == "linear" and len(plan.shape) == 2 and plan.layers == 1 and plan.scan_axis is None
-            and tuple(plan.maths_shape) == (tuple(plan.shape)[::-1] if plan.transpose else tuple(plan.shape))
-            and (plan.input_axes == 1 if plan.transpose else plan.input_axes == 0))
-
-
-def expert_weights(resolved: Resolved, plan: LeafPlan, n_experts: int,
-                   resolver: TensorOptions | None) -> np.ndarray | None:
-    """This tensor's per-expert ``weight`` (N,), for methods that weigh the experts, else None."""
-    if "weight" not in resolved.spec.per_expert:
-        return None
-    return np.asarray(layer_options(resolved, [plan], n_experts, resolver)[0]["weight"], np.float64)
-
-
-@jax.jit
-def _plus_product(base, b, a, scale):
-    product = jnp.matmul(b, a, precision=HIGHEST)
-    return base + scale * product
+    return adapters.maths_pair(plan, *stored_pair(update, dtype))
 
 
 @dataclass
@@ -126,9 +104,6 @@ class FactorMerge:
     work: str = "float32"
     paths: frozenset[str] = field(default_factory=frozenset)
 
-    def factors(self, plan: LeafPlan, dtype) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [maths_pair(r.updates[plan.path], plan, dtype) for r in self.readers]
-
     def merge(self, plans: Sequence[LeafPlan], base_arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """θ0 + s·B′A′ for each of ``plans`` (all in :attr:`paths`), on the host in the base's dtype."""
         out = {}
@@ -136,12 +111,8 @@ class FactorMerge:
             base = base_arrays[plan.path]
             dtype = compute_dtype(base.dtype, requested=self.work, defined_in=self.resolved.spec.compute_dtypes)
             weights = expert_weights(self.resolved, plan, len(self.readers), self.resolver)
-            b, a = spectral_factors(self.factors(plan, dtype), self.resolved, plan.maths_shape, weights)
-            if plan.transpose:
-                b, a = a.T, b.T
-            merged = _plus_product(jnp.asarray(base, dtype), b.astype(dtype), a.astype(dtype),
-                                   jnp.asarray(self.resolved.scale, dtype))
-            out[plan.path] = np.asarray(merged.astype(base.dtype))
+            pairs = [stored_pair(r.updates[plan.path], dtype) for r in self.readers]
+            out[plan.path] = np.asarray(adapters.merge_from_factors(plan, base, pairs, self.resolved, weights, dtype))
         return out
 
     def unchanged(self, i: int, keys: Sequence[str]) -> bool:

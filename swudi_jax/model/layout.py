@@ -35,7 +35,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -422,13 +422,15 @@ def plan_guesses(rules: LeafRules, plans: Sequence[LeafPlan], names: Mapping[str
     return tuple(out)
 
 
-def describe_groups(groups: Sequence[Sequence[LeafPlan]], method: str, elementwise: bool) -> list[str]:
-    """The plan table: each leaf, its shape and dtype, its kind, what merges it, and its group."""
+def describe_groups(groups: Sequence[Sequence[LeafPlan]], method: str, elementwise: bool,
+                    factors: Collection[str] = ()) -> list[str]:
+    """The plan table: each leaf, its shape and dtype, its kind, what merges it ("<method>
+    (factors)" for the leaves in ``factors``, merged from LoRA factors), and its group."""
     rows = [("tensor", "shape", "dtype", "kind", "method", "group")]
     for g, group in enumerate(groups):
         for p in group:
             how = {"linear": method, "mean": method if elementwise else "mean", "keep": "base",
-                   "passthrough": "copy"}[p.kind]
+                   "passthrough": "copy"}[p.kind] + (" (factors)" if p.path in factors else "")
             stack = f" ({p.layers} layers)" if p.layers > 1 else ""
             rows.append((p.path, "x".join(map(str, p.shape)) or "scalar", str(np.dtype(p.dtype)), p.kind + stack, how,
                          str(g)))

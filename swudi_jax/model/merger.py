@@ -33,6 +33,7 @@ from swudi_jax.methods.registry import DEFAULT_METHOD, resolve
 from swudi_jax.methods.spec import CHUNK_LEAVES, LOCAL, ChunkSource, Combine, MethodSpec, Resolved
 from swudi_jax.model.batching import (compile_groups, compile_key, group_size, hashable, host_array, host_group,
                                       is_flat, pad_layers, padded_sizes, stack_grams, stack_group, unstack_group)
+from swudi_jax.model import adapters
 from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
 from swudi_jax.model.inputs import ModelInput, as_params
 from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, describe_groups, logical_paths, to_maths
@@ -319,6 +320,14 @@ def layer_options(resolved: Resolved, plans: Sequence[LeafPlan], n_experts: int,
     return out
 
 
+def expert_weights(resolved: Resolved, plan: LeafPlan, n_experts: int,
+                   tensor_options: TensorOptions | None) -> np.ndarray | None:
+    """One tensor's per-expert ``weight`` (N,), for methods that weigh the experts, else None."""
+    if "weight" not in resolved.spec.per_expert:
+        return None
+    return np.asarray(layer_options(resolved, [plan], n_experts, tensor_options)[0]["weight"], np.float64)
+
+
 def _group_inputs(resolved: Resolved, plans: Sequence[LeafPlan], grams: Mapping[str, Any] | None, n_experts: int,
                   tensor_options: TensorOptions | None = None) -> tuple[list, list, list]:
     """The arrays fed to the method beside the task vectors: (arrays, names, vmap axes).
@@ -570,7 +579,9 @@ def merge(
     Args:
       base: the pre-trained parameters, any pytree of arrays (Flax Linen params, NNX state
         as a pure dict, a flat dict of dotted names).
-      experts: a list of ≥ 2 pytrees with the same paths, shapes and dtypes.
+      experts: a list of ≥ 2 pytrees with the same paths, shapes and dtypes, or LoRA experts
+        (:class:`~swudi_jax.scale.lora.Adapter`; NNX models with ``nnx.LoRALinear`` / ``nnx.LoRA``
+        layers over a plain base), merged from their factors where they can be (:mod:`swudi_jax.model.adapters`).
       method: a registered method name (:func:`swudi_jax.methods.registry.available_methods`),
         a :class:`MethodSpec` (registered or not), or a :class:`Resolved` value.
       scale: s; None: the method's default, 0.3 for ``task_arithmetic_paper`` and ``dare``
@@ -594,7 +605,8 @@ def merge(
       The merged parameters, with the structure and dtypes of ``base`` (and the report).
     Raises:
       ValueError, before any compute, for an unknown method or option, fewer than two
-      experts, differing paths, shapes or dtypes, NaN/Inf, or missing Grams.
+      experts, differing paths, shapes or dtypes, NaN/Inf, missing Grams, or adapter factors
+      whose path, shapes or leaf do not fit (naming the expert, the path and the shapes).
     """
     resolved = resolve(method, options, scale)
     _check_multi_device(multi_device)
@@ -604,17 +616,14 @@ def merge(
     given = as_params(base, "base")
     _warn_left_out(given)
     base_flat, treedef = flatten(given.params, "base")
-    expert_flats = _expert_flats(experts)
-    check_models(base_flat, expert_flats, resolved.spec)
     plans = rules.plan_tree({p: (leaf.shape, leaf.dtype) for p, leaf in base_flat.items()})
-    if resolved.spec.kind == "data":
-        for plan in plans:
-            if plan.kind == "linear":
-                stack_grams([plan], grams, len(expert_flats))
+    deltas, on_factors, expert_flats = _read_experts(experts, base_flat, plans, resolved, report, grams)
     resolved = prepare(resolved, model_task_vector_chunks(plans, base_flat, expert_flats))
     collector = ReportCollector(resolved, len(expert_flats)) if report else None
-    merged = _merge_groups(plans, base_flat, expert_flats, resolved, max_group_bytes, collector, grams=grams,
-                           multi_device=multi_device, tensor_options=tensor_options, dtype=dtype)
+    merged = _merge_groups([p for p in plans if p.path not in on_factors], base_flat, expert_flats, resolved,
+                           max_group_bytes, collector, grams=grams, multi_device=multi_device,
+                           tensor_options=tensor_options, dtype=dtype)
+    merged.update(_merge_from_factors(plans, on_factors, base_flat, deltas, resolved, tensor_options, dtype))
     out = given.rebuild(unflatten(treedef, merged, base_flat))
     return (out, collector.result()) if report else out
 
@@ -631,6 +640,48 @@ def _merge_groups(plans, base_flat, expert_flats, resolved: Resolved, max_group_
     return merged
 
 
+def _read_experts(experts: Any, base_flat: Mapping[str, Any], plans: Sequence[LeafPlan], resolved: Resolved,
+                  report: bool, grams: Mapping[str, Any] | None):
+    """(the experts as :class:`~swudi_jax.model.adapters.ExpertDelta`, the leaves merged from their
+    LoRA factors, each expert's flat parameters with every other adapted leaf densified), checked:
+    :func:`check_models`, and the Grams of a data method."""
+    deltas = adapters.read_experts(experts, base_flat, plans)
+    check_expert_count(resolved.spec, len(deltas))
+    on_factors = _factor_paths(plans, deltas, resolved, report)
+    expert_flats = [adapters.densified(d, base_flat, on_factors) for d in deltas]
+    check_models(base_flat, expert_flats, resolved.spec)
+    if resolved.spec.kind == "data":
+        for plan in plans:
+            if plan.kind == "linear":
+                stack_grams([plan], grams, len(expert_flats))
+    return deltas, on_factors, expert_flats
+
+
+def _factor_paths(plans: Sequence[LeafPlan], deltas: Sequence[adapters.ExpertDelta], resolved: Resolved,
+                  report: bool) -> frozenset[str]:
+    """The leaves :func:`merge` takes from the experts' LoRA factors
+    (:func:`~swudi_jax.model.adapters.factor_paths`); none with a report or a whole-model pass,
+    which read every expert's dense task vectors."""
+    if report or resolved.spec.preparation(resolved.options) is not None:
+        return frozenset()
+    return adapters.factor_paths(plans, deltas, resolved)
+
+
+def _merge_from_factors(plans: Sequence[LeafPlan], paths: frozenset[str], base_flat: Mapping[str, Any],
+                        deltas: Sequence[adapters.ExpertDelta], resolved: Resolved,
+                        tensor_options: TensorOptions | None, dtype: Any) -> dict[str, Any]:
+    """{path: θ0 + s·B′A′} of the leaves in ``paths``, merged from the LoRA factors, placed as the base leaf."""
+    out = {}
+    for p in (p for p in plans if p.path in paths):
+        base = base_flat[p.path]
+        work = compute_dtype(base.dtype, requested=dtype, defined_in=resolved.spec.compute_dtypes)
+        pairs = adapters.factor_pairs(deltas, p.path, work)
+        weights = expert_weights(resolved, p, len(deltas), tensor_options)
+        merged = adapters.merge_from_factors(p, base, pairs, resolved, weights, work)
+        out[p.path] = jax.device_put(merged, _placement(base))
+    return out
+
+
 def _warn_left_out(given: ModelInput) -> None:
     if given.left_out:
         warnings.warn(f"not merged, taken from the base ({given.kind}): {'; '.join(given.left_out)}", stacklevel=3)
@@ -644,7 +695,8 @@ class TreePlan(NamedTuple):
       plans: each leaf's :class:`LeafPlan`; groups: the compiled calls, in order.
       method: the method's name; layout: "flax" or "torch"; kind: what was given
         (:class:`~swudi_jax.model.inputs.ModelInput`); guesses: what the plan guessed
-        (:func:`~swudi_jax.model.layout.plan_guesses`); left_out: what is not merged.
+        (:func:`~swudi_jax.model.layout.plan_guesses`); left_out: what is not merged;
+      factors: the leaves merged from the experts' LoRA factors (:func:`plan` given ``experts``).
     """
 
     plans: tuple[LeafPlan, ...]
@@ -655,11 +707,12 @@ class TreePlan(NamedTuple):
     guesses: tuple[str, ...]
     left_out: tuple[str, ...]
     elementwise: bool
+    factors: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        lines = describe_groups(self.groups, self.method, self.elementwise)
+        lines = describe_groups(self.groups, self.method, self.elementwise, self.factors)
         summary = f"{len(self.plans)} leaves in {len(self.groups)} groups; method {self.method}, layout {self.layout}, " \
-                  f"input {self.kind}"
+                  f"input {self.kind}" + (f"; {len(self.factors)} from LoRA factors" if self.factors else "")
         return "\n".join(lines + ["", summary] + [f"guess: {g}" for g in self.guesses]
                          + [f"left out: {x}" for x in self.left_out])
 
@@ -674,6 +727,7 @@ def plan(
     rules: LeafRules | None = None,
     n_experts: int = 2,
     max_group_bytes: int | None = DEFAULT_MAX_GROUP_BYTES,
+    experts: Sequence[Any] | None = None,
     **rule_options: Any,
 ) -> TreePlan:
     """What :func:`merge` would do with ``base`` (any input :func:`merge` takes): every leaf's
@@ -687,6 +741,8 @@ def plan(
         ``scan_patterns``, ``input_axes``, ...).
       n_experts: the expert count the groups are sized for.
       max_group_bytes: as in :func:`merge`.
+      experts: the experts, when given: the table marks the leaves merged from LoRA factors
+        ("<method> (factors)") and ``n_experts`` is their count.
     """
     resolved = resolve(method)
     rules = rules if rules is not None else LeafRules(**rule_options)
@@ -694,17 +750,22 @@ def plan(
     base_flat, _ = flatten(given.params, "base")
     signature_ = {p: (leaf.shape, leaf.dtype) for p, leaf in base_flat.items()}
     plans, guesses = rules.plan_with_guesses(signature_)
+    factors: frozenset[str] = frozenset()
+    if experts is not None:
+        deltas = adapters.read_experts(experts, base_flat, plans)
+        n_experts, factors = len(deltas), _factor_paths(plans, deltas, resolved, False)
     elementwise = resolved.spec.kind == "elementwise"
     groups = compile_groups(plans, max_group_bytes, copies=n_experts + 1, elementwise=elementwise)
     layout = rules.for_paths(logical_paths(signature_).values()).layout
     return TreePlan(tuple(plans), tuple(tuple(g) for g in groups), resolved.spec.name, layout, given.kind, guesses,
-                    given.left_out, elementwise)
+                    given.left_out, elementwise, tuple(p.path for p in plans if p.path in factors))
 
 __all__ = [
     "DEFAULT_MAX_GROUP_BYTES",
     "TensorOptions",
     "check_expert_count",
     "check_models",
+    "expert_weights",
     "layer_options",
     "merge",
     "merge_group",

@@ -32,7 +32,7 @@ Model Merging" (arXiv 2606.07289); LoRA: Hu et al., ICLR 2022.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,29 @@ from swudi_jax.maths.spectral import NORM_FLOOR, Spectrum, filter_on_spectrum, f
 from swudi_jax.maths.validation import as_float_array, check_finite
 from swudi_jax.methods.registry import DEFAULT_METHOD, resolve, spectral
 from swudi_jax.methods.spec import MethodSpec, Resolved
+
+
+class Adapter(NamedTuple):
+    """A LoRA expert in memory, for :func:`swudi_jax.merge` (``sj.Adapter``): the base's parameters
+    plus, on each leaf it names, the delta ΔW = scale · left @ right **in the leaf's stored layout**.
+
+    Its parameters are θ0 + ΔW; a leaf it does not name has a zero task vector (θ0).
+
+    Attributes:
+      factors: ``{path: (left, right)}``, paths as :func:`swudi_jax.plan` prints them. A Flax
+        kernel (in, out) takes left = ``lora_a`` (in × r), right = ``lora_b`` (r × out), the
+        order of ``nnx.LoRA``'s x @ a @ b; a PyTorch-layout weight (out, in) takes PEFT's
+        left = B (out × r), right = A (r × in). Ranks may differ between leaves and experts.
+      scale: s, one float for every leaf or ``{path: float}`` (a path it leaves out: 1); PEFT's
+        α/r (α/√r with rsLoRA). ``nnx.LoRA`` has no scale (1).
+
+    With swudi, swudi_a, pinv or iwudi, a 2-D linear leaf every expert adapts merges from the
+    factors: θ = θ0 + s·B′A′ of rank ≤ Σ rᵢ (this module's docstring; MATH.md section 8), the rest
+    densified (:mod:`swudi_jax.model.adapters`).
+    """
+
+    factors: Mapping[str, tuple[Any, Any]]
+    scale: float | Mapping[str, float] = 1.0
 
 
 def _check_pair(i: int, pair: Any) -> tuple[Any, Any]:
@@ -335,6 +358,6 @@ def merge_lora(factors: Sequence[tuple[Any, Any]], method: str | MethodSpec | Re
     return _merge_factors(b, a, resolved.spec, frozen)
 
 
-__all__ = ["check_lora_factors", "checked_factors", "combine_factors", "exact_factors", "filter_options", "fits_factors",
+__all__ = ["Adapter", "check_lora_factors", "checked_factors", "combine_factors", "exact_factors", "filter_options", "fits_factors",
            "lora_deltas", "merge_lora", "merge_lora_factors", "runs_on_factors", "spectral_factors", "stack_factors",
            "truncate_factors"]
