@@ -6,9 +6,10 @@
   ending in ``jax.block_until_ready``, and keeps every time (the median is what tables show).
 - :func:`reset_peak_rss` / :func:`peak_rss_since_reset_bytes` measure the peak of one phase
   (the timed calls, without the compiler's transient memory) inside a process.
-- :func:`run_worker` runs one measurement in its own Python subprocess and reads the child's
-  peak resident set size from ``os.wait4`` (the kernel's ``ru_maxrss`` of that child alone),
-  so each method's peak memory is its own, untouched by what ran before it.
+- :func:`measured_process` runs a command under a fresh launcher and reads its peak resident set
+  size from ``os.wait4`` (the kernel's ``ru_maxrss`` of that command alone, not inherited from
+  the benchmark's own memory); :func:`run_worker` runs one measurement that way in its own
+  Python subprocess, so each method's peak memory is its own.
 - :func:`machine_info` records what the numbers were measured on: cores, load, BLAS
   (through threadpoolctl when installed), library versions, ``OPENBLAS_*``/``XLA_FLAGS``.
 - :func:`write_json` writes a benchmark's result file atomically (temporary name, then rename).
@@ -114,31 +115,58 @@ def emit_result(result: dict) -> None:
     print(RESULT_MARKER + json.dumps(result), flush=True)
 
 
+LAUNCHER = (
+    "import json, os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "json.dump({'returncode': os.waitstatus_to_exitcode(status), 'maxrss': usage.ru_maxrss,\n"
+    "           'cpu_s': usage.ru_utime + usage.ru_stime}, open(sys.argv[1], 'w'))\n"
+)
+"""The process between a benchmark and what it measures (see :func:`measured_process`)."""
+
+
+def measured_process(argv: Sequence[str], *, env: dict | None = None, cwd: str | None = None,
+                     stdout: Any = None, stderr: Any = None) -> dict:
+    """Run ``argv`` to completion: its exit code, wall seconds, CPU seconds and peak RSS in bytes.
+
+    Linux starts a child's ``ru_maxrss`` at the resident size of the process that forked it (the
+    memory the fork copied, or with ``vfork`` shared, counts until ``exec``), so a child of a
+    benchmark that holds gigabytes would report those gigabytes. The command therefore runs under
+    a fresh launcher (:data:`LAUNCHER`, a bare Python of about 25 MB), which reads the command's
+    own ``ru_maxrss`` from ``os.wait4``. ``stdout``/``stderr`` as for ``subprocess.Popen``.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "usage.json")
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", LAUNCHER, report, *argv], env=env, cwd=cwd, stdout=stdout,
+                       stderr=stderr, check=False)
+        wall = time.perf_counter() - start
+        with open(report) as f:
+            usage = json.load(f)
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"returncode": usage["returncode"], "wall_s": wall, "cpu_s": usage["cpu_s"],
+            "peak_rss_bytes": usage["maxrss"] * scale}
+
+
 def run_worker(argv: Sequence[str], *, cwd: str | None = None, env: dict | None = None) -> dict:
     """Run ``argv`` (a Python worker) in its own process; return its result plus its peak RSS.
 
     The child must print its result with :func:`emit_result`. Its peak resident set size
-    comes from ``os.wait4`` on that one child (``peak_rss_bytes`` key), the wall time of
-    the whole child (imports included) under ``process_s``. stderr passes through; a failing
-    child raises ``RuntimeError`` with the tail of its output.
+    (``peak_rss_bytes`` key; :func:`measured_process`) and the wall time of the whole child
+    (imports included, ``process_s``) are added. A failing child raises ``RuntimeError`` with
+    the tail of its output.
     """
-    start = time.perf_counter()
     with tempfile.TemporaryFile(mode="w+") as out:
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        usage = measured_process(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
         out.seek(0)
         text = out.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {' '.join(argv)} exited with {proc.returncode}:\n{text[-4000:]}")
+    if usage["returncode"] != 0:
+        raise RuntimeError(f"worker {' '.join(argv)} exited with {usage['returncode']}:\n{text[-4000:]}")
     lines = [line for line in text.splitlines() if line.startswith(RESULT_MARKER)]
     if not lines:
         raise RuntimeError(f"worker {' '.join(argv)} printed no result:\n{text[-4000:]}")
     result = json.loads(lines[-1][len(RESULT_MARKER):])
-    scale = 1 if sys.platform == "darwin" else 1024
-    result["peak_rss_bytes"] = usage.ru_maxrss * scale
-    result["process_s"] = time.perf_counter() - start
-    return result
+    return {**result, "peak_rss_bytes": usage["peak_rss_bytes"], "process_s": usage["wall_s"]}
 
 
 def blas_info() -> list[dict]:

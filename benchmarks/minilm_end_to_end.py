@@ -23,21 +23,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: python benchmarks/...
-from _measure import write_json  # noqa: E402
-
-WRAPPER = (
-    "import os, subprocess, sys\n"
-    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
-    "_, status, usage = os.wait4(p.pid, 0)\n"
-    "code = os.waitstatus_to_exitcode(status)\n"
-    "sys.exit(code) if code else print(usage.ru_utime + usage.ru_stime, usage.ru_maxrss)\n"
-)
+from _measure import measured_process, write_json  # noqa: E402
 
 SPLIT = r"""
 import json, sys, time
@@ -96,16 +87,15 @@ def run_cli(tree: Path, config: Path, out: Path, env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = {**env, "PYTHONPATH": str(tree)}
     load = os.getloadavg()[0]
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", WRAPPER, sys.executable, "-m", "swudi_jax.checkpoint.cli", str(config),
-                           str(out), "--no-progress"], env=env, capture_output=True, text=True, cwd=tree)
-    wall = time.perf_counter() - start
-    if done.returncode:
-        raise RuntimeError(f"swudi-merge failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    cpu, rss = done.stdout.split()
+    with tempfile.TemporaryFile() as err:
+        usage = measured_process([sys.executable, "-m", "swudi_jax_cli", str(config), str(out), "--no-progress"],
+                                 env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=err)
+        err.seek(0)
+        if usage["returncode"]:
+            raise RuntimeError(f"swudi-merge failed ({usage['returncode']}):\n{err.read().decode()[-2000:]}")
     shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": wall, "cpu_s": float(cpu), "peak_rss_mb": int(rss) / 1024, "load_before": load,
-            "load_after": os.getloadavg()[0]}
+    return {"wall_s": usage["wall_s"], "cpu_s": usage["cpu_s"], "peak_rss_mb": usage["peak_rss_bytes"] / 2**20,
+            "load_before": load, "load_after": os.getloadavg()[0]}
 
 
 def run_split(tree: Path, config: Path, out: Path, env: dict) -> dict:

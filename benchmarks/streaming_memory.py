@@ -28,13 +28,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: python benchmarks/...
-from _measure import write_json  # noqa: E402
+from _measure import measured_process, write_json  # noqa: E402
 
 MB = 1 << 20
 
@@ -80,14 +79,6 @@ def write_models(root: Path, shapes: dict, n_experts: int, dtype, shard_bytes: i
     (paths[0] / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": shapes["model.norm.weight"][0]}))
     return paths
 
-
-WRAPPER = (
-    "import os, subprocess, sys\n"
-    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
-    "_, status, usage = os.wait4(p.pid, 0)\n"
-    "code = os.waitstatus_to_exitcode(status)\n"
-    "sys.exit(code) if code else print(usage.ru_maxrss)\n"
-)
 
 IN_MEMORY = (
     "import sys, numpy as np, swudi_jax\n"
@@ -160,13 +151,15 @@ def print_split(rows: dict) -> None:
 
 
 def measure(command: list[str], env: dict) -> tuple[int, float]:
-    """Run ``command`` under WRAPPER; its peak RSS in bytes (``ru_maxrss`` from wait4) and wall seconds."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", WRAPPER, *command], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return int(done.stdout.strip().splitlines()[-1]) * 1024, wall
+    """Run ``command``; its peak RSS in bytes (``ru_maxrss`` from wait4, under a fresh launcher:
+    :func:`_measure.measured_process`) and wall seconds."""
+    with tempfile.TemporaryFile() as err:
+        usage = measured_process(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        err.seek(0)
+        if usage["returncode"] != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({usage['returncode']}):\n"
+                               f"{err.read().decode(errors='replace')[-2000:]}")
+    return usage["peak_rss_bytes"], usage["wall_s"]
 
 
 def main(argv: list[str] | None = None) -> dict:

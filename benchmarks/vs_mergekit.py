@@ -28,14 +28,14 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import yaml
 
-from benchmarks._measure import machine_info, write_json
+from benchmarks._measure import machine_info, measured_process, write_json
 from swudi_jax.checkpoint import io as ckio
 
 HIDDEN, INTER, LAYERS, VOCAB, HEADS = 768, 2048, 4, 16000, 12
@@ -94,35 +94,52 @@ def method_configs(root: Path) -> dict[str, dict]:
             config["parameters"] = params
         return config
 
+    def plain(method: str, names: list[str], with_base: bool = True, **params) -> dict:
+        config = {"models": [{"model": m} for m in names], "merge_method": method, "dtype": "bfloat16"}
+        if with_base:
+            config["base_model"] = base
+        if params:
+            config["parameters"] = params
+        return config
+
+    weighted = [{"model": m, "parameters": {"weight": w}} for m, w in zip(models, (0.5, 0.3, 0.2))]
     return {
-        "linear": {"models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(models, (0.5, 0.3, 0.2))],
-                   "merge_method": "linear", "dtype": "bfloat16"},
+        "linear": {"models": weighted, "merge_method": "linear", "dtype": "bfloat16"},
         "task_arithmetic": family("task_arithmetic", {}),
         "ties": family("ties", {"density": 0.5}),
         "dare_ties": family("dare_ties", {"density": 0.5}),
+        "dare_linear": family("dare_linear", {"density": 0.5}),
+        "breadcrumbs": family("breadcrumbs", {"density": 0.5, "gamma": 0.01}),
         "breadcrumbs_ties": family("breadcrumbs_ties", {"density": 0.5, "gamma": 0.01}),
         "della": family("della", {"density": 0.5, "epsilon": 0.1}),
-        "sce": {"models": [{"model": m} for m in models], "merge_method": "sce", "base_model": base,
-                "parameters": {"select_topk": 0.5}, "dtype": "bfloat16"},
+        "della_linear": family("della_linear", {"density": 0.5, "epsilon": 0.1}),
+        "sce": plain("sce", models, select_topk=0.5),
         "slerp": {"slices": [{"sources": [{"model": base, "layer_range": [0, LAYERS]},
                                           {"model": e0, "layer_range": [0, LAYERS]}]}],
                   "merge_method": "slerp", "base_model": base, "parameters": {"t": 0.5}, "dtype": "bfloat16"},
-        "model_stock": {"models": [{"model": m} for m in models], "merge_method": "model_stock", "base_model": base,
-                        "dtype": "bfloat16"},
+        "nuslerp": {"models": weighted[:2], "merge_method": "nuslerp", "base_model": base, "dtype": "bfloat16"},
+        "multislerp": {"models": weighted, "merge_method": "multislerp", "base_model": base, "dtype": "bfloat16"},
+        "karcher": plain("karcher", models, with_base=False),
+        "model_stock": plain("model_stock", models),
+        "nearswap": plain("nearswap", [e0], t=0.001),
+        "arcee_fusion": plain("arcee_fusion", [e0]),
+        "ram": plain("ram", models),
+        "ramplus_tl": plain("ramplus_tl", models),
+        "passthrough": {"slices": [{"sources": [{"model": e0, "layer_range": [0, LAYERS // 2]}]},
+                                   {"sources": [{"model": e1, "layer_range": [LAYERS // 2, LAYERS]}]}],
+                        "merge_method": "passthrough", "dtype": "bfloat16"},
     }
 
 
 def timed_process(argv: list[str], env: dict | None = None) -> dict:
-    """Run ``argv`` to completion; its wall time and peak RSS (``ru_maxrss`` of that child)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed:\n{err[-3000:]}")
-    return {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024}
+    """Run ``argv`` to completion; its wall time and peak RSS (:func:`benchmarks._measure.measured_process`)."""
+    with tempfile.TemporaryFile() as err:
+        usage = measured_process(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+    if usage["returncode"] != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{text[-3000:]}")
+    return {"wall_s": usage["wall_s"], "peak_rss_bytes": usage["peak_rss_bytes"]}
 
 
 def ordered_bits(x: np.ndarray) -> np.ndarray:
@@ -150,7 +167,7 @@ def compare(ours: Path, theirs: Path) -> dict:
 def commands(method: str, config: Path, root: Path, venv: str | None) -> dict[str, tuple[list[str], dict, Path]]:
     """Per tool, the command line, environment and output folder of one merge."""
     ours = root / f"swudi_{method}"
-    runs = {"swudi-merge": ([sys.executable, "-m", "swudi_jax.checkpoint.cli", str(config), str(ours),
+    runs = {"swudi-merge": ([sys.executable, "-m", "swudi_jax_cli", str(config), str(ours),
                              "--no-progress", "--no-copy-tokenizer"], dict(os.environ), ours)}
     if venv:
         theirs = root / f"mergekit_{method}"
@@ -201,18 +218,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--mergekit-venv", help="a venv holding mergekit (bin/mergekit-yaml); none: swudi only")
-    parser.add_argument("--methods", default="ties,dare_ties,task_arithmetic,linear,slerp,della,breadcrumbs_ties,sce")
+    parser.add_argument("--methods", default="all", help="comma-separated, or all (every mergekit method)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args(argv)
     root = args.workdir.resolve()
     write_fixture(root)
     configs = method_configs(root)
-    unknown = [m for m in args.methods.split(",") if m not in configs]
+    methods = list(configs) if args.methods == "all" else args.methods.split(",")
+    unknown = [m for m in methods if m not in configs]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; known: {sorted(configs)}")
     rows = []
-    for method in args.methods.split(","):
+    for method in methods:
         rows.append(bench_method(method, configs[method], root, args.mergekit_venv, args.rounds))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
         write_json(args.out, {"machine": machine_info(), "rows": rows})

@@ -26,14 +26,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import yaml
 
-from benchmarks._measure import write_json
+from benchmarks._measure import measured_process, write_json
 from benchmarks.minilm import bert
 from benchmarks.minilm.data import TaskSpec, load_task
 from benchmarks.minilm.finetune import DEFAULT_CACHE, FinetuneConfig, prepare_cache, save_safetensors
@@ -77,17 +76,13 @@ def run_merge(config: dict, workdir: Path, name: str, flags: Sequence[str] = ())
     if out.exists():
         shutil.rmtree(out)
     log = workdir / f"{name}.log"
-    start = time.perf_counter()
     with log.open("wb") as handle:
-        proc = subprocess.Popen([*swudi_merge_command(), str(cfg_path), str(out), "--no-progress", *flags],
-                                stdout=handle, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"swudi-merge failed for {name} (exit {proc.returncode}); log {log}:\n"
+        usage = measured_process([*swudi_merge_command(), str(cfg_path), str(out), "--no-progress", *flags],
+                                 stdout=handle, stderr=subprocess.STDOUT)
+    if usage["returncode"] != 0:
+        raise RuntimeError(f"swudi-merge failed for {name} (exit {usage['returncode']}); log {log}:\n"
                            + log.read_text()[-3000:])
-    return out, wall, usage.ru_maxrss / 1024.0  # Linux reports KiB
+    return out, usage["wall_s"], usage["peak_rss_bytes"] / 2**20
 
 
 def write_grams(experts: dict[str, Path], tasks: dict, tokenizer, cfg: bert.BertConfig,
