@@ -4,12 +4,12 @@ NumPy transcription of the method (tests/mergekit_reference.py)."""
 
 from __future__ import annotations
 
-import jax
 import mergekit_reference as ref
 import numpy as np
 import pytest
 from mergekit_checkpoints import f64, family, layer_t, run
 
+from swudi_jax.methods import sparsify as sp
 from swudi_jax.methods.dare import leaf_key
 
 
@@ -85,7 +85,7 @@ def test_dare_ties_against_the_same_uniforms(models):
 
     def want(name):
         t = tau(m, name, ("e0", "e1"))
-        u = np.asarray(jax.random.uniform(leaf_key(0, name, 0), t.shape, np.float32), np.float64)
+        u = np.asarray(sp.draw_uniforms(leaf_key(0, name, 0), t.shape), np.float64)
         return m["base"][name] + ref.task_family("dare_ties", t, [0.4, 0.6], [0.53, 0.53], uniforms=u)
 
     check(got, want, m["base"])

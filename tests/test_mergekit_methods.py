@@ -160,7 +160,7 @@ def test_random_masks_are_deterministic_given_the_key():
     a = np.asarray(mf.dare_ties(tau, weight=WEIGHTS, density=0.5, key=k1))
     np.testing.assert_array_equal(a, np.asarray(mf.dare_ties(tau, weight=WEIGHTS, density=0.5, key=k1)))
     assert not np.array_equal(a, np.asarray(mf.dare_ties(tau, weight=WEIGHTS, density=0.5, key=k2)))
-    u = jax.random.uniform(k1, tau.shape, jnp.float32)
+    u = sp.draw_uniforms(k1, tau.shape)
     np.testing.assert_array_equal(a, np.asarray(mf.dare_ties(tau, weight=WEIGHTS, density=0.5, uniforms=u)))
 
 

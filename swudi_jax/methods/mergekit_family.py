@@ -354,16 +354,17 @@ def linear(models: jax.Array, weight: Any, *, normalize: bool = True) -> jax.Arr
 @jax.jit
 def _sce(tau, select_topk):
     rnd = _sparsify.rounder(tau.dtype)
-    x = tau.astype(compute_dtype(tau.dtype))
-    x = jnp.where(_sparsify.variance_topk_mask(x, select_topk, rnd)[None], x, 0)
+    work = compute_dtype(tau.dtype)
+    # the selected entries stay in tau's dtype (exact); each use widens its own slice
+    x = jnp.where(_sparsify.variance_topk_mask(tau, select_topk, rnd)[None], tau, jnp.zeros((), tau.dtype))
     agree = _consensus.agreement_mask(x, "sum")
-    energy = rnd(jnp.mean(rnd(jnp.square(x)).reshape(x.shape[0], -1), axis=1))
+    energy = jnp.stack([rnd(jnp.mean(rnd(jnp.square(x[i].astype(work))))) for i in range(x.shape[0])])
     total = rnd(jnp.sum(energy))
     w = jnp.where(jnp.abs(total) < 1e-6, 1.0 / x.shape[0], rnd(divide(energy, total)))
     w = w.reshape((-1,) + (1,) * (x.ndim - 1))
     erased = jnp.where(agree, w, 0)
-    merged = rnd(jnp.sum(rnd(x * erased), axis=0))
-    return rnd(merged / jnp.maximum(rnd(jnp.sum(erased, axis=0)), 1e-6)).astype(tau.dtype)
+    merged = rnd(sum_leading(jnp.stack([rnd(x[i].astype(work) * erased[i]) for i in range(x.shape[0])])))
+    return rnd(merged / jnp.maximum(rnd(sum_leading(erased)), 1e-6)).astype(tau.dtype)
 
 
 def sce(tau: jax.Array, *, select_topk: Any = 1.0, int8_mask: bool = False) -> jax.Array:

@@ -27,8 +27,8 @@ Rescaling of the survivors m ⊙ τi (mergekit 0.1.5 ``rescale: true`` means "l1
 papers' 1/(1 − p_drop), and older mergekit's DARE rescale; random sparsifiers only).
 
 Random masks are ``u < p`` with u uniform in [0, 1) of the stack's shape: drawn from
-``key`` (``jax.random.uniform(key, tau.shape, float32)``, so deterministic given the key)
-or passed as ``uniforms`` (tests feed one source to two implementations).
+``key`` block by block (:func:`draw_uniforms`, deterministic given the key) or passed as
+``uniforms`` (tests feed one source to two implementations).
 
 Counts such as ⌊d·D⌋ follow mergekit's float64 arithmetic exactly when ``density`` and
 ``gamma`` are concrete (host) arrays: :func:`rank_windows` computes them on the host (a float32 parameter is read as its shortest
@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swudi_jax.maths.linalg import compute_dtype, round_to
+from swudi_jax.maths.linalg import compute_dtype, round_to, sum_leading
 from swudi_jax.maths.validation import is_concrete
 from swudi_jax.methods import sort_order
 
@@ -132,17 +132,34 @@ def _traced_windows(method: str, density: jax.Array, size: int, gamma: jax.Array
     return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
 
 
-def ranks(mag: jax.Array, descending: bool) -> jax.Array:
-    """Each entry's 0-based position in the stable sort of ``mag`` along the last axis.
+RANK_BLOCK = 1 << 20
+"""Entries ranked per host ``argsort`` call (:func:`ranks`): its int64 work space stays ~16 MB."""
 
-    One sort; its inverse permutation is scattered (rank[order[p]] = p), not sorted again.
+
+def _host_ranks(bits, *, descending: bool, dtype: np.dtype) -> np.ndarray:
+    mag = np.asarray(bits).view(dtype)
+    rows = mag.reshape(-1, mag.shape[-1])
+    out = np.empty(rows.shape, np.int32)
+    step = max(1, RANK_BLOCK // max(rows.shape[1], 1))
+    positions = np.arange(rows.shape[1], dtype=np.int32)[None]
+    for start in range(0, rows.shape[0], step):
+        keys = rows[start:start + step].astype(np.float32)
+        order = np.argsort(-keys if descending else keys, axis=-1, kind="stable")
+        np.put_along_axis(out[start:start + step], order, positions, axis=-1)
+    return out.reshape(mag.shape)
+
+
+def ranks(mag: jax.Array, descending: bool) -> jax.Array:
+    """Each entry's 0-based position (int32) in the stable sort of ``mag`` along the last axis,
+    compared in float32 (equal values keep their index order).
+
+    Ranked on the host (NumPy's stable ``argsort``, a block of rows at a time, through
+    ``jax.pure_callback``, one model at a time under ``vmap``): XLA's CPU sort of a
+    (3, 16000, 768) stack took 30 s and held its keys and an index per entry.
     """
-    keys = -mag if descending else mag
-    order = jnp.argsort(keys, axis=-1, stable=True)
-    rows = order.reshape(-1, order.shape[-1])
-    positions = jnp.broadcast_to(jnp.arange(rows.shape[-1], dtype=order.dtype), rows.shape)
-    inverse = jnp.zeros_like(rows).at[jnp.arange(rows.shape[0])[:, None], rows].set(positions, unique_indices=True)
-    return inverse.reshape(order.shape)
+    bits = jax.lax.bitcast_convert_type(mag, jnp.dtype(f"uint{8 * mag.dtype.itemsize}"))
+    return jax.pure_callback(partial(_host_ranks, descending=bool(descending), dtype=np.dtype(mag.dtype)),
+                             jax.ShapeDtypeStruct(mag.shape, jnp.int32), bits, vmap_method="sequential")
 
 
 def _leading(arrays: list[np.ndarray], trailing: list[int]) -> tuple[tuple[int, ...], list[np.ndarray]]:
@@ -218,10 +235,12 @@ def _della_keep_prob(x: jax.Array, density: jax.Array, epsilon: jax.Array, rndp:
     bf16 path computes them, d − ε included; float32 otherwise).
     """
     rows = x.reshape(1, -1) if x.ndim < 2 else x
-    moved = jnp.moveaxis(jnp.abs(rows).astype(jnp.float32), 1, -1)
+    moved = jnp.moveaxis(jnp.abs(rows), 1, -1)  # ranked in float32 (mergekit's ``abs().float()``)
     n = moved.shape[-1]
     r = rndp(rndp(ranks(moved, descending=False).astype(jnp.float32)) + 1)
-    lo, hi = jnp.min(r, axis=-1, keepdims=True), jnp.max(r, axis=-1, keepdims=True)
+    # the ranks of a row are 0..n−1 and the rounding is monotone: min r and max r are those of 0 and
+    # n − 1 (scalars: the row reductions would keep r whole in memory)
+    lo, hi = (rndp(rndp(jnp.float32(v)) + 1) for v in (0, n - 1))
     if n > 1:
         norm_rank = jnp.clip(rndp(rndp(r - lo) / rndp(hi - lo)), 0, 1)
     else:
@@ -257,9 +276,19 @@ def _sparsify_one(x, density, gamma, epsilon, window, u, *, method: str, rescale
 
 
 @partial(jax.jit, static_argnames=("method", "rescale"))
-def _sparsify_core(tau, density, gamma, epsilon, windows, uniforms, *, method, rescale):
+def _sparsify_core(tau, density, gamma, epsilon, windows, uniforms, key, *, method, rescale):
+    """The models side by side (``vmap``) for the ranked sparsifiers, whose host cut takes one model
+    at a time anyway; one after the other (``lax.map``) for the random ones, so that a model's
+    ranks, uniforms and work-dtype copies are held for one model at a time, not for the stack."""
     fn = partial(_sparsify_one, method=method, rescale=rescale)
-    return jax.vmap(fn)(tau, density, gamma, epsilon, windows, uniforms)
+    if method in _RANKED:
+        return jax.vmap(fn)(tau, density, gamma, epsilon, windows, jnp.zeros(tau.shape[:1], jnp.float32))
+
+    def one(i):
+        u = uniforms[i] if uniforms is not None else _model_uniforms(key, i, tau.shape[1:])
+        return fn(tau[i], density[i], gamma[i], epsilon[i], windows[i], u)
+
+    return jax.lax.map(one, jnp.arange(tau.shape[0]))
 
 
 def check_rescale(rescale: bool | str | None) -> str | None:
@@ -273,8 +302,27 @@ def check_rescale(rescale: bool | str | None) -> str | None:
     return rescale
 
 
+UNIFORM_BLOCK = 1 << 20
+"""Entries drawn per :func:`jax.random.uniform` call in :func:`draw_uniforms`."""
+
+
+def _rows_per_draw(rows: int, per_row: int) -> int:
+    """The largest divisor of ``rows`` whose block holds at most :data:`UNIFORM_BLOCK` entries (≥ 1)."""
+    for block in range(max(1, min(rows, UNIFORM_BLOCK // max(per_row, 1))), 0, -1):
+        if rows % block == 0:
+            return block
+    return 1
+
+
 def draw_uniforms(key: jax.Array | None, shape: tuple[int, ...], uniforms: Any = None) -> jax.Array:
-    """The uniforms in [0, 1) behind a random mask: ``uniforms`` if given, else from ``key``."""
+    """The uniforms in [0, 1) behind a random mask: ``uniforms`` if given, else from ``key``.
+
+    Drawn block by block: model i's rows [j·b, (j + 1)·b) are ``jax.random.uniform(fold_in(fold_in(key,
+    i), j), (b, ...))`` with b the largest divisor of the row count whose block holds at most
+    :data:`UNIFORM_BLOCK` entries (a function of the shape alone, so deterministic given the key). One
+    draw over a whole (3, 16000, 768) stack held five stack-sized uint32 arrays of threefry's work at
+    once (590 MB); a block's work space is a few MB.
+    """
     if uniforms is not None:
         uniforms = jnp.asarray(uniforms, jnp.float32)
         if uniforms.shape != tuple(shape):
@@ -282,7 +330,17 @@ def draw_uniforms(key: jax.Array | None, shape: tuple[int, ...], uniforms: Any =
         return uniforms
     if key is None:
         raise ValueError("a random sparsifier needs a PRNG key (key=jax.random.key(seed)) or uniforms")
-    return jax.random.uniform(key, tuple(shape), jnp.float32)
+    return jax.lax.map(lambda i: _model_uniforms(key, i, tuple(shape[1:])), jnp.arange(shape[0]))
+
+
+def _model_uniforms(key: jax.Array, i: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Model i's uniforms of :func:`draw_uniforms` (``shape``: one model's tensor)."""
+    rows, rest = (shape[0], shape[1:]) if shape else (1, ())
+    block = _rows_per_draw(rows, math.prod(rest))
+    per_model = jax.random.fold_in(key, i)
+    blocks = jax.lax.map(lambda j: jax.random.uniform(jax.random.fold_in(per_model, j), (block, *rest), jnp.float32),
+                         jnp.arange(rows // block))
+    return blocks.reshape(shape)
 
 
 def check_sparsify_params(method: str, density: Any, gamma: Any, epsilon: Any) -> None:
@@ -348,13 +406,16 @@ def sparsify(
                 windows = rank_windows(method, density, size, gamma)
             else:
                 windows = _traced_windows(method, jnp.asarray(density), size, jnp.asarray(gamma))
-        uniforms = jnp.zeros((n,), jnp.float32)
+        uniforms, key = None, None
     else:
         windows = jnp.zeros((n, 2), jnp.int32)
-        uniforms = draw_uniforms(key, tau.shape, uniforms)
+        if uniforms is not None:
+            uniforms, key = draw_uniforms(None, tau.shape, uniforms), None
+        elif key is None:
+            draw_uniforms(key, tau.shape)  # refuses, naming what is missing
     return _sparsify_core(
         tau, jnp.asarray(density, jnp.float32), jnp.asarray(gamma, jnp.float32),
-        jnp.asarray(epsilon, jnp.float32), jnp.asarray(windows, jnp.int32), uniforms,
+        jnp.asarray(epsilon, jnp.float32), jnp.asarray(windows, jnp.int32), uniforms, key,
         method=method, rescale=norm,
     )
 
@@ -366,7 +427,10 @@ def variance_topk_mask(tau: jax.Array, density: Any, rnd: Callable | None = None
     precision, as mergekit's bf16 path has it); d ≥ 1 keeps everything, d ≤ 0 nothing. The
     count is data-dependent, so it is computed in float32 in the graph.
     """
-    var = (rnd or (lambda v: v))(jnp.var(tau, axis=0))
+    work = compute_dtype(tau.dtype)
+    mean = sum_leading(tau, work) / tau.shape[0]  # jnp.var's two passes, summed slice by slice (no widened stack)
+    var = sum_leading(jnp.stack([jnp.square(tau[i].astype(work) - mean) for i in range(tau.shape[0])])) / tau.shape[0]
+    var = (rnd or (lambda v: v))(var)
     flat = jnp.abs(var).reshape(-1)
     d = jnp.asarray(density, jnp.float32)
     k = jnp.floor(jnp.sum(var != 0).astype(jnp.float32) * d).astype(jnp.int32)
