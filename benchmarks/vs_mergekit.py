@@ -4,17 +4,19 @@ Optional, not part of the tests (mergekit and torch live in their own venv, neve
 
     python3 -m venv /work/mkvenv && /work/mkvenv/bin/pip install torch==2.13.0 mergekit==0.1.5
     PYTHONPATH=. python -m benchmarks.vs_mergekit WORKDIR --mergekit-venv /work/mkvenv \\
-        [--methods ties,linear] [--rounds 2]
+        [--methods all | ties,linear] [--rounds 2] [--preset 53m | 1b]
 
-Writes under WORKDIR (once) a 53 M-parameter Llama-shaped model in bfloat16 (hidden 768,
-intermediate 2048, 4 layers, vocab 16000, untied head; HF names and a config.json that
-transformers accepts) and 3 experts (base + N(0, 0.01²) per weight, rounded to bf16, so
-many task-vector entries share a magnitude). Per method, both tools run the same config
+Writes under WORKDIR (once) a Llama-shaped model in bfloat16 (``--preset 53m``: 53 M parameters,
+hidden 768, intermediate 2048, 4 layers, vocab 16000; ``1b``: 1.26 B, hidden 2048, intermediate
+5632, 22 layers, vocab 32000; untied head, HF names and a config.json that transformers accepts)
+and 3 experts (base + N(0, 0.01²) per weight, rounded to bf16, so many task-vector entries share
+a magnitude). Per method (every mergekit method by default), both tools run the same config
 (absolute model paths), each in its own process, alternating swudi/mergekit for ``--rounds``
-rounds; a process's wall time (imports included) and its peak resident set size (``os.wait4``'s
-``ru_maxrss`` of that child) are recorded and the median is reported. The last round's outputs
-are compared: max |ours − mergekit| and the share of entries more than one bf16 ulp apart
-(distance of the ordered bit patterns). Without ``--mergekit-venv`` only ``swudi-merge`` runs.
+rounds; a process's wall time (imports included) and its peak resident set size
+(:func:`benchmarks._measure.measured_process`) are recorded and the median is reported. The
+last round's outputs are compared: max |ours − mergekit| and the share of entries more than one
+bf16 ulp apart (distance of the ordered bit patterns; the random methods draw different masks).
+Without ``--mergekit-venv`` only ``swudi-merge`` runs.
 
 Prints a table and writes ``benchmarks/results/vs_mergekit.json``.
 """
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -38,50 +41,65 @@ import yaml
 from benchmarks._measure import machine_info, measured_process, write_json
 from swudi_jax.checkpoint import io as ckio
 
-HIDDEN, INTER, LAYERS, VOCAB, HEADS = 768, 2048, 4, 16000, 12
+class Preset(NamedTuple):
+    """A Llama shape: hidden and intermediate sizes, layers, vocabulary, attention heads."""
+
+    hidden: int
+    inter: int
+    layers: int
+    vocab: int
+    heads: int
+
+
+PRESETS = {"53m": Preset(768, 2048, 4, 16000, 12), "1b": Preset(2048, 5632, 22, 32000, 32)}
+"""53 M parameters (the table's model); 1.26 B (TinyLlama-1.1B's sizes with full attention heads)."""
 EXPERTS = ("e0", "e1", "e2")
 RESULT = Path(__file__).resolve().parent / "results" / "vs_mergekit.json"
 
 
-def shapes() -> dict[str, tuple[int, ...]]:
+def shapes(preset: Preset) -> dict[str, tuple[int, ...]]:
     """HF Llama tensor names and torch (out, in) shapes of the benchmark model."""
-    out = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(LAYERS):
+    h, f = preset.hidden, preset.inter
+    out = {"model.embed_tokens.weight": (preset.vocab, h)}
+    for i in range(preset.layers):
         pre = f"model.layers.{i}"
-        out.update({f"{pre}.self_attn.{n}.weight": (HIDDEN, HIDDEN) for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
-        out.update({f"{pre}.mlp.gate_proj.weight": (INTER, HIDDEN), f"{pre}.mlp.up_proj.weight": (INTER, HIDDEN),
-                    f"{pre}.mlp.down_proj.weight": (HIDDEN, INTER)})
-        out.update({f"{pre}.input_layernorm.weight": (HIDDEN,), f"{pre}.post_attention_layernorm.weight": (HIDDEN,)})
-    out.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)})
+        out.update({f"{pre}.self_attn.{n}.weight": (h, h) for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        out.update({f"{pre}.mlp.gate_proj.weight": (f, h), f"{pre}.mlp.up_proj.weight": (f, h),
+                    f"{pre}.mlp.down_proj.weight": (h, f)})
+        out.update({f"{pre}.input_layernorm.weight": (h,), f"{pre}.post_attention_layernorm.weight": (h,)})
+    out.update({"model.norm.weight": (h,), "lm_head.weight": (preset.vocab, h)})
     return out
 
 
-def llama_config() -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-            "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-            "num_key_value_heads": HEADS, "vocab_size": VOCAB, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-            "tie_word_embeddings": False, "max_position_embeddings": 2048, "torch_dtype": "bfloat16"}
+def llama_config(preset: Preset) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": preset.hidden,
+            "intermediate_size": preset.inter, "num_hidden_layers": preset.layers,
+            "num_attention_heads": preset.heads, "num_key_value_heads": preset.heads, "vocab_size": preset.vocab,
+            "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False,
+            "max_position_embeddings": 2048, "torch_dtype": "bfloat16"}
 
 
-def write_fixture(root: Path, seed: int = 0) -> None:
-    """base and the experts as bf16 safetensors folders under ``root`` (skipped when present)."""
+def write_fixture(root: Path, preset: Preset, seed: int = 0) -> None:
+    """base and the experts as bf16 safetensors folders under ``root`` (skipped when present);
+    tensor by tensor, so a 1 B model needs about two models of memory."""
     names = ("base",) + EXPERTS
     if all((root / name / "config.json").exists() for name in names):
         return
     rng = np.random.default_rng(seed)
-    base = {k: (0.02 * rng.standard_normal(s, np.float32) if len(s) == 2 else 1 + 0.1 * rng.standard_normal(s, np.float32))
-            for k, s in shapes().items()}
+    base = {k: (0.02 * rng.standard_normal(s, np.float32) if len(s) == 2 else 1 + 0.1 * rng.standard_normal(s, np.float32)
+                ).astype(ml_dtypes.bfloat16) for k, s in shapes(preset).items()}
     for name in names:
-        flat = base if name == "base" else {k: v + 0.01 * rng.standard_normal(v.shape, np.float32)
-                                            for k, v in base.items()}
+        flat = base if name == "base" else {
+            k: (v.astype(np.float32) + 0.01 * rng.standard_normal(v.shape, np.float32)).astype(ml_dtypes.bfloat16)
+            for k, v in base.items()}
         folder = root / name
         if folder.exists():
             shutil.rmtree(folder)
-        ckio.save(folder, {k: v.astype(ml_dtypes.bfloat16) for k, v in flat.items()})
-        (folder / "config.json").write_text(json.dumps(llama_config()))
+        ckio.save(folder, flat)
+        (folder / "config.json").write_text(json.dumps(llama_config(preset)))
 
 
-def method_configs(root: Path) -> dict[str, dict]:
+def method_configs(root: Path, layers: int) -> dict[str, dict]:
     """One mergekit config per method, absolute model paths, bf16 throughout."""
     base, (e0, e1, e2) = str(root / "base"), (str(root / e) for e in EXPERTS)
     models = [e0, e1, e2]
@@ -114,8 +132,8 @@ def method_configs(root: Path) -> dict[str, dict]:
         "della": family("della", {"density": 0.5, "epsilon": 0.1}),
         "della_linear": family("della_linear", {"density": 0.5, "epsilon": 0.1}),
         "sce": plain("sce", models, select_topk=0.5),
-        "slerp": {"slices": [{"sources": [{"model": base, "layer_range": [0, LAYERS]},
-                                          {"model": e0, "layer_range": [0, LAYERS]}]}],
+        "slerp": {"slices": [{"sources": [{"model": base, "layer_range": [0, layers]},
+                                          {"model": e0, "layer_range": [0, layers]}]}],
                   "merge_method": "slerp", "base_model": base, "parameters": {"t": 0.5}, "dtype": "bfloat16"},
         "nuslerp": {"models": weighted[:2], "merge_method": "nuslerp", "base_model": base, "dtype": "bfloat16"},
         "multislerp": {"models": weighted, "merge_method": "multislerp", "base_model": base, "dtype": "bfloat16"},
@@ -125,8 +143,8 @@ def method_configs(root: Path) -> dict[str, dict]:
         "arcee_fusion": plain("arcee_fusion", [e0]),
         "ram": plain("ram", models),
         "ramplus_tl": plain("ramplus_tl", models),
-        "passthrough": {"slices": [{"sources": [{"model": e0, "layer_range": [0, LAYERS // 2]}]},
-                                   {"sources": [{"model": e1, "layer_range": [LAYERS // 2, LAYERS]}]}],
+        "passthrough": {"slices": [{"sources": [{"model": e0, "layer_range": [0, layers // 2]}]},
+                                   {"sources": [{"model": e1, "layer_range": [layers // 2, layers]}]}],
                         "merge_method": "passthrough", "dtype": "bfloat16"},
     }
 
@@ -220,11 +238,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mergekit-venv", help="a venv holding mergekit (bin/mergekit-yaml); none: swudi only")
     parser.add_argument("--methods", default="all", help="comma-separated, or all (every mergekit method)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="53m",
+                        help="model shape (one WORKDIR per preset: the fixture is written once)")
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args(argv)
     root = args.workdir.resolve()
-    write_fixture(root)
-    configs = method_configs(root)
+    preset = PRESETS[args.preset]
+    write_fixture(root, preset)
+    configs = method_configs(root, preset.layers)
     methods = list(configs) if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in methods if m not in configs]
     if unknown:

@@ -30,6 +30,26 @@ def test_sort_cuts_equal_the_standard_library_sort_with_ties():
             assert set(got[:c].tolist()) == set(want[:c])
 
 
+def test_blocked_scan_counts_and_half_precision_keys_give_the_same_cuts(monkeypatch):
+    """The partition counts scan stops per block of positions (sort_order.BLOCK, 65536 entries)
+    and ranks non-negative bf16/f16 by their bit patterns: with blocks of 7 entries, and with the
+    values as float64 keys, the kept sets are the same as with one block."""
+    rng = np.random.default_rng(7)
+    for dtype in (ml_dtypes.bfloat16, np.float16):
+        for _ in range(6):
+            n = int(rng.integers(300, 3000))
+            values = np.abs(tied(rng, n) - 1.0).astype(dtype)
+            lo, hi = sorted(rng.integers(0, n + 1, 2).tolist())
+            k = int(rng.integers(1, n + 1))
+            want = [so.window_of_sort(values.astype(np.float64), lo, hi, d) for d in (True, False)]
+            want_top = so.topk_mask(values.astype(np.float64), k)
+            monkeypatch.setattr(so, "BLOCK", 7)
+            for d, w in zip((True, False), want):
+                np.testing.assert_array_equal(so.window_of_sort(values, lo, hi, d), w)
+            np.testing.assert_array_equal(so.topk_mask(values, k), want_top)
+            monkeypatch.undo()
+
+
 def test_heap_fallbacks_below_the_depth_limit_equal_the_standard_library():
     """A small level budget forces the heap sort of introsort and the heap selection of
     introselect (rare with median-of-three pivots on real data, so they are forced here)."""
@@ -99,10 +119,12 @@ def test_variance_selection_keeps_pytorchs_topk():
         assert set(got.tolist()) == tsr.topk(var.tolist(), k)
 
 
-def test_ranks_equal_the_stable_sort_positions():
-    mag = np.abs(np.random.default_rng(6).integers(-3, 4, (3, 40))).astype(np.float32)
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+def test_ranks_equal_the_stable_sort_positions(dtype, monkeypatch):
+    monkeypatch.setattr(sp, "RANK_BLOCK", 64)  # several blocks of rows
+    mag = np.abs(np.random.default_rng(6).integers(-3, 4, (3, 25, 40))).astype(dtype)
     for descending in (True, False):
-        got = np.asarray(sp.ranks(jnp.asarray(mag), descending))
-        for row, r in zip(mag, got):
+        got = np.asarray(jax.vmap(lambda m: sp.ranks(m, descending))(jnp.asarray(mag)))
+        for row, r in zip(mag.reshape(-1, 40).astype(np.float32), got.reshape(-1, 40)):
             order = np.argsort(-row if descending else row, kind="stable")
             np.testing.assert_array_equal(r[order], np.arange(row.size))

@@ -36,6 +36,8 @@ import ml_dtypes
 import numpy as np
 
 _FLOAT32_EXACT = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32))
+_HALF_INF = {np.dtype(ml_dtypes.bfloat16): 0x7F80, np.dtype(np.float16): 0x7C00}
+"""The bit pattern of +inf of the 16-bit floats."""
 INSERTION_THRESHOLD = 16
 """Ranges this small are left to the final insertion sort (``std::sort``)."""
 SELECT_THRESHOLD = 3
@@ -45,13 +47,14 @@ SELECT_THRESHOLD = 3
 class _Order:
     """Keys (ascending comparison) and the original index of each, permuted together.
 
-    float32 keys stay float32 (their comparisons are exact) and indices are int32 below 2**31
-    entries: a cut through a 12 M-entry tensor holds about 9 bytes per entry, not 16.
+    float32 and uint16 keys (the bit patterns of non-negative halves) keep their dtype, and
+    indices are int32 below 2**31 entries: a cut through a 12 M-entry bf16 tensor holds about 7
+    bytes per entry, not 16.
     """
 
     def __init__(self, keys: np.ndarray, copy: bool = True):
         keys = np.asarray(keys).reshape(-1)
-        dtype = keys.dtype if keys.dtype in (np.float32, np.float64) else np.float64
+        dtype = keys.dtype if keys.dtype in (np.float32, np.float64, np.uint16) else np.float64
         self.key = np.array(keys, dtype, copy=True if copy else None)  # copy=False: the keys are ours to permute
         self.index = np.arange(self.key.size, dtype=np.int32 if self.key.size < 2**31 else np.int64)
 
@@ -285,10 +288,15 @@ def _nth_element(s: _Order, nth: int, level: int) -> None:
 
 def _ascending_keys(values: np.ndarray, descending: bool) -> np.ndarray:
     """Keys whose ascending order is PyTorch's: NaN above every number (last ascending, first
-    descending), as its comparators put it; with a NaN present, the values' ranks. Floats of
-    up to 32 bits are ranked in float32 (exact, negation included), anything else in float64.
+    descending), as its comparators put it; with a NaN present, the values' ranks. Non-negative
+    finite bf16/f16 values are ranked by their bit patterns (uint16, reversed for descending),
+    other floats of up to 32 bits in float32 (exact, negation included), anything else in float64.
     Always a new array (the sort permutes it in place)."""
     keys = np.asarray(values).reshape(-1)
+    if keys.dtype in _HALF_INF:  # non-negative finite halves order as their bit patterns: 2 bytes a key
+        bits = keys.view(np.uint16)
+        if not np.any(bits > _HALF_INF[keys.dtype]):  # no sign bit, no NaN
+            return np.subtract(np.uint16(0xFFFF), bits) if descending else bits.copy()
     keys = keys.astype(np.float32 if keys.dtype in _FLOAT32_EXACT else np.float64)  # a copy
     nan = np.isnan(keys)
     if nan.any():

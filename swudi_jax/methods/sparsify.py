@@ -296,9 +296,14 @@ def _sparsify_core(tau, density, gamma, epsilon, windows, uniforms, key, *, meth
     if method in _RANKED:
         return jax.vmap(fn)(tau, density, gamma, epsilon, windows, jnp.zeros(tau.shape[:1], jnp.float32))
 
+    # the stack enters the loop as its bit pattern: XLA CPU would otherwise widen a bf16 stack to
+    # float32 whole before the loop (the body's conversion hoisted), holding twice its bytes
+    bits = jax.lax.bitcast_convert_type(tau, jnp.dtype(f"uint{8 * tau.dtype.itemsize}"))
+
     def one(i):
         u = uniforms[i] if uniforms is not None else _model_uniforms(key, i, tau.shape[1:])
-        return fn(tau[i], density[i], gamma[i], epsilon[i], windows[i], u)
+        x = jax.lax.bitcast_convert_type(bits[i], tau.dtype)
+        return fn(x, density[i], gamma[i], epsilon[i], windows[i], u)
 
     return jax.lax.map(one, jnp.arange(tau.shape[0]))
 
