@@ -228,6 +228,8 @@ def densified(delta: ExpertDelta, base_flat: Mapping[str, Any], skip: Collection
     """The expert's flat parameters: ``dense`` over the base, plus s·left@right on each factor leaf
     (in the leaf's compute dtype, rounded to its dtype); the leaves in ``skip`` (merged from the
     factors) are the base's (a zero task vector here)."""
+    if not delta.factors:  # a dense expert as given: a missing leaf is refused by the caller, never filled in
+        return dict(delta.dense)
     flat = {**base_flat, **delta.dense}
     for path, (left, right, s) in delta.factors.items():
         if path in skip:
