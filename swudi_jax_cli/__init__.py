@@ -59,7 +59,9 @@ from typing import NoReturn  # noqa: E402
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     _hold_signals()  # threads started by the imports below inherit the blocked mask
     from swudi_jax.checkpoint import cli
+    from swudi_jax.checkpoint.host_memory import return_freed_buffers
 
+    return_freed_buffers()  # the program's allocator, never a library caller's (cli.main in-process)
     code = cli.main(argv, restore_signals=False)
     # the run is over and cleaned up (outputs fsynced): exit now, with the clean-up's handlers still
     # in place; the interpreter's teardown would reset them to the default action, so a late signal

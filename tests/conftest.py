@@ -4,6 +4,7 @@ models, relative errors and folder snapshots (imported by the test modules as ``
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -22,6 +23,20 @@ os.environ.setdefault("SWUDI_JAX_COMPILE_CACHE", "off")
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden.npz"
 """Inputs and outputs of the SWUDI authors' PyTorch code (see data/GOLDEN_README.md)."""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """After each test module, drop JAX's compiled programs (``jax.clear_caches``).
+
+    XLA's CPU backend keeps each compiled program in memory mappings of its own (about three), and
+    JAX's caches keep every program a process has compiled. The whole suite in one process compiles
+    tens of thousands of them: past Linux's ``vm.max_map_count`` (65530 by default) the next
+    mapping fails inside LLVM and the run dies of SIGSEGV. No test reuses another module's programs.
+    jax is only cleared when a test has imported it (a module that never does leaves it unimported)."""
+    yield
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
 
 
 @pytest.fixture(scope="session")

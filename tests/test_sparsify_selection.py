@@ -128,3 +128,19 @@ def test_ranks_equal_the_stable_sort_positions(dtype, monkeypatch):
         for row, r in zip(mag.reshape(-1, 40).astype(np.float32), got.reshape(-1, 40)):
             order = np.argsort(-row if descending else row, kind="stable")
             np.testing.assert_array_equal(r[order], np.arange(row.size))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn])
+def test_host_callback_operands_cross_as_bytes_in_every_dtype(dtype):
+    """A callback's operands are converted in the thread that runs it: a pool thread under the
+    thread-local ``jax.enable_x64`` narrowed a float64 stack's bits to uint32 (the TIES report
+    failed); bytes cross unchanged, batch axes included (vmap's ``expand_dims``)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 3, 5)).astype(dtype)
+    with jax.enable_x64(True):
+        data = np.asarray(jax.jit(sp.to_host)(jnp.asarray(x)))
+        back = sp.from_host(data, dtype)
+        assert back.dtype == np.dtype(dtype) and back.shape == x.shape
+        assert back.tobytes() == x.tobytes()
+        device = jax.lax.bitcast_convert_type(jnp.asarray(sp.host_bytes(back)), x.dtype)
+        assert np.asarray(device).tobytes() == x.tobytes()

@@ -26,7 +26,6 @@ import warnings
 from collections.abc import Sequence
 
 from swudi_jax.checkpoint.config import ConfigError, parse_size
-from swudi_jax.checkpoint.host_memory import return_freed_buffers
 
 MERGEKIT_FLAGS = """What mergekit-yaml's flags do here:
   --copy-tokenizer/--no-copy-tokenizer  as mergekit (default: copy the base's, or tokenizer_source's, files)
@@ -262,7 +261,6 @@ def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> 
     returns is then dropped instead of reaching Python's default handler after the clean-up.
     Warnings print as one line each (``swudi-merge: warning: ...``)."""
     args = build_parser().parse_args(argv)
-    return_freed_buffers()
     # a kill cleans up like Ctrl-C; a signal the caller ignores (nohup: SIGHUP) stays ignored
     previous = {signum: signal.signal(signum, _interrupt) for signum in HANDLED_SIGNALS
                 if signal.getsignal(signum) is not signal.SIG_IGN}

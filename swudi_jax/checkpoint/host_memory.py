@@ -5,8 +5,10 @@ unmaps it on free. The threshold starts at 128 KiB and, by default, rises to the
 such block freed, up to 32 MiB: once a merge has freed its first 12 MB tensor buffer, later
 buffers of up to that size are carved from the heap, whose freed space fragments and stays
 resident — the process's peak then counts tensors it no longer holds. Setting the threshold
-(``mallopt(M_MMAP_THRESHOLD, ...)``) turns that adjustment off. The command does this once at
-start; the library never does (it would change its caller's process). A threshold set through
+(``mallopt(M_MMAP_THRESHOLD, ...)``) turns that adjustment off. The program does this once at
+start (``swudi_jax_cli.main``: ``swudi-merge``, ``python -m swudi_jax_cli``); the library never
+does, ``swudi_jax.checkpoint.cli.main`` called in-process included (it would change its caller's
+process). A threshold set through
 the environment (``MALLOC_MMAP_THRESHOLD_``) is left as it is, and so is any C library that is not
 glibc. Measured in ``benchmarks/README.md`` ("Against mergekit-yaml").
 """

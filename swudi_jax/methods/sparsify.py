@@ -147,9 +147,34 @@ def _rank_keys(block: np.ndarray, bits: np.ndarray, descending: bool) -> np.ndar
     return -keys if descending else keys
 
 
-def _host_ranks(bits, *, descending: bool, dtype: np.dtype) -> np.ndarray:
-    bits = np.asarray(bits)
-    mag = bits.view(dtype)
+def to_host(x: jax.Array) -> jax.Array:
+    """``x``'s bytes, uint8 of shape ``x.shape + (itemsize,)`` (``x.shape`` for 1-byte dtypes): how
+    an array crosses ``jax.pure_callback`` unchanged (:func:`from_host` reads it back).
+
+    A callback's operands and results are converted in the thread that runs it, with that
+    thread's ``jax_enable_x64``: under the thread-local ``jax.enable_x64`` context a thread of
+    XLA's pool narrows 64-bit arrays (uint64 → uint32, float64 → float32), and XLA CPU widens a
+    bf16/f16 operand to float32. Bytes are never converted."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint8)
+
+
+def from_host(data: Any, dtype: Any) -> np.ndarray:
+    """The array of ``dtype`` whose bytes :func:`to_host` gave (a host NumPy view, batch axes kept)."""
+    dtype = np.dtype(dtype)
+    data = np.ascontiguousarray(data).view(dtype)
+    return data[..., 0] if dtype.itemsize > 1 else data
+
+
+def host_bytes(x: np.ndarray) -> np.ndarray:
+    """A host result's bytes in :func:`to_host`'s layout (read back on device with
+    ``jax.lax.bitcast_convert_type(bytes, dtype)``)."""
+    x = np.ascontiguousarray(x)
+    return x.view(np.uint8).reshape(x.shape + ((x.dtype.itemsize,) if x.dtype.itemsize > 1 else ()))
+
+
+def _host_ranks(data, *, descending: bool, dtype: np.dtype) -> np.ndarray:
+    mag = from_host(data, dtype)
+    bits = mag.view(f"u{mag.dtype.itemsize}")
     rows, row_bits = mag.reshape(-1, mag.shape[-1]), bits.reshape(-1, bits.shape[-1])
     out = np.empty(rows.shape, np.int32)
     step = max(1, RANK_BLOCK // max(rows.shape[1], 1))
@@ -169,9 +194,8 @@ def ranks(mag: jax.Array, descending: bool) -> jax.Array:
     ``jax.pure_callback``, one model at a time under ``vmap``): XLA's CPU sort of a
     (3, 16000, 768) stack took 30 s and held its keys and an index per entry.
     """
-    bits = jax.lax.bitcast_convert_type(mag, jnp.dtype(f"uint{8 * mag.dtype.itemsize}"))
     return jax.pure_callback(partial(_host_ranks, descending=bool(descending), dtype=np.dtype(mag.dtype)),
-                             jax.ShapeDtypeStruct(mag.shape, jnp.int32), bits, vmap_method="sequential")
+                             jax.ShapeDtypeStruct(mag.shape, jnp.int32), to_host(mag), vmap_method="sequential")
 
 
 def _leading(arrays: list[np.ndarray], trailing: list[int]) -> tuple[tuple[int, ...], list[np.ndarray]]:
@@ -183,8 +207,8 @@ def _leading(arrays: list[np.ndarray], trailing: list[int]) -> tuple[tuple[int, 
     return lead, flat
 
 
-def _host_windows(bits, window, *, descending: bool, dtype: np.dtype) -> np.ndarray:
-    lead, (mag, window) = _leading([np.asarray(bits).view(dtype), np.asarray(window)], [1, 1])
+def _host_windows(data, window, *, descending: bool, dtype: np.dtype) -> np.ndarray:
+    lead, (mag, window) = _leading([from_host(data, dtype), np.asarray(window)], [1, 1])
     out = [sort_order.window_of_sort(m, int(w[0]), int(w[1]), descending) for m, w in zip(mag, window)]
     return np.stack(out).reshape(lead + mag.shape[1:])
 
@@ -195,15 +219,13 @@ def window_mask(mag: jax.Array, window: jax.Array, descending: bool) -> jax.Arra
     at a cut kept as that sort leaves them (:mod:`swudi_jax.methods.sort_order`, on the host
     through ``jax.pure_callback``; jit- and vmap-able, ``window`` may be traced). Under
     ``vmap`` the host ranks one model at a time, so it holds one model's magnitudes."""
-    # the magnitudes cross as their bit pattern: XLA CPU would widen a bf16/f16 operand to float32
-    bits = jax.lax.bitcast_convert_type(mag, jnp.dtype(f"uint{8 * mag.dtype.itemsize}"))
     return jax.pure_callback(partial(_host_windows, descending=bool(descending), dtype=np.dtype(mag.dtype)),
-                             jax.ShapeDtypeStruct(mag.shape, jnp.bool_), bits, jnp.asarray(window, jnp.int32),
+                             jax.ShapeDtypeStruct(mag.shape, jnp.bool_), to_host(mag), jnp.asarray(window, jnp.int32),
                              vmap_method="sequential")
 
 
-def _host_topk(values, count) -> np.ndarray:
-    lead, (values, count) = _leading([np.asarray(values), np.asarray(count)], [1, 0])
+def _host_topk(data, count, *, dtype: np.dtype) -> np.ndarray:
+    lead, (values, count) = _leading([from_host(data, dtype), np.asarray(count)], [1, 0])
     out = [sort_order.topk_mask(v, int(k)) for v, k in zip(values, count)]
     return np.stack(out).reshape(lead + values.shape[1:])
 
@@ -211,7 +233,8 @@ def _host_topk(values, count) -> np.ndarray:
 def topk_mask(values: jax.Array, count: jax.Array) -> jax.Array:
     """Mask of the ``count`` entries of the 1-D ``values`` that PyTorch's CPU ``topk`` returns
     (ties as its selection leaves them; host NumPy through ``jax.pure_callback``)."""
-    return jax.pure_callback(_host_topk, jax.ShapeDtypeStruct(values.shape, jnp.bool_), values,
+    return jax.pure_callback(partial(_host_topk, dtype=np.dtype(values.dtype)),
+                             jax.ShapeDtypeStruct(values.shape, jnp.bool_), to_host(values),
                              jnp.asarray(count, jnp.int32), vmap_method="expand_dims")
 
 
@@ -467,6 +490,9 @@ __all__ = [
     "rounder",
     "sparsify",
     "topk_mask",
+    "to_host",
+    "from_host",
+    "host_bytes",
     "variance_topk_mask",
     "window_mask",
 ]
