@@ -8,9 +8,8 @@ resident — the process's peak then counts tensors it no longer holds. Setting 
 (``mallopt(M_MMAP_THRESHOLD, ...)``) turns that adjustment off. The program does this once at
 start (``swudi_jax_cli.main``: ``swudi-merge``, ``python -m swudi_jax_cli``); the library never
 does, ``swudi_jax.checkpoint.cli.main`` called in-process included (it would change its caller's
-process). A threshold set through
-the environment (``MALLOC_MMAP_THRESHOLD_``) is left as it is, and so is any C library that is not
-glibc. Measured in ``benchmarks/README.md`` ("Against mergekit-yaml").
+process). A threshold set through the environment (``MALLOC_MMAP_THRESHOLD_``) is left as it is,
+and so is any C library that is not glibc. Measured in ``benchmarks/README.md`` ("Against mergekit-yaml").
 """
 
 from __future__ import annotations

@@ -113,10 +113,9 @@ def _sorted_at(values: jax.Array, positions: tuple[int, ...]) -> jax.Array:
     """``jnp.sort(values)[positions]`` (1-D ``values``; NaN last, as the sort puts it) by a host
     selection (NumPy's ``partition``, linear time): XLA's CPU sort of 10⁶ importances took 0.28 s,
     this 0.016 s."""
-    size = values.dtype.itemsize
+    result = jax.eval_shape(to_host, jax.ShapeDtypeStruct((len(positions),), values.dtype))
     data = jax.pure_callback(partial(_host_sorted_at, positions=tuple(positions), dtype=np.dtype(values.dtype)),
-                             jax.ShapeDtypeStruct((len(positions),) + ((size,) if size > 1 else ()), jnp.uint8),
-                             to_host(values), vmap_method="expand_dims")
+                             result, to_host(values), vmap_method="expand_dims")
     return jax.lax.bitcast_convert_type(data, values.dtype)  # bytes both ways (sparsify.to_host)
 
 
