@@ -14,6 +14,7 @@ from swudi_jax.checkpoint import io as ckio
 from swudi_jax.checkpoint.pipeline import merge_checkpoints
 from swudi_jax.model.batching import compile_groups, padded_sizes, stack_group, unstack_group
 from swudi_jax.model.compilations import CompileCounter
+from swudi_jax.methods.registry import resolve
 from swudi_jax.model.merger import plan_tree
 
 
@@ -176,3 +177,79 @@ def test_host_and_device_stacking_give_the_same_stacks(flat):
         b, e = stack_group(plans, arrays[0], arrays[1:], flat, size)
         np.testing.assert_array_equal(np.asarray(b), want_b)
         np.testing.assert_array_equal(np.asarray(e), want_e)
+
+
+# ---------------------------------------------------------------- compiler options and dispatch
+
+
+@pytest.mark.parametrize(("method", "options"), [("swudi", {}), ("ties", {"density": 0.5}), ("della", {"seed": 3}),
+                                                 ("task_arithmetic", {})])
+def test_fast_cpu_compile_gives_bit_identical_merges(model, monkeypatch, method, options):
+    """The 32-bit programs compile with FAST_CPU_COMPILE (the classic emitters); XLA's default
+    emitters give the same bits."""
+    from swudi_jax.model import compilations, merger
+
+    base, experts = model
+    asked = []
+
+    def spy(dtype):
+        asked.append((np.dtype(dtype).name, compilations.compiler_options(dtype)))
+        return asked[-1][1]
+
+    merger._COMPILED.clear()
+    monkeypatch.setattr(merger, "compiler_options", spy)
+    fast = sj.merge(base, experts, method, layout="torch", **options)
+    assert asked and all(opts == compilations.FAST_CPU_COMPILE for _, opts in asked), asked
+    assert {name for name, _ in asked} == {"float32"}
+    merger._COMPILED.clear()
+    monkeypatch.setattr(merger, "compiler_options", lambda dtype: None)
+    default = sj.merge(base, experts, method, layout="torch", **options)
+    merger._COMPILED.clear()
+    for path in base:
+        np.testing.assert_array_equal(np.asarray(fast[path]), np.asarray(default[path]), err_msg=path)
+
+
+def test_compiler_options_keep_xla_defaults_for_16_bit_programs():
+    import ml_dtypes
+
+    from swudi_jax.model.compilations import FAST_CPU_COMPILE, compiler_options
+
+    assert jax.default_backend() == "cpu"
+    assert compiler_options(np.float32) == compiler_options(np.float64) == FAST_CPU_COMPILE
+    assert compiler_options(ml_dtypes.bfloat16) is None and compiler_options(np.float16) is None
+
+
+def test_a_merge_keeps_two_groups_in_flight_and_collects_them_in_order(model, monkeypatch):
+    """Each group is dispatched before the one before it is collected (JAX runs it meanwhile),
+    never more than two at once; the result equals merge_group on each group."""
+    from swudi_jax.model import merger
+
+    base, experts = model
+    events, real = [], merger._start_group
+
+    def start(plans, *args):
+        events.append(("start", plans[0].path))
+        collect = real(plans, *args)
+
+        def collected():
+            events.append(("collect", plans[0].path))
+            return collect()
+        return collected
+
+    monkeypatch.setattr(merger, "_start_group", start)
+    merged = sj.merge(base, experts, "swudi", layout="torch")
+    starts = [path for kind, path in events if kind == "start"]
+    assert len(starts) == SHAPE_GROUPS
+    assert [path for kind, path in events if kind == "collect"] == starts
+    in_flight = np.cumsum([1 if kind == "start" else -1 for kind, _ in events])
+    assert in_flight.max() == 2 and in_flight[-1] == 0
+    assert events[:3] == [("start", starts[0]), ("start", starts[1]), ("collect", starts[0])]
+    plans = plan_tree({k: (v.shape, v.dtype) for k, v in base.items()}, layout="torch")
+    groups = compile_groups(plans, copies=len(experts) + 1)
+    resolved = resolve("swudi", {}, None)
+    one_by_one = {}
+    for group, size in zip(groups, padded_sizes(groups, False)):
+        one_by_one.update(merger.merge_group(group, base, experts, resolved, pad_to=size))
+    assert one_by_one.keys() == merged.keys()
+    for path in base:
+        np.testing.assert_array_equal(np.asarray(merged[path]), np.asarray(one_by_one[path]), err_msg=path)

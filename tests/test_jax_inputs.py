@@ -231,3 +231,19 @@ def test_an_orbax_saved_train_state_leaves_its_optimizer_state_out():
     assert kinds["params/Dense_0/kernel"] == "linear"
     assert {kinds[p] for p in kinds if p.startswith("opt_state") and "count" not in p} == {"keep"}
     assert any("optimizer state, not merged" in g for g in plan.guesses)
+
+
+def test_a_plain_pytree_merge_does_not_import_flax_nnx():
+    """NNX objects exist only once flax.nnx is imported, so a plain pytree's merge does not import
+    it (0.13 s of a cold first call)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, swudi_jax as sj\n"
+            "base = {'w': np.ones((4, 3), np.float32)}\n"
+            "experts = [{'w': base['w'] + i * np.eye(4, 3, dtype=np.float32)} for i in (1, 2)]\n"
+            "sj.merge(base, experts, 'swudi')\n"
+            "print('flax.nnx' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", out.stdout

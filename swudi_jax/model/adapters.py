@@ -137,7 +137,7 @@ def checked_adapter(factors: Any, scale: Any, index: int, base_flat: Mapping[str
 
 def _lora_paths(obj: Any) -> set[str]:
     """The flat paths of an NNX object's ``nnx.LoRAParam`` variables (none for anything else)."""
-    if "flax" not in sys.modules:
+    if "flax.nnx" not in sys.modules:  # no NNX object exists before flax.nnx is imported
         return set()
     from flax import nnx
 

@@ -121,7 +121,7 @@ def as_params(obj: Any, name: str = "model") -> ModelInput:
     Raises:
       ValueError naming ``name`` and the path, for an optimizer state.
     """
-    if "flax" in sys.modules:  # an NNX object exists only once flax is imported
+    if "flax.nnx" in sys.modules:  # an NNX object exists only once flax.nnx is imported (not on every merge)
         nnx = _nnx()
         if isinstance(obj, nnx.Module):
             graph, state = nnx.split(obj)

@@ -34,6 +34,7 @@ from swudi_jax.methods.spec import CHUNK_LEAVES, LOCAL, ChunkSource, Combine, Me
 from swudi_jax.model.batching import (compile_groups, compile_key, group_size, hashable, host_array, host_group,
                                       is_flat, pad_layers, padded_sizes, stack_grams, stack_group, unstack_group)
 from swudi_jax.model import adapters
+from swudi_jax.model.compilations import compiler_options
 from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
 from swudi_jax.model.inputs import ModelInput, as_params
 from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, describe_groups, logical_paths, to_maths
@@ -186,8 +187,8 @@ def over_layers(fn, array_axes: tuple):
 
 
 def _group_fn(method: MethodSpec, apply_method: bool, static: tuple, array_names: tuple, array_axes: tuple,
-              work: Any = None, has_base: bool = True):
-    """The jit-compiled (base, experts, scale, *arrays) → merged weights of one group."""
+              work: Any, has_base: bool = True):
+    """The jit-compiled (base, experts, scale, *arrays) → merged weights of one group, computed in ``work``."""
     cache_key = (method, apply_method, static, array_names, array_axes, str(work), has_base)
     if cache_key in _COMPILED:
         return _COMPILED[cache_key]
@@ -200,22 +201,21 @@ def _group_fn(method: MethodSpec, apply_method: bool, static: tuple, array_names
         return method.fn(x, **static_options, **extra, **dict(zip(array_names, arrays)))
 
     def run(base, experts, scale, *arrays):
-        dtype = compute_dtype(base.dtype) if work is None else work
-        base_w = base.astype(dtype)
-        models = experts.astype(dtype)
+        base_w = base.astype(work)
+        models = experts.astype(work)
         if apply_method and on_models:  # the method returns the merged weights themselves
             return over_layers(one, array_axes)(models, base_w, *arrays).astype(base.dtype)
-        tau = round_to(models - base_w[:, None], dtype)  # PyTorch rounds the difference
+        tau = round_to(models - base_w[:, None], work)  # PyTorch rounds the difference
         if apply_method:
             merged = over_layers(one, array_axes)(tau, base_w, *arrays)
         else:  # the mean task vector, of the weighted ones when the method has per-expert weights
             if array_names == ("weight",):
-                w = arrays[0].astype(dtype)  # (G, N) per layer, or (1, N, size) per element of a flat group
+                w = arrays[0].astype(work)  # (G, N) per layer, or (1, N, size) per element of a flat group
                 tau = tau * w.reshape(w.shape + (1,) * (tau.ndim - w.ndim))
             merged = jnp.mean(tau, axis=1)
-        return (base_w + jnp.asarray(scale, dtype) * merged.astype(dtype)).astype(base.dtype)
+        return (base_w + jnp.asarray(scale, work) * merged.astype(work)).astype(base.dtype)
 
-    _COMPILED[cache_key] = jax.jit(run)
+    _COMPILED[cache_key] = jax.jit(run, compiler_options=compiler_options(work))
     return _COMPILED[cache_key]
 
 
@@ -469,17 +469,27 @@ def merge_group(
     Returns:
       {path: merged array} with the base's shapes and dtypes.
     """
+    return _start_group(plans, base_arrays, expert_arrays, resolved, grams, multi_device, tensor_options, dtype,
+                        has_base, pad_to, host_output, report)()
+
+
+def _start_group(plans, base_arrays, expert_arrays, resolved: Resolved, grams, multi_device, tensor_options, dtype,
+                 has_base: bool, pad_to: int | None, host_output: bool,
+                 report: ReportCollector | None) -> Callable[[], dict[str, Any]]:
+    """:func:`merge_group` up to the compiled call's dispatch: returns the call that waits for the
+    result and gives {path: merged array}. JAX dispatches asynchronously, so the caller can stack
+    and compile the next group while this one computes (:func:`_merge_groups`)."""
     if not isinstance(resolved, Resolved):
         raise ValueError(f"merge_group takes a resolved method (swudi_jax.methods.registry.resolve(name, options, "
                          f"scale)), got {type(resolved).__name__}")
     if not plans:
-        return {}
+        return dict
     kind, method = plans[0].kind, resolved.spec
     apply_method = kind == "linear" or method.kind == "elementwise"
     flat = is_flat(plans, apply_method)
     _check_group(plans, flat)
     if kind in ("keep", "passthrough"):
-        return {p.path: base_arrays[p.path] for p in plans}
+        return functools.partial(dict, {p.path: base_arrays[p.path] for p in plans})
     _check_method_for_group(resolved, len(expert_arrays), has_base)
     size = max(pad_to or 0, group_size(plans, method.kind == "elementwise"))
     sharded = kind == "linear" and takes_sharded_path(multi_device, resolved, (len(expert_arrays), *plans[0].maths_shape))
@@ -490,7 +500,7 @@ def merge_group(
     mesh = row_mesh(like=base_arrays[plans[0].path]) if sharded else None
     merged = _merge_stacked(resolved, plans, base, experts, mesh, apply_method, flat, size, grams, tensor_options,
                             dtype, has_base, report)
-    return _unstacked(plans, merged, flat, host is not None, host_output, base_arrays)
+    return functools.partial(_unstacked, plans, merged, flat, host is not None, host_output, base_arrays)
 
 
 def _merge_stacked(resolved: Resolved, plans, base, experts, mesh: Mesh | None, apply_method: bool, flat: bool,
@@ -629,14 +639,20 @@ def merge(
 
 
 def _merge_groups(plans, base_flat, expert_flats, resolved: Resolved, max_group_bytes: int | None,
-                  report: ReportCollector | None, **group_options: Any) -> dict[str, Any]:
-    """{path: merged leaf} of a whole model: its compile groups merged one after the other."""
+                  report: ReportCollector | None, *, grams, multi_device, tensor_options, dtype) -> dict[str, Any]:
+    """{path: merged leaf} of a whole model, its compile groups in order. JAX dispatches a compiled
+    call asynchronously, so each group is stacked, traced and compiled while the one before it
+    computes; that group's result is collected next (two groups' stacks in memory at most)."""
     merged: dict[str, Any] = {}
     elementwise = resolved.spec.kind == "elementwise"
     groups = compile_groups(plans, max_group_bytes, copies=len(expert_flats) + 1, elementwise=elementwise)
+    waiting: Callable[[], dict[str, Any]] = dict
     for group, size in zip(groups, padded_sizes(groups, elementwise)):
-        merged.update(merge_group(group, base_flat, expert_flats, resolved, pad_to=size, report=report,
-                                  **group_options))
+        started = _start_group(group, base_flat, expert_flats, resolved, grams, multi_device, tensor_options, dtype,
+                               True, size, False, report)
+        merged.update(waiting())
+        waiting = started
+    merged.update(waiting())
     return merged
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from swudi_jax.maths import diagnostics
 from swudi_jax.methods.spec import Resolved
 from swudi_jax.model.batching import hashable, pad_layers, stack_grams
+from swudi_jax.model.compilations import compiler_options
 from swudi_jax.model.layout import LeafPlan
 
 SCHEMA = "swudi_jax.merge_report/1"
@@ -234,7 +235,7 @@ def _stats_fn(resolved: Resolved | None, names: tuple, axes: tuple, spectral: bo
         theta = merged.astype(work) - base_w
         return jax.vmap(one, in_axes=(0, 0, 0 if scored else None, *axes))(tau, theta, grams, *arrays)
 
-    _COMPILED[key] = jax.jit(run)
+    _COMPILED[key] = jax.jit(run, compiler_options=compiler_options(work))
     return _COMPILED[key]
 
 
