@@ -143,9 +143,9 @@ def test_layers_of_one_shape_run_in_one_vmapped_call_and_chunking_changes_nothin
     import swudi_jax.model.merger as tree_module
 
     calls = []
-    real_merge_group = tree_module.merge_group
-    monkeypatch.setattr(tree_module, "merge_group", lambda plans, *a, **k: calls.append(len(plans)) or
-                        real_merge_group(plans, *a, **k))
+    real_start_group = tree_module._start_group
+    monkeypatch.setattr(tree_module, "_start_group", lambda plans, *a, **k: calls.append(len(plans)) or
+                        real_start_group(plans, *a, **k))
     chunked = sj.merge(base, experts, method="counting_swudi", max_group_bytes=1)
     assert len(calls) == len(jax.tree_util.tree_leaves(base)) and set(calls) == {1}  # one leaf per chunk
     for a, b in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(chunked)):

@@ -8,7 +8,8 @@ bit-identical results; TIES, DELLA and task arithmetic in float32 compiled 30–
 bit-identical, at the same run time. In bfloat16 the classic emitters ran TIES and DARE-TIES
 5–20 % slower, so 16-bit programs keep XLA's default, as do other backends.
 
-**Counting** (:class:`CompileCounter`). JAX records one ``/jax/core/compile/backend_compile_duration`` monitoring event per
+**Counting** (:class:`CompileCounter`). JAX records one
+``/jax/core/compile/backend_compile_duration`` monitoring event per
 executable it builds for a jit cache miss (also when the executable then comes from the
 persistent compilation cache), tagged with the function's name. Counting those events
 counts compilations, independent of timing::

@@ -476,9 +476,10 @@ def merge_group(
 def _start_group(plans, base_arrays, expert_arrays, resolved: Resolved, grams, multi_device, tensor_options, dtype,
                  has_base: bool, pad_to: int | None, host_output: bool,
                  report: ReportCollector | None) -> Callable[[], dict[str, Any]]:
-    """:func:`merge_group` up to the compiled call's dispatch: returns the call that waits for the
-    result and gives {path: merged array}. JAX dispatches asynchronously, so the caller can stack
-    and compile the next group while this one computes (:func:`_merge_groups`)."""
+    """:func:`merge_group` up to the compiled call's dispatch: returns the call that gives
+    {path: merged array}, waiting for the result when the group was stacked on the host (NumPy or
+    CPU arrays; device arrays are returned as JAX schedules them). JAX dispatches asynchronously,
+    so the caller can stack and compile the next group while this one computes (:func:`_merge_groups`)."""
     if not isinstance(resolved, Resolved):
         raise ValueError(f"merge_group takes a resolved method (swudi_jax.methods.registry.resolve(name, options, "
                          f"scale)), got {type(resolved).__name__}")
@@ -602,7 +603,7 @@ def merge(
         ``input_axes``, ``scan_patterns``, ``scan_axis`` and ``others`` (see
         :class:`LeafRules`). Every other keyword is a method option.
       grams: {path: (N, n, n)} per-task input Grams for data methods.
-      max_group_bytes: cap on the stacked bytes of one compiled call.
+      max_group_bytes: cap on the stacked bytes of one compiled call (and of two in flight).
       multi_device: split big layers' rows over all devices (see :func:`merge_group`).
       tensor_options: per-tensor values of the method's varying options, ``(path, layer) ->
         {option: value}`` (see :func:`merge_group`); per-expert options such as ``weight``
@@ -641,17 +642,25 @@ def merge(
 def _merge_groups(plans, base_flat, expert_flats, resolved: Resolved, max_group_bytes: int | None,
                   report: ReportCollector | None, *, grams, multi_device, tensor_options, dtype) -> dict[str, Any]:
     """{path: merged leaf} of a whole model, its compile groups in order. JAX dispatches a compiled
-    call asynchronously, so each group is stacked, traced and compiled while the one before it
-    computes; that group's result is collected next (two groups' stacks in memory at most)."""
+    call asynchronously, so the next group is stacked, traced and compiled while one computes,
+    when the two groups' stacks fit in ``max_group_bytes`` together (else the first is collected
+    before the next starts): the stacked bytes alive stay within the cap, as one group's do."""
     merged: dict[str, Any] = {}
+    copies = len(expert_flats) + 1
     elementwise = resolved.spec.kind == "elementwise"
-    groups = compile_groups(plans, max_group_bytes, copies=len(expert_flats) + 1, elementwise=elementwise)
+    groups = compile_groups(plans, max_group_bytes, copies=copies, elementwise=elementwise)
+    cap = math.inf if max_group_bytes is None else max_group_bytes
     waiting: Callable[[], dict[str, Any]] = dict
+    waiting_bytes = 0
     for group, size in zip(groups, padded_sizes(groups, elementwise)):
+        stacked = copies * sum(p.nbytes for p in group)
+        if waiting_bytes + stacked > cap:
+            merged.update(waiting())
+            waiting, waiting_bytes = dict, 0
         started = _start_group(group, base_flat, expert_flats, resolved, grams, multi_device, tensor_options, dtype,
                                True, size, False, report)
         merged.update(waiting())
-        waiting = started
+        waiting, waiting_bytes = started, stacked
     merged.update(waiting())
     return merged
 
