@@ -27,7 +27,6 @@ pass (SWUDI's alignment), which read every expert's dense task vectors.
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from typing import Any, Collection, Mapping, NamedTuple, Sequence
 
@@ -39,7 +38,7 @@ from swudi_jax.maths.linalg import HIGHEST, compute_dtype, is_floating
 from swudi_jax.maths.validation import as_float_array, check_finite
 from swudi_jax.methods.spec import Resolved
 from swudi_jax.model.flat import check_compatible, flatten, signature
-from swudi_jax.model.inputs import as_params
+from swudi_jax.model.inputs import as_params, imported_nnx
 from swudi_jax.model.layout import LeafPlan
 from swudi_jax.scale.lora import Adapter, fits_factors, runs_on_factors, spectral_factors
 
@@ -137,10 +136,9 @@ def checked_adapter(factors: Any, scale: Any, index: int, base_flat: Mapping[str
 
 def _lora_paths(obj: Any) -> set[str]:
     """The flat paths of an NNX object's ``nnx.LoRAParam`` variables (none for anything else)."""
-    if "flax.nnx" not in sys.modules:  # no NNX object exists before flax.nnx is imported
+    nnx = imported_nnx()
+    if nnx is None:
         return set()
-    from flax import nnx
-
     if isinstance(obj, nnx.Module):
         states = [nnx.state(obj)]
     elif isinstance(obj, nnx.State):

@@ -52,6 +52,12 @@ def _nnx():
     return nnx
 
 
+def imported_nnx() -> Any:
+    """``flax.nnx`` when the process has imported it, else None: an NNX object exists only once
+    it is, so a plain pytree's merge never pays for importing it."""
+    return sys.modules.get("flax.nnx")
+
+
 def _is_optimizer_state(node: Any) -> bool:
     module = type(node).__module__ or ""
     if module.startswith("optax") and hasattr(node, "_fields"):
@@ -121,8 +127,8 @@ def as_params(obj: Any, name: str = "model") -> ModelInput:
     Raises:
       ValueError naming ``name`` and the path, for an optimizer state.
     """
-    if "flax.nnx" in sys.modules:  # an NNX object exists only once flax.nnx is imported (not on every merge)
-        nnx = _nnx()
+    nnx = imported_nnx()
+    if nnx is not None:
         if isinstance(obj, nnx.Module):
             graph, state = nnx.split(obj)
             params, rebuild, left_out = _state_input(state)
@@ -166,4 +172,4 @@ def _like(state: Any, part: Any) -> Any:
     return nnx.from_flat_state([(path, flat[path]) for path, _ in nnx.to_flat_state(part)])
 
 
-__all__ = ["ModelInput", "as_params", "refuse_optimizer_state"]
+__all__ = ["ModelInput", "as_params", "imported_nnx", "refuse_optimizer_state"]
