@@ -247,3 +247,35 @@ def test_a_plain_pytree_merge_does_not_import_flax_nnx():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False", out.stdout
+
+
+def test_an_nnx_pure_dict_with_rng_keys_merges_and_keeps_the_base_keys():
+    """``nnx.to_pure_dict`` of a model with Dropout holds its ``rngs``: a typed PRNG key leaf
+    (``key<fry>``) and a count. Both pass through from the base; the weights merge as without them."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(12, 8, rngs=rngs)
+            self.dropout = nnx.Dropout(0.1, rngs=rngs)
+
+    def pure(seed, shift):
+        state = nnx.to_pure_dict(nnx.state(Net(nnx.Rngs(seed))))
+        state["dense"]["kernel"] = state["dense"]["kernel"] + shift
+        return state
+
+    base = pure(0, 0.0)
+    rng = np.random.default_rng(1)
+    experts = [pure(seed, rng.normal(scale=0.05, size=(12, 8)).astype(np.float32)) for seed in (1, 2, 3)]
+    key = base["dropout"]["rngs"]["key"]
+    assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    merged = sj.merge(base, experts, "swudi")
+    out_key = merged["dropout"]["rngs"]["key"]
+    assert jax.dtypes.issubdtype(out_key.dtype, jax.dtypes.prng_key)
+    assert jax.random.key_impl(out_key) == jax.random.key_impl(key)
+    np.testing.assert_array_equal(jax.random.key_data(out_key), jax.random.key_data(key))
+    assert int(merged["dropout"]["rngs"]["count"]) == int(base["dropout"]["rngs"]["count"])
+    weights = sj.merge({"dense": base["dense"]}, [{"dense": e["dense"]} for e in experts], "swudi")
+    np.testing.assert_array_equal(np.asarray(merged["dense"]["kernel"]), np.asarray(weights["dense"]["kernel"]))
+    rows = {p.path: p.kind for p in sj.plan(base).plans}
+    assert rows["dropout/rngs/key"] == rows["dropout/rngs/count"] == "passthrough"
+    assert rows["dense/kernel"] == "linear"

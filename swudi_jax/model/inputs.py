@@ -14,6 +14,9 @@ dicts do) and ``rebuild``, which puts merged parameters back into an object of t
 - Flax metadata boxes (``nn.Partitioned``, ``nnx.VariableState`` metadata) are unboxed for the
   merge and the result boxed again with the base's metadata.
 - Any other pytree (Linen ``{"params": ...}`` variables, a flat dict of names) as it is.
+- PRNG key leaves (typed ``jax.random.key`` arrays, e.g. the ``rngs`` of an NNX model's pure
+  dict) are given as their key data (uint32), which merging passes through as it does integers;
+  the result holds the base's keys again, of the same implementation.
 
 What is not merged is said, never merged as weights: the variables of an NNX model that are
 not ``nnx.Param`` (batch statistics, caches; RNG state too, unsaid) and a TrainState's ``step`` and
@@ -127,6 +130,29 @@ def as_params(obj: Any, name: str = "model") -> ModelInput:
     Raises:
       ValueError naming ``name`` and the path, for an optimizer state.
     """
+    return _keys_as_data(_given_params(obj, name))
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_as_data(given: ModelInput) -> ModelInput:
+    """``given`` with its PRNG key leaves as their key data, wrapped back as keys by ``rebuild``."""
+    if not any(_is_key(x) for x in jax.tree.leaves(given.params)):
+        return given
+
+    def rebuild(merged: Any) -> Any:
+        keys = jax.tree.map(lambda old, new: jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
+                            if _is_key(old) else new, given.params, merged)
+        return given.rebuild(keys)
+
+    data = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, given.params)
+    return given._replace(params=data, rebuild=rebuild)
+
+
+def _given_params(obj: Any, name: str) -> ModelInput:
+    """:func:`as_params` before PRNG keys are replaced by their data."""
     nnx = imported_nnx()
     if nnx is not None:
         if isinstance(obj, nnx.Module):
