@@ -98,6 +98,7 @@ def test_output_has_weights_side_files_resolved_config_and_model_card(on_disk):
     assert resolved["models"] == ["e0", "e1", "e2"] and resolved["base_model"] == "base"  # as the config wrote them
     card = (out / "README.md").read_text()
     assert "arxiv.org/abs/2606.07289" in card and "- **Base model:** `base`" in card and "`time` | `5.0`" in card
+    assert "**compute dtype:** float32 (float64 for float64 tensors)" in card  # swudi on float32 tensors
     front = yaml.safe_load(card.split("---\n")[1])
     assert front == {"base_model": "base", "library_name": "transformers",
                      "tags": ["mergekit", "merge", "swudi_jax", "swudi"]}  # mergekit's tags: the Hub sees a merge
@@ -107,6 +108,17 @@ def test_output_has_weights_side_files_resolved_config_and_model_card(on_disk):
             assert str(root) not in written.read_text() and str(root.resolve()) not in written.read_text(), written
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~current_umask())
     assert sorted(p.name for p in root.iterdir()) == ["base", "e0", "e1", "e2", "merge.yaml", "out"]
+
+
+@pytest.mark.parametrize(("method", "asked", "card"), [
+    ("swudi", None, "float32 (float64 for float64 tensors)"),
+    ("swudi", "bfloat16", "float32 (config: bfloat16; swudi is not defined in it)"),
+    ("swudi", "float64", "float64"), ("ties", None, "as stored"), ("ties", "bfloat16", "bfloat16")])
+def test_the_model_card_names_the_dtype_the_method_computes_in(method, asked, card):
+    from swudi_jax.checkpoint.output_files import _compute_dtype
+    from swudi_jax.methods.registry import get_method
+
+    assert _compute_dtype(get_method(method), asked) == card
 
 
 def test_bf16_checkpoints_merge_in_float32_and_stay_bf16(tmp_path):

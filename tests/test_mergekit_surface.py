@@ -51,7 +51,7 @@ def test_a_ties_config_runs_with_swudi_unchanged_and_one_warning_names_what_has_
         f"swudi-merge: warning: config {swapped}: top-level key(s) 'name' have no effect (not config settings; "
         "ignored, as mergekit ignores them)",
         f"swudi-merge: warning: config {swapped}: `parameters` ['normalize', 'int8_mask', 'lambda'] have no effect "
-        "with merge_method 'swudi' (options of other mergekit methods; ignored, as mergekit ignores them)",
+        "with merge_method 'swudi' (mergekit parameters this method does not use; ignored, as mergekit ignores them)",
         f"swudi-merge: warning: config {swapped}: `models[1].parameters` ['density']; `models[2].parameters` "
         "['density']: not per-model options of 'swudi' (those are ['weight']); no effect, as in mergekit",
     ]

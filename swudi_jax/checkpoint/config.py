@@ -460,8 +460,8 @@ def _global_options(method, global_params, name: str):
                               f"{list(method.varying) or 'none'}")
     if ignored:
         spelled = [{v: k for k, v in OPTION_ALIASES.items()}.get(k, k) for k in ignored]
-        warnings.warn(f"{name}: `parameters` {spelled} have no effect with merge_method {method.name!r} (options "
-                      "of other mergekit methods; ignored, as mergekit ignores them)", stacklevel=4)
+        warnings.warn(f"{name}: `parameters` {spelled} have no effect with merge_method {method.name!r} "
+                      "(mergekit parameters this method does not use; ignored, as mergekit ignores them)", stacklevel=4)
     _check_settings(method, tensor_settings, f"{name}: `parameters`")
     return options, tensor_settings
 

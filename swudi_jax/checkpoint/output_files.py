@@ -17,6 +17,7 @@ from swudi_jax.checkpoint import vocabulary as voc
 from swudi_jax.checkpoint.io.reader import naming_file
 from swudi_jax.checkpoint.io.side_files import copy_side_files
 from swudi_jax.checkpoint.merge_plan import MergePlan
+from swudi_jax.methods.spec import MethodSpec
 
 PAPER = "https://arxiv.org/abs/2606.07289"
 CONFIG_NAME = "merge_config.yaml"
@@ -75,6 +76,16 @@ def _finish_side_files(plan: MergePlan, out: Path, copy_tokenizer: bool, copied:
     return copied
 
 
+def _compute_dtype(method: MethodSpec, asked: str | None) -> str:
+    """The model card's compute dtype: the one the method runs in (:meth:`MethodSpec.work_dtype`)."""
+    if asked is not None:
+        work = method.work_dtype(asked)
+        return work if work == asked else f"{work} (config: {asked}; {method.name} is not defined in it)"
+    if set(method.compute_dtypes) >= {"bfloat16", "float16"}:
+        return "as stored"
+    return "float32 (float64 for float64 tensors)"
+
+
 def model_card(plan: MergePlan, scale: float, side_files: Sequence[str] = ()) -> str:
     """README.md for the merged checkpoint: what was merged, how, and where the method comes from.
 
@@ -117,7 +128,7 @@ Made with swudi_jax `swudi-merge`: {formula}
 - **Method:** `{c.merge_method}` ({method.kind}); source: {method.source}
 - **Layout:** {plan.layout}; **tensors:** {counts['linear']} merged by the method as linear maps, {counts['mean']} by the
   {'method' if method.kind == 'elementwise' else 'mean task vector'}, {counts['keep']} kept from the base, {counts['passthrough']} non-float copied.
-- **Format:** {plan.out_format}; **out dtype:** {c.out_dtype or 'as the base'}; **compute dtype:** {c.dtype or 'as stored'}
+- **Format:** {plan.out_format}; **out dtype:** {c.out_dtype or 'as the base'}; **compute dtype:** {_compute_dtype(method, c.dtype)}
 
 | parameter | value |
 |---|---|
