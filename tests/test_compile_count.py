@@ -222,16 +222,17 @@ def test_compiler_options_keep_xla_defaults_for_16_bit_programs():
 
 @pytest.mark.parametrize("max_group_bytes", [None, 1])
 def test_a_merge_keeps_two_groups_in_flight_and_collects_them_in_order(model, monkeypatch, max_group_bytes):
-    """Each group is dispatched before the one before it is collected (JAX runs it meanwhile),
-    never more than two at once, and one at a time when two groups' stacks pass max_group_bytes;
+    """Groups start largest first; each is dispatched before the one before it is collected (JAX
+    runs it meanwhile), never more than two at once, and one at a time when two groups' stacks pass max_group_bytes;
     the result equals merge_group on each group."""
     from swudi_jax.model import merger
 
     base, experts = model
-    events, real = [], merger._start_group
+    events, started_bytes, real = [], [], merger._start_group
 
     def start(plans, *args):
         events.append(("start", plans[0].path))
+        started_bytes.append(sum(p.nbytes for p in plans))
         collect = real(plans, *args)
 
         def collected():
@@ -245,6 +246,7 @@ def test_a_merge_keeps_two_groups_in_flight_and_collects_them_in_order(model, mo
     plans = plan_tree({k: (v.shape, v.dtype) for k, v in base.items()}, layout="torch")
     groups = compile_groups(plans, max_group_bytes, copies=len(experts) + 1)
     assert len(starts) == len(groups) == (SHAPE_GROUPS if max_group_bytes is None else len(base))
+    assert started_bytes == sorted(started_bytes, reverse=True)  # largest first
     assert [path for kind, path in events if kind == "collect"] == starts
     in_flight = np.cumsum([1 if kind == "start" else -1 for kind, _ in events])
     assert in_flight.max() == (2 if max_group_bytes is None else 1) and in_flight[-1] == 0
