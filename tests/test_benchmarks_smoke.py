@@ -76,3 +76,19 @@ def test_multihost_projection_splits_a_70b_merge_and_stops_at_its_largest_layer(
     assert hours[2] * 3600 == pytest.approx(projection["largest_layer_s"])  # one layer per host: the largest bounds it
     # down_proj (n = 28672) costs more than q_proj (n = 8192): the eigh grows as n³
     assert projection["per_layer_s"]["down_proj"] > 10 * projection["per_layer_s"]["q_proj"]
+
+
+def test_cpu_matmul_smoke(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT))
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # main sets them; restored after
+        monkeypatch.setenv(var, "2")
+    from benchmarks import cpu_matmul
+
+    out = tmp_path / "cpu_matmul.json"
+    payload = cpu_matmul.main(["--shapes", "64x32", "--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == json.loads(json.dumps(payload["rows"]))
+    assert {"xla default", "numpy"} <= {r["side"] for r in rows}
+    for row in rows:
+        assert (row["rows"], row["n"]) == (64, 32) and row["seconds"] > 0 and row["gflops"] > 0, row
+        assert row["rel_diff"] < 1e-5, row  # every side computes aᵀa
