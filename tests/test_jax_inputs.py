@@ -92,6 +92,40 @@ def test_nnx_module_state_and_split_merge_as_their_pure_dicts_and_keep_their_typ
     assert rel_err(np.asarray(base.up.kernel[...]), np.asarray(pure(NnxBlock(nnx.Rngs(0)))["up"]["kernel"])) == 0
 
 
+def test_a_merged_nnx_model_has_its_own_batch_stats_and_rng_state():
+    """The merged module's (and State's) non-Param Variables are new objects holding the base's
+    values: training the merged model with BatchNorm and Dropout leaves the base unchanged."""
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(8, WIDTH, rngs=rngs)
+            self.bn = nnx.BatchNorm(WIDTH, rngs=rngs)
+            self.drop = nnx.Dropout(0.1, rngs=rngs)
+            self.down = nnx.Linear(WIDTH, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(self.drop(nnx.relu(self.bn(self.up(x)))))
+
+    base = Net(nnx.Rngs(params=0, dropout=1))
+    experts = []
+    for i in range(3):
+        expert = nnx.clone(base)
+        expert.up.kernel[...] += 0.01 * jax.random.normal(jax.random.key(i), expert.up.kernel.shape)
+        experts.append(expert)
+    before = {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(base)))[0].items()
+              if not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)}
+    merged = sj.merge(base, experts)
+    state = sj.merge(nnx.state(base), [nnx.state(e) for e in experts])
+    assert merged.bn.mean is not base.bn.mean and merged.drop.rngs.count is not base.drop.rngs.count
+    assert state["bn"]["mean"] is not nnx.state(base)["bn"]["mean"]
+    np.testing.assert_array_equal(np.asarray(merged.bn.var[...]), np.asarray(base.bn.var[...]))  # the base's values
+    merged.train()
+    merged(5 * jnp.ones((4, 8)))  # moves the merged model's statistics and dropout count
+    assert int(merged.drop.rngs.count[...]) == int(base.drop.rngs.count[...]) + 1
+    after = flatten(nnx.to_pure_dict(nnx.state(base)))[0]
+    for path, value in before.items():
+        np.testing.assert_array_equal(np.asarray(after[path]), value, err_msg=path)
+
+
 def test_nnx_optimizer_and_optax_states_are_refused_naming_the_path():
     base, *experts = nnx_family(2)
     optimizer = nnx.Optimizer(base, optax.adam(1e-3), wrt=nnx.Param)

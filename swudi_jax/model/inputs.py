@@ -100,7 +100,8 @@ def _state_input(state: Any) -> tuple[Any, Callable[[Any], Any], tuple[str, ...]
     def rebuild(merged: Any) -> Any:
         new = jax.tree.map(lambda x: x, params)  # fresh Variables: the input state is not changed
         nnx.replace_by_pure_dict(new, merged)
-        return nnx.merge_state(new, rest) if jax.tree.leaves(rest) else new
+        # the base's other Variables fresh too: a merged model's BatchNorm or Dropout updates its own
+        return nnx.merge_state(new, jax.tree.map(lambda x: x, rest)) if jax.tree.leaves(rest) else new
 
     return nnx.to_pure_dict(params), rebuild, left_out
 
