@@ -234,7 +234,7 @@ def test_partitioned_linen_params_are_unboxed_and_boxed_again():
     assert_trees_close(nn.unbox(merged), sj.merge(nn.unbox(base), [nn.unbox(e) for e in experts]))
 
 
-def test_an_nnx_state_saved_by_an_orbax_manager_merges_like_its_pure_dict(tmp_path):
+def test_an_nnx_state_saved_by_an_orbax_manager_merges_like_its_pure_dict_and_keeps_its_typed_keys(tmp_path):
     base, *experts = nnx_family()
     for name, model in zip(("base", "e0", "e1", "e2"), (base, *experts)):
         with ocp.CheckpointManager(tmp_path / name) as manager:
@@ -251,8 +251,15 @@ def test_an_nnx_state_saved_by_an_orbax_manager_merges_like_its_pure_dict(tmp_pa
     want = flatten(sj.merge(pure(base), [pure(e) for e in experts], rank_ratio=0.5))[0]
     for path, value in want.items():
         assert rel_err(got[f"{path}/value"], np.asarray(value)) <= 1e-6, path
-    # the RNG state is copied, not merged
-    np.testing.assert_array_equal(got["drop/rngs/count/value"], np.asarray(nnx.state(base)["drop"]["rngs"]["count"][...]))
+    # the RNG state is copied, not merged, and the key is saved as a typed key again
+    rngs = nnx.state(base)["drop"]["rngs"]
+    np.testing.assert_array_equal(got["drop/rngs/count/value"], np.asarray(rngs["count"][...]))
+    assert set(ckio.open_checkpoint(tmp_path / "base").key_impls()) == {"drop/rngs/key/value"}
+    with ocp.StandardCheckpointer() as checkpointer:
+        key = checkpointer.restore(ckio.weights_path(out, "orbax"))["drop"]["rngs"]["key"]["value"]
+    assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()
+    assert jax.random.key_impl(key) == jax.random.key_impl(rngs["key"][...])
+    np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(rngs["key"][...]))
 
 
 def test_an_orbax_saved_train_state_leaves_its_optimizer_state_out():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,8 +78,10 @@ def weights_path(out_dir: str | os.PathLike, format: str) -> Path:
 
 
 def open_writer(path: str | os.PathLike, format: str, entries: Mapping[str, ShapeDtype], *,
-                shard_size: int | None = None, metadata: Mapping[str, str] | None = None):
-    """A writer for ``entries`` (every tensor's shape and dtype, in output order) at ``path``."""
+                shard_size: int | None = None, metadata: Mapping[str, str] | None = None,
+                key_impls: Mapping[str, Any] | None = None):
+    """A writer for ``entries`` (every tensor's shape and dtype, in output order) at ``path``;
+    an orbax writer saves the entries in ``key_impls`` as typed PRNG keys."""
     fmt = check_format(format)
     if fmt == "safetensors":
         return safetensors_io.SafetensorsWriter(path, entries, shard_size=shard_size, metadata=metadata)
@@ -86,7 +89,7 @@ def open_writer(path: str | os.PathLike, format: str, entries: Mapping[str, Shap
         return npz_io.NpzWriter(path)
     if fmt == "msgpack":
         return _CollectingWriter(path, msgpack_io.write)
-    return orbax_io.OrbaxWriter(path)
+    return orbax_io.OrbaxWriter(path, key_impls)
 
 
 class _CollectingWriter:

@@ -4,14 +4,22 @@ Shapes and dtypes come from the checkpoint's metadata alone. ``read_many`` resto
 requested leaves, by handing orbax an abstract target that holds just those paths
 (``partial_restore``) with ``restore_type=np.ndarray``, so nothing is placed on a device.
 Writing uses ``orbax.checkpoint.StandardCheckpointer`` on the nested dict.
+
+Typed PRNG keys (an NNX model's ``rngs``): orbax saves a ``jax.random`` key as its uint32 key
+data with the key's implementation beside it. The reader gives the key data, as every other
+format's reader would; :meth:`OrbaxReader.key_impls` finds which leaves were keys (restoring the
+small uint32 leaves as JAX arrays, which orbax returns typed), and :class:`OrbaxWriter` saves
+those leaves as keys again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -69,6 +77,33 @@ class OrbaxReader(BaseReader):
                 raise CheckpointError(f"{self.path}: leaf {key!r} has no array metadata ({type(leaf).__name__})")
             self._entries[key] = (tuple(int(s) for s in shape), np.dtype(dtype))
 
+    def key_impls(self) -> dict[str, Any]:
+        """{key: PRNG implementation} of the leaves orbax saved as typed ``jax.random`` keys: of
+        the uint32 leaves shaped like key data (last axis 2 or 4, at most 65,536 elements), those
+        that orbax restores typed."""
+        shapes = {k: s for k, (s, d) in self._entries.items()
+                  if d == np.uint32 and s and s[-1] in (2, 4) and math.prod(s) <= 1 << 16}
+        if not shapes:
+            return {}
+        target = nest({k: jax.ShapeDtypeStruct(s, np.uint32) for k, s in shapes.items()}, SEP)
+        ocp, cpu = _ocp(), jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        restored = self._restore(list(shapes), target, jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=cpu), target))
+        return {k: jax.random.key_impl(x) for k, x in flatten(restored)[0].items()
+                if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)}
+
+    def _restore(self, keys: list[str], target, restore_args):
+        """orbax's partial restore of ``target`` (naming the first ``keys`` if it fails)."""
+        try:
+            with _ocp().PyTreeCheckpointer() as checkpointer:
+                return checkpointer.restore(
+                    self._dir.absolute(),
+                    args=_ocp().args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+                )
+        except Exception as exc:  # noqa: BLE001 - orbax/tensorstore raise many types
+            raise CheckpointError(
+                f"{self.path}: cannot restore {keys[:3]}... (unreadable or truncated orbax checkpoint: {type(exc).__name__}: {exc})"
+            ) from None
+
     def read_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
         keys = list(keys)
         for key in keys:
@@ -78,26 +113,18 @@ class OrbaxReader(BaseReader):
         target = nest({k: jax.ShapeDtypeStruct(*self._entries[k]) for k in keys}, SEP)
         ocp = _ocp()
         restore_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), target)
-        try:
-            with ocp.PyTreeCheckpointer() as checkpointer:
-                restored = checkpointer.restore(
-                    self._dir.absolute(),
-                    args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
-                )
-        except Exception as exc:  # noqa: BLE001 - orbax/tensorstore raise many types
-            raise CheckpointError(
-                f"{self.path}: cannot restore {keys[:3]}... (unreadable or truncated orbax checkpoint: {type(exc).__name__}: {exc})"
-            ) from None
-        flat = flatten(restored)[0]
+        flat = flatten(self._restore(keys, target, restore_args))[0]
         return {key: self._checked(key, np.asarray(flat[key])) for key in keys}
 
 
 class OrbaxWriter:
-    """Collects arrays, then saves them as one orbax checkpoint on ``close()`` (orbax saves whole trees)."""
+    """Collects arrays, then saves them as one orbax checkpoint on ``close()`` (orbax saves whole
+    trees); the leaves named in ``key_impls`` (:meth:`OrbaxReader.key_impls`) as typed PRNG keys."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, key_impls: Mapping[str, Any] | None = None):
         self.path = Path(path)
         self._flat: dict[str, np.ndarray] = {}
+        self._key_impls = dict(key_impls or {})
 
     def write(self, key: str, array: np.ndarray) -> None:
         self._flat[key] = np.asarray(array)
@@ -107,7 +134,8 @@ class OrbaxWriter:
         join (saved in a fresh sub-folder, then moved up), so that
         ``StandardCheckpointer().restore(path)`` works at ``path`` itself."""
         logging.getLogger("absl").setLevel(logging.WARNING)
-        tree = nest(self._flat, SEP)
+        tree = nest({k: jax.random.wrap_key_data(v, impl=self._key_impls[k]) if k in self._key_impls else v
+                     for k, v in self._flat.items()}, SEP)
         if not self.path.is_dir():
             if self.path.exists() or self.path.is_symlink():
                 raise CheckpointError(f"{self.path}: orbax output exists and is not a folder")
