@@ -8,10 +8,12 @@ block's fc1 and of MiniLM's fc1 and word embedding) as
 - JAX under ``jax.jit``, with XLA's default CPU dot and with each CPU matmul library option
   this jaxlib accepts (:data:`XLA_OPTIONS`: oneDNN, XNNPACK, YNNPACK);
 - torch's ``a.T @ a`` (MKL in the CPU wheel), when torch is installed;
-- NumPy's ``a.T @ a`` (its BLAS; OpenBLAS recognises AᵀA and runs ``syrk``, half the flops).
+- NumPy's ``a.T @ a`` (NumPy recognises AᵀA and calls its BLAS's ``syrk``, half the flops).
 
-Rates are in plain-matmul flops (2·rows·n²) over the best of ``--repeats`` calls; the thread
-budget is the same on every side (``--threads``, default 2, set before the libraries load).
+Rates are in plain-matmul flops (2·rows·n²) over the best of ``--repeats`` calls. ``--threads``
+(default 2, set before the libraries load) limits the BLAS and torch pools; XLA's CPU client uses
+every core, so the budgets are equal when ``--threads`` is the core count (2 on the machine
+measured).
 Each side's product is compared with NumPy's in float64 (``rel_diff``, relative Frobenius).
 
     python -m benchmarks.cpu_matmul                 # a minute on 2 cores
@@ -55,7 +57,7 @@ def sides(a, repeats: int) -> dict[str, tuple[float, float]]:
         try:
             gram(on_device).block_until_ready()
         except Exception as exc:  # noqa: BLE001 - an option this jaxlib does not take: say so, go on
-            print(f"  {name}: not accepted ({str(exc).splitlines()[0][:100]})")
+            print(f"  {name}: not accepted ({(str(exc) or type(exc).__name__).splitlines()[0][:100]})")
             continue
         calls[name] = lambda gram=gram: gram(on_device)
     try:

@@ -82,6 +82,34 @@ def test_orbax_reader_restores_a_subset_lazily(tmp_path):
     np.testing.assert_array_equal(got["params/dense/kernel"], flat["params/dense/kernel"])
 
 
+def test_orbax_typed_keys_are_found_and_saved_as_keys_again(tmp_path):
+    import jax
+    import orbax.checkpoint as ocp
+
+    keys = {"one": jax.random.key(1), "batch": jax.random.split(jax.random.key(2), 3),
+            "rbg": jax.random.key(3, impl="rbg")}
+    tree = {**keys, "plain": np.arange(6, dtype=np.uint32).reshape(3, 2), "w": np.ones((2, 2), np.float32)}
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save((tmp_path / "ck").absolute(), tree)
+    with ckio.open_checkpoint(tmp_path / "ck") as reader:
+        impls = reader.key_impls()
+        data = reader.read_many(list(tree))
+    assert set(impls) == set(keys)  # the plain uint32 (3, 2) array is no key
+    writer = ckio.open_writer(tmp_path / "out", "orbax", {}, key_impls=impls)
+    for name, array in data.items():
+        writer.write(name, array)
+    writer.close()
+    with ocp.StandardCheckpointer() as checkpointer:
+        back = checkpointer.restore((tmp_path / "out").absolute())
+    for name, key in keys.items():
+        assert jax.random.key_impl(back[name]) == jax.random.key_impl(key), name
+        np.testing.assert_array_equal(jax.random.key_data(back[name]), jax.random.key_data(key))
+    np.testing.assert_array_equal(back["plain"], tree["plain"])
+    bad = ckio.open_writer(tmp_path / "bad", "orbax", {}, key_impls=impls)
+    with pytest.raises(ckio.CheckpointError, match="'one' was a PRNG key in the base"):
+        bad.write("one", np.zeros(4, np.uint32))  # threefry key data has 2 words
+
+
 def test_truncated_safetensors_file_is_reported_with_its_name(tmp_path):
     path = ckio.save(tmp_path / "model.safetensors", sample_flat())
     data = path.read_bytes()

@@ -566,10 +566,11 @@ def _check_one_output(config: MergeConfig, distributed: bool, report: bool) -> N
 
 def _open_weights(plan: MergePlan, base: ckio.CheckpointReader, tmp: Path, team: Team):
     """(the weights file, its writer) in the temporary output folder, with the base's metadata
-    (and, from orbax to orbax, its typed PRNG keys)."""
+    (and, from orbax to orbax without ``slices:``, its typed PRNG keys)."""
     entries = {p.path: (p.shape, plan.out_dtypes[p.path]) for p in plan.plans}
     target = ckio.weights_path(tmp, plan.out_format)
-    keys = {"key_impls": base.key_impls()} if plan.out_format == "orbax" and hasattr(base, "key_impls") else {}
+    keys = {"key_impls": base.key_impls()} if (plan.out_format == "orbax" and plan.sliced is None
+                                               and hasattr(base, "key_impls")) else {}
     return target, team.open_writer(target, plan, entries, shard_size=plan.config.out_shard_size,
                                     metadata=getattr(base, "metadata", None) or None, **keys)
 

@@ -639,6 +639,11 @@ def merge(
     return (out, collector.result()) if report else out
 
 
+def _bytes(group: Sequence[LeafPlan]) -> int:
+    """One model's bytes of the leaves in ``group``."""
+    return sum(p.nbytes for p in group)
+
+
 def _merge_groups(plans, base_flat, expert_flats, resolved: Resolved, max_group_bytes: int | None,
                   report: ReportCollector | None, *, grams, multi_device, tensor_options, dtype) -> dict[str, Any]:
     """{path: merged leaf} of a whole model, its compile groups largest first (stacked bytes). JAX
@@ -654,9 +659,8 @@ def _merge_groups(plans, base_flat, expert_flats, resolved: Resolved, max_group_
     cap = math.inf if max_group_bytes is None else max_group_bytes
     waiting: Callable[[], dict[str, Any]] = dict
     waiting_bytes = 0
-    for group, size in sorted(zip(groups, padded_sizes(groups, elementwise)),
-                              key=lambda sized: -sum(p.nbytes for p in sized[0])):
-        stacked = copies * sum(p.nbytes for p in group)
+    for group, size in sorted(zip(groups, padded_sizes(groups, elementwise)), key=lambda sized: -_bytes(sized[0])):
+        stacked = copies * _bytes(group)
         if waiting_bytes + stacked > cap:
             merged.update(waiting())
             waiting, waiting_bytes = dict, 0

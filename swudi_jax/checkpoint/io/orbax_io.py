@@ -86,8 +86,8 @@ class OrbaxReader(BaseReader):
         if not shapes:
             return {}
         target = nest({k: jax.ShapeDtypeStruct(s, np.uint32) for k, s in shapes.items()}, SEP)
-        ocp, cpu = _ocp(), jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        restored = self._restore(list(shapes), target, jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=cpu), target))
+        ocp, one = _ocp(), jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # tiny leaves: any device
+        restored = self._restore(list(shapes), target, jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=one), target))
         return {k: jax.random.key_impl(x) for k, x in flatten(restored)[0].items()
                 if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)}
 
@@ -123,19 +123,25 @@ class OrbaxWriter:
 
     def __init__(self, path: str | os.PathLike, key_impls: Mapping[str, Any] | None = None):
         self.path = Path(path)
-        self._flat: dict[str, np.ndarray] = {}
+        self._flat: dict[str, Any] = {}
         self._key_impls = dict(key_impls or {})
 
     def write(self, key: str, array: np.ndarray) -> None:
-        self._flat[key] = np.asarray(array)
+        if key not in self._key_impls:
+            self._flat[key] = np.asarray(array)
+            return
+        try:
+            self._flat[key] = jax.random.wrap_key_data(np.asarray(array), impl=self._key_impls[key])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: {key!r} was a PRNG key in the base and cannot be saved as one "
+                                  f"({np.asarray(array).dtype}{list(np.shape(array))}: {exc})") from None
 
     def close(self) -> None:
         """Save the tree at ``path``: a new folder, or an existing one that the checkpoint's files
         join (saved in a fresh sub-folder, then moved up), so that
         ``StandardCheckpointer().restore(path)`` works at ``path`` itself."""
         logging.getLogger("absl").setLevel(logging.WARNING)
-        tree = nest({k: jax.random.wrap_key_data(v, impl=self._key_impls[k]) if k in self._key_impls else v
-                     for k, v in self._flat.items()}, SEP)
+        tree = nest(self._flat, SEP)
         if not self.path.is_dir():
             if self.path.exists() or self.path.is_symlink():
                 raise CheckpointError(f"{self.path}: orbax output exists and is not a folder")
