@@ -126,6 +126,19 @@ def test_a_merged_nnx_model_has_its_own_batch_stats_and_rng_state():
         np.testing.assert_array_equal(np.asarray(after[path]), value, err_msg=path)
 
 
+def test_models_given_in_two_forms_merge_when_their_params_agree_and_are_refused_naming_the_forms_if_not():
+    base, *experts = nnx_family()
+    want = sj.merge(pure(base), [pure(e) for e in experts], rank_ratio=0.5)
+    mixed = sj.merge(base, [nnx.state(e) for e in experts], rank_ratio=0.5)  # Module base, State experts
+    assert_trees_close(pure(mixed), want)
+    full = [nnx.to_pure_dict(nnx.state(e)) for e in experts]  # every leaf, the RNG state too
+    with pytest.raises(ValueError, match=r"expert 0: parameter paths differ from the base: extra 'drop/rngs/count'.*"
+                                         r"expert 0 is given as pytree, the base as nnx.State"):
+        sj.merge(nnx.state(base), full)
+    with pytest.raises(ValueError, match="given as pytree, the base as nnx.Module"):
+        sj.plan(base, experts=full)
+
+
 def test_nnx_optimizer_and_optax_states_are_refused_naming_the_path():
     base, *experts = nnx_family(2)
     optimizer = nnx.Optimizer(base, optax.adam(1e-3), wrt=nnx.Param)

@@ -188,9 +188,15 @@ def _nnx_expert(flat: Mapping[str, Any], lora_paths: set[str], index: int, base_
     return ExpertDelta(dense, checked)
 
 
-def read_experts(experts: Any, base_flat: Mapping[str, Any], plans: Sequence[LeafPlan]) -> list[ExpertDelta]:
+def read_experts(experts: Any, base_flat: Mapping[str, Any], plans: Sequence[LeafPlan],
+                 base_kind: str | None = None) -> list[ExpertDelta]:
     """Each expert as an :class:`ExpertDelta`: an :class:`Adapter`, an NNX model with LoRA layers
-    the base lacks (module docstring), or any input :func:`~swudi_jax.model.inputs.as_params` takes."""
+    the base lacks (module docstring), or any input :func:`~swudi_jax.model.inputs.as_params` takes.
+
+    Raises:
+      ValueError for an expert given in another form than the base (``base_kind``, the base's
+      :attr:`~swudi_jax.model.inputs.ModelInput.kind`) whose paths differ from the base's, naming both forms.
+    """
     if isinstance(experts, Mapping) or not isinstance(experts, Sequence):
         raise ValueError(f"experts must be a list of pytrees (one per expert), got {type(experts).__name__}")
     by_path = {p.path: p for p in plans}
@@ -199,13 +205,28 @@ def read_experts(experts: Any, base_flat: Mapping[str, Any], plans: Sequence[Lea
         if isinstance(expert, Adapter):
             out.append(ExpertDelta({}, checked_adapter(expert.factors, expert.scale, i, base_flat, by_path)))
             continue
-        flat = flatten(as_params(expert, f"expert {i}").params, f"expert {i}")[0]
+        given = as_params(expert, f"expert {i}")
+        flat = flatten(given.params, f"expert {i}")[0]
         lora_paths = _lora_paths(expert)
         if lora_paths and set(flat) != set(base_flat):
             out.append(_nnx_expert(flat, lora_paths, i, base_flat, by_path))
-        else:
-            out.append(ExpertDelta(flat, {}))
+            continue
+        if base_kind is not None and given.kind != base_kind:
+            _check_form(flat, given.kind, base_flat, base_kind, i)
+        out.append(ExpertDelta(flat, {}))
     return out
+
+
+def _check_form(flat: Mapping[str, Any], kind: str, base_flat: Mapping[str, Any], base_kind: str, i: int) -> None:
+    """Paths that differ between an expert and a base given in two forms, refused naming the forms."""
+    if set(flat) == set(base_flat):
+        return
+    try:
+        check_compatible(signature(base_flat), [signature(flat)], [f"expert {i}"], "the base", dtypes=False)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (expert {i} is given as {kind}, the base as {base_kind}: an NNX module, State or "
+                         "split merges its nnx.Param variables only, a pytree every leaf; give every model in one "
+                         "form)") from None
 
 
 def factor_paths(plans: Sequence[LeafPlan], deltas: Sequence[ExpertDelta], resolved: Resolved) -> frozenset[str]:

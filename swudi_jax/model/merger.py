@@ -628,7 +628,7 @@ def merge(
     _warn_left_out(given)
     base_flat, treedef = flatten(given.params, "base")
     plans = rules.plan_tree({p: (leaf.shape, leaf.dtype) for p, leaf in base_flat.items()})
-    deltas, on_factors, expert_flats = _read_experts(experts, base_flat, plans, resolved, report, grams)
+    deltas, on_factors, expert_flats = _read_experts(experts, base_flat, plans, resolved, report, grams, given.kind)
     resolved = prepare(resolved, model_task_vector_chunks(plans, base_flat, expert_flats))
     collector = ReportCollector(resolved, len(expert_flats)) if report else None
     merged = _merge_groups([p for p in plans if p.path not in on_factors], base_flat, expert_flats, resolved,
@@ -673,11 +673,11 @@ def _merge_groups(plans, base_flat, expert_flats, resolved: Resolved, max_group_
 
 
 def _read_experts(experts: Any, base_flat: Mapping[str, Any], plans: Sequence[LeafPlan], resolved: Resolved,
-                  report: bool, grams: Mapping[str, Any] | None):
+                  report: bool, grams: Mapping[str, Any] | None, base_kind: str):
     """(the experts as :class:`~swudi_jax.model.adapters.ExpertDelta`, the leaves merged from their
     LoRA factors, each expert's flat parameters with every other adapted leaf densified), checked:
     :func:`check_models`, and the Grams of a data method."""
-    deltas = adapters.read_experts(experts, base_flat, plans)
+    deltas = adapters.read_experts(experts, base_flat, plans, base_kind)
     check_expert_count(resolved.spec, len(deltas))
     on_factors = _factor_paths(plans, deltas, resolved, report)
     expert_flats = [adapters.densified(d, base_flat, on_factors) for d in deltas]
@@ -784,7 +784,7 @@ def plan(
     plans, guesses = rules.plan_with_guesses(signature_)
     factors: frozenset[str] = frozenset()
     if experts is not None:
-        deltas = adapters.read_experts(experts, base_flat, plans)
+        deltas = adapters.read_experts(experts, base_flat, plans, given.kind)
         n_experts, factors = len(deltas), _factor_paths(plans, deltas, resolved, False)
     elementwise = resolved.spec.kind == "elementwise"
     groups = compile_groups(plans, max_group_bytes, copies=n_experts + 1, elementwise=elementwise)
