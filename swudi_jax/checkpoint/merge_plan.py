@@ -13,7 +13,7 @@ import numpy as np
 
 from swudi_jax.checkpoint.config import MergeConfig
 from swudi_jax.checkpoint.slices import SlicePlan
-from swudi_jax.model.layout import LeafPlan, describe_groups
+from swudi_jax.model.layout import LeafPlan, describe_groups, group_nbytes
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class MergePlan:
         return "\n".join(lines + ["", summary] + notes)
 
     def largest_group_bytes(self) -> int:
-        return max((sum(p.nbytes for p in g) for g in self.groups), default=0)
+        return max((group_nbytes(g) for g in self.groups), default=0)
 
 
 __all__ = ["MergePlan"]

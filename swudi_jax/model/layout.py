@@ -484,6 +484,11 @@ def group_plans(
     return [chunk for members in by_key.values() for chunk in chunk_by_bytes(members, max_group_bytes, copies=copies)]
 
 
+def group_nbytes(plans: Sequence[LeafPlan]) -> int:
+    """One model's bytes of the leaves in ``plans`` (a compile group)."""
+    return sum(p.nbytes for p in plans)
+
+
 def chunk_by_bytes(plans: Sequence[LeafPlan], max_group_bytes: int | None = None, *,
                    copies: int = 1) -> list[list[LeafPlan]]:
     """``plans`` cut, in order, into greedy chunks with ``copies × Σ leaf bytes ≤ max_group_bytes``
@@ -513,6 +518,7 @@ __all__ = [
     "array_namespace",
     "chunk_by_bytes",
     "describe_groups",
+    "group_nbytes",
     "detect_stacks",
     "logical_paths",
     "plan_guesses",

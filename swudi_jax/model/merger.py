@@ -37,7 +37,8 @@ from swudi_jax.model import adapters
 from swudi_jax.model.compilations import compiler_options
 from swudi_jax.model.flat import check_compatible, flatten, signature, unflatten
 from swudi_jax.model.inputs import ModelInput, as_params
-from swudi_jax.model.layout import DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, describe_groups, logical_paths, to_maths
+from swudi_jax.model.layout import (DEFAULT_HEAD_PATTERNS, LeafPlan, LeafRules, describe_groups, group_nbytes,
+                                     logical_paths, to_maths)
 from swudi_jax.model.report import ReportCollector
 from swudi_jax.scale.sharding import merge_sharded, row_mesh, should_shard
 
@@ -639,11 +640,6 @@ def merge(
     return (out, collector.result()) if report else out
 
 
-def _bytes(group: Sequence[LeafPlan]) -> int:
-    """One model's bytes of the leaves in ``group``."""
-    return sum(p.nbytes for p in group)
-
-
 def _merge_groups(plans, base_flat, expert_flats, resolved: Resolved, max_group_bytes: int | None,
                   report: ReportCollector | None, *, grams, multi_device, tensor_options, dtype) -> dict[str, Any]:
     """{path: merged leaf} of a whole model, its compile groups largest first (stacked bytes). JAX
@@ -659,8 +655,8 @@ def _merge_groups(plans, base_flat, expert_flats, resolved: Resolved, max_group_
     cap = math.inf if max_group_bytes is None else max_group_bytes
     waiting: Callable[[], dict[str, Any]] = dict
     waiting_bytes = 0
-    for group, size in sorted(zip(groups, padded_sizes(groups, elementwise)), key=lambda sized: -_bytes(sized[0])):
-        stacked = copies * _bytes(group)
+    for group, size in sorted(zip(groups, padded_sizes(groups, elementwise)), key=lambda sized: -group_nbytes(sized[0])):
+        stacked = copies * group_nbytes(group)
         if waiting_bytes + stacked > cap:
             merged.update(waiting())
             waiting, waiting_bytes = dict, 0

@@ -93,11 +93,12 @@ class OrbaxReader(BaseReader):
 
     def _restore(self, keys: list[str], target, restore_args):
         """orbax's partial restore of ``target`` (naming the first ``keys`` if it fails)."""
+        ocp = _ocp()
         try:
-            with _ocp().PyTreeCheckpointer() as checkpointer:
+            with ocp.PyTreeCheckpointer() as checkpointer:
                 return checkpointer.restore(
                     self._dir.absolute(),
-                    args=_ocp().args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+                    args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
                 )
         except Exception as exc:  # noqa: BLE001 - orbax/tensorstore raise many types
             raise CheckpointError(
