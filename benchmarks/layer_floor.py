@@ -14,11 +14,14 @@ each group one ``jax.jit(jax.vmap(swudi))`` call as the whole-model merge makes 
 Calls are interleaved (round-robin, ``--rounds`` rounds) and the best time of each is kept,
 so a drifting machine load hits every column alike. ``--before REV`` also times SWUDI built
 on ``swudi_jax/spectral.py`` as it was at git revision REV (loaded beside the current one in
-the same process, interleaved with it), for a before/after ratio from one invocation.
+the same process, interleaved with it), for a before/after ratio from one invocation;
+``--min-block B`` instead times the current SWUDI with its symmetric Grams cut into column
+blocks of at least B (:data:`swudi_jax.maths.gram.MIN_BLOCK`) as the "before".
 
     python -m benchmarks.layer_floor                      # ViT block
     python -m benchmarks.layer_floor --preset minilm
     python -m benchmarks.layer_floor --before 457397b --rounds 5
+    python -m benchmarks.layer_floor --min-block 512 --rounds 7
 
 Prints a table and writes JSON (default ``benchmarks/results/layer_floor.json``).
 """
@@ -73,19 +76,24 @@ def _inputs(preset: str, seed: int):
     return out
 
 
-def measure(preset: str, rounds: int, seed: int, before: str | None = None) -> dict:
+def measure(preset: str, rounds: int, seed: int, before: str | None = None, min_block: int | None = None) -> dict:
     """Time swudi, eigh and a gemm per group in this process (interleaved; best of rounds);
-    with ``before`` (a git revision) also SWUDI on that revision's spectral.py."""
+    with ``before`` (a git revision) also SWUDI on that revision's spectral.py, with
+    ``min_block`` also SWUDI with Gram column blocks of at least ``min_block``."""
     import jax
     import jax.numpy as jnp
 
     import swudi_jax as sj
+    from swudi_jax.maths import spectral
 
     groups = _inputs(preset, seed)
+    baseline = bool(before or min_block)
     merge = jax.jit(jax.vmap(sj.swudi))
     variants = [("swudi", merge)]
     if before:
         variants.append(("before", jax.jit(jax.vmap(swudi_with(spectral_at(before))))))
+    elif min_block:
+        variants.append(("before", jax.jit(jax.vmap(with_min_block(min_block, swudi_with(spectral))))))
     form_c = jax.jit(jax.vmap(lambda t: sj.interference_operator(t, sj.task_weights(t))))
     eigh = jax.jit(jax.vmap(jnp.linalg.eigh))
     calls, compile_s = {}, {}
@@ -101,8 +109,7 @@ def measure(preset: str, rounds: int, seed: int, before: str | None = None) -> d
     gemm = jax.jit(lambda a: jnp.matmul(a, a.T, precision=jax.lax.Precision.HIGHEST)).lower(a).compile()
     calls["gemm"] = (gemm, a)
     best = {k: float("inf") for k in calls}
-    for fn, arg in calls.values():
-        jax.block_until_ready(fn(arg))
+    outputs = {k: jax.block_until_ready(fn(arg)) for k, (fn, arg) in calls.items()}
     for _ in range(rounds):
         for key, (fn, arg) in calls.items():
             start = time.perf_counter()
@@ -118,13 +125,15 @@ def measure(preset: str, rounds: int, seed: int, before: str | None = None) -> d
                      "eigh_s": best[f"{name}/eigh"], "min_gflop": layers * sum(flops.values()) / 1e9,
                      "floor_s": floor, "over_floor": best[f"{name}/swudi"] / floor,
                      "compile_s": compile_s[f"{name}/swudi"]})
-        if before:
+        if baseline:
+            diff = outputs[f"{name}/swudi"] - outputs[f"{name}/before"]
+            rows[-1]["max_abs_diff_before"] = float(jnp.max(jnp.abs(diff)))
             rows[-1]["before_s"] = best[f"{name}/before"]
             rows[-1]["after_over_before"] = best[f"{name}/swudi"] / best[f"{name}/before"]
-    keys = ("swudi_s", "eigh_s", "floor_s", "min_gflop", "compile_s") + (("before_s",) if before else ())
+    keys = ("swudi_s", "eigh_s", "floor_s", "min_gflop", "compile_s") + (("before_s",) if baseline else ())
     total = {k: sum(r[k] for r in rows) for k in keys}
     total["over_floor"] = total["swudi_s"] / total["floor_s"]
-    if before:
+    if baseline:
         total["after_over_before"] = total["swudi_s"] / total["before_s"]
     return {"gemm_gflops": rate / 1e9, "groups": rows, "total": total, "swudi_jax": sj.__file__}
 
@@ -147,13 +156,19 @@ def format_table(result: dict) -> str:
 
 
 def spectral_at(rev: str):
-    """``swudi_jax/spectral.py`` as it was at git revision ``rev``, loaded as a separate module
-    (its own imports — solvers, filters — come from this tree), for an in-process before/after."""
+    """``swudi_jax/maths/spectral.py`` (``swudi_jax/spectral.py`` before the move) as it was at
+    git revision ``rev``, loaded as a separate module (its own imports — solvers, filters — come
+    from this tree), for an in-process before/after."""
     import importlib.util
     import tempfile
 
-    source = subprocess.run(["git", "show", f"{rev}:swudi_jax/spectral.py"], cwd=str(ROOT), capture_output=True,
-                            text=True, check=True).stdout
+    for path in ("swudi_jax/maths/spectral.py", "swudi_jax/spectral.py"):  # moved into maths/ later
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=str(ROOT), capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"git revision {rev} has neither swudi_jax/maths/spectral.py nor swudi_jax/spectral.py")
+    source = shown.stdout
     with tempfile.NamedTemporaryFile("w", suffix=f"_spectral_{rev[:12]}.py", delete=False) as handle:
         handle.write(source)
     spec = importlib.util.spec_from_file_location(f"spectral_at_{rev[:12]}", handle.name)
@@ -161,6 +176,20 @@ def spectral_at(rev: str):
     spec.loader.exec_module(module)
     os.unlink(handle.name)
     return module
+
+
+def with_min_block(block: int, fn):
+    """``fn`` traced with :data:`swudi_jax.maths.gram.MIN_BLOCK` set to ``block`` (restored after)."""
+    from swudi_jax.maths import gram
+
+    def traced(*args):
+        saved, gram.MIN_BLOCK = gram.MIN_BLOCK, block
+        try:
+            return fn(*args)
+        finally:
+            gram.MIN_BLOCK = saved
+
+    return traced
 
 
 def swudi_with(spectral_module):
@@ -183,14 +212,18 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", choices=sorted(PRESETS), default="vit_b32")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (best kept)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--before", metavar="REV", help="also time SWUDI on swudi_jax/spectral.py at git revision REV")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--before", metavar="REV", help="also time SWUDI on swudi_jax/spectral.py at git revision REV")
+    which.add_argument("--min-block", type=int, metavar="B",
+                       help="also time SWUDI with Gram column blocks of at least B (swudi_jax.maths.gram.MIN_BLOCK)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     load = list(os.getloadavg())
-    result = measure(args.preset, args.rounds, args.seed, args.before)
-    payload = {"benchmark": "layer_floor", "preset": args.preset, "before": args.before, "rounds": args.rounds,
+    result = measure(args.preset, args.rounds, args.seed, args.before, args.min_block)
+    payload = {"benchmark": "layer_floor", "preset": args.preset, "before": args.before,
+               "before_min_block": args.min_block, "rounds": args.rounds,
                "load_average_start": load, "load_average_end": list(os.getloadavg()), "result": result}
     print(format_table(result))
     print(f"load average {load[0]:.1f} → {payload['load_average_end'][0]:.1f} on {os.cpu_count()} cores")

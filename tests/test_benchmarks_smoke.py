@@ -92,3 +92,18 @@ def test_cpu_matmul_smoke(monkeypatch, tmp_path):
     for row in rows:
         assert (row["rows"], row["n"]) == (64, 32) and row["seconds"] > 0 and row["gflops"] > 0, row
         assert row["rel_diff"] < 1e-5, row  # every side computes aᵀa
+
+
+def test_layer_floor_smoke_with_a_gram_block_or_a_git_revision_as_the_before(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import layer_floor
+
+    for before in (["--min-block", "8"], ["--before", "HEAD"]):
+        out = tmp_path / "layer_floor.json"
+        payload = layer_floor.main(["--preset", "tiny", "--rounds", "1", "--out", str(out), *before])
+        groups = json.loads(out.read_text())["result"]["groups"]
+        assert [g["group"] for g in groups] == [g[0] for g in layer_floor.PRESETS["tiny"][1]]
+        for g in groups:
+            assert g["swudi_s"] > 0 and g["before_s"] > 0 and g["eigh_s"] > 0, (before, g)
+            assert g["max_abs_diff_before"] < 1e-4, (before, g)  # the same estimator either way
+        assert payload["result"]["total"]["after_over_before"] > 0

@@ -137,3 +137,35 @@ def test_normal_equation_vmaps_over_a_stack_of_layers():
         single = normal_equation(stack[layer])
         for got, want in zip(batched, single):
             np.testing.assert_allclose(got[layer], want, rtol=1e-6, atol=1e-7)
+
+
+def test_very_tall_layers_project_the_right_hand_side_task_by_task_and_others_form_it():
+    from swudi_jax.maths.spectral import projects_per_task
+
+    k = filters.rank_from_ratio(0.65, 384)
+    assert projects_per_task((5, 30522, 384), k)  # MiniLM's word embeddings under SWUDI: 37 % fewer flops
+    assert not projects_per_task((5, 1536, 384), k)  # 25 % fewer: the smaller products run slower
+    assert not projects_per_task((5, 30522, 384), 384)  # every eigenvector kept
+    assert not projects_per_task((5, 384, 1536), k) and not projects_per_task((5, 384, 384), k)
+
+
+def test_the_per_task_projection_keeps_c_bit_for_bit_and_gives_the_same_merge():
+    from swudi_jax.maths.spectral import (interference_and_grams, interference_and_rhs, project, projected_rhs,
+                                          projects_per_task, spectrum)
+
+    tau = jnp.asarray(random_task_vectors(5, 3, 600, 24))
+    k = filters.rank_from_ratio(0.65, 24)
+    assert projects_per_task(tau.shape, k)
+    w = task_weights(tau)
+    c, grams = jax.jit(interference_and_grams)(tau, w)
+    c_apart, d = jax.jit(interference_and_rhs)(tau, w)
+    np.testing.assert_array_equal(c, c_apart)  # the same spectrum, so the same rank rules
+    want = np.einsum("kmn,kmp->knp", np.asarray(tau, np.float64), np.asarray(tau, np.float64))
+    np.testing.assert_allclose(grams, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    v = spectrum(c).eigenvectors[:, -k:]
+    d_v = projected_rhs(tau, w, grams, v)
+    np.testing.assert_allclose(d_v, project(d, anchor(tau, "sum"), v)[0], rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(d_v).max()))
+    with jax.enable_x64(True):  # the merge through this path against the float64 transcription
+        tau64_ = tau64(6, (3, 600, 24))
+        np.testing.assert_allclose(sj.swudi(tau64_), ref.swudi(tau64_), rtol=1e-9, atol=1e-11)

@@ -18,9 +18,11 @@ import jax.numpy as jnp
 
 from swudi_jax.maths.linalg import HIGHEST
 
-MIN_BLOCK = 512
+MIN_BLOCK = 384
 """Column blocks are at least this wide: narrower products (and their batched, vmapped form)
-run well below the matmul rate on CPU, so n < 1024 stays one plain product."""
+run well below the matmul rate on CPU, so n < 768 stays one plain product. With jax 0.10.2 on
+2 CPU cores, 384 instead of 512 gave bit-identical results and SWUDI 2 % faster on 768-wide
+layers (ViT-B's 768² ×4 and 3072×768, 8 experts; ``benchmarks/README.md``, "Layer floor")."""
 MAX_BLOCKS = 8
 """At most this many block rows: (b + 1)/(2b) gains little past 8 (56% at 8, 50% at ∞)."""
 
