@@ -9,12 +9,14 @@ each group one ``jax.jit(jax.vmap(swudi))`` call as the whole-model merge makes 
 - ``gemm``: one large float32 matmul, for the machine's measured matmul rate;
 - the floor: eigh time + the minimal matmul flops of the estimator at that rate. The minimal
   flops are C as a symmetric Gram, D in its cheaper association and the reconstruction from
-  the K = ⌈r·n⌉ kept eigenvectors (:func:`minimal_flops`).
+  the K = ⌈r·n⌉ kept eigenvectors (:func:`minimal_flops`; very tall layers that form D V_K
+  without D need fewer, so their floor is overstated).
 
 Calls are interleaved (round-robin, ``--rounds`` rounds) and the best time of each is kept,
 so a drifting machine load hits every column alike. ``--before REV`` also times SWUDI built
-on ``swudi_jax/spectral.py`` as it was at git revision REV (loaded beside the current one in
-the same process, interleaved with it), for a before/after ratio from one invocation;
+on ``swudi_jax/maths/spectral.py`` (``swudi_jax/spectral.py`` before the move) as it was at
+git revision REV (loaded beside the current one in the same process, interleaved with it),
+for a before/after ratio from one invocation;
 ``--min-block B`` instead times the current SWUDI with its symmetric Grams cut into column
 blocks of at least B (:data:`swudi_jax.maths.gram.MIN_BLOCK`) as the "before".
 
@@ -50,13 +52,14 @@ PRESETS = {
 
 
 def minimal_flops(n_tasks: int, m: int, n: int, rank_ratio: float = 0.65) -> dict:
-    """Matmul flops no implementation of the estimator avoids (our accounting):
+    """Matmul flops no implementation of the estimator that forms D avoids (our accounting):
 
     C: a symmetric Gram of the N·m weighted rows, N·m·n² (half of 2·N·m·n²);
     D: per task min over the two associations of τiτiᵀτi with the inner Gram symmetric,
        min(m²n + 2m²n, mn² + 2mn²) = 3·m·n·min(m, n), unless C's Grams are shared (square
        and tall layers: then C and D together cost N·(m n² + 2 m n²));
     reconstruction from K = ⌈r·n⌉ eigenvectors: [D; θ0]V_K (4·m·n·K) and coeffs·V_Kᵀ (2·m·n·K).
+    Very tall layers that form D V_K without D (``spectral.projects_per_task``) need fewer.
     """
     k = min(n, max(1, int(np.ceil(rank_ratio * n))))
     apart = n_tasks * m * n * n + n_tasks * 3 * m * n * min(m, n)
@@ -213,13 +216,17 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (best kept)")
     p.add_argument("--seed", type=int, default=0)
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--before", metavar="REV", help="also time SWUDI on swudi_jax/spectral.py at git revision REV")
+    which.add_argument("--before", metavar="REV",
+                       help="also time SWUDI on swudi_jax/maths/spectral.py (or the pre-move swudi_jax/spectral.py) "
+                            "at git revision REV")
     which.add_argument("--min-block", type=int, metavar="B",
                        help="also time SWUDI with Gram column blocks of at least B (swudi_jax.maths.gram.MIN_BLOCK)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.min_block is not None and args.min_block < 1:
+        p.error("--min-block must be >= 1")
     load = list(os.getloadavg())
     result = measure(args.preset, args.rounds, args.seed, args.before, args.min_block)
     payload = {"benchmark": "layer_floor", "preset": args.preset, "before": args.before,

@@ -147,6 +147,8 @@ def test_very_tall_layers_project_the_right_hand_side_task_by_task_and_others_fo
     assert not projects_per_task((5, 1536, 384), k)  # 25 % fewer: the smaller products run slower
     assert not projects_per_task((5, 30522, 384), 384)  # every eigenvector kept
     assert not projects_per_task((5, 384, 1536), k) and not projects_per_task((5, 384, 384), k)
+    small_k = filters.rank_from_ratio(0.1, 768)  # fewer flops, but the Grams would be as large as the stack
+    assert not projects_per_task((8, 768, 768), small_k) and not projects_per_task((8, 1024, 768), small_k)
 
 
 def test_the_per_task_projection_keeps_c_bit_for_bit_and_gives_the_same_merge():

@@ -15,8 +15,8 @@ C is one (n, N·m) × (N·m, n) product or a sum of per-task Grams, and D is acc
 task; only very tall layers (m ≫ n, where the N Grams are smaller than the stack) keep the N
 n×n Grams, to form D V_K = Σi wi τi (Gi V_K) without D (:func:`projects_per_task`).
 Symmetric products (C = MᵀM, the per-task Grams) are formed by
-:func:`swudi_jax.gram.symmetric_gram` (upper triangle by column blocks, lower its mirror: ~58%
-of a plain product's flops for n = 3072), and the association of C and D with the fewest flops
+:func:`swudi_jax.maths.gram.symmetric_gram` (upper triangle by column blocks, lower its mirror:
+56% of a plain product's flops for n = 3072), and the association of C and D with the fewest flops
 is picked from the layer's shape (:func:`shares_gram`). With a top-K filter (SWUDI) the
 reconstruction uses only the K eigenvectors it needs.
 """
@@ -66,7 +66,7 @@ def _check_weights(tau: jnp.ndarray, weights: jnp.ndarray) -> None:
 
 def interference_operator(tau: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
     """C = Σi wi τiᵀ τi = MᵀM with M the row stack of √wi τi: shape (n, n), exactly symmetric
-    (one :func:`~swudi_jax.gram.symmetric_gram` of M: its upper triangle, mirrored)."""
+    (one :func:`~swudi_jax.maths.gram.symmetric_gram` of M: its upper triangle, mirrored)."""
     _check_weights(tau, weights)
     return symmetric_gram(weighted_rows(tau, weights))
 
@@ -157,6 +157,12 @@ def interference_and_grams(tau: jnp.ndarray, weights: jnp.ndarray) -> tuple[jnp.
 
 def projected_rhs(tau: jnp.ndarray, weights: jnp.ndarray, grams: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
     """D V = Σi wi τi (Gi V) for k eigenvectors V (n, k): shape (m, k), D itself never formed."""
+    _check_weights(tau, weights)
+    n_tasks, _, n = tau.shape
+    if grams.shape != (n_tasks, n, n) or v.ndim != 2 or v.shape[0] != n:
+        raise ValueError(f"need grams (N, n, n) = {(n_tasks, n, n)} and eigenvectors (n, k) with n = {n} for tau "
+                         f"{tuple(tau.shape)}; got grams {tuple(grams.shape)}, eigenvectors {tuple(v.shape)}")
+
     def one_task(acc, task):
         t, w, gram = task
         return acc + w * jnp.matmul(t, jnp.matmul(gram, v, precision=HIGHEST), precision=HIGHEST), None
@@ -168,8 +174,13 @@ def projected_rhs(tau: jnp.ndarray, weights: jnp.ndarray, grams: jnp.ndarray, v:
 PER_TASK_SAVING = 1 / 3
 """:func:`projects_per_task` needs at least this share of D V's flops saved: the per-task products
 are smaller and run slower. Measured in float32 on 2 CPU cores (jax 0.10.2), SWUDI r = 0.65,
-vmapped as the merge runs it: 30522×384, 5 tasks (37 % fewer flops) 9 % faster; 1536×384, 5 tasks
-(25 % fewer) 12 % slower; 3072×768, 8 tasks (23 % fewer) 3.5 % slower."""
+vmapped as the merge runs it: 30522×384, 5 tasks (37 % fewer flops) 9–13 % faster (two interleaved
+runs); 1536×384, 5 tasks (25 % fewer) 12 % slower; 3072×768, 8 tasks (23 % fewer) 3.5 % slower."""
+
+TALL = 2
+""":func:`projects_per_task` needs m ≥ TALL·n: the N kept Grams (N·n²) then hold at most half the
+stack's memory (square layers at small k would hold as much as the stack, 512 MiB for 8 tasks of
+4096², and measured 1.04–1.21× slower on 768²)."""
 
 
 def projects_per_task(shape: tuple[int, int, int], k: int) -> bool:
@@ -177,9 +188,10 @@ def projects_per_task(shape: tuple[int, int, int], k: int) -> bool:
     the Grams) rather than as D = Σi wi τi Gi then [D; θ0] V: when that saves at least
     :data:`PER_TASK_SAVING` of the flops, i.e. very tall layers with k well below n, such as
     MiniLM's 30522×384 word embeddings under SWUDI's k = ⌈0.65·n⌉. Both ways share C's Grams
-    (:func:`shares_gram`), whose flops are left out of the comparison."""
+    (:func:`shares_gram`), whose flops are left out of the comparison. Layers with m < TALL·n
+    (:data:`TALL`) always form D."""
     n_tasks, m, n = shape
-    if not shares_gram(shape):
+    if m < TALL * n or not shares_gram(shape):
         return False
     via_d = n_tasks * matmul_flops(m, n, n) + matmul_flops(2 * m, n, k)
     per_task = n_tasks * (matmul_flops(n, n, k) + matmul_flops(m, n, k)) + matmul_flops(m, n, k)
@@ -385,6 +397,7 @@ __all__ = [
     "NormalEquation",
     "PER_TASK_SAVING",
     "Spectrum",
+    "TALL",
     "anchor",
     "filter_on_spectrum",
     "filtered_merge",
