@@ -341,6 +341,33 @@ def filter_on_spectrum(make_h: FilterFactory, spec: Spectrum, shape: tuple[int, 
     return h[n - k:].astype(spec.eigenvalues.dtype)
 
 
+def spectrum_and_projections(work: jnp.ndarray, weights: jnp.ndarray, init: str = "sum", solver: str = "full",
+                             n_top: int | None = None) -> tuple[Spectrum, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """(spectrum, θ0, D V, θ0 V) of one layer's stack ``work`` (compute dtype) with its task weights.
+
+    V holds the eigenvectors kept: by ``solver`` (:func:`solve_spectrum`), all n for "full", the
+    N·m non-zero ones for "lowrank", the ``n_top`` largest for "topk" and for "full" with
+    ``n_top`` (a filter that vanishes outside them). D is formed, or, where that costs fewer
+    flops (:func:`projects_per_task`: very tall layers, k well below n), D V = Σi wi τi (Gi V)
+    is formed from C's kept Grams without D.
+    """
+    n = work.shape[-1]
+    k = n if n_top is None or solver == "lowrank" else min(n_top, n)
+    per_task = solver != "lowrank" and projects_per_task(work.shape, k)
+    if solver == "lowrank":
+        spec, rhs = solve_spectrum(work, weights, solver), right_hand_side(work, weights)
+    else:  # rhs: D, or the per-task Grams where D V is formed task by task
+        c, rhs = interference_and_grams(work, weights) if per_task else interference_and_rhs(work, weights)
+        spec = Spectrum(*solvers.top_eigh(c, n_top)) if solver == "topk" else spectrum(c)
+    if solver == "full" and k < n:
+        # h vanishes outside the n_top largest eigenvalues: only their eigenvectors add to θ
+        spec = Spectrum(spec.eigenvalues[n - k:], spec.eigenvectors[:, n - k:])
+    theta0, v = anchor(work, init), spec.eigenvectors
+    if per_task:
+        return spec, theta0, projected_rhs(work, weights, rhs, v), jnp.matmul(theta0, v, precision=HIGHEST)
+    return (spec, theta0, *project(rhs, theta0, v))
+
+
 def filtered_merge(tau: jnp.ndarray, make_h: FilterFactory, init: str = "sum",
                    solver: str = "full", n_top: int | None = None) -> jnp.ndarray:
     """The general filtered estimator for one layer, in the input dtype.
@@ -351,25 +378,12 @@ def filtered_merge(tau: jnp.ndarray, make_h: FilterFactory, init: str = "sum",
     vanish outside the ``n_top`` largest eigenvalues (SWUDI's top-K): "topk" computes only
     those eigenpairs, "full" computes all and reconstructs θ from those n_top eigenvectors.
     Where it costs fewer flops (:func:`projects_per_task`: tall layers, k well below n) D is
-    not formed: D V = Σi wi τi (Gi V) from the kept Grams.
+    not formed (:func:`spectrum_and_projections`).
     """
     work = tau.astype(compute_dtype(tau.dtype))
     w = task_weights(work)
-    n = work.shape[-1]
-    k = n if n_top is None or solver == "lowrank" else min(n_top, n)
-    per_task = solver != "lowrank" and projects_per_task(work.shape, k)
-    if solver == "lowrank":
-        spec, rhs = solve_spectrum(work, w, solver, n_top), right_hand_side(work, w)
-    else:  # rhs: D, or the per-task Grams where D V is formed task by task
-        c, rhs = interference_and_grams(work, w) if per_task else interference_and_rhs(work, w)
-        spec = Spectrum(*solvers.top_eigh(c, n_top)) if solver == "topk" else spectrum(c)
-    if solver == "full" and k < n:
-        # h vanishes outside the n_top largest eigenvalues: only their eigenvectors add to θ
-        spec = Spectrum(spec.eigenvalues[n - k:], spec.eigenvectors[:, n - k:])
-    theta0, v = anchor(work, init), spec.eigenvectors
-    projected = ((projected_rhs(work, w, rhs, v), jnp.matmul(theta0, v, precision=HIGHEST)) if per_task
-                 else project(rhs, theta0, v))
-    theta = filtered_estimate(theta0, *projected, spec, make_h, work.shape[1:], squared_norms(work), task_mean(work))
+    spec, theta0, d_v, theta0_v = spectrum_and_projections(work, w, init, solver, n_top)
+    theta = filtered_estimate(theta0, d_v, theta0_v, spec, make_h, work.shape[1:], squared_norms(work), task_mean(work))
     return theta.astype(tau.dtype)
 
 
@@ -416,6 +430,7 @@ __all__ = [
     "shares_gram",
     "solve_spectrum",
     "spectrum",
+    "spectrum_and_projections",
     "squared_norms",
     "task_mean",
     "task_sum",

@@ -41,12 +41,8 @@ import numpy as np
 from swudi_jax.maths import filters, rank_rules_family, solvers
 from swudi_jax.maths.spectral import (
     HIGHEST,
-    Spectrum,
-    anchor,
     compute_dtype,
-    interference_and_rhs,
-    right_hand_side,
-    spectrum,
+    spectrum_and_projections,
     task_weights,
     weighted_rows,
     with_mean_fallback,
@@ -250,22 +246,6 @@ def spectral_filter(method_name: str, opts: Mapping[str, Any]):
 # ------------------------------------------------------------------- the layer pipeline
 
 
-def _layer_spectrum(work, w, solver, n_top):
-    if solver == "lowrank":
-        return Spectrum(*solvers.range_eigh(weighted_rows(work, w))), right_hand_side(work, w)
-    c, d = interference_and_rhs(work, w)
-    if solver == "topk":
-        return Spectrum(*solvers.top_eigh(c, n_top)), d
-    return spectrum(c), d
-
-
-def _project(d, theta0, v):
-    """[D; θ0] V in one product: (D V, θ0 V)."""
-    m = d.shape[0]
-    projected = _mm(jnp.concatenate([d, theta0], axis=0), v)
-    return projected[:m], projected[m:]
-
-
 def _solution(theta0, dv, t0v, lam, v, h):
     """θ_h = θ0 + (DV diag(h/λ) − θ0V diag(h)) Vᵀ from precomputed projections."""
     return theta0 + _mm(dv * (h / lam) - t0v * h, v.T)
@@ -297,7 +277,7 @@ def swudi_family_layer(tau, alignment_reference=None, traced=None, *, time=None,
     work = tau.astype(compute_dtype(tau.dtype))
     w = task_weights(work)
     k_top = filters.rank_from_ratio(rank_ratio, n)
-    spec, d = _layer_spectrum(work, w, solver, k_top)
+    spec, theta0, dv, t0v = spectrum_and_projections(work, w, init, solver, k_top if solver == "topk" else None)
     lam_full = solvers.pad_spectrum(spec.eigenvalues, n)
     h = swudi_h(lam_full, time=time, rank_ratio=rank_ratio, tikhonov_alpha=tikhonov_alpha, gamma=gamma,
                 filter=filter, alignment=alignment, alignment_reference=alignment_reference)
@@ -305,8 +285,6 @@ def swudi_family_layer(tau, alignment_reference=None, traced=None, *, time=None,
     h = h[n - k:]
     if consensus_power > 0.0:
         h = h * consensus_weights(work, spec.eigenvectors, consensus_power, consensus_floor)
-    theta0 = anchor(work, init)
-    dv, t0v = _project(d, theta0, spec.eigenvectors)
     theta = _solution(theta0, dv, t0v, spec.eigenvalues, spec.eigenvectors, h)
     if output_time is not None:
         theta = output_filter(theta, work, w, output_time)
@@ -323,10 +301,8 @@ def swudi_a_family_layer(tau, *, rank_rule, min_rank, max_rank_ratio, init, solv
     _, m, n = tau.shape
     work = tau.astype(compute_dtype(tau.dtype))
     w = task_weights(work)
-    spec, d = _layer_spectrum(work, w, solver, None)
+    spec, theta0, dv, t0v = spectrum_and_projections(work, w, init, solver)
     lam, v = spec
-    theta0 = anchor(work, init)
-    dv, t0v = _project(d, theta0, v)
     lam_full = solvers.pad_spectrum(lam, n)
     k = lam.shape[-1]
     pad = jnp.zeros((n - k,), lam.dtype)
@@ -347,8 +323,7 @@ def swudi_a_family_rank(tau, *, rank_rule, min_rank, max_rank_ratio, rank_scale,
     _, m, n = tau.shape
     work = tau.astype(compute_dtype(tau.dtype))
     w = task_weights(work)
-    spec, d = _layer_spectrum(work, w, "full", None)
-    dv, t0v = _project(d, anchor(work, init), spec.eigenvectors)
+    spec, _, dv, t0v = spectrum_and_projections(work, w, init)
     return rank_rules_family.family_rank(
         spec.eigenvalues, (m, n), rank_rule, min_rank=min_rank, max_rank_ratio=max_rank_ratio,
         rank_scale=rank_scale, rhs_energy=jnp.sum(dv * dv, axis=0), anchor_energy=jnp.sum(t0v * t0v, axis=0))
