@@ -51,6 +51,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "vs_torch.json"
 TIME, RANK_RATIO = 1300.0, 0.65
+TARGETS = {"minilm": {"first_ratio": "<= 1.2", "warm_ratio": "<= 0.8"}, "vit_block": {"warm_ratio": "<= 0.8"}}
+"""Issue 22's targets (swudi_jax / torch); the earlier warm 0.6 and first 1.0 were withdrawn."""
 VIT_BLOCK = (("attn.q", 768, 768), ("attn.k", 768, 768), ("attn.v", 768, 768), ("attn.o", 768, 768),
              ("mlp.fc1", 3072, 768), ("mlp.fc2", 768, 3072))
 QUICK_BLOCK = (("attn.q", 24, 24), ("attn.k", 24, 24), ("mlp.fc1", 64, 24), ("mlp.fc2", 24, 64))
@@ -311,7 +313,7 @@ def main(argv=None) -> dict:
         "jax_backend": jax.default_backend(), "machine": machine,
         "compile_cache": None if args.compile_cache is None else {"folder": str(args.compile_cache),
                                                                   "entries_at_start": cache_entries},
-        "rows": rows, "table": table, "targets": {"warm_ratio": "<= 0.6", "first_ratio": "<= 1.0"}}
+        "rows": rows, "table": table, "targets": TARGETS}
     _measure.write_json(args.out, payload)
     print(f"wrote {args.out}", flush=True)
     return payload

@@ -276,7 +276,7 @@ def filtered_solution(
             f"{tuple(v.shape)}, eigenvalues {tuple(lam.shape)}, h {tuple(h.shape)}"
         )
     d_v, theta0_v = project(d, theta0, v)
-    return _apply_filter(theta0, d_v, theta0_v, spec, h)
+    return apply_filter(theta0, d_v, theta0_v, spec, h)
 
 
 def project(d: jnp.ndarray, theta0: jnp.ndarray, v: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -285,7 +285,10 @@ def project(d: jnp.ndarray, theta0: jnp.ndarray, v: jnp.ndarray) -> tuple[jnp.nd
     return projected[: d.shape[0]], projected[d.shape[0]:]
 
 
-def _apply_filter(theta0, d_v, theta0_v, spec: Spectrum, h):
+def apply_filter(theta0: jnp.ndarray, d_v: jnp.ndarray, theta0_v: jnp.ndarray, spec: Spectrum,
+                 h: jnp.ndarray) -> jnp.ndarray:
+    """θ_h = θ0 + (D V diag(h/λ) − θ0 V diag(h)) Vᵀ from the projections D V and θ0 V (m, k) on the
+    k eigenpairs in ``spec`` and the filter ``h`` (k,) on them."""
     coeffs = d_v * (h / spec.eigenvalues) - theta0_v * h
     return theta0 + jnp.matmul(coeffs, spec.eigenvectors.T, precision=HIGHEST)
 
@@ -300,7 +303,7 @@ def filtered_estimate(theta0: jnp.ndarray, d_v: jnp.ndarray, theta0_v: jnp.ndarr
     vector ``mean`` instead where every ‖τi‖² < 1e-12 (nothing to merge).
     """
     h = filter_on_spectrum(make_h, spec, shape)
-    theta = _apply_filter(theta0, d_v, theta0_v, spec, h)
+    theta = apply_filter(theta0, d_v, theta0_v, spec, h)
     return jnp.where(jnp.max(sq_norms) < NORM_FLOOR, mean, theta)
 
 
@@ -413,12 +416,13 @@ __all__ = [
     "Spectrum",
     "TALL",
     "anchor",
+    "apply_filter",
+    "cd_flops",
     "filter_on_spectrum",
-    "filtered_merge",
     "filtered_estimate",
+    "filtered_merge",
     "filtered_solution",
     "gram_gradient",
-    "cd_flops",
     "interference_and_grams",
     "interference_and_rhs",
     "interference_operator",

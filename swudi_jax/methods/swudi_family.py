@@ -41,6 +41,7 @@ import numpy as np
 from swudi_jax.maths import filters, rank_rules_family, solvers
 from swudi_jax.maths.spectral import (
     HIGHEST,
+    apply_filter,
     compute_dtype,
     spectrum_and_projections,
     task_weights,
@@ -246,11 +247,6 @@ def spectral_filter(method_name: str, opts: Mapping[str, Any]):
 # ------------------------------------------------------------------- the layer pipeline
 
 
-def _solution(theta0, dv, t0v, lam, v, h):
-    """θ_h = θ0 + (DV diag(h/λ) − θ0V diag(h)) Vᵀ from precomputed projections."""
-    return theta0 + _mm(dv * (h / lam) - t0v * h, v.T)
-
-
 def consensus_weights(work: jnp.ndarray, v: jnp.ndarray, power: float, floor: float) -> jnp.ndarray:
     """f + (1 − f) c_k^p per eigenvector column of ``v`` (see the module docstring)."""
     norms = jnp.maximum(jnp.sum(work * work, axis=(1, 2)), 1e-12)
@@ -285,7 +281,7 @@ def swudi_family_layer(tau, alignment_reference=None, traced=None, *, time=None,
     h = h[n - k:]
     if consensus_power > 0.0:
         h = h * consensus_weights(work, spec.eigenvectors, consensus_power, consensus_floor)
-    theta = _solution(theta0, dv, t0v, spec.eigenvalues, spec.eigenvectors, h)
+    theta = apply_filter(theta0, dv, t0v, spec, h)
     if output_time is not None:
         theta = output_filter(theta, work, w, output_time)
     return with_mean_fallback(work, theta).astype(tau.dtype)
@@ -302,7 +298,7 @@ def swudi_a_family_layer(tau, *, rank_rule, min_rank, max_rank_ratio, init, solv
     work = tau.astype(compute_dtype(tau.dtype))
     w = task_weights(work)
     spec, theta0, dv, t0v = spectrum_and_projections(work, w, init, solver)
-    lam, v = spec
+    lam = spec.eigenvalues
     lam_full = solvers.pad_spectrum(lam, n)
     k = lam.shape[-1]
     pad = jnp.zeros((n - k,), lam.dtype)
@@ -313,7 +309,7 @@ def swudi_a_family_layer(tau, *, rank_rule, min_rank, max_rank_ratio, init, solv
         rhs_energy=rhs_energy, anchor_energy=anchor_energy)
     h = rank_rules_family.subspace_filter(lam_full, rank, filter, time=time, wiener_scale=wiener_scale,
                                           wiener_power=wiener_power, wiener_floor=wiener_floor)[n - k:]
-    theta = _solution(theta0, dv, t0v, lam, v, h)
+    theta = apply_filter(theta0, dv, t0v, spec, h)
     return with_mean_fallback(work, theta).astype(tau.dtype)
 
 

@@ -655,8 +655,8 @@ def _merge_groups(plans, base_flat, expert_flats, resolved: Resolved, max_group_
     cap = math.inf if max_group_bytes is None else max_group_bytes
     waiting: Callable[[], dict[str, Any]] = dict
     waiting_bytes = 0
-    for group, size in sorted(zip(groups, padded_sizes(groups, elementwise)), key=lambda sized: -group_nbytes(sized[0])):
-        stacked = copies * group_nbytes(group)
+    sized = [(copies * group_nbytes(g), g, size) for g, size in zip(groups, padded_sizes(groups, elementwise))]
+    for stacked, group, size in sorted(sized, key=lambda entry: -entry[0]):
         if waiting_bytes + stacked > cap:
             merged.update(waiting())
             waiting, waiting_bytes = dict, 0
