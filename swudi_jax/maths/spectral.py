@@ -327,7 +327,11 @@ def solve_spectrum(work: jnp.ndarray, weights: jnp.ndarray, solver: str = "full"
     """
     if solver == "lowrank":
         return Spectrum(*solvers.range_eigh(weighted_rows(work, weights)))
-    c = interference_operator(work, weights)
+    return _spectrum_of(interference_operator(work, weights), solver, n_top)
+
+
+def _spectrum_of(c: jnp.ndarray, solver: str, n_top: int | None) -> Spectrum:
+    """C's eigenpairs by the "topk" or "full" solver (:func:`solve_spectrum`)."""
     if solver == "topk":
         return Spectrum(*solvers.top_eigh(c, n_top))
     if solver == "full":
@@ -361,7 +365,7 @@ def spectrum_and_projections(work: jnp.ndarray, weights: jnp.ndarray, init: str 
         spec, rhs = solve_spectrum(work, weights, solver), right_hand_side(work, weights)
     else:  # rhs: D, or the per-task Grams where D V is formed task by task
         c, rhs = interference_and_grams(work, weights) if per_task else interference_and_rhs(work, weights)
-        spec = Spectrum(*solvers.top_eigh(c, n_top)) if solver == "topk" else spectrum(c)
+        spec = _spectrum_of(c, solver, n_top)
     if solver == "full" and k < n:
         # h vanishes outside the n_top largest eigenvalues: only their eigenvectors add to θ
         spec = Spectrum(spec.eigenvalues[n - k:], spec.eigenvectors[:, n - k:])
